@@ -1,0 +1,101 @@
+"""Every subprocess the image factory starts goes through this module.
+
+`run()` waits for a command, `spawn()` starts one in the background. Both log the
+command line in debug mode, and a failure becomes a `CommandError` that holds the
+command, its exit code and the tail of its output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("imagefactory.run")
+
+Argv = Sequence[str | os.PathLike[str]]
+
+
+@dataclass
+class CommandError(Exception):
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def __str__(self) -> str:
+        tail = (self.stderr or self.stdout).strip().splitlines()[-5:]
+        detail = ("; " + " | ".join(tail)) if tail else ""
+        return f"command failed with exit code {self.returncode}: {shlex.join(self.argv)}{detail}"
+
+
+def _argv(argv: Argv) -> list[str]:
+    return [os.fspath(a) for a in argv]
+
+
+def _env(extra: Mapping[str, str] | None) -> dict[str, str] | None:
+    if not extra:
+        return None
+    return {**os.environ, **extra}
+
+
+def run(
+    argv: Argv,
+    *,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    input: str | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion, capturing its output as text."""
+    args = _argv(argv)
+    log.debug("run: %s", shlex.join(args))
+    proc = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        env=_env(env),
+        cwd=cwd,
+        input=input,
+        timeout=timeout,
+        check=False,
+    )
+    if check and proc.returncode != 0:
+        log.debug("failed (%d): %s", proc.returncode, shlex.join(args))
+        raise CommandError(args, proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def spawn(
+    argv: Argv,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    stdout: int | None = subprocess.PIPE,
+    stderr: int | None = subprocess.STDOUT,
+) -> subprocess.Popen[bytes]:
+    """Start a command in its own process group, so that it can be killed as a whole."""
+    args = _argv(argv)
+    log.debug("spawn: %s", shlex.join(args))
+    return subprocess.Popen(
+        args,
+        env=_env(env),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,
+    )
+
+
+def which(program: str) -> Path | None:
+    """The full path of a program on PATH, or None."""
+    from shutil import which as _which
+
+    found = _which(program)
+    return Path(found) if found else None

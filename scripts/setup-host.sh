@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install and start what the image factory and its tests need on a Debian 12 host:
+# apt packages (only those missing), binfmt_misc for foreign-architecture chroots,
+# and libvirtd. Idempotent; safe to run on every `make`.
+set -euo pipefail
+
+APT_PACKAGES=(
+  packer qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64 seabios ipxe-qemu
+  mmdebstrap qemu-user-static binfmt-support xorriso mtools dosfstools e2fsprogs fdisk
+  libvirt-daemon-system libvirt-clients libvirt-dev pkg-config libxml2-utils
+  python3-venv python3-dev gcc make git
+)
+
+sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup-host: installing ${missing[*]}"
+  sudo_ apt-get update -q
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# binfmt_misc lets mmdebstrap run foreign-architecture (arm64) maintainer scripts.
+if [ ! -e /proc/sys/fs/binfmt_misc/status ]; then
+  sudo_ mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc || echo "setup-host: warning: cannot mount binfmt_misc" >&2
+fi
+if [ -e /proc/sys/fs/binfmt_misc/status ] && [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+  sudo_ update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || echo "setup-host: warning: cannot register qemu-aarch64 with binfmt_misc" >&2
+fi
+
+# libvirtd: started directly when no init system manages it (containers, CI).
+if ! pgrep -x libvirtd >/dev/null 2>&1; then
+  sudo_ mkdir -p /run/libvirt
+  pgrep -x virtlogd >/dev/null 2>&1 || sudo_ virtlogd -d || true
+  sudo_ libvirtd -d || echo "setup-host: warning: libvirtd did not start" >&2
+fi
