@@ -9,6 +9,7 @@ APT_PACKAGES=(
   mmdebstrap qemu-user-static binfmt-support xorriso mtools dosfstools e2fsprogs fdisk
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config libxml2-utils
   python3-venv python3-dev gcc make git
+  vagrant vagrant-libvirt
 )
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
