@@ -10,8 +10,11 @@ BIN := $(VENV)/bin
 demo: setup
 	$(BIN)/python scripts/demo.py
 
+# Extra pytest arguments, e.g. PYTEST_ARGS="--run-slow -m vm --target aarch64-linux" (nightly).
+PYTEST_ARGS ?=
+
 test: setup lint
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .
