@@ -1,0 +1,197 @@
+"""The v1 HTTP API of the core services (DESIGN.md section 6), as a FastAPI app.
+
+Every error is `{"error": "..."}`. Validation failures are 400 (not FastAPI's 422). A
+request that is rejected changes nothing: all checks run before the one write it makes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from imagefactory import __version__
+from imagefactory.server.auth import Authority, bearer_token
+from imagefactory.server.config import ServerConfig
+from imagefactory.server.heartbeats import HeartbeatWriter
+from imagefactory.server.limits import BodyLimitMiddleware
+from imagefactory.server.schemas import (
+    ID_PATTERN,
+    ErrorBody,
+    Heartbeat,
+    NodeStatus,
+    PipelineAck,
+    Report,
+    ReportAck,
+    RunSummary,
+)
+from imagefactory.server.storage import HeartbeatRow, Storage
+
+log = logging.getLogger("imagefactory.server")
+
+NodeId = Annotated[str, Path(pattern=ID_PATTERN)]
+RunId = Annotated[str, Path(pattern=ID_PATTERN)]
+PipelineName = Annotated[str, Path(pattern=ID_PATTERN)]
+Authorization = Annotated[str | None, Header()]
+XNodeId = Annotated[str | None, Header(alias="X-Node-ID")]
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413)
+}
+
+
+def _validation_message(errors: list[Any]) -> str:
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    return f"invalid {where}: {first.get('msg', 'invalid value')}"
+
+
+def create_app(config: ServerConfig, storage: Storage | None = None) -> FastAPI:
+    """The ASGI app. `storage` defaults to one opened on `config.db_url`."""
+    store = storage if storage is not None else Storage(config.db_url)
+    authority = Authority(config.secret, config.admin_token)
+    writer = HeartbeatWriter(store)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        writer.start()
+        try:
+            yield
+        finally:
+            await writer.stop()
+
+    app = FastAPI(
+        title="fleetbake core services",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+        responses=ERRORS,
+    )
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": _validation_message(list(exc.errors()))}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error", exc_info=exc)
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    @app.post("/v1/nodes/{node_id}/heartbeats", status_code=204, response_class=Response)
+    async def heartbeat(
+        node_id: NodeId, beat: Heartbeat, authorization: Authorization = None
+    ) -> Response:
+        """A node is alive; records its run, state and progress."""
+        authority.require_node(bearer_token(authorization), node_id)
+        row = HeartbeatRow(node_id=node_id, last_seen=time.time(), **beat.model_dump())
+        await writer.record(row)
+        return Response(status_code=204)
+
+    @app.put("/v1/runs/{run_id}/report", response_model=ReportAck, status_code=201)
+    async def put_report(
+        run_id: RunId, request: Request, authorization: Authorization = None
+    ) -> JSONResponse:
+        """Store a run's results and combined log: 201, 200 for an equal repeat, else 409."""
+        token = bearer_token(authorization)
+        report = _parse_report(await request.body())
+        authority.require_node(token, report["node_id"])
+        if report["run_id"] != run_id:
+            raise HTTPException(400, f"run_id in body ({report['run_id']}) differs from path")
+        outcome = await run_in_threadpool(store.put_report, report)
+        if outcome == "conflict":
+            raise HTTPException(409, f"run {run_id} already has a different report")
+        status = 201 if outcome == "created" else 200
+        return JSONResponse({"run_id": run_id, "stored": outcome}, status_code=status)
+
+    @app.get("/v1/runs/{run_id}", responses={200: {"model": Report}})
+    async def get_report(
+        run_id: RunId, authorization: Authorization = None, x_node_id: XNodeId = None
+    ) -> JSONResponse:
+        """The stored report of a run (admin)."""
+        authority.require_admin(bearer_token(authorization), x_node_id)
+        report = await run_in_threadpool(store.get_report, run_id)
+        if report is None:
+            raise HTTPException(404, f"no report for run {run_id}")
+        return JSONResponse(report)
+
+    @app.get("/v1/runs", response_model=list[RunSummary])
+    async def list_runs(
+        authorization: Authorization = None,
+        x_node_id: XNodeId = None,
+        limit: Annotated[int, Query(ge=1, le=10000)] = 100,
+        node: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
+    ) -> list[dict[str, Any]]:
+        """The latest reports, newest first (admin)."""
+        authority.require_admin(bearer_token(authorization), x_node_id)
+        return await run_in_threadpool(store.runs, limit, node)
+
+    @app.get("/v1/nodes", response_model=list[NodeStatus])
+    async def list_nodes(
+        authorization: Authorization = None, x_node_id: XNodeId = None
+    ) -> list[dict[str, Any]]:
+        """Every node that sent a heartbeat, with its last state (admin)."""
+        authority.require_admin(bearer_token(authorization), x_node_id)
+        return await run_in_threadpool(store.nodes)
+
+    @app.put("/v1/pipelines/{name}", response_model=PipelineAck)
+    async def put_pipeline(
+        name: PipelineName,
+        request: Request,
+        authorization: Authorization = None,
+        x_node_id: XNodeId = None,
+    ) -> dict[str, Any]:
+        """Publish (or replace) a pipeline `.tar.gz` (admin)."""
+        authority.require_admin(bearer_token(authorization), x_node_id)
+        data = await request.body()
+        if not data.startswith(b"\x1f\x8b"):
+            raise HTTPException(400, "body is not a gzip archive (.tar.gz)")
+        sha = await run_in_threadpool(store.put_pipeline, name, data)
+        return {"name": name, "sha256": sha, "size": len(data)}
+
+    @app.get(
+        "/v1/pipelines/{name}",
+        response_class=Response,
+        responses={200: {"content": {"application/gzip": {}}}},
+    )
+    async def get_pipeline(
+        name: PipelineName, authorization: Authorization = None, x_node_id: XNodeId = None
+    ) -> Response:
+        """Download a pipeline (any valid node, with X-Node-ID); header X-Pipeline-SHA256."""
+        authority.require_node_or_admin(bearer_token(authorization), x_node_id)
+        found = await run_in_threadpool(store.get_pipeline, name)
+        if found is None:
+            raise HTTPException(404, f"no pipeline named {name}")
+        data, sha = found
+        return Response(data, media_type="application/gzip", headers={"X-Pipeline-SHA256": sha})
+
+    return app
+
+
+def _parse_report(body: bytes) -> dict[str, Any]:
+    """The report as the node sent it (stored verbatim), after schema validation."""
+    try:
+        report = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HTTPException(400, f"body is not valid JSON: {exc}") from None
+    try:
+        Report.model_validate(report)
+    except ValidationError as exc:
+        raise HTTPException(400, _validation_message(list(exc.errors()))) from None
+    assert isinstance(report, dict)
+    return report

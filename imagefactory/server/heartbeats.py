@@ -1,0 +1,55 @@
+"""Group commit for heartbeats.
+
+Every heartbeat must be committed before its 204, but one transaction per heartbeat would
+cap a fleet at the disk's fsync rate. Requests queue their row and wait; one task takes
+everything queued, commits it in one transaction (in a thread), and wakes them all.
+
+    request ─► queue ─► writer task ─► Storage.record_heartbeats (thread) ─► futures done
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from imagefactory.server.storage import HeartbeatRow, Storage
+
+MAX_BATCH = 2000
+
+
+class HeartbeatWriter:
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._queue: asyncio.Queue[tuple[HeartbeatRow, asyncio.Future[None]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def record(self, row: HeartbeatRow) -> None:
+        """Returns once the heartbeat is committed; raises if the commit failed."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((row, future))
+        await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await asyncio.to_thread(self._storage.record_heartbeats, [r for r, _ in batch])
+            except Exception as exc:  # every waiter gets the failure, the writer carries on
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+            else:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
