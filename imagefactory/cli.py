@@ -15,7 +15,9 @@ import click
 from imagefactory import __version__
 
 # name -> "module:attribute" of a click.Command
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "seed": "imagefactory.cmd_seed:seed_command",
+}
 
 
 class LazyGroup(click.Group):

@@ -10,9 +10,16 @@ APT_PACKAGES=(
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config libxml2-utils
   python3-venv python3-dev gcc make git
   vagrant vagrant-libvirt
+  cloud-init
 )
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# cloud-init is here only for `cloud-init schema` in the tests. Unless the host already
+# uses it, disable it before it is installed, so it never runs on this host at boot.
+if ! dpkg-query -W -f='${Status}' cloud-init 2>/dev/null | grep -q "install ok installed"; then
+  sudo_ mkdir -p /etc/cloud && sudo_ touch /etc/cloud/cloud-init.disabled
+fi
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
