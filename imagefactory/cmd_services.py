@@ -189,14 +189,21 @@ def _error_text(error: dict[str, Any] | None) -> str | None:
     return f"{error.get('type')}: {message[0] if message else ''}"[:80]
 
 
-@click.command()
-@click.argument("run_id")
-@admin_options
-@json_option
+def run_command(f: F) -> F:
+    """The options of a command about one run: RUN_ID, --url, --admin-token-file, --json."""
+    return click.command()(click.argument("run_id")(admin_options(json_option(f))))  # type: ignore[return-value]
+
+
+def fetch_report(run_id: str, url: str, admin_token_file: Path) -> dict[str, Any]:
+    with admin_client(url, admin_token_file) as client:
+        data: dict[str, Any] = client.get_json(f"/v1/runs/{run_id}")
+    return data
+
+
+@run_command
 def report(run_id: str, url: str, admin_token_file: Path, as_json: bool) -> None:
     """Show the report of RUN_ID: run status and the status of each task."""
-    with admin_client(url, admin_token_file) as client:
-        data = client.get_json(f"/v1/runs/{run_id}")
+    data = fetch_report(run_id, url, admin_token_file)
     if as_json:
         print_json({k: v for k, v in data.items() if k != "log"})
         return
@@ -211,14 +218,10 @@ def report(run_id: str, url: str, admin_token_file: Path, as_json: bool) -> None
     print_table(rows, ["task", "status", "attempts", "duration_s", "error"])
 
 
-@click.command()
-@click.argument("run_id")
-@admin_options
-@json_option
+@run_command
 def logs(run_id: str, url: str, admin_token_file: Path, as_json: bool) -> None:
     """Print the combined log of RUN_ID."""
-    with admin_client(url, admin_token_file) as client:
-        data = client.get_json(f"/v1/runs/{run_id}")
+    data = fetch_report(run_id, url, admin_token_file)
     if as_json:
         print_json({"run_id": run_id, "log": data["log"]})
     else:
