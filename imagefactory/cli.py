@@ -17,6 +17,13 @@ from imagefactory import __version__
 # name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {
     "seed": "imagefactory.cmd_seed:seed_command",
+    "serve": "imagefactory.cmd_services:serve",
+    "token": "imagefactory.cmd_services:token",
+    "nodes": "imagefactory.cmd_services:nodes",
+    "runs": "imagefactory.cmd_services:runs",
+    "report": "imagefactory.cmd_services:report",
+    "logs": "imagefactory.cmd_services:logs",
+    "publish": "imagefactory.cmd_services:publish",
 }
 
 
