@@ -1,0 +1,165 @@
+"""The ``executor`` command (argparse: the executor's only runtime dependencies are the
+standard library and tenacity).
+
+Exit codes: 0 success; 1 a task failed or the run was cancelled; 2 invalid pipeline,
+setting or usage, reported as one ``Error: ...`` line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from executor import __version__
+from executor.pipeline import PipelineError, load_pipeline
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A user error: printed as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="executor",
+        description="Load, validate, pack and run pipeline DAGs (pipeline format 1).",
+    )
+    parser.add_argument("--version", action="version", version=f"executor {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run a pipeline on a pool of worker processes",
+        description="Run PIPELINE (a directory or .tar.gz). Exit 0 when every task "
+        "succeeded, 1 when a task failed or the run was cancelled (SIGTERM/SIGINT), 2 for "
+        "an invalid pipeline. Environment: EXECUTOR_NODE_ID, EXECUTOR_RUN_ID, "
+        "EXECUTOR_WORKERS, EXECUTOR_STATE_DIR (options override them).",
+    )
+    run.add_argument("pipeline", metavar="PIPELINE", help="pipeline directory or .tar.gz")
+    run.add_argument("--workers", metavar="N", help="worker processes (default: CPU count)")
+    run.add_argument("--results", metavar="FILE", type=Path, help="write the results JSON here")
+    run.add_argument(
+        "--log",
+        metavar="FILE",
+        type=Path,
+        help="combined log file (default: STATE_DIR/logs/RUN_ID.log)",
+    )
+    run.add_argument("--node-id", metavar="ID", help="node id (default: EXECUTOR_NODE_ID)")
+    run.add_argument("--run-id", metavar="ID", help="run id (default: EXECUTOR_RUN_ID)")
+    run.add_argument(
+        "--start-method",
+        choices=("fork", "forkserver", "spawn"),
+        help="how worker processes are started (default: the platform's)",
+    )
+    run.add_argument("--json", action="store_true", help="print the results JSON on stdout")
+    run.set_defaults(handler=_run)
+
+    validate = commands.add_parser(
+        "validate",
+        help="check a pipeline without running it",
+        description="Validate PIPELINE (a directory or .tar.gz): exit 0, or 2 with the problem.",
+    )
+    validate.add_argument("pipeline", metavar="PIPELINE")
+    validate.add_argument("--json", action="store_true", help="print name and task ids as JSON")
+    validate.set_defaults(handler=_validate)
+
+    pack = commands.add_parser(
+        "pack",
+        help="validate a pipeline directory and pack it into a .tar.gz",
+        description="Validate DIR and write it as a reproducible .tar.gz with pipeline.json "
+        "at the archive root; print the archive's sha256.",
+    )
+    pack.add_argument("directory", metavar="DIR")
+    pack.add_argument("-o", "--output", metavar="FILE", required=True, type=Path)
+    pack.set_defaults(handler=_pack)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        code: int = args.handler(args)
+        return code
+    except (UsageError, PipelineError) as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _run(args: argparse.Namespace) -> int:
+    from executor import settings
+    from executor.engine import RunConfig, run
+
+    try:
+        node_id = settings.check_id("--node-id", args.node_id or settings.node_id())
+        run_id = settings.check_id("--run-id", args.run_id or settings.run_id())
+        workers = (
+            settings.check_workers("--workers", args.workers)
+            if args.workers is not None
+            else settings.workers()
+        )
+        log_path = args.log or settings.state_dir() / "logs" / f"{run_id}.log"
+    except settings.SettingsError as exc:
+        raise UsageError(str(exc)) from None
+    pipeline = load_pipeline(args.pipeline)
+    config = RunConfig(
+        workers=workers,
+        run_id=run_id,
+        node_id=node_id,
+        log_path=log_path,
+        results_path=args.results,
+        start_method=args.start_method,
+    )
+    try:
+        results = run(pipeline, config, on_progress=_progress_printer())
+    except OSError as exc:
+        raise UsageError(f"{exc.filename or 'run'}: {exc.strerror or exc}") from None
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        counts: dict[str, int] = {}
+        for task in results["tasks"].values():
+            counts[task["status"]] = counts.get(task["status"], 0) + 1
+        summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        print(f"run {run_id} {results['status']}: {summary}; log: {log_path}")
+    return EXIT_OK if results["status"] == "succeeded" else EXIT_FAILED
+
+
+def _progress_printer() -> Callable[[int, int], None] | None:
+    """Progress on stderr when it is a terminal: ``[done/total]`` rewritten in place."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        end = "\n" if done == total else ""
+        print(f"\r[{done}/{total} tasks]", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+def _validate(args: argparse.Namespace) -> int:
+    pipeline = load_pipeline(args.pipeline)
+    if args.json:
+        print(json.dumps({"name": pipeline.name, "tasks": list(pipeline.tasks)}))
+    else:
+        print(f"ok: pipeline {pipeline.name}, {len(pipeline.tasks)} tasks")
+    return EXIT_OK
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from executor.pack import pack
+
+    print(pack(args.directory, args.output))
+    return EXIT_OK

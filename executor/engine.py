@@ -1,0 +1,549 @@
+"""Run a pipeline on a pool of pre-forked workers; the manager owns all scheduling state.
+
+    ┌──────────── manager (this module, one thread) ─────────────┐
+    │ DagState · timer heap (retries, timeouts, grace, deadlock) │
+    │ one selector over every worker's pipes and sentinel,       │
+    │ plus the signal wake-up pipe                               │
+    └──┬───────────────▲──────────────▲────────────────▲─────────┘
+  task │        result │  out/err/log │       sentinel │
+       ▼               │              │                │
+    worker 1 … worker N (own process groups; see executor/worker.py)
+
+One loop iteration: wait on the selector; read output (before results, so a task's
+"finished" line follows all it wrote), results and deaths; fire due timers; dispatch
+ready tasks to idle workers; only then write log lines, publish lifecycle events and
+report progress, so none of that lengthens the gap between two tasks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import multiprocessing
+import os
+import pickle
+import selectors
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from executor.combined_log import CombinedLog
+from executor.pipeline import Pipeline
+from executor.pool import STREAMS, WorkerHandle, spawn_worker
+from executor.results import build_results, run_status, write_results
+from executor.scheduler import DagState
+from executor.worker import BLOCKED, DONE, UNBLOCKED
+
+ProgressCallback = Callable[[int, int], None]
+
+# Selector priorities: a batch is handled output first, then results, then deaths.
+_STREAM, _RESULT, _SENTINEL, _WAKEUP = 0, 1, 2, 3
+_READ_SIZE = 64 * 1024
+_STOP = pickle.dumps(None, protocol=5)
+# A worker that dies this many times in a row before running a task is not replaced.
+_MAX_STARTUP_DEATHS = 3
+_TOPIC = "executor.task."
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How to run a pipeline."""
+
+    workers: int
+    """Worker processes (at most one per task is started)."""
+    run_id: str
+    node_id: str
+    log_path: Path
+    """The combined log; appended to."""
+    results_path: Path | None = None
+    """Where to write the results JSON, if anywhere."""
+    grace_s: float = 5.0
+    """On cancel, seconds between SIGTERM and SIGKILL to running tasks."""
+    start_method: str | None = None
+    """multiprocessing start method (``fork``, ``forkserver``, ``spawn``); None: default."""
+    deadlock_grace_s: float = 1.0
+    """How long every worker must stay blocked in events.wait before that is a deadlock."""
+
+
+def run(
+    pipeline: Pipeline, config: RunConfig, on_progress: ProgressCallback | None = None
+) -> dict[str, Any]:
+    """Run ``pipeline``; return the results dict (also written to ``config.results_path``).
+
+    SIGTERM and SIGINT cancel the run while it goes (when called from the main thread);
+    the previous handlers are restored afterwards.
+    """
+    if config.workers < 1:
+        raise ValueError("workers must be at least 1")
+    with CombinedLog(config.log_path) as log:
+        results = _Manager(pipeline, config, log, on_progress).execute()
+    if config.results_path is not None:
+        write_results(config.results_path, results)
+    return results
+
+
+class _Manager:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        config: RunConfig,
+        log: CombinedLog,
+        on_progress: ProgressCallback | None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.config = config
+        self.log = log
+        self.on_progress = on_progress
+        self.state = DagState(pipeline)
+        self.selector = selectors.DefaultSelector()
+        self.timers: list[tuple[float, int, Callable[[], None]]] = []
+        self.timer_seq = itertools.count()
+        self.workers: list[WorkerHandle] = []
+        self.idle: list[WorkerHandle] = []
+        self.busy = 0
+        self.blocked = 0
+        self.retry_waits = 0
+        self.notes: list[tuple[str, str, int, str, str]] = []
+        """(topic, task_id, attempt, status, log text), emitted after dispatch."""
+        self.ended = 0
+        self.cancel_signal: int | None = None
+        self.cancelling = False
+        self.startup_deaths = 0
+        self.generation = 0
+        self.deadlock_armed = False
+        self.publisher: Any = None
+        self.boot_fields: dict[str, Any] = {}
+
+    # --- the run ---------------------------------------------------------------
+
+    def execute(self) -> dict[str, Any]:
+        started = time.time()
+        tasks = len(self.pipeline.tasks)
+        pool_size = min(self.config.workers, tasks)
+        self.log.executor(
+            f"run {self.config.run_id} started: pipeline {self.pipeline.name} ({tasks} tasks) "
+            f"on node {self.config.node_id} with {pool_size} workers"
+        )
+        from executor.services import RunServices
+
+        services = RunServices(self.config.run_id)
+        services.start()
+        try:
+            self.publisher = services.publisher()
+            self.boot_fields = {
+                "root": str(self.pipeline.root),
+                "calls": tuple(sorted({t.call for t in self.pipeline.tasks.values()})),
+                "run_id": self.config.run_id,
+                "node_id": self.config.node_id,
+                "services_address": services.address,
+            }
+            with self._cancel_on_signals():
+                for _ in range(pool_size):
+                    self._spawn()
+                self._loop()
+        finally:
+            self._stop_workers()
+            services.stop()
+            self.selector.close()
+        finished = time.time()
+        status = run_status(self.state, cancelled=self.cancelling)
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(self.state.counts().items()))
+        self.log.executor(
+            f"run {self.config.run_id} {status} in {finished - started:.3f} s: {summary}"
+        )
+        return build_results(
+            self.pipeline,
+            self.state,
+            run_id=self.config.run_id,
+            node_id=self.config.node_id,
+            status=status,
+            started=started,
+            finished=finished,
+            log_path=self.config.log_path,
+        )
+
+    def _loop(self) -> None:
+        select = self.selector.select
+        while True:
+            self._dispatch()
+            if self.notes:
+                self._emit_notes()
+            if self.blocked:
+                self._check_deadlock()
+            if self.state.done and not self.busy:
+                return
+            self.log.flush()
+            events = select(self._next_timeout())
+            if len(events) > 1:
+                events.sort(key=lambda event: event[0].data[0])
+            for key, _ in events:
+                self._handle(*key.data)
+            if self.timers:
+                self._fire_timers()
+            if self.cancel_signal is not None and not self.cancelling:
+                self._cancel()
+
+    def _handle(self, kind: int, worker: WorkerHandle | None, index: int) -> None:
+        if kind == _WAKEUP:
+            try:
+                os.read(index, _READ_SIZE)
+            except BlockingIOError:
+                pass
+        elif worker is None or worker.retired:
+            return  # an event of a worker handled as dead earlier in this batch
+        elif kind == _STREAM:
+            self._read_stream(worker, index)
+        elif kind == _RESULT:
+            self._read_result(worker)
+        else:
+            self._worker_died(worker)
+
+    # --- dispatch ----------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        state, idle = self.state, self.idle
+        while state.ready and idle:
+            task_id = state.ready.popleft()
+            worker = idle.pop()
+            now = time.time()
+            attempt = state.start(task_id, now)
+            task = self.pipeline.tasks[task_id]
+            message = (task_id, attempt, task.call, task.args, state.upstream_json(task_id))
+            worker.task = (task_id, attempt)
+            worker.dispatched_at = now
+            self.busy += 1
+            self.generation += 1
+            try:
+                worker.send_task(pickle.dumps(message, protocol=5))
+            except OSError:
+                pass  # the worker just died: its sentinel fails this attempt
+            if task.timeout is not None:
+                self._after(task.timeout, self._timeout_action(worker, task_id, attempt))
+            self.notes.append(("started", task_id, attempt, "running", "started"))
+
+    def _emit_notes(self) -> None:
+        notes, self.notes = self.notes, []
+        for topic, task_id, attempt, status, text in notes:
+            if attempt:
+                self.log.executor(f"task {task_id} attempt {attempt} {text}")
+            else:
+                self.log.executor(f"task {task_id} {text}")
+            self.publisher.publish(
+                _TOPIC + topic, {"task_id": task_id, "attempt": attempt, "status": status}
+            )
+        if self.on_progress is not None and self.ended:
+            self.ended = 0
+            total = len(self.pipeline.tasks)
+            self.on_progress(total - self.state.unfinished, total)
+
+    # --- results and failures ----------------------------------------------------
+
+    def _read_result(self, worker: WorkerHandle) -> None:
+        try:
+            message = pickle.loads(worker.results.recv_bytes())
+        except (EOFError, OSError):
+            self.selector.unregister(worker.results)  # dying: its sentinel comes next
+            return
+        kind = message[0]
+        if kind == DONE:
+            self._task_done(worker, *message[1:])
+        elif kind == BLOCKED:
+            worker.blocked_topic = message[1]
+            self.blocked += 1
+            self.generation += 1
+        elif kind == UNBLOCKED and worker.blocked_topic is not None:
+            worker.blocked_topic = None
+            self.blocked -= 1
+            self.generation += 1
+
+    def _task_done(
+        self,
+        worker: WorkerHandle,
+        task_id: str,
+        attempt: int,
+        ok: bool,
+        payload: Any,
+        started: float,
+        finished: float,
+    ) -> None:
+        self._flush_partial_lines(worker)
+        self._release(worker)
+        self.idle.append(worker)
+        self.startup_deaths = 0
+        if self.cancelling:
+            return  # the task is already recorded as cancelled
+        if ok:
+            self.state.succeeded(task_id, payload, started, finished)
+            self._ended(task_id, attempt, "finished", "succeeded", f"{finished - started:.6f} s")
+        else:
+            self._attempt_failed(task_id, attempt, payload, started, finished)
+
+    def _release(self, worker: WorkerHandle) -> None:
+        if worker.task is not None:
+            worker.last_task = worker.task[0]
+            worker.task = None
+            self.busy -= 1
+        if worker.blocked_topic is not None:
+            worker.blocked_topic = None
+            self.blocked -= 1
+        self.generation += 1
+
+    def _attempt_failed(
+        self, task_id: str, attempt: int, error: dict[str, Any], started: float, finished: float
+    ) -> None:
+        delay, skipped = self.state.attempt_failed(task_id, error, started, finished)
+        reason = f"{error['type']}: {error['message']}"
+        if delay is not None:
+            self.retry_waits += 1
+            self._after(delay, lambda: self._retry_due(task_id))
+            text = f"failed, retrying in {delay:g} s: {reason}"
+            self.notes.append(("retried", task_id, attempt, "retrying", text))
+            return
+        self._ended(task_id, attempt, "failed", "failed", f"{reason}")
+        for skipped_id in skipped:
+            record = self.state.records[skipped_id]
+            text = f"not run: upstream {', '.join(record.blocked_by)} did not succeed"
+            self._ended(skipped_id, 0, "failed", "upstream_failed", text)
+
+    def _ended(self, task_id: str, attempt: int, topic: str, status: str, detail: str) -> None:
+        self.ended += 1
+        self.notes.append((topic, task_id, attempt, status, f"{status}: {detail}"))
+
+    def _retry_due(self, task_id: str) -> None:
+        self.retry_waits -= 1
+        if not self.cancelling:
+            self.state.retry_due(task_id)
+
+    def _worker_died(self, worker: WorkerHandle) -> None:
+        self._retire(worker)
+        description = worker.exit_description()
+        task = worker.task
+        self._release(worker)
+        if task is None:
+            self.log.executor(f"worker {worker.pid} {description} while idle")
+            self.startup_deaths += 1
+        elif not self.cancelling:
+            task_id, attempt = task
+            error = worker.kill_reason or {
+                "type": "WorkerCrashed",
+                "message": f"the worker process {description} while running the task",
+                "traceback": None,
+            }
+            self._attempt_failed(task_id, attempt, error, worker.dispatched_at, time.time())
+        if self.cancelling or self.state.done:
+            return
+        if self.startup_deaths < _MAX_STARTUP_DEATHS:
+            self._spawn()
+        elif not self.workers:
+            self.log.executor("workers keep dying before running a task: giving up")
+            self._cancel()
+
+    # --- output capture ------------------------------------------------------------
+
+    def _read_stream(self, worker: WorkerHandle, index: int) -> None:
+        connection = worker.streams[index]
+        try:
+            data = os.read(connection.fileno(), _READ_SIZE)
+        except BlockingIOError:
+            return
+        if not data:
+            self.selector.unregister(connection)
+            return
+        complete = worker.splitters[index].feed(data)
+        if complete:
+            self.log.write(worker.source, STREAMS[index], complete, time.time())
+
+    def _drain_streams(self, worker: WorkerHandle) -> None:
+        """Read everything left in a worker's pipes (it has exited or is exiting)."""
+        for index, connection in enumerate(worker.streams):
+            if connection.closed:
+                continue
+            while True:
+                try:
+                    data = os.read(connection.fileno(), _READ_SIZE)
+                except BlockingIOError:
+                    break
+                if not data:
+                    break
+                complete = worker.splitters[index].feed(data)
+                if complete:
+                    self.log.write(worker.source, STREAMS[index], complete, time.time())
+        self._flush_partial_lines(worker)
+
+    def _flush_partial_lines(self, worker: WorkerHandle) -> None:
+        for index, splitter in enumerate(worker.splitters):
+            rest = splitter.rest()
+            if rest:
+                self.log.write(worker.source, STREAMS[index], rest, time.time())
+
+    # --- workers -----------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        self.log.flush()  # a forked child must not inherit unwritten log lines
+        context = multiprocessing.get_context(self.config.start_method)
+        worker = spawn_worker(context, self.boot_fields)
+        register = self.selector.register
+        for index, connection in enumerate(worker.streams):
+            register(connection, selectors.EVENT_READ, (_STREAM, worker, index))
+        register(worker.results, selectors.EVENT_READ, (_RESULT, worker, 0))
+        register(worker.process.sentinel, selectors.EVENT_READ, (_SENTINEL, worker, 0))
+        self.workers.append(worker)
+        self.idle.append(worker)
+
+    def _retire(self, worker: WorkerHandle) -> None:
+        """Collect a finished worker's last output, stop watching it, close its pipes."""
+        self._drain_streams(worker)
+        worker.retired = True
+        self.workers.remove(worker)
+        if worker in self.idle:
+            self.idle.remove(worker)
+        for fileobj in (*worker.streams, worker.results):
+            with suppress(KeyError):
+                self.selector.unregister(fileobj)
+        with suppress(KeyError):
+            self.selector.unregister(worker.process.sentinel)
+        worker.close()
+        worker.signal_group(signal.SIGKILL)  # children a task left behind
+
+    def _stop_workers(self) -> None:
+        for worker in self.workers:
+            if worker.task is not None:
+                worker.signal_group(signal.SIGKILL)
+            else:
+                try:
+                    worker.send_task(_STOP)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + self.config.grace_s
+        for worker in list(self.workers):
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.signal_group(signal.SIGKILL)
+                worker.process.join()
+            self._retire(worker)
+
+    # --- timers: retries, timeouts, cancel grace, deadlock -------------------------
+
+    def _after(self, delay: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self.timers, (time.monotonic() + delay, next(self.timer_seq), action))
+
+    def _next_timeout(self) -> float | None:
+        if not self.timers:
+            return None
+        return max(0.0, self.timers[0][0] - time.monotonic())
+
+    def _fire_timers(self) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            heapq.heappop(self.timers)[2]()
+
+    def _timeout_action(
+        self, worker: WorkerHandle, task_id: str, attempt: int
+    ) -> Callable[[], None]:
+        def expire() -> None:
+            if worker.task == (task_id, attempt) and not worker.retired:
+                timeout = self.pipeline.tasks[task_id].timeout
+                worker.kill_reason = {
+                    "type": "TimeoutError",
+                    "message": f"attempt {attempt} exceeded the timeout of {timeout:g} s; "
+                    "its process group was killed",
+                    "traceback": None,
+                }
+                worker.signal_group(signal.SIGKILL)
+
+        return expire
+
+    # --- deadlock: every running task blocked in ctx.events.wait ------------------
+
+    def _deadlocked(self) -> bool:
+        if self.cancelling or self.blocked == 0 or self.blocked < self.busy:
+            return False
+        can_start_more = self.idle and (self.state.ready or self.retry_waits)
+        return not can_start_more
+
+    def _check_deadlock(self) -> None:
+        # A publish may be on its way to a blocked task (its unblock notice not here
+        # yet): only a state unchanged for deadlock_grace_s counts as a deadlock.
+        if self.deadlock_armed or not self._deadlocked():
+            return
+        self.deadlock_armed = True
+        generation = self.generation
+
+        def confirm() -> None:
+            self.deadlock_armed = False
+            if self.generation == generation and self._deadlocked():
+                self._break_deadlock()
+
+        self._after(self.config.deadlock_grace_s, confirm)
+
+    def _break_deadlock(self) -> None:
+        stuck = [w for w in self.workers if w.task is not None]
+        topics = ", ".join(sorted({str(w.blocked_topic) for w in stuck}))
+        error = {
+            "type": "EventDeadlock",
+            "message": f"all {len(self.workers)} workers were blocked in ctx.events.wait "
+            f"(topics: {topics}) and no other task could run to publish; give the run "
+            "more workers than the pipeline has tasks waiting at the same time",
+            "traceback": None,
+        }
+        self.log.executor(f"deadlock: {error['message']}")
+        for worker in stuck:
+            worker.kill_reason = error
+            worker.signal_group(signal.SIGKILL)
+
+    # --- cancellation ------------------------------------------------------------
+
+    @contextmanager
+    def _cancel_on_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        self.selector.register(wake_r, selectors.EVENT_READ, (_WAKEUP, None, wake_r))
+        previous_fd = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in _CANCEL_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+            signal.set_wakeup_fd(previous_fd)
+            self.selector.unregister(wake_r)
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.cancel_signal = signum
+
+    def _cancel(self) -> None:
+        self.cancelling = True
+        cause = "no workers left"
+        if self.cancel_signal is not None:
+            cause = f"received {signal.Signals(self.cancel_signal).name}"
+        running = [w for w in self.workers if w.task is not None]
+        cancelled = self.state.cancel_unfinished(time.time())
+        self.log.executor(
+            f"{cause}: cancelling the run ({len(running)} running, "
+            f"{len(cancelled) - len(running)} not started)"
+        )
+        for task_id in cancelled:
+            self.log.executor(f"task {task_id} cancelled")
+        for worker in running:
+            worker.signal_group(signal.SIGTERM)
+        self._after(self.config.grace_s, self._kill_running)
+
+    def _kill_running(self) -> None:
+        for worker in self.workers:
+            if worker.task is not None:
+                worker.signal_group(signal.SIGKILL)
+
+
+_CANCEL_SIGNALS = (signal.SIGTERM, signal.SIGINT)

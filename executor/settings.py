@@ -1,0 +1,109 @@
+"""EXECUTOR_* environment variables shared by ``executor run`` and ``executor agent``.
+
+Each reader takes the environment as a mapping (tests pass a dict) and raises
+SettingsError, whose str() is one line naming the variable and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+SYSTEM_STATE_DIR = Path("/var/lib/executor")
+USER_STATE_DIR = Path("~/.local/state/executor")
+
+# Ids end up in file names and URL paths: keep them to a safe alphabet.
+_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+class SettingsError(ValueError):
+    """An invalid EXECUTOR_* value; str() is one line."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The identity and resources of one run, resolved from the environment."""
+
+    node_id: str
+    """EXECUTOR_NODE_ID, default: the host name."""
+    run_id: str
+    """EXECUTOR_RUN_ID, default: a new UUID."""
+    workers: int
+    """EXECUTOR_WORKERS, default: the CPU count."""
+    state_dir: Path
+    """EXECUTOR_STATE_DIR, default /var/lib/executor, else ~/.local/state/executor."""
+
+
+def run_settings(env: Mapping[str, str] = os.environ) -> RunSettings:
+    """Read all four run settings; the first invalid one raises SettingsError."""
+    return RunSettings(
+        node_id=node_id(env),
+        run_id=run_id(env),
+        workers=workers(env),
+        state_dir=state_dir(env),
+    )
+
+
+def node_id(env: Mapping[str, str] = os.environ) -> str:
+    """EXECUTOR_NODE_ID, or the host name."""
+    value = env.get("EXECUTOR_NODE_ID") or socket.gethostname()
+    return check_id("EXECUTOR_NODE_ID", value)
+
+
+def run_id(env: Mapping[str, str] = os.environ) -> str:
+    """EXECUTOR_RUN_ID, or a new UUID."""
+    value = env.get("EXECUTOR_RUN_ID") or str(uuid.uuid4())
+    return check_id("EXECUTOR_RUN_ID", value)
+
+
+def workers(env: Mapping[str, str] = os.environ) -> int:
+    """EXECUTOR_WORKERS, or the number of CPUs."""
+    raw = env.get("EXECUTOR_WORKERS")
+    if not raw:
+        return os.cpu_count() or 1
+    return check_workers("EXECUTOR_WORKERS", raw)
+
+
+def state_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """EXECUTOR_STATE_DIR (created if missing), or the first writable default."""
+    raw = env.get("EXECUTOR_STATE_DIR")
+    if raw:
+        path = Path(raw).expanduser()
+        if not _writable_dir(path):
+            raise SettingsError(f"EXECUTOR_STATE_DIR: {path} is not a writable directory")
+        return path
+    for path in (SYSTEM_STATE_DIR, USER_STATE_DIR.expanduser()):
+        if _writable_dir(path):
+            return path
+    raise SettingsError(f"no writable state directory ({SYSTEM_STATE_DIR}, {USER_STATE_DIR})")
+
+
+def check_id(name: str, value: str) -> str:
+    """Accept ``value`` as an id or raise SettingsError naming ``name``."""
+    if not _ID.fullmatch(value):
+        raise SettingsError(f"{name}: {value!r} is not 1-128 characters of [A-Za-z0-9_.-]")
+    return value
+
+
+def check_workers(name: str, raw: str) -> int:
+    """Parse a worker count (an integer >= 1) or raise SettingsError naming ``name``."""
+    try:
+        count = int(raw)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise SettingsError(f"{name}: {raw!r} is not an integer >= 1")
+    return count
+
+
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
