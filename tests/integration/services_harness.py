@@ -1,0 +1,109 @@
+"""Real `imagefactory serve` subprocesses on loopback for the integration tests.
+
+Each server gets its own directory (SQLite file, secret, admin token); tests stop it by pid
+in a finalizer, also when they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imagefactory.tokens import node_token
+
+BIN = Path(sys.executable).parent
+START_TIMEOUT_S = 60.0
+
+
+@dataclass
+class ServerProcess:
+    workdir: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    url: str = ""
+    extra_args: tuple[str, ...] = ()
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def db(self) -> Path:
+        return self.workdir / "services.db"
+
+    @property
+    def secret_file(self) -> Path:
+        return self.workdir / "secret"
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.workdir / "admin-token"
+
+    @property
+    def admin_token(self) -> str:
+        return self.admin_token_file.read_text().strip()
+
+    def node_token(self, node_id: str) -> str:
+        return node_token(self.secret_file.read_text().strip(), node_id)
+
+    def start(self) -> ServerProcess:
+        argv = [
+            str(BIN / "imagefactory"), "serve", "--port", str(self.port), "--db", str(self.db),
+            "--secret-file", str(self.secret_file),
+            "--admin-token-file", str(self.admin_token_file), *self.extra_args,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.url = self._wait_listening(self.proc)
+        self.port = int(self.url.rsplit(":", 1)[1])
+        return self
+
+    def _wait_listening(self, proc: subprocess.Popen[bytes]) -> str:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if not sel.select(timeout=1.0):
+                    continue
+                line = proc.stdout.readline().decode(errors="replace")
+                if not line:
+                    break
+                self.output.append(line)
+                if "listening on " in line:
+                    return line.split("listening on ", 1)[1].strip()
+        self.stop()
+        raise AssertionError("server did not start:\n" + "".join(self.output[-20:]))
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, nothing flushed or closed."""
+        self._end(signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._end(signal.SIGTERM)
+
+    def _end(self, signum: int) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signum)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def rows(self, table: str) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(self.db) as conn:
+            return list(conn.execute(f"SELECT * FROM {table} ORDER BY 1"))
+
+    def dump(self) -> list[tuple[Any, ...]]:
+        return [(t, *r) for t in ("nodes", "reports", "pipelines") for r in self.rows(t)]
