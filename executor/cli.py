@@ -82,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("directory", metavar="DIR")
     pack.add_argument("-o", "--output", metavar="FILE", required=True, type=Path)
     pack.set_defaults(handler=_pack)
+
+    # Everything after "agent" is the agent's own command line (prefix_chars: no options here).
+    agent = commands.add_parser(
+        "agent",
+        add_help=False,
+        prefix_chars="\0",
+        help="service mode inside images (see 'executor agent --help')",
+    )
+    agent.add_argument("agent_args", nargs="*")
+    agent.set_defaults(handler=_agent)
     return parser
 
 
@@ -156,6 +166,12 @@ def _validate(args: argparse.Namespace) -> int:
     else:
         print(f"ok: pipeline {pipeline.name}, {len(pipeline.tasks)} tasks")
     return EXIT_OK
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from executor.agent.main import main as agent_main
+
+    return agent_main(args.agent_args)
 
 
 def _pack(args: argparse.Namespace) -> int:

@@ -47,7 +47,7 @@ reports = sa.Table(
     sa.Column("started_at", sa.String(32), nullable=False),
     sa.Column("finished_at", sa.String(32), nullable=False),
     sa.Column("received_at", sa.Float, nullable=False, index=True),
-    sa.Column("results", sa.Text, nullable=False, doc="Canonical JSON of the report minus log."),
+    sa.Column("results", sa.Text, nullable=False, doc="The report minus log, as sent."),
     sa.Column("log", sa.Text, nullable=False),
 )
 
@@ -172,7 +172,7 @@ class Storage:
             "started_at": report["started_at"],
             "finished_at": report["finished_at"],
             "received_at": time.time(),
-            "results": canonical_json(results),
+            "results": json.dumps(results, separators=(",", ":"), ensure_ascii=False),
             "log": report["log"],
         }
         try:
@@ -185,7 +185,9 @@ class Storage:
             stored = conn.execute(
                 sa.select(reports.c.results, reports.c.log).where(reports.c.run_id == row["run_id"])
             ).one()
-        same = stored.results == row["results"] and stored.log == row["log"]
+        same = stored.log == row["log"] and canonical_json(
+            json.loads(stored.results)
+        ) == canonical_json(results)
         return "unchanged" if same else "conflict"
 
     def get_report(self, run_id: str) -> dict[str, Any] | None:

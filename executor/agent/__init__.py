@@ -1,0 +1,11 @@
+"""`executor agent`: the service mode inside images (DESIGN.md sections 5 and 6).
+
+    main.py      lifecycle: config -> pipeline -> run -> spool -> deliver -> poweroff
+    config.py    EXECUTOR_* environment -> frozen AgentConfig
+    heartbeat.py heartbeats from their own thread, never blocking the run
+    gateway.py   GET /v1/pipelines/NAME and the sha256 check
+    delivery.py  the durable spool and report delivery
+    master.py    urllib requests to the master, classified as ok / transient / refused
+
+Standard library and tenacity only: the agent is baked into images without network access.
+"""

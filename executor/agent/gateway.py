@@ -1,0 +1,80 @@
+"""Getting the pipeline: a baked path, or `GET /v1/pipelines/NAME` from the gateway, and the
+EXECUTOR_PIPELINE_SHA256 check of a `.tar.gz` or a download."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from tenacity import Retrying, retry_if_exception_type
+
+from executor.agent.config import AgentConfig
+from executor.agent.delivery import write_atomically
+from executor.agent.master import Master, Transient, backoff
+
+log = logging.getLogger("executor.agent.gateway")
+
+
+class Sha256Mismatch(Exception):
+    """The pipeline's sha256 is not EXECUTOR_PIPELINE_SHA256; str() says both."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(master: Master, name: str, target: Path) -> Path:
+    """Fetch pipeline `name` into `target`, retrying transient failures with backoff.
+
+    A body that does not match the X-Pipeline-SHA256 header (a broken transfer) is
+    transient too. Raises Refused for a 4xx (unknown pipeline, bad token).
+    """
+
+    def fetch() -> bytes:
+        answer = master.request("GET", f"/v1/pipelines/{name}", timeout_s=120)
+        announced = answer.headers.get("X-Pipeline-SHA256", "")
+        if hashlib.sha256(answer.body).hexdigest() != announced.lower():
+            raise Transient(f"pipeline {name}: body does not match X-Pipeline-SHA256")
+        return answer.body
+
+    retrying = Retrying(
+        retry=retry_if_exception_type(Transient),
+        wait=backoff(),
+        reraise=True,
+        before_sleep=lambda state: log.warning(
+            "pipeline %s not downloaded yet (attempt %d)", name, state.attempt_number
+        ),
+    )
+    write_atomically(target, retrying(fetch))
+    return target
+
+
+def obtain_pipeline(config: AgentConfig, master: Master | None) -> Path:
+    """The local path of the pipeline to run, checked against EXECUTOR_PIPELINE_SHA256.
+
+    Raises Sha256Mismatch, Refused (gateway), or FileNotFoundError.
+    """
+    name = config.gateway_name
+    if name is not None:
+        assert master is not None, "config requires a master URL for gateway pipelines"
+        path = download(master, name, config.run_dir / f"{name}.tar.gz")
+    else:
+        path = Path(config.pipeline)
+        if not path.exists():
+            raise FileNotFoundError(f"EXECUTOR_PIPELINE: {path} does not exist")
+    if config.pipeline_sha256 is not None:
+        if path.is_dir():
+            log.warning("EXECUTOR_PIPELINE_SHA256 ignored: %s is a directory", path)
+            return path
+        actual = sha256_of(path)
+        if actual != config.pipeline_sha256:
+            raise Sha256Mismatch(
+                f"pipeline {config.pipeline}: sha256 is {actual}, "
+                f"EXECUTOR_PIPELINE_SHA256 expects {config.pipeline_sha256}"
+            )
+    return path

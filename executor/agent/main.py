@@ -1,0 +1,220 @@
+"""`executor agent`: the lifecycle of a node's run (DESIGN.md section 6, "Agent lifecycle").
+
+    config ─► EXECUTOR-STATUS starting ─► heartbeats (thread)
+           ─► report already in the state dir? ──yes──────────────────────┐
+           ─► pipeline (path / gateway) ─► sha256 ─► engine.run ─► spool ─┤
+           ─► deliver pending reports, oldest first ◄─────────────────────┘
+           ─► last heartbeat ─► EXECUTOR-STATUS <end state> ─► poweroff?
+
+Exit codes (EXECUTOR_ON_COMPLETE=none, once the report is acknowledged): 0 succeeded,
+1 failed or cancelled, 2 configuration error / invalid pipeline / sha256 mismatch,
+3 report refused by the server (kept on disk) or given up after the poweroff grace period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from executor.agent.config import AgentConfig, AgentConfigError, load_config
+from executor.agent.delivery import Deliverer, Spool, Undelivered, write_atomically
+from executor.agent.gateway import Sha256Mismatch, obtain_pipeline
+from executor.agent.heartbeat import Heartbeats
+from executor.agent.master import Master, Refused
+from executor.agent.runner import run_pipeline
+from executor.combined_log import CombinedLog
+from executor.pipeline import PipelineError
+from executor.timefmt import now
+
+log = logging.getLogger("executor.agent")
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_UNDELIVERED = 0, 1, 2, 3
+STATUS_EXIT = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_FAILED}
+OUTCOME_FILE = "outcome.json"
+
+
+def status_line(node_id: str, run_id: str, state: str) -> None:
+    """The console line a boot test follows: exactly one at start, one at the end."""
+    print(f"EXECUTOR-STATUS node={node_id} run={run_id} state={state}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="executor-agent: %(levelname)s %(message)s",
+    )
+    env = {**os.environ, **_overrides(args)}
+    try:
+        config = load_config(env)
+    except AgentConfigError as exc:
+        node = _printable(env.get("EXECUTOR_NODE_ID") or socket.gethostname())
+        run = _printable(env.get("EXECUTOR_RUN_ID") or "-")
+        status_line(node, run, "starting")
+        print(f"executor agent: error: {exc}", file=sys.stderr)
+        status_line(node, run, "invalid")
+        return EXIT_INVALID
+    status_line(config.node_id, config.run_id, "starting")
+    code, state = Agent(config).run()
+    status_line(config.node_id, config.run_id, state)
+    if config.on_complete == "poweroff":
+        power_off(config)
+    return code
+
+
+def _printable(value: str) -> str:
+    """An id for the status line even when it is invalid: no spaces, bounded length."""
+    return "".join(c if c.isalnum() or c in "_.-" else "?" for c in value)[:128] or "-"
+
+
+def power_off(config: AgentConfig) -> None:
+    log.info("powering off: %s", " ".join(config.poweroff_command))
+    try:
+        subprocess.run(config.poweroff_command, check=False, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.error("poweroff command failed: %s", exc)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.spool = Spool(config.state_dir)
+        self.master: Master | None = None
+        self.beats: Heartbeats | None = None
+        if config.master_url is not None and config.token is not None:
+            self.master = Master(config.master_url, config.token, config.node_id)
+            self.beats = Heartbeats(self.master, config.run_id, config.heartbeat_s)
+
+    def run(self) -> tuple[int, str]:
+        """Run (or resume) this node's run; returns (exit code, end state)."""
+        if self.beats is not None:
+            self.beats.start()
+        code, state = self._previous_outcome() or self._produce_report()
+        if self.master is not None:
+            code, state = self._deliver_all(code, state)
+        if self.beats is not None:
+            self.beats.stop(final_state="done" if code == EXIT_OK else "failed")
+        return code, state
+
+    # -- producing the report -----------------------------------------------------------------
+
+    def _previous_outcome(self) -> tuple[int, str] | None:
+        """A report for this run id already exists (pending or delivered): do not run again."""
+        status = self.spool.status_of(self.config.run_id)
+        try:
+            outcome = json.loads((self.config.run_dir / OUTCOME_FILE).read_text())
+            code, state = int(outcome["exit"]), str(outcome["state"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            if status is None:
+                return None
+            code, state = STATUS_EXIT.get(status, EXIT_FAILED), status
+        log.info(
+            "run %s already has a report (%s): not running it again", self.config.run_id, state
+        )
+        return code, state
+
+    def _produce_report(self) -> tuple[int, str]:
+        config = self.config
+        log_path = config.run_dir / "combined.log"
+        try:
+            pipeline = obtain_pipeline(config, self.master)
+            if self.beats is not None:
+                self.beats.update(state="running")
+            results = run_pipeline(config, pipeline, log_path, self._progress)
+            code, state = STATUS_EXIT.get(results["status"], EXIT_FAILED), results["status"]
+        except (Sha256Mismatch, Refused, FileNotFoundError, PipelineError) as exc:
+            reason = f"pipeline not run: {exc}"
+            log.error("%s", reason)
+            results, code, state = self._not_run(log_path, reason), EXIT_INVALID, "invalid"
+        if self.beats is not None:
+            self.beats.update(state="reporting")
+        report = {**results, "log": log_path.read_text(encoding="utf-8", errors="replace")}
+        if self.master is not None:
+            self.spool.save(report)  # durable before the first send attempt
+        outcome = {"exit": code, "state": state, "status": results["status"]}
+        write_atomically(config.run_dir / OUTCOME_FILE, json.dumps(outcome).encode())
+        return code, state
+
+    def _progress(self, done: int, total: int) -> None:
+        if self.beats is not None:
+            self.beats.update(done=done, total=total)
+
+    def _not_run(self, log_path: Path, reason: str) -> dict[str, Any]:
+        """The report of a run that never started: status failed, no tasks, reason in log."""
+        with CombinedLog(log_path) as combined:
+            combined.executor(reason, stream="err")
+        stamp = now()
+        results: dict[str, Any] = {
+            "run_id": self.config.run_id,
+            "node_id": self.config.node_id,
+            "pipeline": self.config.gateway_name or Path(self.config.pipeline).name,
+            "status": "failed",
+            "started_at": stamp,
+            "finished_at": stamp,
+            "tasks": {},
+            "log_path": str(log_path),
+        }
+        write_atomically(self.config.run_dir / "results.json", json.dumps(results).encode())
+        return results
+
+    # -- delivery -------------------------------------------------------------------------------
+
+    def _deliver_all(self, code: int, state: str) -> tuple[int, str]:
+        """Deliver every pending report, older runs first; the result for this run decides."""
+        assert self.master is not None
+        deliverer = Deliverer(self.master, self.spool)
+        grace = self.config.poweroff_grace_s if self.config.on_complete == "poweroff" else None
+        deadline = None if grace is None else time.monotonic() + grace
+        mine = f"{self.config.run_id}.json"
+        pending = sorted(self.spool.pending(), key=lambda p: p.name == mine)
+        for path in pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                deliverer.deliver(path, give_up_after_s=left)
+            except Refused as exc:
+                if path.name == mine:
+                    log.error("report kept in %s; fix the cause and restart the agent", path)
+                    return EXIT_UNDELIVERED, f"refused-{exc.status}"
+            except Undelivered as exc:
+                log.error("%s; kept in %s for the next start", exc, path)
+                if path.name == mine:
+                    return EXIT_UNDELIVERED, "undelivered"
+        return code, state
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="executor agent",
+        description="Service mode inside images: get the pipeline (baked path or gateway), "
+        "send heartbeats, run it, and deliver the report durably. Configured by EXECUTOR_* "
+        "environment variables; the options below override them.",
+    )
+    for option, variable in OPTION_VARIABLES.items():
+        parser.add_argument(f"--{option}", metavar="VALUE", help=f"overrides {variable}")
+    parser.add_argument("--debug", action="store_true", help="log every request")
+    return parser
+
+
+OPTION_VARIABLES: Mapping[str, str] = {
+    "pipeline": "EXECUTOR_PIPELINE",
+    "node-id": "EXECUTOR_NODE_ID",
+    "run-id": "EXECUTOR_RUN_ID",
+    "master-url": "EXECUTOR_MASTER_URL",
+    "workers": "EXECUTOR_WORKERS",
+    "state-dir": "EXECUTOR_STATE_DIR",
+}
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    values = {v: getattr(args, o.replace("-", "_")) for o, v in OPTION_VARIABLES.items()}
+    return {k: v for k, v in values.items() if v is not None}

@@ -1,0 +1,91 @@
+"""Requests to the master with urllib, each outcome classified for the retry policy:
+2xx is an answer, network errors / 5xx / 408 / 429 are transient (retry with backoff),
+every other 4xx is a refusal that retrying cannot fix."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from tenacity import wait_random_exponential
+
+TRANSIENT_STATUS = frozenset({408, 425, 429})
+
+
+def backoff() -> wait_random_exponential:
+    """Exponential backoff with full jitter, from 200 ms up to 60 s."""
+    return wait_random_exponential(multiplier=0.2, min=0.2, max=60)
+
+
+class Transient(Exception):
+    """The master could not be reached or had a passing problem; try again later."""
+
+
+class Refused(Exception):
+    """The master answered with a 4xx that retrying cannot fix."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status} {message}")
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Master:
+    """The core services as seen by one node."""
+
+    url: str
+    token: str
+    node_id: str
+    timeout_s: float = 30.0
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, *, timeout_s: float | None = None
+    ) -> Answer:
+        """One attempt; returns a 2xx Answer or raises Transient / Refused."""
+        headers = {
+            "Authorization": f"Bearer {self.token}",
+            "X-Node-ID": self.node_id,
+            "User-Agent": "executor-agent",
+        }
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.url.rstrip("/") + path, body, headers, method=method)
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return Answer(resp.status, dict(resp.headers.items()), resp.read())
+        except urllib.error.HTTPError as exc:
+            status, message = exc.code, _error_message(exc)
+        except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets
+            raise Transient(f"{method} {path}: {_reason(exc)}") from None
+        if status >= 500 or status in TRANSIENT_STATUS:
+            raise Transient(f"{method} {path}: {status} {message}")
+        raise Refused(status, f"{method} {path}: {message}")
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason if reason is not None else exc) or type(exc).__name__
+
+
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    try:
+        raw = exc.read()
+    except OSError:
+        return str(exc.reason)
+    try:
+        parsed: Any = json.loads(raw)
+        return str(parsed["error"])
+    except (ValueError, KeyError, TypeError):
+        return raw.decode("utf-8", "replace").strip()[:200] or str(exc.reason)

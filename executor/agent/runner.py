@@ -1,0 +1,36 @@
+"""The one place the agent calls the engine: load the pipeline, run it, return the results.
+
+Everything about the engine's interface (RunConfig, the progress callback) stays here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from executor import engine
+from executor.agent.config import AgentConfig
+from executor.combined_log import CombinedLog
+from executor.pipeline import load_pipeline
+
+GRACE_S = 5.0
+
+
+def run_pipeline(
+    config: AgentConfig, source: Path, log_path: Path, on_progress: engine.ProgressCallback
+) -> dict[str, Any]:
+    """Run the pipeline at `source`; raises PipelineError if it is invalid."""
+    with CombinedLog(log_path) as combined:
+        combined.executor(f"agent: node {config.node_id} run {config.run_id} pipeline {source}")
+    pipeline = load_pipeline(source)
+    on_progress(0, len(pipeline.tasks))
+    run_config = engine.RunConfig(
+        workers=config.workers,
+        run_id=config.run_id,
+        node_id=config.node_id,
+        log_path=log_path,
+        results_path=config.run_dir / "results.json",
+        grace_s=GRACE_S,
+    )
+    results: dict[str, Any] = engine.run(pipeline, run_config, on_progress)
+    return results
