@@ -1,0 +1,491 @@
+"""The wire between store/events clients and the run's services process.
+
+    worker or manager process                    services process (one per run)
+    -------------------------                    ------------------------------
+    Store / Events ──call(msg, blobs)──► Connection ══AF_UNIX══► selectors loop
+                   ◄──reply ("ok"|"err"|"pending"|"timeout")══     ├─ StoreTable
+                   ◄──("ev", sid, value) for subscriptions═══      └─ TopicBoard
+
+A frame is `<u32 length><u8 fd count>` followed by a pickled tuple (protocol 5).
+Values travel as `Blob`s: a small value as its inline pickle; a value whose pickle
+reaches BIG_VALUE bytes as a sealed memfd passed with SCM_RIGHTS. A 16 MiB value is
+thus copied once into shared memory and once out of it; the services process holds
+only the file descriptor and never touches the bytes. The socket lives in a private
+0700 directory, so only the run's own processes can reach it.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import os
+import pickle
+import select
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+BIG_VALUE = 64 * 1024
+"""Pickles of at least this many bytes travel in a memfd instead of the socket."""
+
+_HEADER = struct.Struct("<IB")
+_RECV_SIZE = 256 * 1024
+_MAX_FDS = 8
+_ANC_SIZE = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
+_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+_SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+
+Message = tuple[Any, ...]
+Hook = Callable[[], None]
+
+
+@dataclass(slots=True)
+class Blob:
+    """One encoded value: an inline pickle, or a descriptor of a sealed memfd."""
+
+    enc: bytes | tuple[Any, ...]
+    """Inline pickle bytes, or `("fd", kind, size, layout)` for a memfd value."""
+    fd: int = -1
+    """The memfd holding the value (only for memfd values), owned by this Blob."""
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class ServiceError(RuntimeError):
+    """The services process failed a request, or is gone."""
+
+
+def encode(value: object) -> Blob:
+    """Serialize `value`; a big one goes to a sealed memfd (bytes are written to it as is)."""
+    # exact types only: a subclass must keep its class, so it goes through pickle
+    if isinstance(value, bytes | bytearray) and type(value) in (bytes, bytearray):
+        if len(value) >= BIG_VALUE:
+            return Blob(("fd", type(value).__name__, len(value), ()), _sealed_memfd([value]))
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    try:
+        raws = [buffer.raw() for buffer in buffers]
+    except BufferError:  # a non-contiguous out-of-band buffer: keep it in-band
+        raws, data = [], pickle.dumps(value, protocol=5)
+    size = len(data) + sum(raw.nbytes for raw in raws)
+    if size < BIG_VALUE:
+        return Blob(pickle.dumps(value, protocol=5) if raws else data)
+    layout = (len(data), *(raw.nbytes for raw in raws))
+    return Blob(("fd", "pickle", size, layout), _sealed_memfd([data, *raws]))
+
+
+def decode(blob: Blob) -> Any:
+    """Rebuild the value of `blob` (its memfd stays open)."""
+    if isinstance(blob.enc, bytes):
+        return pickle.loads(blob.enc)
+    _, kind, size, layout = blob.enc
+    if kind == "bytes":
+        return _read_bytes(blob.fd, size)
+    buf = bytearray(size)
+    _read_into(blob.fd, buf)
+    if kind == "bytearray":
+        return buf
+    view = memoryview(buf)
+    head, pos, buffers = layout[0], layout[0], []
+    for length in layout[1:]:
+        buffers.append(view[pos : pos + length])
+        pos += length
+    return pickle.loads(view[:head], buffers=buffers)
+
+
+def same_value(a: Blob, b: Blob) -> bool:
+    """Equality of two stored values: `==` on the values, or their bytes if they cannot load."""
+    if isinstance(a.enc, bytes) and a.enc == b.enc:
+        return True
+    try:
+        return bool(decode(a) == decode(b))
+    except Exception:  # a class the services process cannot import, or an odd __eq__
+        return a.enc == b.enc and _raw(a) == _raw(b)
+
+
+def take(enc: Any, fds: deque[int]) -> Blob:
+    """Pair an encoding from a message with its memfd from the frame's descriptors."""
+    if isinstance(enc, bytes):
+        return Blob(enc)
+    if not fds:
+        raise ServiceError("protocol error: a memfd value arrived without its descriptor")
+    return Blob(enc, fds.popleft())
+
+
+def load(enc: Any, fds: deque[int]) -> Any:
+    """Decode an encoding from a reply and release its memfd."""
+    blob = take(enc, fds)
+    try:
+        return decode(blob)
+    finally:
+        blob.close()
+
+
+def pack(msg: Message, nfds: int) -> list[bytes]:
+    body = pickle.dumps(msg, protocol=5)
+    return [_HEADER.pack(len(body), nfds), body]
+
+
+def rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    """Ancillary data that passes `fds` (SCM_RIGHTS), or nothing."""
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+def receive(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One recvmsg: data and the descriptors that came with it (close-on-exec)."""
+    data, ancdata, flags, _ = sock.recvmsg(_RECV_SIZE, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
+    fds = array.array("i")
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise ServiceError("protocol error: too many descriptors in one message")
+    return data, list(fds)
+
+
+def send_now(sock: socket.socket, parts: Sequence[bytes | memoryview], fds: Sequence[int]) -> int:
+    """Send what the socket takes without blocking; the byte count (0 when full)."""
+    try:
+        return sock.sendmsg(parts, rights(fds), _SEND_FLAGS)
+    except BlockingIOError:
+        return 0
+
+
+class FrameReader:
+    """Reassembles frames from a byte stream and pairs them with their descriptors."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._fds: deque[int] = deque()
+
+    def feed(self, data: bytes, fds: list[int]) -> None:
+        self._buf += data
+        self._fds.extend(fds)
+
+    def next(self) -> tuple[Message, deque[int]] | None:
+        buf = self._buf
+        if len(buf) < _HEADER.size:
+            return None
+        length, nfds = _HEADER.unpack_from(buf)
+        end = _HEADER.size + length
+        if len(buf) < end:
+            return None
+        with memoryview(buf) as view, view[_HEADER.size : end] as body:
+            msg = pickle.loads(body)
+        del buf[:end]
+        if len(self._fds) < nfds:
+            raise ServiceError("protocol error: a frame arrived without its descriptors")
+        return msg, deque(self._fds.popleft() for _ in range(nfds))
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popleft())
+
+
+def close_all(fds: deque[int]) -> None:
+    while fds:
+        os.close(fds.popleft())
+
+
+_ERRORS: dict[str, type[Exception]] = {
+    "KeyError": KeyError,
+    "TypeError": TypeError,
+    "ValueError": ValueError,
+}
+
+
+def error_reply(exc: Exception) -> Message:
+    arg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return ("err", type(exc).__name__, arg)
+
+
+class Connection:
+    """One client connection to the services process, for one process only.
+
+    Requests are serialized by a lock (one thread at a time; a thread blocked in
+    `wait` holds it). Sends never block: what the socket does not take at once goes
+    to a backlog that a helper thread, started only when needed, drains in order.
+    """
+
+    def __init__(self, address: str) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            raise ServiceError(f"cannot reach the run's services at {address}: {exc}") from None
+        self._sock = sock
+        self._pid = os.getpid()
+        self._calls = threading.Lock()
+        self._sending = threading.Condition()
+        self._backlog: deque[tuple[memoryview, list[int]]] = deque()
+        self._flusher: threading.Thread | None = None
+        self._reader = FrameReader()
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+        self._queues: dict[int, deque[Blob]] = {}
+        self._owed = 0  # final replies still due to calls that were interrupted
+        self._closed = False
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a services client cannot be pickled: pass the address, call connect()")
+
+    def call(
+        self,
+        msg: Message,
+        blobs: Sequence[Blob] = (),
+        on_block: Hook | None = None,
+        on_unblock: Hook | None = None,
+    ) -> tuple[Message, deque[int]]:
+        """Send a request and return its final reply (and the reply's descriptors).
+
+        A "pending" reply means the server parked the request: `on_block` runs, the
+        final reply is awaited, then `on_unblock` runs.
+        """
+        self._check_owner()
+        with self._calls:
+            self._settle()
+            self._send(msg, blobs)
+            self._owed += 1
+            answered = False
+            try:
+                reply, fds = self._next_reply()
+                if reply[0] != "pending":
+                    answered = True
+                else:
+                    if on_block is not None:
+                        on_block()
+                    try:
+                        reply, fds = self._next_reply()
+                        answered = True
+                    finally:
+                        if on_unblock is not None:
+                            on_unblock()
+            except BaseException:
+                if not answered:
+                    self._abandon()
+                raise
+            finally:
+                if answered:
+                    self._owed -= 1
+        if reply[0] == "err":
+            close_all(fds)
+            raise _ERRORS.get(reply[1], ServiceError)(reply[2])
+        return reply, fds
+
+    def cast(self, msg: Message, blobs: Sequence[Blob] = ()) -> None:
+        """Send a request that has no reply; never blocks."""
+        self._check_owner()
+        self._send(msg, blobs)
+
+    def open_queue(self, sid: int) -> None:
+        self._queues[sid] = deque()
+
+    def close_queue(self, sid: int) -> None:
+        for blob in self._queues.pop(sid, ()):
+            blob.close()
+
+    def next_event(
+        self, sid: int, timeout: float | None, on_block: Hook, on_unblock: Hook
+    ) -> Blob | None:
+        """The next payload of subscription `sid`, or None on timeout.
+
+        Raises EOFError once the subscription is closed or the services are gone.
+        """
+        self._check_owner()
+        with self._calls:
+            queue = self._queues.get(sid)
+            if queue is None:
+                raise EOFError("subscription closed")
+            if queue or timeout == 0:
+                return queue.popleft() if queue else None
+            deadline = None if timeout is None else time.monotonic() + timeout
+            on_block()
+            try:
+                while not queue:
+                    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    frame = self._read_frame(remaining)
+                    if frame is None:
+                        return None
+                    self._route(*frame)
+            except ServiceError:
+                raise EOFError("the run's services stopped") from None
+            finally:
+                on_unblock()
+            return queue.popleft()
+
+    def close(self) -> None:
+        """Flush the backlog (up to 5 s) and close; idempotent."""
+        with self._sending:
+            if self._closed:
+                return
+            self._closed = True
+            self._sending.notify_all()
+        if self._flusher is not None and self._pid == os.getpid():
+            self._flusher.join(5.0)
+        self._sock.close()
+        self._reader.close()
+        for sid in list(self._queues):
+            self.close_queue(sid)
+
+    def _check_owner(self) -> None:
+        if os.getpid() != self._pid:
+            raise ServiceError(
+                f"this services client belongs to process {self._pid}; "
+                "call executor.services.connect(address) in each worker process"
+            )
+        if self._closed:
+            raise ServiceError("this services client is closed")
+
+    def _send(self, msg: Message, blobs: Sequence[Blob]) -> None:
+        fds = [blob.fd for blob in blobs if blob.fd >= 0]
+        parts = pack(msg, len(fds))
+        with self._sending:
+            sent = 0
+            try:
+                if not self._backlog:
+                    sent = send_now(self._sock, parts, fds)
+            except OSError as exc:
+                raise ServiceError(f"the run's services are gone: {exc}") from None
+            rest = b"".join(parts)[sent:]
+            if sent or not rest:
+                for blob in blobs:
+                    blob.close()  # the kernel passed its own copies of the descriptors
+            if not rest:
+                return
+            self._backlog.append((memoryview(rest), [] if sent else fds))
+            if not sent:
+                for blob in blobs:
+                    blob.fd = -1  # now owned by the backlog
+            if self._flusher is None:
+                self._flusher = threading.Thread(
+                    target=self._drain, name="executor-services-send", daemon=True
+                )
+                self._flusher.start()
+            self._sending.notify_all()
+
+    def _drain(self) -> None:
+        while True:
+            with self._sending:
+                while not self._backlog and not self._closed:
+                    self._sending.wait()
+                if not self._backlog:
+                    return
+                view, fds = self._backlog[0]
+                try:
+                    sent = send_now(self._sock, [view], fds)
+                except OSError:
+                    sent = -1
+                if sent < 0 or sent == len(view):
+                    self._backlog.popleft()
+                    for fd in fds:
+                        os.close(fd)
+                elif sent:
+                    self._backlog[0] = (view[sent:], [])
+                    for fd in fds:
+                        os.close(fd)
+            if sent == 0:
+                select.select([], [self._sock], [], 0.5)
+
+    def _abandon(self) -> None:
+        """After an interrupted call: free a parked wait; its reply is skipped later."""
+        try:
+            self._send(("unwait",), ())
+        except ServiceError:
+            pass
+
+    def _settle(self) -> None:
+        """Skip the replies still due to interrupted calls."""
+        while self._owed:
+            reply, fds = self._next_reply()
+            close_all(fds)
+            if reply[0] != "pending":
+                self._owed -= 1
+
+    def _next_reply(self) -> tuple[Message, deque[int]]:
+        while True:
+            frame = self._read_frame(None)
+            assert frame is not None  # no timeout: a frame or an exception
+            msg, fds = frame
+            if msg[0] != "ev":
+                return msg, fds
+            self._route(msg, fds)
+
+    def _route(self, msg: Message, fds: deque[int]) -> None:
+        if msg[0] != "ev":  # a reply due to an interrupted call
+            close_all(fds)
+            if msg[0] != "pending":
+                self._owed -= 1
+            return
+        blob = take(msg[2], fds)
+        queue = self._queues.get(msg[1])
+        if queue is None:
+            blob.close()  # a payload for a subscription closed meanwhile
+        else:
+            queue.append(blob)
+
+    def _read_frame(self, timeout: float | None) -> tuple[Message, deque[int]] | None:
+        while (frame := self._reader.next()) is None:
+            if timeout is not None and not self._poll.poll(timeout * 1000):
+                return None
+            try:
+                data, fds = receive(self._sock)
+            except OSError as exc:
+                raise ServiceError(f"the run's services are gone: {exc}") from None
+            if not data:
+                raise ServiceError("the run's services closed the connection")
+            self._reader.feed(data, fds)
+        return frame
+
+
+def _read_bytes(fd: int, size: int) -> bytes:
+    data = os.pread(fd, size, 0)
+    if len(data) == size:
+        return data
+    buf = bytearray(size)
+    _read_into(fd, buf)
+    return bytes(buf)
+
+
+def _read_into(fd: int, buf: bytearray) -> None:
+    view, pos = memoryview(buf), 0
+    while pos < len(buf):
+        got = os.preadv(fd, [view[pos:]], pos)
+        if got <= 0:
+            raise ServiceError("a shared value is shorter than recorded")
+        pos += got
+
+
+def _raw(blob: Blob) -> bytes:
+    if isinstance(blob.enc, bytes):
+        return blob.enc
+    return _read_bytes(blob.fd, blob.enc[2])
+
+
+def _sealed_memfd(parts: Sequence[Any]) -> int:
+    fd = os.memfd_create("executor-value", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        views = [memoryview(part).cast("B") for part in parts]
+        while views:
+            written = os.writev(fd, views)
+            while views and written >= views[0].nbytes:
+                written -= views.pop(0).nbytes
+            if views:
+                views[0] = views[0][written:]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

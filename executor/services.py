@@ -1,0 +1,338 @@
+"""The run's services process: one server for the shared store and the events.
+
+    manager process                              services process (python -m executor.services)
+    ───────────────                              ───────────────────────────────────────────────
+    RunServices.start() ─ binds the socket, ───► selectors loop, single thread:
+                          spawns the server        listening socket ─► one _Peer per client
+    RunServices.publisher() ─ Events ──────────►   StoreTable (store.py), TopicBoard (events.py)
+    worker: connect(address) ─ Store, Events ──►   stdin pipe: EOF = the manager is gone
+
+The manager binds the listening socket before it starts the server, so clients can
+connect at once. The server is a fresh interpreter (not a fork), so it works with
+every multiprocessing start method, and it exits when its stdin (a pipe from the
+manager) hits EOF, when it is re-parented (the manager died), or on SIGTERM; on exit
+it removes the socket directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from executor._wire import (
+    Blob,
+    Connection,
+    FrameReader,
+    Message,
+    ServiceError,
+    close_all,
+    error_reply,
+    pack,
+    receive,
+    send_now,
+)
+from executor.events import Events, TopicBoard
+from executor.store import Store, StoreTable
+
+_SOCKET_NAME = "services.sock"
+_PARENT_CHECK_S = 1.0
+_STOP_GRACE_S = 5.0
+
+
+def connect(address: str) -> tuple[Store, Events]:
+    """A worker's clients for the run's store and events (one connection, this process only)."""
+    conn = Connection(address)
+    return Store(conn), Events(conn)
+
+
+class RunServices:
+    """Starts, addresses and stops the services process of one run (in the manager)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._dir: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._owner = os.getpid()
+        self._clients: list[Connection] = []
+
+    def __enter__(self) -> RunServices:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def address(self) -> str:
+        """The socket path workers pass to `connect()`."""
+        if self._dir is None:
+            raise ServiceError("the run's services are not started")
+        return os.path.join(self._dir, _SOCKET_NAME)
+
+    @property
+    def pid(self) -> int | None:
+        """The services process id while it runs."""
+        return None if self._proc is None else self._proc.pid
+
+    def start(self) -> None:
+        """Start the services process; returns once it answers."""
+        if self._proc is not None:
+            raise ServiceError("the run's services are already started")
+        self._dir = tempfile.mkdtemp(prefix=f"executor-{_slug(self.run_id)}-", dir=_socket_base())
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(self.address)
+            listener.listen(socket.SOMAXCONN)
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "executor.services", str(listener.fileno()), self._dir],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                pass_fds=(listener.fileno(),),
+                env=_child_env(),
+                start_new_session=True,  # terminal signals are for the manager, which stops us
+            )
+        try:
+            probe = Connection(self.address)
+            try:
+                probe.call(("ping",))
+            finally:
+                probe.close()
+        except ServiceError:
+            code = self._proc.wait()
+            self.stop()
+            raise ServiceError(
+                f"the run's services process exited at start (code {code})"
+            ) from None
+
+    def publisher(self) -> Events:
+        """A new Events client for the manager: publishes reserved topics without blocking.
+
+        Each call opens its own connection; use one per thread.
+        """
+        conn = Connection(self.address)
+        self._clients.append(conn)
+        return Events(conn, engine=True)
+
+    def stop(self) -> None:
+        """Flush the publishers, stop the services process, remove the socket; idempotent."""
+        if os.getpid() != self._owner:
+            return  # a forked child's copy: the run belongs to the manager
+        for conn in self._clients:
+            conn.close()
+        self._clients.clear()
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            proc.terminate()
+            try:
+                proc.wait(_STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _slug(run_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:24] or "run"
+
+
+def _socket_base() -> str:
+    """A temp dir short enough for a Unix socket path (108 bytes at most)."""
+    base = tempfile.gettempdir()
+    return base if len(base) <= 48 else "/tmp"
+
+
+def _child_env() -> dict[str, str]:
+    """The manager's environment, with this package importable in the server."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Peer:
+    """One client connection inside the services process."""
+
+    __slots__ = ("sock", "reader", "out", "writing")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = FrameReader()
+        self.out: deque[tuple[memoryview, list[int]]] = deque()
+        self.writing = False  # registered for EVENT_WRITE: the socket was full
+
+
+class _Server:
+    """The single-threaded loop: accepts clients, applies requests in arrival order."""
+
+    def __init__(self, listener: socket.socket, parent: int) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(listener, selectors.EVENT_READ, None)
+        self._sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "control")
+        self._listener = listener
+        self._parent = parent
+        self._store = StoreTable()
+        self._board = TopicBoard()
+        self._peers: set[_Peer] = set()
+
+    def run(self) -> None:
+        while os.getppid() == self._parent:
+            deadline = self._board.next_deadline()
+            timeout = _PARENT_CHECK_S
+            if deadline is not None:
+                timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+            for key, mask in self._sel.select(timeout):
+                if key.data is None:
+                    self._accept()
+                elif key.data == "control":
+                    if not os.read(key.fd, 4096):
+                        return
+                else:
+                    self._serve(key.data, mask)
+            for delivery in self._board.expire(time.monotonic()):
+                self._deliver(*delivery)
+
+    def close(self) -> None:
+        for peer in list(self._peers):
+            self._drop(peer)
+        self._store.close()
+        self._board.close()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(False)
+        peer = _Peer(sock)
+        self._peers.add(peer)
+        self._sel.register(sock, selectors.EVENT_READ, peer)
+
+    def _serve(self, peer: _Peer, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush(peer)
+        if not mask & selectors.EVENT_READ or peer not in self._peers:
+            return
+        try:
+            data, fds = receive(peer.sock)
+        except BlockingIOError:
+            return
+        except (OSError, ServiceError):
+            data, fds = b"", []
+        if not data:
+            self._drop(peer)
+            return
+        peer.reader.feed(data, fds)
+        try:
+            while peer in self._peers and (frame := peer.reader.next()) is not None:
+                self._handle(peer, *frame)
+        except ServiceError:
+            self._drop(peer)  # a client that breaks the protocol loses its connection
+
+    def _handle(self, peer: _Peer, msg: Message, fds: deque[int]) -> None:
+        op = msg[0]
+        try:
+            if self._store.handles(op):
+                reply, blobs = self._store.apply(msg, fds)
+                self._deliver(peer, reply, blobs)
+            elif self._board.handles(op):
+                for delivery in self._board.apply(peer, msg, fds, time.monotonic()):
+                    self._deliver(*delivery)
+            elif op == "ping":
+                self._deliver(peer, ("ok", os.getpid()), [])
+            else:
+                raise ValueError(f"unknown request {op!r}")
+        except (KeyError, TypeError, ValueError) as exc:
+            self._deliver(peer, error_reply(exc), [])
+        except Exception as exc:  # a bug or a value that cannot load: the client gets it
+            self._deliver(peer, ("err", type(exc).__name__, str(exc)), [])
+        finally:
+            close_all(fds)
+
+    def _deliver(self, peer: Any, msg: Message, blobs: list[Blob]) -> None:
+        if peer not in self._peers:
+            return
+        fds = [os.dup(blob.fd) for blob in blobs if blob.fd >= 0]
+        data = b"".join(pack(msg, len(fds)))
+        peer.out.append((memoryview(data), fds))
+        if len(peer.out) == 1:
+            self._flush(peer)
+
+    def _flush(self, peer: _Peer) -> None:
+        while peer.out:
+            view, fds = peer.out[0]
+            try:
+                sent = send_now(peer.sock, [view], fds)
+            except OSError:
+                self._drop(peer)
+                return
+            if sent:
+                for fd in fds:
+                    os.close(fd)
+                fds.clear()
+            if sent < len(view):
+                peer.out[0] = (view[sent:], fds)
+                if not peer.writing:
+                    peer.writing = True
+                    self._sel.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, peer)
+                return
+            peer.out.popleft()
+        if peer.writing:
+            peer.writing = False
+            self._sel.modify(peer.sock, selectors.EVENT_READ, peer)
+
+    def _drop(self, peer: _Peer) -> None:
+        if peer not in self._peers:
+            return
+        self._peers.discard(peer)
+        self._board.drop(peer)
+        self._sel.unregister(peer.sock)
+        peer.sock.close()
+        peer.reader.close()
+        for _, fds in peer.out:
+            for fd in fds:
+                os.close(fd)
+        peer.out.clear()
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Stop
+
+
+def main(argv: list[str]) -> int:
+    """Serve one run: `python -m executor.services LISTENER_FD SOCKET_DIR`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    listener = socket.socket(fileno=int(argv[0]))
+    listener.setblocking(False)
+    server = _Server(listener, os.getppid())
+    try:
+        with contextlib.suppress(_Stop):
+            server.run()
+    finally:
+        server.close()
+        shutil.rmtree(argv[1], ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,452 @@
+"""The run's services with real processes: store, events, lifecycle of the server."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import pytest
+
+from executor._wire import ServiceError
+from executor.events import Events
+from executor.services import RunServices, connect
+from executor.store import Store
+
+START_METHODS = ["fork", "forkserver"]
+"""The multiprocessing start methods the worker-side tests run under."""
+
+
+def gone(pid: int, within: float = 20.0) -> bool:
+    """Whether process `pid` has exited (and is reaped) within `within` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def services() -> Iterator[RunServices]:
+    svc = RunServices("test-run")
+    svc.start()
+    pid = svc.pid
+    assert pid is not None
+    try:
+        yield svc
+    finally:
+        svc.stop()
+        assert gone(pid), f"services process {pid} is still running"
+
+
+@pytest.fixture(params=START_METHODS)
+def method(request: pytest.FixtureRequest) -> str:
+    """A multiprocessing start method for the worker processes of a test."""
+    return str(request.param)
+
+
+@pytest.fixture
+def client(services: RunServices) -> Iterator[tuple[Store, Events]]:
+    store, events = connect(services.address)
+    yield store, events
+    store.close()
+
+
+def new_process(method: str, target: Callable[..., None], args: tuple[Any, ...]) -> BaseProcess:
+    """A (not yet started) process of start method `method`."""
+    ctx: Any = multiprocessing.get_context(method)
+    process: BaseProcess = ctx.Process(target=target, args=args)
+    return process
+
+
+def run_in_processes(method: str, target: Callable[..., None], *argsets: tuple[Any, ...]) -> None:
+    """Run target(*args) in one process per argset, with start method `method`; all exit 0."""
+    procs = [new_process(method, target, args) for args in argsets]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    assert [proc.exitcode for proc in procs] == [0] * len(procs)
+
+
+# Targets for worker processes: module-level so that forkserver can import them.
+
+
+def incr_many(address: str, times: int) -> None:
+    store, _ = connect(address)
+    for _ in range(times):
+        store.incr("counter")
+
+
+def cas_race(address: str, name: str) -> None:
+    store, events = connect(address)
+    events.wait("go")
+    won = store.cas("winner", None, name)
+    store.incr("won" if won else "lost")
+
+
+def write_then_publish(address: str, value: Any) -> None:
+    store, events = connect(address)
+    store["shared"] = value
+    events.publish("written", len(pickle.dumps(value)))
+
+
+def publish_sequence(address: str, topic: str, count: int) -> None:
+    _, events = connect(address)
+    for i in range(count):
+        events.publish(topic, i)
+
+
+# Store
+
+
+def test_store_dict_operations(client: tuple[Store, Events]) -> None:
+    store, _ = client
+    store["a"] = {"list": [1, 2, 3], "bytes": b"\x00\xff"}
+    store["b"] = None
+    assert store["a"] == {"list": [1, 2, 3], "bytes": b"\x00\xff"}
+    assert "a" in store and "b" in store and "c" not in store
+    assert store.get("b", "default") is None
+    assert store.get("c", "default") == "default"
+    assert store.keys() == ["a", "b"]
+    del store["a"]
+    assert store.keys() == ["b"]
+
+
+def test_missing_keys_raise_key_error(client: tuple[Store, Events]) -> None:
+    store, _ = client
+    with pytest.raises(KeyError, match="'missing'"):
+        store["missing"]
+    with pytest.raises(KeyError, match="'missing'"):
+        del store["missing"]
+    store["after"] = 1  # the connection is still in step after an error reply
+    assert store["after"] == 1
+
+
+@pytest.mark.parametrize(
+    "operation",
+    [
+        lambda s: s[1],
+        lambda s: s.__setitem__(b"k", 1),
+        lambda s: s.__delitem__(None),
+        lambda s: 1.5 in s,
+        lambda s: s.get(("t",)),
+        lambda s: s.incr(2),
+        lambda s: s.cas(3, None, 1),
+    ],
+    ids=["get", "set", "del", "in", "get-default", "incr", "cas"],
+)
+def test_non_str_keys_raise_type_error(
+    client: tuple[Store, Events], operation: Callable[[Store], object]
+) -> None:
+    store, _ = client
+    with pytest.raises(TypeError, match="store keys must be str"):
+        operation(store)
+    assert store.keys() == []
+
+
+def test_incr_type_errors(client: tuple[Store, Events]) -> None:
+    store, _ = client
+    store["text"] = "x"
+    with pytest.raises(TypeError, match="holds str, not int"):
+        store.incr("text")
+    with pytest.raises(TypeError, match="n must be int"):
+        store.incr("n", 1.5)  # type: ignore[arg-type]
+    assert store.incr("n", 3) == 3
+
+
+def test_unpicklable_values_fail_in_the_caller(client: tuple[Store, Events]) -> None:
+    store, _ = client
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        store["lock"] = threading.Lock()
+    assert "lock" not in store
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        os.urandom(1 << 20),
+        os.urandom(16 << 20),
+        bytearray(os.urandom(1 << 20)),
+        {"blob": os.urandom(1 << 20), "rows": [list(range(100))] * 1000, "tag": "x"},
+    ],
+    ids=["bytes-1MiB", "bytes-16MiB", "bytearray-1MiB", "nested-1MiB"],
+)
+def test_big_values_round_trip(client: tuple[Store, Events], value: Any) -> None:
+    store, _ = client
+    store["big"] = value
+    got = store["big"]
+    assert type(got) is type(value) and got == value
+    assert store.cas("big", value, "replaced")
+    assert store["big"] == "replaced"
+
+
+def test_values_written_by_an_earlier_process_are_visible_later(
+    services: RunServices, client: tuple[Store, Events], method: str
+) -> None:
+    store, events = client
+    value = {"payload": os.urandom(2 << 20), "n": 7}
+    run_in_processes(method, write_then_publish, (services.address, value))
+    assert events.wait("written", timeout=60) == len(pickle.dumps(value))
+    assert store["shared"] == value
+
+
+def test_incr_is_atomic_across_processes(
+    services: RunServices, client: tuple[Store, Events], method: str
+) -> None:
+    store, _ = client
+    run_in_processes(method, incr_many, *[(services.address, 500)] * 8)
+    assert store["counter"] == 4000
+
+
+def test_cas_race_has_exactly_one_winner(
+    services: RunServices, client: tuple[Store, Events], method: str
+) -> None:
+    store, _ = client
+    publisher = services.publisher()
+    names = [f"worker-{i}" for i in range(8)]
+    procs = [new_process(method, cas_race, (services.address, n)) for n in names]
+    for proc in procs:
+        proc.start()
+    publisher.publish("go")  # the engine's publisher may publish any topic
+    for proc in procs:
+        proc.join(120)
+    assert [proc.exitcode for proc in procs] == [0] * 8
+    assert store.get("won") == 1 and store.get("lost") == 7
+    assert store["winner"] in names
+
+
+# Events
+
+
+def test_wait_is_latched(client: tuple[Store, Events]) -> None:
+    _, events = client
+    events.publish("ready", {"n": 1})
+    events.publish("ready", {"n": 2})
+    assert events.wait("ready") == {"n": 2}
+    assert events.wait("ready", timeout=0) == {"n": 2}
+
+
+def test_wait_times_out(client: tuple[Store, Events]) -> None:
+    store, events = client
+    with pytest.raises(TimeoutError, match="'never'"):
+        events.wait("never", timeout=0.2)
+    with pytest.raises(TimeoutError):
+        events.wait("never", timeout=0)
+    with pytest.raises(ValueError, match=">= 0"):
+        events.wait("never", timeout=-1)
+    store["still"] = "in step"
+    assert store["still"] == "in step"
+
+
+def test_wait_blocks_until_another_process_publishes(
+    services: RunServices, client: tuple[Store, Events], method: str
+) -> None:
+    _, events = client
+    calls: list[str] = []
+    events.set_block_hooks(
+        lambda topic: calls.append(f"block {topic}"), lambda: calls.append("unblock")
+    )
+    proc = new_process(method, publish_sequence, (services.address, "later", 1))
+    timer = threading.Timer(0.3, proc.start)
+    timer.start()
+    try:
+        assert events.wait("later", timeout=60) == 0
+    finally:
+        timer.join()
+        proc.join(60)
+    assert calls == ["block later", "unblock"]
+
+
+def test_block_hooks_are_not_called_when_the_payload_is_there(client: tuple[Store, Events]) -> None:
+    _, events = client
+    calls: list[str] = []
+    events.set_block_hooks(lambda topic: calls.append(topic), lambda: calls.append("unblock"))
+    events.publish("here", 1)
+    assert events.wait("here") == 1
+    with pytest.raises(TimeoutError):
+        events.wait("absent", timeout=0)
+    assert calls == []
+    with pytest.raises(TimeoutError):
+        events.wait("absent", timeout=0.05)
+    assert calls == ["absent", "unblock"]
+
+
+def test_an_interrupted_wait_leaves_the_connection_in_step(client: tuple[Store, Events]) -> None:
+    store, events = client
+
+    def interrupt(topic: str) -> None:
+        raise KeyboardInterrupt
+
+    events.set_block_hooks(interrupt, lambda: None)
+    with pytest.raises(KeyboardInterrupt):
+        events.wait("parked")
+    store["k"] = "v"
+    assert store["k"] == "v"
+    events.publish("parked", "late")
+    assert store.keys() == ["k"]
+
+
+def test_subscribe_sees_only_later_payloads_in_order(
+    services: RunServices, client: tuple[Store, Events], method: str
+) -> None:
+    _, events = client
+    events.publish("seq", "before")
+    with events.subscribe("seq") as sub:
+        run_in_processes(method, publish_sequence, (services.address, "seq", 200))
+        assert [sub.get(timeout=60) for _ in range(200)] == list(range(200))
+        with pytest.raises(TimeoutError):
+            sub.get(timeout=0.05)
+    assert list(sub) == [], "a closed subscription ends the iteration"
+
+
+def test_subscription_iteration_ends_when_the_services_stop() -> None:
+    svc = RunServices("ends")
+    svc.start()
+    _, events = connect(svc.address)
+    sub = events.subscribe("t")
+    publisher = svc.publisher()
+    publisher.publish("t", "one")
+    stopper = threading.Timer(0.3, svc.stop)
+    stopper.start()
+    try:
+        assert list(sub) == ["one"]
+    finally:
+        stopper.join()
+        events.close()
+
+
+def test_tasks_cannot_publish_reserved_topics(
+    services: RunServices, client: tuple[Store, Events]
+) -> None:
+    _, events = client
+    with pytest.raises(ValueError, match="'executor.' are reserved"):
+        events.publish("executor.task.finished", {"task": "x"})
+    with pytest.raises(TypeError, match="topics must be str"):
+        events.publish(1)  # type: ignore[arg-type]
+    services.publisher().publish("executor.task.finished", {"task": "x"})
+    assert events.wait("executor.task.finished", timeout=60) == {"task": "x"}
+
+
+def test_the_engine_publisher_does_not_block_on_a_frozen_server(
+    services: RunServices, client: tuple[Store, Events]
+) -> None:
+    _, events = client
+    publisher = services.publisher()
+    pid = services.pid
+    assert pid is not None
+    payload = b"p" * 4000
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for i in range(5000):  # ~20 MB: far more than the socket buffers hold
+            publisher.publish("flood", (i, payload))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    publisher.publish("flood-done", 4999)
+    assert events.wait("flood-done", timeout=120) == 4999
+    assert events.wait("flood", timeout=0) == (4999, payload)
+
+
+# Clients and the server process
+
+
+def test_clients_refuse_pickling_and_use_after_fork(client: tuple[Store, Events]) -> None:
+    store, events = client
+    for obj in (store, events):
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            pickle.dumps(obj)
+    pid = os.fork()
+    if pid == 0:  # child: the inherited client must refuse to work
+        try:
+            store["x"] = 1
+        except ServiceError:
+            os._exit(0)
+        os._exit(1)
+    assert os.waitpid(pid, 0)[1] == 0
+    store["x"] = 2
+    assert store["x"] == 2
+
+
+def test_a_wrong_address_is_a_clear_error(tmp_path: Any) -> None:
+    with pytest.raises(ServiceError, match="cannot reach the run's services"):
+        connect(str(tmp_path / "nothing.sock"))
+
+
+def test_stop_is_idempotent_and_removes_the_socket_dir() -> None:
+    svc = RunServices("stop/twice: odd id")
+    svc.start()
+    pid, address = svc.pid, svc.address
+    assert pid is not None and os.path.exists(address)
+    assert "stop_twice__odd_id" in address
+    svc.stop()
+    svc.stop()
+    assert gone(pid)
+    assert not os.path.exists(os.path.dirname(address))
+    with pytest.raises(ServiceError):
+        connect(address)
+
+
+def test_a_client_that_dies_mid_wait_does_not_disturb_others(
+    services: RunServices, client: tuple[Store, Events]
+) -> None:
+    store, events = client
+    proc = new_process("fork", _wait_forever, (services.address,))
+    proc.start()
+    assert events.wait("waiting", timeout=60) is True
+    proc.kill()
+    proc.join()
+    events.publish("forever", 1)
+    assert store.incr("alive") == 1
+
+
+def _wait_forever(address: str) -> None:
+    _, events = connect(address)
+    events.publish("waiting", True)
+    events.wait("forever")
+
+
+MANAGER = """
+import sys, time
+from executor.services import RunServices
+svc = RunServices("orphan")
+svc.start()
+print(svc.pid, svc.address, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_server_dies_with_a_killed_manager() -> None:
+    manager = subprocess.Popen([sys.executable, "-c", MANAGER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert manager.stdout is not None
+        pid_text, address = manager.stdout.readline().split()
+        pid = int(pid_text)
+        os.kill(manager.pid, signal.SIGKILL)
+        manager.wait()
+        assert gone(pid), f"services process {pid} outlived its manager"
+        assert not os.path.exists(os.path.dirname(address))
+    finally:
+        if manager.poll() is None:
+            manager.kill()
+            manager.wait()
+        if manager.stdout is not None:
+            manager.stdout.close()

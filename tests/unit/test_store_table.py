@@ -1,0 +1,158 @@
+"""StoreTable (the store's data in the services process) and the value codec, in-process."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pickle
+from collections import OrderedDict, deque
+from typing import Any
+
+import pytest
+
+from executor._wire import BIG_VALUE, Blob, decode, encode, same_value
+from executor.store import StoreTable
+
+
+def request(table: StoreTable, op: str, *args: Any, blobs: tuple[Blob, ...] = ()) -> Any:
+    """Apply one request as the server does; return the decoded result."""
+    fds = deque(os.dup(b.fd) for b in blobs if b.fd >= 0)
+    for blob in blobs:
+        blob.close()
+    reply, sent = table.apply((op, *args), fds)
+    assert not fds, "every descriptor of a request is consumed"
+    assert reply[0] == "ok"
+    if op == "get" and reply[1] is not None:
+        return decode(sent[0])
+    return reply[1]
+
+
+def put(table: StoreTable, key: str, value: Any) -> None:
+    blob = encode(value)
+    request(table, "set", key, blob.enc, blobs=(blob,))
+
+
+@pytest.fixture
+def table() -> StoreTable:
+    return StoreTable()
+
+
+def test_set_get_delete_contains_keys(table: StoreTable) -> None:
+    put(table, "a", {"x": [1, 2]})
+    put(table, "b", None)
+    assert request(table, "get", "a", False) == {"x": [1, 2]}
+    assert request(table, "get", "b", False) is None
+    assert request(table, "has", "b") is True
+    assert request(table, "keys") == ["a", "b"]
+    request(table, "del", "a")
+    assert request(table, "has", "a") is False
+    assert request(table, "keys") == ["b"]
+
+
+def test_missing_keys_raise_key_error_unless_a_default_is_asked(table: StoreTable) -> None:
+    with pytest.raises(KeyError):
+        table.apply(("get", "nope", False), deque())
+    with pytest.raises(KeyError):
+        table.apply(("del", "nope"), deque())
+    assert table.apply(("get", "nope", True), deque())[0] == ("ok", None)
+
+
+def test_non_str_keys_are_refused(table: StoreTable) -> None:
+    with pytest.raises(TypeError, match="str, not int"):
+        table.apply(("has", 1), deque())
+
+
+def test_incr_counts_a_missing_key_as_zero_and_refuses_non_ints(table: StoreTable) -> None:
+    assert request(table, "incr", "n", 1) == 1
+    assert request(table, "incr", "n", 41) == 42
+    assert request(table, "incr", "n", -2) == 40
+    put(table, "s", "text")
+    with pytest.raises(TypeError, match="holds str, not int"):
+        table.apply(("incr", "s", 1), deque())
+    put(table, "flag", True)
+    with pytest.raises(TypeError, match="holds bool"):
+        table.apply(("incr", "flag", 1), deque())
+
+
+def cas(table: StoreTable, key: str, expected: Any, new: Any) -> bool:
+    old = None if expected is None else encode(expected)
+    blob = encode(new)
+    blobs = (blob,) if old is None else (old, blob)
+    return bool(request(table, "cas", key, old and old.enc, blob.enc, blobs=blobs))
+
+
+def test_cas_none_matches_only_a_missing_key(table: StoreTable) -> None:
+    assert cas(table, "k", None, "first")
+    assert not cas(table, "k", None, "second")
+    put(table, "n", None)
+    assert not cas(table, "n", None, 1), "a stored None is not a missing key"
+    assert request(table, "get", "k", False) == "first"
+
+
+def test_cas_compares_values_not_pickles(table: StoreTable) -> None:
+    put(table, "d", {"a": 1, "b": 2})
+    assert cas(table, "d", OrderedDict([("b", 2), ("a", 1)]), "swapped")
+    put(table, "i", 1)
+    assert cas(table, "i", 1.0, 2)
+    assert not cas(table, "i", 3, 4)
+    assert request(table, "get", "i", False) == 2
+
+
+def test_cas_on_big_values(table: StoreTable) -> None:
+    big = os.urandom(BIG_VALUE * 4)
+    put(table, "b", big)
+    assert not cas(table, "b", big[:-1] + b"!", "no")
+    assert cas(table, "b", big, "yes")
+    assert request(table, "get", "b", False) == "yes"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"x" * BIG_VALUE,
+        bytearray(b"y" * (2 * BIG_VALUE)),
+        {"nested": [b"z" * BIG_VALUE, {"deep": bytearray(3)}]},
+        pickle.PickleBuffer(bytearray(b"q" * BIG_VALUE)),
+    ],
+    ids=["bytes", "bytearray", "nested", "out-of-band"],
+)
+def test_big_values_travel_in_a_sealed_memfd_and_keep_their_type(value: Any) -> None:
+    blob = encode(value)
+    try:
+        assert blob.fd >= 0
+        seals = fcntl.fcntl(blob.fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_WRITE
+        with pytest.raises(PermissionError):
+            os.pwrite(blob.fd, b"!", 0)
+        got = decode(blob)
+    finally:
+        blob.close()
+    if isinstance(value, pickle.PickleBuffer):
+        assert bytes(got) == bytes(value.raw())
+    else:
+        assert type(got) is type(value)
+        assert got == value
+
+
+class Tag(bytes):
+    """A bytes subclass: must not lose its class on the raw-bytes fast path."""
+
+
+def test_small_values_stay_inline_and_subclasses_keep_their_class() -> None:
+    assert encode(b"x" * (BIG_VALUE - 100)).fd == -1
+    blob = encode(Tag(b"t" * BIG_VALUE))
+    try:
+        assert type(decode(blob)) is Tag
+    finally:
+        blob.close()
+
+
+UNLOADABLE = pickle.dumps(1)[:2] + b"\x8c\x03nox\x94\x8c\x01Y\x94\x93\x94."
+"""A pickle of the global `nox.Y`: that module does not exist where values are compared."""
+
+
+def test_same_value_falls_back_to_bytes_when_a_value_cannot_load() -> None:
+    with pytest.raises(ModuleNotFoundError):
+        decode(Blob(UNLOADABLE))
+    assert same_value(Blob(UNLOADABLE), Blob(UNLOADABLE))
+    assert not same_value(Blob(UNLOADABLE), Blob(pickle.dumps(1)))
