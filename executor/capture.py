@@ -9,6 +9,7 @@ flushes every user-space buffer before it reports a task finished.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import io
 import logging
 import os
@@ -35,6 +36,8 @@ def redirect_std_streams(out_fd: int, err_fd: int) -> None:
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
     sys.stdout = _text_stream(1, _STDOUT_BUFFER, line_buffering=unbuffered)
     sys.stderr = _text_stream(2, io.DEFAULT_BUFFER_SIZE, line_buffering=True)
+    # A segfaulting task leaves its Python traceback in its err stream.
+    faulthandler.enable(file=sys.stderr, all_threads=False)
 
 
 def _text_stream(fd: int, buffer_size: int, line_buffering: bool) -> io.TextIOWrapper:

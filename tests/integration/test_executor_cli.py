@@ -1,0 +1,126 @@
+"""The ``executor`` command as a user runs it: exit codes, one-line errors, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.executor_pipelines import make_pipeline, process_alive, task
+
+EXECUTOR = [sys.executable, "-m", "executor"]
+
+
+def _executor(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*EXECUTOR, *args], capture_output=True, text=True, timeout=300, env=env, check=False
+    )
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+def test_run_validate_pack_happy_path(tmp_path: Path) -> None:
+    source = make_pipeline(tmp_path / "p", [task("a", "add"), task("b", "add", ["a"])])
+    assert _executor("validate", str(source)).stdout == "ok: pipeline test, 2 tasks\n"
+    packed = _executor("pack", str(source), "-o", str(tmp_path / "p.tar.gz"))
+    assert packed.returncode == 0 and len(packed.stdout.strip()) == 64
+    env = dict(os.environ, EXECUTOR_STATE_DIR=str(tmp_path / "state"), EXECUTOR_RUN_ID="r1")
+    result = _executor(
+        "run", str(tmp_path / "p.tar.gz"), "--workers", "2", "--results", str(tmp_path / "r.json"),
+        env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("run r1 succeeded: 2 succeeded; log: ")
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["tasks"]["b"]["result"] == 2
+    assert results["log_path"] == str(tmp_path / "state" / "logs" / "r1.log")
+    assert "task b attempt 1 succeeded" in Path(results["log_path"]).read_text()
+
+
+def test_failed_run_exits_1_and_json_prints_results(tmp_path: Path) -> None:
+    source = make_pipeline(tmp_path / "p", [task("bad", "fail")])
+    result = _executor("run", str(source), "--log", str(tmp_path / "log"), "--json")
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["tasks"]["bad"]["error"]["type"] == "ValueError"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["validate", "/nonexistent"], "Error: /nonexistent: no such file or directory"),
+        (["run", "/nonexistent", "--log", "/tmp/x"], "Error: /nonexistent: no such file"),
+        (["run", ".", "--workers", "0"], "Error: --workers: '0' is not an integer >= 1"),
+        (["run", ".", "--node-id", "a b"], "Error: --node-id: 'a b' is not 1-128"),
+        (["pack", "/nonexistent", "-o", "/tmp/x.tar.gz"], "Error: /nonexistent: not a directory"),
+        (["frobnicate"], "Error: argument COMMAND: invalid choice: 'frobnicate'"),
+        (["pack", "."], "Error: the following arguments are required: -o/--output"),
+        ([], "Error: the following arguments are required: COMMAND"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(args: list[str], expected: str) -> None:
+    assert _one_line_error(_executor(*args)).startswith(expected)
+
+
+def test_invalid_pipeline_is_one_line_for_run_and_validate(tmp_path: Path) -> None:
+    source = make_pipeline(tmp_path / "p", [task("a", "add", ["a"])])
+    for args in (["validate"], ["run", "--log", str(tmp_path / "l")]):
+        line = _one_line_error(_executor(*args, str(source)))
+        assert line == f"Error: {source / 'pipeline.json'}: dependency cycle: a -> a"
+    (source / "pipeline.json").write_text("")
+    assert _one_line_error(_executor("validate", str(source))).endswith("pipeline.json is empty")
+
+
+def test_bad_environment_is_one_line(tmp_path: Path) -> None:
+    source = make_pipeline(tmp_path / "p", [task("a", "add")])
+    env = dict(os.environ, EXECUTOR_WORKERS="lots")
+    line = _one_line_error(_executor("run", str(source), "--log", str(tmp_path / "l"), env=env))
+    assert line == "Error: EXECUTOR_WORKERS: 'lots' is not an integer >= 1"
+
+
+def test_sigterm_from_outside_cancels_and_writes_results(tmp_path: Path) -> None:
+    pidfile = tmp_path / "grandchild.pid"
+    source = make_pipeline(
+        tmp_path / "p",
+        [
+            task("slow", "sleep_with_grandchild", args={"pidfile": str(pidfile)}),
+            task("next", "add", ["slow"]),
+        ],
+    )
+    results_path = tmp_path / "results.json"
+    process = subprocess.Popen(
+        [*EXECUTOR, "run", str(source), "--log", str(tmp_path / "log"), "--results",
+         str(results_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not pidfile.exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 1, stderr
+    results = json.loads(results_path.read_text())
+    assert results["status"] == "cancelled"
+    assert {t: e["status"] for t, e in results["tasks"].items()} == {
+        "slow": "cancelled",
+        "next": "cancelled",
+    }
+    assert not process_alive(int(pidfile.read_text()))
+    assert "received SIGTERM" in (tmp_path / "log").read_text()

@@ -1,0 +1,120 @@
+"""Small executor parts: time format, settings, line splitting, pack, results."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from executor import settings
+from executor.combined_log import MAX_LINE, CombinedLog, LineSplitter
+from executor.pack import pack
+from executor.pipeline import PipelineError, load_pipeline
+from executor.results import write_results
+from executor.timefmt import rfc3339, rfc3339_or_none
+
+
+@pytest.mark.parametrize(
+    ("epoch", "expected"),
+    [
+        (0.0, "1970-01-01T00:00:00.000000Z"),
+        (1_700_000_000.5, "2023-11-14T22:13:20.500000Z"),
+        (1_700_000_000.9999996, "2023-11-14T22:13:21.000000Z"),
+        (1_700_000_001.000001, "2023-11-14T22:13:21.000001Z"),
+    ],
+)
+def test_rfc3339(epoch: float, expected: str) -> None:
+    assert rfc3339(epoch) == expected
+    assert rfc3339_or_none(None) is None
+
+
+def test_settings_defaults_and_overrides(tmp_path: Path) -> None:
+    env = {"EXECUTOR_STATE_DIR": str(tmp_path / "state")}
+    resolved = settings.run_settings(env)
+    assert resolved.node_id and resolved.workers == (os.cpu_count() or 1)
+    assert len(resolved.run_id) == 36 and resolved.state_dir == tmp_path / "state"
+    assert (tmp_path / "state").is_dir()
+    env |= {"EXECUTOR_NODE_ID": "n-1", "EXECUTOR_RUN_ID": "r.1", "EXECUTOR_WORKERS": "3"}
+    assert settings.run_settings(env) == settings.RunSettings("n-1", "r.1", 3, tmp_path / "state")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EXECUTOR_WORKERS": "0"}, "EXECUTOR_WORKERS: '0' is not an integer >= 1"),
+        ({"EXECUTOR_WORKERS": "two"}, "EXECUTOR_WORKERS: 'two' is not an integer >= 1"),
+        ({"EXECUTOR_NODE_ID": "a/b"}, "EXECUTOR_NODE_ID: 'a/b' is not 1-128 characters"),
+        ({"EXECUTOR_RUN_ID": "x" * 129}, "EXECUTOR_RUN_ID: "),
+        ({"EXECUTOR_STATE_DIR": "/proc/forbidden"}, "EXECUTOR_STATE_DIR: /proc/forbidden is not"),
+    ],
+)
+def test_settings_errors_are_one_line(env: dict[str, str], message: str) -> None:
+    with pytest.raises(settings.SettingsError) as caught:
+        settings.run_settings(env)
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
+
+
+def test_line_splitter_keeps_the_unfinished_tail() -> None:
+    splitter = LineSplitter("out")
+    assert splitter.feed(b"ab") == b""
+    assert splitter.feed(b"c\nde\nf") == b"abc\nde"
+    assert splitter.feed(b"\n") == b"f"
+    assert splitter.rest() == b""
+    assert splitter.feed(b"tail") == b"" and splitter.rest() == b"tail"
+    assert splitter.feed(b"x" * MAX_LINE) == b"x" * MAX_LINE  # a huge line is cut, not held
+
+
+def test_combined_log_escapes_invalid_utf8(tmp_path: Path) -> None:
+    with CombinedLog(tmp_path / "sub" / "log") as log:
+        log.write("task:t", "out", b"bad \xff byte\nsecond", 0.0)
+    assert (tmp_path / "sub" / "log").read_text().splitlines() == [
+        "1970-01-01T00:00:00.000000Z task:t out bad \\xff byte",
+        "1970-01-01T00:00:00.000000Z task:t out second",
+    ]
+
+
+def _pipeline_dir(root: Path) -> Path:
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "__init__.py").write_text("")
+    (root / "pkg" / "tasks.py").write_text("def f(ctx):\n    return 1\n")
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "junk.pyc").write_bytes(b"junk")
+    document = {"format": 1, "name": "packed", "tasks": [{"id": "a", "call": "pkg.tasks:f"}]}
+    (root / "pipeline.json").write_text(json.dumps(document))
+    return root
+
+
+def test_pack_is_reproducible_and_loadable(tmp_path: Path) -> None:
+    source = _pipeline_dir(tmp_path / "src")
+    first, second = tmp_path / "one.tar.gz", tmp_path / "two.tar.gz"
+    digest = pack(source, first)
+    os.utime(source / "pkg" / "tasks.py", (1, 1))
+    assert pack(source, second) == digest
+    assert first.read_bytes() == second.read_bytes()
+    assert hashlib.sha256(first.read_bytes()).hexdigest() == digest
+    with tarfile.open(first) as tar:
+        names = tar.getnames()
+    assert names == ["pipeline.json", "pkg", "pkg/__init__.py", "pkg/tasks.py"]
+    assert load_pipeline(first).tasks["a"].call == "pkg.tasks:f"
+
+
+def test_pack_refuses_an_invalid_directory(tmp_path: Path) -> None:
+    source = _pipeline_dir(tmp_path / "src")
+    (source / "pipeline.json").write_text("{")
+    with pytest.raises(PipelineError, match="invalid JSON"):
+        pack(source, tmp_path / "out.tar.gz")
+    assert not (tmp_path / "out.tar.gz").exists()
+    with pytest.raises(PipelineError, match="not a directory"):
+        pack(source / "pipeline.json", tmp_path / "out.tar.gz")
+
+
+def test_write_results_is_atomic_json(tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "results.json"
+    write_results(target, {"status": "succeeded"})
+    assert json.loads(target.read_text()) == {"status": "succeeded"}
+    assert [p.name for p in target.parent.iterdir()] == ["results.json"]
