@@ -17,6 +17,9 @@ from imagefactory import __version__
 # name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {
     "seed": "imagefactory.cmd_seed:seed_command",
+    "boot": "imagefactory.cmd_boot:boot_command",
+    "stop": "imagefactory.cmd_boot:stop_command",
+    "ssh": "imagefactory.cmd_ssh:ssh_command",
     "serve": "imagefactory.cmd_services:serve",
     "token": "imagefactory.cmd_services:token",
     "nodes": "imagefactory.cmd_services:nodes",
@@ -24,6 +27,11 @@ COMMANDS: dict[str, str] = {
     "report": "imagefactory.cmd_services:report",
     "logs": "imagefactory.cmd_services:logs",
     "publish": "imagefactory.cmd_services:publish",
+    "bake": "imagefactory.cmd_bake:bake_command",
+    "render": "imagefactory.cmd_bake:render_command",
+    "targets": "imagefactory.cmd_host:targets_command",
+    "doctor": "imagefactory.cmd_host:doctor_command",
+    "cache": "imagefactory.cmd_host:cache_group",
 }
 
 

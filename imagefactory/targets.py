@@ -48,6 +48,10 @@ class Target:
     """Default guest memory."""
     extra_qemu_args: tuple[str, ...] = field(default_factory=tuple)
     """Arguments this target always needs, e.g. `-boot strict=off` on aarch64."""
+    grub_platforms: tuple[str, ...] = ()
+    """GRUB platforms written onto the disk (`i386-pc` = BIOS, `*-efi` = UEFI removable path)."""
+    initramfs_modules: tuple[str, ...] = ()
+    """Kernel modules for the trimmed (`MODULES=list`) initramfs, beyond the common list."""
 
     @property
     def is_native(self) -> bool:
@@ -71,6 +75,8 @@ TARGETS: tuple[Target, ...] = (
         accelerators=("kvm", "tcg"),
         kernel_package="linux-image-cloud-amd64",
         bootloader_packages=("grub-pc-bin", "grub-efi-amd64-bin"),
+        grub_platforms=("i386-pc", "x86_64-efi"),
+        initramfs_modules=("ata_piix", "ahci"),
     ),
     Target(
         name="aarch64-linux",
@@ -88,6 +94,8 @@ TARGETS: tuple[Target, ...] = (
         kernel_package="linux-image-arm64",
         bootloader_packages=("grub-efi-arm64-bin",),
         extra_qemu_args=("-boot", "strict=off"),
+        grub_platforms=("arm64-efi",),
+        initramfs_modules=("virtio_mmio",),
     ),
 )
 

@@ -1,0 +1,137 @@
+"""What a bake copies into the guest, all built on the host (the guest has no network):
+
+artifacts/
+  executor-lib.tar.gz   the `executor` package and its pure-Python dependencies,
+                        unpacked to /opt/executor/lib (a .pth file puts it on sys.path)
+  executor              launcher, installed as /usr/local/bin/executor
+  pipeline.tar.gz       the pipeline archive (`executor pack` format), /opt/executor/
+  executor.service      the systemd unit that runs `executor agent` at boot
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import executor
+from executor.pack import pack
+from executor.pipeline import PipelineError, load_pipeline
+from imagefactory.errors import die
+
+GUEST_LIB = "/opt/executor/lib"
+GUEST_PIPELINE = "/opt/executor/pipeline.tar.gz"
+GUEST_LAUNCHER = "/usr/local/bin/executor"
+GUEST_NODE_ENV = "/etc/executor/node.env"
+
+LAUNCHER = """\
+#!/usr/bin/python3
+# fleetbake: the executor agent (library in /opt/executor/lib).
+import sys
+
+from executor.cli import main
+
+sys.exit(main())
+"""
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    dir: Path
+    pipeline_name: str
+    pipeline_sha256: str
+    executor_version: str
+
+
+def executor_unit(pipeline_sha256: str) -> str:
+    """The agent's unit. node.env (written by cloud-init from the seed) comes after the
+    defaults, so a seed can point the agent at another pipeline or a gateway."""
+    return f"""\
+[Unit]
+Description=fleetbake executor agent
+Wants=cloud-config.service network-online.target
+After=cloud-config.service network-online.target
+
+[Service]
+Type=exec
+Environment=EXECUTOR_PIPELINE={GUEST_PIPELINE}
+Environment=EXECUTOR_PIPELINE_SHA256={pipeline_sha256}
+EnvironmentFile=-{GUEST_NODE_ENV}
+ExecStart={GUEST_LAUNCHER} agent
+StandardOutput=journal+console
+StandardError=journal+console
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _package_dir(module: ModuleType) -> Path:
+    assert module.__file__ is not None
+    return Path(module.__file__).parent
+
+
+def _bundled_packages() -> list[Path]:
+    import tenacity
+
+    return [_package_dir(executor), _package_dir(tenacity)]
+
+
+def _add_tree(tar: tarfile.TarFile, root: Path) -> None:
+    for path in sorted([root, *root.rglob("*")]):
+        if "__pycache__" in path.parts or path.suffix == ".pyc":
+            continue
+        info = tar.gettarinfo(str(path), arcname=str(path.relative_to(root.parent)))
+        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+        info.mode = 0o755 if path.is_dir() else 0o644
+        if path.is_dir():
+            tar.addfile(info)
+        else:
+            with path.open("rb") as f:
+                tar.addfile(info, f)
+
+
+def library_archive(out: Path) -> None:
+    """The executor and its dependencies as one reproducible .tar.gz."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for package in _bundled_packages():
+            _add_tree(tar, package)
+    with gzip.GzipFile(out, mode="wb", mtime=0) as gz:
+        gz.write(raw.getvalue())
+
+
+def check_pipeline(path: Path) -> str:
+    """Validate like `executor validate`; return the pipeline's name."""
+    try:
+        return load_pipeline(path).name
+    except PipelineError as exc:
+        raise die(str(exc)) from None
+
+
+def pipeline_archive(source: Path, out: Path) -> str:
+    """Pack a pipeline directory (or copy an archive) to `out`; return its sha256."""
+    if source.is_dir():
+        try:
+            return pack(source, out)
+        except PipelineError as exc:
+            raise die(str(exc)) from None
+    shutil.copyfile(source, out)
+    return hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def build_artifacts(pipeline: Path, out: Path) -> Artifacts:
+    name = check_pipeline(pipeline)
+    out.mkdir(parents=True, exist_ok=True)
+    sha = pipeline_archive(pipeline, out / "pipeline.tar.gz")
+    library_archive(out / "executor-lib.tar.gz")
+    launcher = out / "executor"
+    launcher.write_text(LAUNCHER)
+    launcher.chmod(0o755)
+    (out / "executor.service").write_text(executor_unit(sha))
+    return Artifacts(out, name, sha, executor.__version__)

@@ -1,0 +1,134 @@
+"""`imagefactory bake`, as a script of steps:
+
+    check_host ─► build_artifacts (validates the pipeline first) ─► base (cached) ─► render
+      ─► packer build ─► compress ─► manifest + SHA256SUMS ─► publish (atomic rename)
+
+Everything happens in a scratch directory next to the output (same filesystem), which
+becomes OUTPUT/TARGET only when every step has succeeded. An interruption or failure
+kills the build VM (via Packer's process group) and removes the scratch directory;
+only Packer's log is kept, as OUTPUT/TARGET.failed.log, when Packer itself failed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imagefactory import manifest, packer
+from imagefactory.accel import pick_accelerator
+from imagefactory.artifacts import build_artifacts
+from imagefactory.base import BaseSpec, build_base, given_base
+from imagefactory.cache import BaseCache, sha256_file
+from imagefactory.doctor import require
+from imagefactory.errors import UserError, die
+from imagefactory.firmware import find_uefi
+from imagefactory.render import RenderConfig, render
+from imagefactory.run import run
+from imagefactory.stages import Stages
+from imagefactory.targets import Target
+
+
+@dataclass(frozen=True)
+class BakeOptions:
+    target: Target
+    pipeline: Path
+    output: Path
+    """The image goes to `output/<target>/`."""
+    image_format: str = "qcow2"
+    """qcow2 (compressed) or raw."""
+    disk_size: str | None = None
+    """Virtual disk size; None: the target's default."""
+    mirror: str | None = None
+    """Debian mirror for the base; None: the host's apt sources."""
+    base_image: str | None = None
+    """Path or URL of a ready base qcow2 (e.g. Debian genericcloud) instead of building one."""
+    base_sha256: str | None = None
+    """Required with base_image."""
+    cache_dir: Path | None = None
+    """Base image cache root; None: the default (see cache.cache_root)."""
+
+
+@dataclass(frozen=True)
+class BakeResult:
+    dir: Path
+    image: Path
+    manifest: dict[str, Any]
+
+
+def compress_argv(source: Path, dest: Path, image_format: str) -> list[str]:
+    """qcow2 output is compressed (zeros and unused clusters are dropped); raw is sparse."""
+    compress = ["-c"] if image_format == "qcow2" else []
+    return ["qemu-img", "convert", *compress, "-O", image_format, str(source), str(dest)]
+
+
+def publish(scratch: Path, final: Path) -> None:
+    """Replace `final` by `scratch` with renames only, so readers never see a mix."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{time.time_ns()}")
+        final.rename(old)
+    scratch.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def bake(opts: BakeOptions, stages: Stages) -> BakeResult:
+    target = opts.target
+    started = time.monotonic()
+    require(target)
+    opts.output.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-build-", dir=opts.output))
+    failed_log = opts.output / f"{target.name}.failed.log"
+    try:
+        with stages.stage("artifacts", "executor bundle and pipeline archive"):
+            arts = build_artifacts(opts.pipeline, work / "artifacts")
+        cache = BaseCache(opts.cache_dir)
+        if opts.base_image:
+            base = given_base(opts.base_image, opts.base_sha256, cache, stages)
+        else:
+            base = build_base(BaseSpec(target, mirror=opts.mirror), cache, stages)
+        accel = pick_accelerator(target)
+        cfg = RenderConfig(
+            target, base.image, base.sha256, work, accel, find_uefi(target.arch),
+            image_format=opts.image_format, disk_size=opts.disk_size,
+        )  # fmt: skip
+        version = packer.packer_version()
+        hcl = render(cfg, version)
+        packer.build(hcl, work / "packer.log", stages)
+        result = work / "result"
+        result.mkdir()
+        image = result / cfg.vm_name
+        with stages.stage("compress", f"{opts.image_format} image"):
+            run(compress_argv(cfg.output_directory / cfg.vm_name, image, opts.image_format))
+            shutil.rmtree(cfg.output_directory)
+        with stages.stage("manifest", "manifest.json and SHA256SUMS"):
+            sha = sha256_file(image)
+            stages.times["total"] = round(time.monotonic() - started, 1)
+            doc = manifest.build_manifest(
+                target, image, sha, arts, base, accel, version, work / "report", stages.times
+            )
+            manifest.write(result, doc, image, sha)
+        (result / "logs").mkdir()
+        for log in ("packer.log", "console.log"):
+            if (work / log).exists():
+                shutil.move(work / log, result / "logs" / log)
+        final = opts.output / target.name
+        publish(result, final)
+        failed_log.unlink(missing_ok=True)
+        return BakeResult(final, final / image.name, doc)
+    except UserError:
+        if (work / "packer.log").exists():
+            shutil.copyfile(work / "packer.log", failed_log)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def check_format(image_format: str) -> str:
+    if image_format not in ("qcow2", "raw"):
+        raise die(f"unknown image format {image_format!r}", hint="use qcow2 or raw")
+    return image_format

@@ -1,0 +1,134 @@
+"""Files written into a base root filesystem, as data: path inside the guest -> content.
+
+Everything here is pure, so the exact bytes that go into the base (and into its cache
+key) are visible and testable.
+"""
+
+from __future__ import annotations
+
+from imagefactory.targets import Target
+
+# Modules a virtio guest needs to find its root disk; the rest of the kernel's modules
+# stay on the root filesystem. A short list keeps mkinitramfs fast under qemu-user.
+COMMON_INITRAMFS_MODULES = (
+    "virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net", "sd_mod", "sr_mod",
+    "ext4", "crc32c_generic", "vfat", "nls_cp437", "nls_ascii",
+)  # fmt: skip
+
+GRUB_MODULES_COMMON = (
+    "part_gpt", "ext2", "fat", "search", "normal", "linux", "configfile",
+    "echo", "test", "gzio",
+)  # fmt: skip
+GRUB_MODULES_PLATFORM = {"i386-pc": ("biosdisk",), "x86_64-efi": ("efi_gop",)}
+
+GRUB_OUT_DIR = "/boot/efi-images"
+"""Where the setup script leaves GRUB images for the disk assembler (outside the rootfs)."""
+
+
+def grub_embed_cfg(root_uuid: str) -> str:
+    """The config built into every GRUB image: find the root filesystem, read its grub.cfg."""
+    return (
+        f"search --no-floppy --fs-uuid --set=root {root_uuid}\n"
+        "set prefix=($root)/boot/grub\n"
+        "configfile ($root)/boot/grub/grub.cfg\n"
+    )
+
+
+def kernel_cmdline(target: Target, root_uuid: str) -> str:
+    # The serial console comes last so /dev/console (and journal+console output) is serial.
+    return f"root=UUID={root_uuid} ro console=tty0 console={target.console} net.ifnames=0"
+
+
+def grub_cfg(target: Target, root_uuid: str, kernel_version: str) -> str:
+    return (
+        "set timeout=0\nset default=0\n"
+        "menuentry 'Debian GNU/Linux (fleetbake)' {\n"
+        f"  linux /boot/vmlinuz-{kernel_version} {kernel_cmdline(target, root_uuid)}\n"
+        f"  initrd /boot/initrd.img-{kernel_version}\n"
+        "}\n"
+    )
+
+
+def fstab(root_uuid: str) -> str:
+    return f"UUID={root_uuid} / ext4 errors=remount-ro 0 1\n"
+
+
+def setup_script(target: Target) -> str:
+    """Runs once inside the root filesystem (chroot) after all packages are installed."""
+    lines = [
+        "set -eu",
+        # update-initramfs was diverted to `true` during installation: build it once now.
+        "rm -f /usr/sbin/update-initramfs",
+        "dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs",
+        "update-initramfs -c -k all",
+        "systemctl enable systemd-networkd.service fleetbake-ssh-keygen.service",
+        "rm -f /etc/ssh/ssh_host_*",
+        f"mkdir -p {GRUB_OUT_DIR}",
+    ]
+    for platform in target.grub_platforms:
+        modules = " ".join(GRUB_MODULES_COMMON + GRUB_MODULES_PLATFORM.get(platform, ()))
+        name = "core.img" if platform == "i386-pc" else f"{platform}.efi"
+        lines.append(
+            f"grub-mkimage -O {platform} -d /usr/lib/grub/{platform} "
+            f"-c /etc/fleetbake/grub-embed.cfg -p /boot/grub "
+            f"-o {GRUB_OUT_DIR}/{name} {modules}"
+        )
+        if platform == "i386-pc":
+            lines.append(f"cp /usr/lib/grub/i386-pc/boot.img {GRUB_OUT_DIR}/boot.img")
+    lines.append("rm -f /fleetbake-setup.sh")
+    return "\n".join(lines) + "\n"
+
+
+SSH_KEYGEN_UNIT = """\
+[Unit]
+Description=Generate SSH host keys on first boot
+Before=ssh.service
+ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+
+[Install]
+WantedBy=ssh.service
+"""
+
+NETWORK_UNIT = """\
+[Match]
+Name=eth* en*
+
+[Network]
+DHCP=yes
+"""
+
+SSHD_CONFIG = """\
+# fleetbake: keys only.
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+"""
+
+CLOUD_CFG = """\
+# fleetbake: the NoCloud seed is the only datasource, so boot never probes the network
+# for metadata; the network itself is systemd-networkd with DHCP (see
+# /etc/systemd/network/20-wired.network).
+datasource_list: [NoCloud, None]
+network: {config: disabled}
+"""
+
+
+def overlay_files(target: Target, root_uuid: str) -> dict[str, str]:
+    """Files copied into the root filesystem before the setup script runs."""
+    modules = COMMON_INITRAMFS_MODULES + target.initramfs_modules
+    return {
+        "/etc/initramfs-tools/conf.d/fleetbake.conf": "MODULES=list\nCOMPRESS=zstd\n",
+        "/etc/initramfs-tools/modules": "\n".join(modules) + "\n",
+        "/etc/fleetbake/grub-embed.cfg": grub_embed_cfg(root_uuid),
+        "/etc/fstab": fstab(root_uuid),
+        "/etc/hostname": "localhost\n",
+        "/etc/systemd/network/20-wired.network": NETWORK_UNIT,
+        "/etc/systemd/system/fleetbake-ssh-keygen.service": SSH_KEYGEN_UNIT,
+        "/etc/ssh/sshd_config.d/50-fleetbake.conf": SSHD_CONFIG,
+        "/etc/cloud/cloud.cfg.d/90-fleetbake.cfg": CLOUD_CFG,
+        "/fleetbake-setup.sh": setup_script(target),
+    }

@@ -1,0 +1,61 @@
+# One fleetbake image: boot the base disk, install the executor and the pipeline, seal.
+
+source "qemu" "fleetbake" {
+  disk_image       = true
+  iso_url          = var.base_image
+  iso_checksum     = var.base_checksum
+  output_directory = var.output_directory
+  vm_name          = var.vm_name
+  format           = var.format
+  disk_size        = var.disk_size
+  disk_interface   = "virtio"
+  net_device       = "virtio-net"
+  skip_compaction  = true
+  accelerator      = var.accelerator
+  qemu_binary      = var.qemu_binary
+  machine_type     = var.machine_type
+  memory           = var.memory
+  cpus             = var.cpus
+  headless         = true
+  qemuargs         = var.qemuargs
+
+  cd_files = var.seed_files
+  cd_label = "cidata"
+
+  communicator         = "ssh"
+  ssh_username         = "root"
+  ssh_private_key_file = var.ssh_private_key_file
+  ssh_timeout          = var.ssh_timeout
+
+  # Sealing removes the build key, so it runs last, as the shutdown command.
+  shutdown_command = "sh /var/tmp/fleetbake-seal.sh"
+  shutdown_timeout = "5m"
+}
+
+build {
+  sources = ["source.qemu.fleetbake"]
+
+  provisioner "shell" {
+    inline = ["mkdir -p /var/tmp/fleetbake"]
+  }
+
+  provisioner "file" {
+    source      = "${var.artifacts_dir}/"
+    destination = "/var/tmp/fleetbake"
+  }
+
+  provisioner "file" {
+    source      = "${var.scripts_dir}/seal.sh"
+    destination = "/var/tmp/fleetbake-seal.sh"
+  }
+
+  provisioner "shell" {
+    script = "${var.scripts_dir}/provision.sh"
+  }
+
+  provisioner "file" {
+    direction   = "download"
+    source      = "/var/tmp/fleetbake-out/"
+    destination = "${var.report_dir}/"
+  }
+}
