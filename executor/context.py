@@ -11,7 +11,7 @@ from executor.events import Events
 from executor.store import Store
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # built for every task: keep it cheap
 class TaskContext:
     """What a task knows about its run (DESIGN.md section 4)."""
 

@@ -49,6 +49,11 @@ _STOP = pickle.dumps(None, protocol=5)
 # A worker that dies this many times in a row before running a task is not replaced.
 _MAX_STARTUP_DEATHS = 3
 _TOPIC = "executor.task."
+# Lifecycle events are published in bursts: when this many are waiting, or this late.
+_LIFECYCLE_BATCH = 64
+_LIFECYCLE_DELAY_S = 0.002
+# The log file is flushed this often while a run goes (a write per task costs too much).
+_LOG_FLUSH_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,9 @@ class _Manager:
         self.retry_waits = 0
         self.notes: list[tuple[str, str, int, str, str]] = []
         """(topic, task_id, attempt, status, log text), emitted after dispatch."""
+        self.lifecycle: list[tuple[str, dict[str, Any]]] = []
+        self.lifecycle_armed = False
+        self.log_flush_armed = False
         self.ended = 0
         self.cancel_signal: int | None = None
         self.cancelling = False
@@ -177,8 +185,11 @@ class _Manager:
             if self.blocked:
                 self._check_deadlock()
             if self.state.done and not self.busy:
+                self._publish_lifecycle()
                 return
-            self.log.flush()
+            if not self.log_flush_armed:
+                self.log_flush_armed = True
+                self._after(_LOG_FLUSH_S, self._flush_log)
             events = select(self._next_timeout())
             if len(events) > 1:
                 events.sort(key=lambda event: event[0].data[0])
@@ -234,13 +245,32 @@ class _Manager:
                 self.log.executor(f"task {task_id} attempt {attempt} {text}")
             else:
                 self.log.executor(f"task {task_id} {text}")
-            self.publisher.publish(
-                _TOPIC + topic, {"task_id": task_id, "attempt": attempt, "status": status}
-            )
+            payload = {"task_id": task_id, "attempt": attempt, "status": status}
+            self.lifecycle.append((_TOPIC + topic, payload))
+        if len(self.lifecycle) >= _LIFECYCLE_BATCH:
+            self._publish_lifecycle()
+        elif self.lifecycle and not self.lifecycle_armed:
+            self.lifecycle_armed = True
+            self._after(_LIFECYCLE_DELAY_S, self._publish_lifecycle)
         if self.on_progress is not None and self.ended:
             self.ended = 0
             total = len(self.pipeline.tasks)
             self.on_progress(total - self.state.unfinished, total)
+
+    def _publish_lifecycle(self) -> None:
+        """Publish the lifecycle events gathered so far.
+
+        Each publish wakes the services process; on a busy machine that costs more than
+        a short task, so events are sent in bursts, at most _LIFECYCLE_DELAY_S late.
+        """
+        events, self.lifecycle = self.lifecycle, []
+        self.lifecycle_armed = False
+        for topic, payload in events:
+            self.publisher.publish(topic, payload)
+
+    def _flush_log(self) -> None:
+        self.log_flush_armed = False
+        self.log.flush()
 
     # --- results and failures ----------------------------------------------------
 
