@@ -37,7 +37,9 @@ class CombinedLog:
 
     def executor(self, text: str, stream: str = LOG) -> None:
         """Write the executor's own record (one line per line of ``text``)."""
-        self.write(EXECUTOR, stream, text.encode("utf-8", "backslashreplace"), time.time())
+        prefix = f"{rfc3339(time.time())} {EXECUTOR} {stream} "
+        line = prefix + text.replace("\n", "\n" + prefix) + "\n"
+        self._file.write(line.encode("utf-8", "backslashreplace"))
 
     def write(self, source: str, stream: str, text: bytes, when: float) -> None:
         """Write ``text`` (one or more lines, no trailing newline) stamped with ``when``."""

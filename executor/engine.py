@@ -21,7 +21,6 @@ import heapq
 import itertools
 import multiprocessing
 import os
-import pickle
 import selectors
 import signal
 import threading
@@ -34,6 +33,7 @@ from types import FrameType
 from typing import Any
 
 from executor.combined_log import CombinedLog
+from executor.framing import frame
 from executor.pipeline import Pipeline
 from executor.pool import STREAMS, WorkerHandle, spawn_worker
 from executor.results import build_results, run_status, write_results
@@ -45,7 +45,7 @@ ProgressCallback = Callable[[int, int], None]
 # Selector priorities: a batch is handled output first, then results, then deaths.
 _STREAM, _RESULT, _SENTINEL, _WAKEUP = 0, 1, 2, 3
 _READ_SIZE = 64 * 1024
-_STOP = pickle.dumps(None, protocol=5)
+_STOP = frame(None)
 # A worker that dies this many times in a row before running a task is not replaced.
 _MAX_STARTUP_DEATHS = 3
 _TOPIC = "executor.task."
@@ -211,7 +211,7 @@ class _Manager:
         elif kind == _STREAM:
             self._read_stream(worker, index)
         elif kind == _RESULT:
-            self._read_result(worker)
+            self._read_results(worker)
         else:
             self._worker_died(worker)
 
@@ -231,7 +231,7 @@ class _Manager:
             self.busy += 1
             self.generation += 1
             try:
-                worker.send_task(pickle.dumps(message, protocol=5))
+                worker.send_task(frame(message))
             except OSError:
                 pass  # the worker just died: its sentinel fails this attempt
             if task.timeout is not None:
@@ -274,12 +274,18 @@ class _Manager:
 
     # --- results and failures ----------------------------------------------------
 
-    def _read_result(self, worker: WorkerHandle) -> None:
+    def _read_results(self, worker: WorkerHandle) -> None:
         try:
-            message = pickle.loads(worker.results.recv_bytes())
-        except (EOFError, OSError):
+            data = os.read(worker.results.fileno(), _READ_SIZE)
+        except BlockingIOError:
+            return
+        if not data:
             self.selector.unregister(worker.results)  # dying: its sentinel comes next
             return
+        for message in worker.reader.feed(data):
+            self._on_message(worker, message)
+
+    def _on_message(self, worker: WorkerHandle, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == DONE:
             self._task_done(worker, *message[1:])

@@ -22,6 +22,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from executor.combined_log import ERR, LOG, OUT, LineSplitter
+from executor.framing import FrameReader, write_frame
 from executor.worker import WorkerBoot, worker_main
 
 STREAMS = (OUT, ERR, LOG)
@@ -43,6 +44,8 @@ class WorkerHandle:
         self.results = results
         self.streams = streams
         self.splitters = [LineSplitter(stream) for stream in STREAMS]
+        self.reader = FrameReader()
+        """Reassembles messages from the results pipe."""
         self.task: tuple[str, int] | None = None
         """(task_id, attempt) while busy."""
         self.last_task: str | None = None
@@ -63,7 +66,8 @@ class WorkerHandle:
         return "executor" if task_id is None else f"task:{task_id}"
 
     def send_task(self, data: bytes) -> None:
-        self.tasks.send_bytes(data)
+        """Send one frame (executor/framing.py) to the worker."""
+        write_frame(self.tasks.fileno(), data)
 
     def signal_group(self, signum: int) -> None:
         """Signal the worker's process group: its task and every child the task started."""
@@ -110,4 +114,5 @@ def spawn_worker(context: BaseContext, boot_fields: dict[str, Any]) -> WorkerHan
         pass  # already done by the worker, or not our child (forkserver)
     for reader, _ in stream_pairs:
         os.set_blocking(reader.fileno(), False)
+    os.set_blocking(result_r.fileno(), False)
     return WorkerHandle(process, task_w, result_r, [reader for reader, _ in stream_pairs])

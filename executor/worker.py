@@ -1,7 +1,7 @@
 """The worker process: started once per run, imports the pipeline code once, then runs
 one task at a time as the manager sends them.
 
-Messages (pickle protocol 5 over raw multiprocessing Connections, one hop each way):
+Messages (executor/framing.py: pickle protocol 5 on raw pipes, one hop each way):
 
     manager -> worker   (task_id, attempt, call, args, upstream_json) | None (stop)
     worker -> manager   (DONE, task_id, attempt, ok, payload, started, finished)
@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -31,6 +30,7 @@ from typing import Any
 
 from executor.capture import flush_std_streams, install_log_capture, redirect_std_streams
 from executor.context import TaskContext
+from executor.framing import FrameReader, frame, read_message, write_frame
 from executor.pipeline import import_call
 
 DONE, BLOCKED, UNBLOCKED = 0, 1, 2
@@ -71,9 +71,10 @@ def worker_main(boot: WorkerBoot) -> None:
     store, events = _connect_services(boot.services_address, send)
     functions = _import_calls(boot.calls)
     flush_std_streams()
-    receive = boot.tasks.recv_bytes
+    tasks_fd, reader = boot.tasks.fileno(), FrameReader()
+    pending: list[TaskMessage | None] = []
     while True:
-        message: TaskMessage | None = pickle.loads(receive())
+        message: TaskMessage | None = read_message(tasks_fd, reader, pending)
         if message is None:
             return
         task_id, attempt, call, args, upstream = message
@@ -152,12 +153,12 @@ def _become_group_leader() -> None:
 def _sender(results: Connection) -> Callable[[tuple[Any, ...]], None]:
     # Block notices may come from a task's own threads: one message at a time on the pipe.
     lock = threading.Lock()
-    send_bytes = results.send_bytes
+    fd = results.fileno()
 
     def send(message: tuple[Any, ...]) -> None:
-        data = pickle.dumps(message, protocol=5)
+        data = frame(message)
         with lock:
-            send_bytes(data)
+            write_frame(fd, data)
 
     return send
 
