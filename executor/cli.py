@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from executor import __version__
+from executor._wire import ServiceError
 from executor.pipeline import PipelineError, load_pipeline
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -103,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, PipelineError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ServiceError as exc:
+        print(f"Error: the run's store and events failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
         return EXIT_FAILED

@@ -289,7 +289,7 @@ class _Manager:
         kind = message[0]
         if kind == DONE:
             self._task_done(worker, *message[1:])
-        elif kind == BLOCKED:
+        elif kind == BLOCKED and not message[2]:  # a timed wait ends by itself
             worker.blocked_topic = message[1]
             self.blocked += 1
             self.generation += 1

@@ -5,7 +5,7 @@ Messages (executor/framing.py: pickle protocol 5 on raw pipes, one hop each way)
 
     manager -> worker   (task_id, attempt, call, args, upstream_json) | None (stop)
     worker -> manager   (DONE, task_id, attempt, ok, payload, started, finished)
-                        (BLOCKED, topic) | (UNBLOCKED,)   from ctx.events.wait()
+                        (BLOCKED, topic, timed) | (UNBLOCKED,)   from ctx.events
 
 On success ``payload`` is the result as JSON text (checked here, so a result that is not
 JSON-serializable fails the attempt with a TypeError); on failure it is the error dict
@@ -28,10 +28,13 @@ from multiprocessing.connection import Connection
 from types import TracebackType
 from typing import Any
 
+from executor import _wire
 from executor.capture import flush_std_streams, install_log_capture, redirect_std_streams
 from executor.context import TaskContext
+from executor.events import Events
 from executor.framing import FrameReader, frame, read_message, write_frame
 from executor.pipeline import import_call
+from executor.store import Store
 
 DONE, BLOCKED, UNBLOCKED = 0, 1, 2
 HIDDEN_VARIABLES = ("EXECUTOR_TOKEN",)
@@ -48,7 +51,7 @@ class WorkerBoot:
     calls: tuple[str, ...]
     run_id: str
     node_id: str
-    services_address: str | None
+    services_address: str
     tasks: Connection
     """Read end: task messages from the manager."""
     results: Connection
@@ -163,16 +166,30 @@ def _sender(results: Connection) -> Callable[[tuple[Any, ...]], None]:
     return send
 
 
-def _connect_services(
-    address: str | None, send: Callable[[tuple[Any, ...]], None]
-) -> tuple[Any, Any]:
-    if address is None:
-        return None, None
-    from executor.services import connect
+class _TaskEvents(Events):
+    """``ctx.events`` in a worker. A wait with a timeout ends by itself, so the block
+    notice says whether there is one: only untimed waits can deadlock a run."""
 
-    store, events = connect(address)
-    events.set_block_hooks(lambda topic: send((BLOCKED, topic)), lambda: send((UNBLOCKED,)))
-    return store, events
+    timed = False
+
+    def wait(self, topic: str, timeout: float | None = None) -> Any:
+        self.timed = timeout is not None
+        try:
+            return super().wait(topic, timeout)
+        finally:
+            self.timed = False
+
+
+def _connect_services(
+    address: str, send: Callable[[tuple[Any, ...]], None]
+) -> tuple[Store, _TaskEvents]:
+    # As executor.services.connect(), with the events client above on the connection.
+    connection = _wire.Connection(address)
+    events = _TaskEvents(connection)
+    events.set_block_hooks(
+        lambda topic: send((BLOCKED, topic, events.timed)), lambda: send((UNBLOCKED,))
+    )
+    return Store(connection), events
 
 
 def _import_calls(calls: tuple[str, ...]) -> dict[str, Callable[..., Any] | BaseException]:

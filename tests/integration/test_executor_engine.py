@@ -269,6 +269,14 @@ def test_deadlock_of_waiting_tasks_fails_clearly(tmp_path: Path) -> None:
     assert "deadlock: all 2 workers were blocked" in log
 
 
+def test_a_timed_wait_is_not_a_deadlock(tmp_path: Path) -> None:
+    path = make_pipeline(
+        tmp_path / "p", [task("w", "wait_event", args={"topic": "never", "timeout": 1.5})]
+    )
+    results, _ = run_pipeline(path, tmp_path, workers=1, deadlock_grace_s=0.2)
+    assert results["tasks"]["w"]["error"]["type"] == "TimeoutError"
+
+
 def test_no_worker_outlives_the_run(tmp_path: Path) -> None:
     path = make_pipeline(tmp_path / "p", [task("a", "fields"), task("b", "fields")])
     results, _ = run_pipeline(path, tmp_path)

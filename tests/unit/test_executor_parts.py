@@ -12,6 +12,7 @@ import pytest
 
 from executor import settings
 from executor.combined_log import MAX_LINE, CombinedLog, LineSplitter
+from executor.framing import FrameReader, frame
 from executor.pack import pack
 from executor.pipeline import PipelineError, load_pipeline
 from executor.results import write_results
@@ -118,3 +119,13 @@ def test_write_results_is_atomic_json(tmp_path: Path) -> None:
     write_results(target, {"status": "succeeded"})
     assert json.loads(target.read_text()) == {"status": "succeeded"}
     assert [p.name for p in target.parent.iterdir()] == ["results.json"]
+
+
+def test_frame_reader_reassembles_split_and_joined_frames() -> None:
+    data = frame(("a", 1)) + frame(None) + frame({"big": "x" * 100_000})
+    reader = FrameReader()
+    messages = []
+    for start in range(0, len(data), 7_000):
+        messages += reader.feed(data[start : start + 7_000])
+    assert messages == [("a", 1), None, {"big": "x" * 100_000}]
+    assert reader.feed(b"") == []
