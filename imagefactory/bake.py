@@ -6,7 +6,7 @@
 Everything happens in a scratch directory next to the output (same filesystem), which
 becomes OUTPUT/TARGET only when every step has succeeded. An interruption or failure
 kills the build VM (via Packer's process group) and removes the scratch directory;
-only Packer's log is kept, as OUTPUT/TARGET.failed.log, when Packer itself failed.
+only Packer's log is kept, as OUTPUT/TARGET.packer.log, when the build failed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from imagefactory.artifacts import build_artifacts
 from imagefactory.base import BaseSpec, build_base, given_base
 from imagefactory.cache import BaseCache, sha256_file
 from imagefactory.doctor import require
-from imagefactory.errors import UserError, die
+from imagefactory.errors import die
 from imagefactory.firmware import find_uefi
 from imagefactory.render import RenderConfig, render
 from imagefactory.run import run
@@ -82,7 +82,9 @@ def bake(opts: BakeOptions, stages: Stages) -> BakeResult:
     require(target)
     opts.output.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}-build-", dir=opts.output))
-    failed_log = opts.output / f"{target.name}.failed.log"
+    # Outside the scratch directory, so that it survives a failed build.
+    packer_log = opts.output / f"{target.name}.packer.log"
+    packer_log.unlink(missing_ok=True)
     try:
         with stages.stage("artifacts", "executor bundle and pipeline archive"):
             arts = build_artifacts(opts.pipeline, work / "artifacts")
@@ -98,7 +100,7 @@ def bake(opts: BakeOptions, stages: Stages) -> BakeResult:
         )  # fmt: skip
         version = packer.packer_version()
         hcl = render(cfg, version)
-        packer.build(hcl, work / "packer.log", stages)
+        packer.build(hcl, packer_log, stages)
         result = work / "result"
         result.mkdir()
         image = result / cfg.vm_name
@@ -113,17 +115,12 @@ def bake(opts: BakeOptions, stages: Stages) -> BakeResult:
             )
             manifest.write(result, doc, image, sha)
         (result / "logs").mkdir()
-        for log in ("packer.log", "console.log"):
-            if (work / log).exists():
-                shutil.move(work / log, result / "logs" / log)
+        shutil.move(packer_log, result / "logs" / "packer.log")
+        if cfg.console_log.exists():
+            shutil.move(cfg.console_log, result / "logs" / "console.log")
         final = opts.output / target.name
         publish(result, final)
-        failed_log.unlink(missing_ok=True)
         return BakeResult(final, final / image.name, doc)
-    except UserError:
-        if (work / "packer.log").exists():
-            shutil.copyfile(work / "packer.log", failed_log)
-        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

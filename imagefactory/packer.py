@@ -13,7 +13,6 @@ from imagefactory.stages import TAIL_LINES, Stages, follow
 
 # Packer output line (substring) -> the stage that starts there.
 STAGE_MARKERS = (
-    ("Copying hard drive", "copy", "copying the base disk"),
     ("Starting VM", "boot", "booting the build VM (cloud-init, then SSH)"),
     ("Connected to SSH", "provision", "installing the executor and the pipeline"),
     ("Gracefully halting", "seal", "sealing and powering off"),

@@ -42,6 +42,15 @@ packer {
 # but this one forward (Packer's default -netdev is replaced because the id matches).
 NETDEV = "user,id=user.0,restrict=on,hostfwd=tcp:127.0.0.1:{{ .SSHHostPort }}-:22"
 
+# Any -device in qemuargs replaces all of Packer's devices, so all are listed: the NIC,
+# and the seed CD (Packer names its drive cdrom0) on a PCI virtio-scsi controller,
+# which works on q35 and virt alike (Packer's own choice, virtio-scsi-device, is MMIO).
+DEVICES = (
+    ["-device", "virtio-net,netdev=user.0"],
+    ["-device", "virtio-scsi-pci,id=scsi0"],
+    ["-device", "scsi-cd,bus=scsi0.0,drive=cdrom0"],
+)
+
 
 @dataclass(frozen=True)
 class RenderConfig:
@@ -87,7 +96,7 @@ def qemuargs(cfg: RenderConfig) -> list[list[str]]:
     """Extra QEMU arguments; never -drive (it would drop Packer's disk and seed CD)."""
     target = cfg.target
     cpu = target.cpu_kvm if cfg.accelerator == "kvm" else target.cpu_tcg
-    args = [["-cpu", cpu], ["-netdev", NETDEV], ["-serial", f"file:{cfg.console_log}"]]
+    args = [["-cpu", cpu], ["-netdev", NETDEV], *DEVICES, ["-serial", f"file:{cfg.console_log}"]]
     if target.firmware == "uefi":
         if cfg.firmware is None:
             raise ValueError(f"{target.name} needs UEFI firmware")

@@ -80,7 +80,7 @@ def follow(
     proc = spawn(argv, env=env, cwd=cwd)
     assert proc.stdout is not None
     try:
-        with log_path.open("a", encoding="utf-8") as log:
+        with proc.stdout, log_path.open("a", encoding="utf-8") as log:
             for raw in proc.stdout:
                 line = raw.decode("utf-8", "replace").rstrip("\n")
                 log.write(line + "\n")

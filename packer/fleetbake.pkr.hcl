@@ -19,13 +19,18 @@ source "qemu" "fleetbake" {
   headless         = true
   qemuargs         = var.qemuargs
 
-  cd_files = var.seed_files
-  cd_label = "cidata"
+  # The seed CD goes on virtio-scsi (drive id cdrom0; its devices are in qemuargs):
+  # Debian's cloud kernel has no AHCI, so q35's default IDE CD-ROM would be invisible.
+  cd_files        = var.seed_files
+  cd_label        = "cidata"
+  cdrom_interface = "virtio-scsi"
 
   communicator         = "ssh"
   ssh_username         = "root"
   ssh_private_key_file = var.ssh_private_key_file
   ssh_timeout          = var.ssh_timeout
+  # sshd may answer before cloud-init has installed the build key.
+  ssh_handshake_attempts = 100
 
   # Sealing removes the build key, so it runs last, as the shutdown command.
   shutdown_command = "sh /var/tmp/fleetbake-seal.sh"

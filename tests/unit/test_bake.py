@@ -1,0 +1,130 @@
+"""`imagefactory bake` bad input (one clear line, non-zero exit, no traceback), target
+resolution, and the atomic publish/compress helpers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from imagefactory import bake as bake_mod
+from imagefactory import doctor
+from imagefactory.cli import main
+from imagefactory.cmd_bake import resolve_targets
+from imagefactory.errors import UserError
+from imagefactory.targets import target_names
+
+REPO = Path(__file__).resolve().parents[2]
+HELLO = REPO / "examples" / "hello"
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    assert "Traceback" not in result.output
+    return result.exit_code, result.output
+
+
+def executor_validate(path: Path) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "executor", "validate", str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    return proc.stderr.strip()
+
+
+def test_unknown_target_lists_the_valid_ones() -> None:
+    code, out = invoke("bake", "--target", "sparc-linux", "--pipeline", str(HELLO))
+    assert code == 2
+    assert "unknown target 'sparc-linux'" in out
+    for name in [*target_names(), "all"]:
+        assert name in out
+
+
+@pytest.mark.parametrize("case", ["missing", "bad-json", "cycle"])
+def test_invalid_pipeline_gives_the_executor_validate_message(tmp_path: Path, case: str) -> None:
+    pipeline = tmp_path / "p"
+    if case != "missing":
+        pipeline.mkdir()
+        doc = "{not json" if case == "bad-json" else json.dumps({
+            "format": 1, "name": "c", "tasks": [
+                {"id": "a", "call": "m:f", "after": ["b"]},
+                {"id": "b", "call": "m:f", "after": ["a"]}]})  # fmt: skip
+        (pipeline / "pipeline.json").write_text(doc)
+        (pipeline / "m.py").write_text("def f(ctx):\n    return 1\n")
+    code, out = invoke("bake", "--target", "x86_64-linux", "--pipeline", str(pipeline))
+    assert code == 2
+    expected = executor_validate(pipeline)
+    assert out.strip() == f"Error: {expected.removeprefix('Error: ')}"
+    assert len(out.strip().splitlines()) == 1
+
+
+def test_base_sha256_needs_base_image() -> None:
+    code, out = invoke("bake", "-t", "x86_64-linux", "-p", str(HELLO), "--base-sha256", "00")
+    assert code == 2 and "--base-sha256 needs --base-image" in out
+
+
+def test_bad_format_is_refused_by_click() -> None:
+    code, out = invoke("bake", "-t", "x86_64-linux", "-p", str(HELLO), "--format", "vmdk")
+    assert code == 2 and "vmdk" in out
+
+
+def test_missing_host_tools_give_the_doctor_hint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(doctor, "which", lambda p: None)
+    monkeypatch.setattr(doctor, "kvm_status", lambda t: (False, "test"))
+    code, out = invoke("bake", "-t", "x86_64-linux", "-p", str(HELLO), "-o", str(tmp_path))
+    assert code == 2
+    assert "missing host tools for x86_64-linux" in out and "imagefactory doctor" in out
+    assert "apt install mmdebstrap" in out
+    assert list(tmp_path.iterdir()) == []  # nothing half-made
+
+
+def test_given_base_must_match_its_sha256(tmp_path: Path) -> None:
+    from imagefactory.base import given_base
+    from imagefactory.cache import BaseCache
+    from imagefactory.stages import Stages
+
+    image = tmp_path / "cloud.qcow2"
+    image.write_bytes(b"qcow")
+    with pytest.raises(UserError, match="sha256 is"):
+        given_base(str(image), "0" * 64, BaseCache(tmp_path), Stages())
+    with pytest.raises(UserError, match="64 hex"):
+        given_base(str(image), "xyz", BaseCache(tmp_path), Stages())
+    with pytest.raises(UserError, match="no such base image"):
+        given_base(str(tmp_path / "nope"), "0" * 64, BaseCache(tmp_path), Stages())
+
+
+def test_all_means_buildable_targets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(doctor, "can_build", lambda t: t.name == "x86_64-linux")
+    assert [t.name for t in resolve_targets("all")] == ["x86_64-linux"]
+    monkeypatch.setattr(doctor, "can_build", lambda t: False)
+    with pytest.raises(UserError, match="can build no target"):
+        resolve_targets("all")
+
+
+def test_publish_replaces_the_old_output_whole(tmp_path: Path) -> None:
+    final = tmp_path / "x86_64-linux"
+    final.mkdir()
+    (final / "old.qcow2").write_text("old")
+    scratch = tmp_path / ".scratch"
+    scratch.mkdir()
+    (scratch / "new.qcow2").write_text("new")
+    bake_mod.publish(scratch, final)
+    assert [p.name for p in final.iterdir()] == ["new.qcow2"]
+    assert [p.name for p in tmp_path.iterdir()] == ["x86_64-linux"]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "argv"),
+    [
+        ("qcow2", ["qemu-img", "convert", "-c", "-O", "qcow2", "/a", "/b"]),
+        ("raw", ["qemu-img", "convert", "-O", "raw", "/a", "/b"]),
+    ],
+)
+def test_compress_argv(fmt: str, argv: list[str]) -> None:
+    assert bake_mod.compress_argv(Path("/a"), Path("/b"), fmt) == argv

@@ -1,0 +1,93 @@
+"""The Packer runner: version parsing, argv and environment, stages read off the output,
+and a failed build as one clear error (exercised with a stand-in `packer` script)."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from imagefactory import packer
+from imagefactory.errors import UserError
+from imagefactory.stages import Stages
+
+
+@pytest.mark.parametrize(
+    ("text", "version"),
+    [
+        ("Packer v1.6.6", (1, 6, 6)),
+        ("1.10.0", (1, 10, 0)),
+        ("Packer v1.9.4\n\nYour version", (1, 9, 4)),
+    ],
+)
+def test_parse_version(text: str, version: tuple[int, ...]) -> None:
+    assert packer.parse_version(text) == version
+
+
+def test_parse_version_rejects_garbage() -> None:
+    with pytest.raises(ValueError):
+        packer.parse_version("packer")
+
+
+def test_argv_and_environment(tmp_path: Path) -> None:
+    assert packer.build_argv(tmp_path / "hcl") == [
+        "packer", "build", "-color=false", "-on-error=cleanup", str(tmp_path / "hcl"),
+    ]  # fmt: skip
+    assert packer.validate_argv(tmp_path) == ["packer", "validate", str(tmp_path)]
+    env = packer.packer_env(tmp_path)
+    assert env["CHECKPOINT_DISABLE"] == "1"
+    assert env["PACKER_LOG_PATH"].startswith(str(tmp_path))
+
+
+def _fake_packer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "packer"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_build_streams_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_packer(
+        tmp_path,
+        monkeypatch,
+        """\
+test "$CHECKPOINT_DISABLE" = 1 || exit 9
+echo "==> qemu.fleetbake: Starting VM, booting disk image"
+echo "==> qemu.fleetbake: Connected to SSH!"
+echo "    qemu.fleetbake: noise"
+echo "==> qemu.fleetbake: Gracefully halting virtual machine..."
+""",
+    )
+    (tmp_path / "hcl").mkdir()
+    out = io.StringIO()
+    stages = Stages(out)
+    packer.build(tmp_path / "hcl", tmp_path / "packer.log", stages)
+    assert list(stages.times) == ["packer", "boot", "provision", "seal"]
+    assert "==> provision: installing the executor" in out.getvalue()
+    assert "noise" in (tmp_path / "packer.log").read_text()
+    assert "noise" not in out.getvalue()
+
+
+def test_failed_build_shows_tail_and_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_packer(
+        tmp_path,
+        monkeypatch,
+        """\
+for i in $(seq 1 40); do echo "line $i"; done
+echo "Build 'qemu.fleetbake' errored: Timeout waiting for SSH."
+exit 1
+""",
+    )
+    (tmp_path / "hcl").mkdir()
+    with pytest.raises(UserError) as info:
+        packer.build(tmp_path / "hcl", tmp_path / "packer.log", Stages(io.StringIO()))
+    message = info.value.format_message()
+    assert "packer build failed (exit code 1)" in message
+    assert "Timeout waiting for SSH." in message
+    assert "line 40" in message and "line 3\n" not in message
+    assert f"full log: {tmp_path / 'packer.log'}" in message
