@@ -12,14 +12,14 @@ import pytest
 from imagefactory import base, bootdisk, guestconfig
 from imagefactory.cache import BaseCache
 from imagefactory.errors import UserError
-from imagefactory.targets import TARGETS, get_target
+from imagefactory.targets import TARGETS, Target, get_target
 
 X86 = get_target("x86_64-linux")
 ARM = get_target("aarch64-linux")
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: t.name)
-def test_packages_cover_the_boot_chain(target: base.Target) -> None:
+def test_packages_cover_the_boot_chain(target: Target) -> None:
     packages = base.base_packages(target)
     for needed in ("systemd-sysv", "cloud-init", "python3", "openssh-server", "initramfs-tools"):
         assert needed in packages
