@@ -25,7 +25,7 @@ from typing import Any
 from imagefactory import bootdisk, guestconfig
 from imagefactory.cache import IMAGE_NAME, BaseCache, Entry, sha256_file
 from imagefactory.errors import die
-from imagefactory.run import run
+from imagefactory.run import CommandError, run
 from imagefactory.stages import Stages, follow
 from imagefactory.targets import Target
 
@@ -200,6 +200,11 @@ def build_base(spec: BaseSpec, cache: BaseCache, stages: Stages) -> BaseImage:
         try:
             with stages.stage("rootfs", f"mmdebstrap {spec.suite} {target.debian_arch}"):
                 follow(argv, log_path, _mmdebstrap_progress(stages))
+        except CommandError as exc:
+            raise die(
+                f"mmdebstrap failed (exit code {exc.returncode}); last lines:\n{exc.stdout}\n"
+                f"full log: {log_path}"
+            ) from None
         finally:
             unmount_below(work)
         version = kernel_version(rootfs)

@@ -58,6 +58,8 @@ def binfmt_check(target: Target) -> Check:
     if target.is_native:
         return Check(name, True, "native architecture", None)
     entry = BINFMT_DIR / f"qemu-{target.arch}"
+    if which("arch-test") is None:  # mmdebstrap needs it for foreign architectures
+        return Check(name, False, "arch-test not found", "arch-test")
     if entry.is_file() and entry.read_text().startswith("enabled"):
         return Check(name, True, str(entry), "qemu-user-static")
     detail = "binfmt_misc not mounted" if not BINFMT_DIR.joinpath("status").exists() else "no entry"
