@@ -35,11 +35,11 @@ class CombinedLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("ab", buffering=_BUFFER)
 
-    def executor(self, text: str, stream: str = LOG) -> None:
-        """Write the executor's own record (one line per line of ``text``)."""
+    def executor(self, *texts: str, stream: str = LOG) -> None:
+        """Write the executor's own records, stamped now (one line per line of text)."""
         prefix = f"{rfc3339(time.time())} {EXECUTOR} {stream} "
-        line = prefix + text.replace("\n", "\n" + prefix) + "\n"
-        self._file.write(line.encode("utf-8", "backslashreplace"))
+        lines = "".join(prefix + text.replace("\n", "\n" + prefix) + "\n" for text in texts)
+        self._file.write(lines.encode("utf-8", "backslashreplace"))
 
     def write(self, source: str, stream: str, text: bytes, when: float) -> None:
         """Write ``text`` (one or more lines, no trailing newline) stamped with ``when``."""

@@ -2,14 +2,14 @@
 
     ┌──────────── manager (this module, one thread) ─────────────┐
     │ DagState · timer heap (retries, timeouts, grace, deadlock) │
-    │ one selector over every worker's pipes and sentinel,       │
+    │ one epoll set over every worker's pipes and sentinel,      │
     │ plus the signal wake-up pipe                               │
     └──┬───────────────▲──────────────▲────────────────▲─────────┘
   task │        result │  out/err/log │       sentinel │
        ▼               │              │                │
     worker 1 … worker N (own process groups; see executor/worker.py)
 
-One loop iteration: wait on the selector; read output (before results, so a task's
+One loop iteration: wait on the epoll set; read output (before results, so a task's
 "finished" line follows all it wrote), results and deaths; fire due timers; dispatch
 ready tasks to idle workers; only then write log lines, publish lifecycle events and
 report progress, so none of that lengthens the gap between two tasks.
@@ -21,12 +21,12 @@ import heapq
 import itertools
 import multiprocessing
 import os
-import selectors
+import select
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -106,7 +106,7 @@ class _Manager:
         self.log = log
         self.on_progress = on_progress
         self.state = DagState(pipeline)
-        self.selector = selectors.DefaultSelector()
+        self.poller = _Poller()
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
         self.timer_seq = itertools.count()
         self.workers: list[WorkerHandle] = []
@@ -116,7 +116,8 @@ class _Manager:
         self.retry_waits = 0
         self.notes: list[tuple[str, str, int, str, str]] = []
         """(topic, task_id, attempt, status, log text), emitted after dispatch."""
-        self.lifecycle: list[tuple[str, dict[str, Any]]] = []
+        self.lifecycle: list[tuple[str, str, int, str, str]] = []
+        """Notes whose lifecycle events are not published yet."""
         self.lifecycle_armed = False
         self.log_flush_armed = False
         self.ended = 0
@@ -158,7 +159,7 @@ class _Manager:
         finally:
             self._stop_workers()
             services.stop()
-            self.selector.close()
+            self.poller.close()
         finished = time.time()
         status = run_status(self.state, cancelled=self.cancelling)
         summary = ", ".join(f"{n} {s}" for s, n in sorted(self.state.counts().items()))
@@ -177,7 +178,7 @@ class _Manager:
         )
 
     def _loop(self) -> None:
-        select = self.selector.select
+        wait = self.poller.wait
         while True:
             self._dispatch()
             if self.notes:
@@ -190,11 +191,11 @@ class _Manager:
             if not self.log_flush_armed:
                 self.log_flush_armed = True
                 self._after(_LOG_FLUSH_S, self._flush_log)
-            events = select(self._next_timeout())
+            events = wait(self._next_timeout())
             if len(events) > 1:
-                events.sort(key=lambda event: event[0].data[0])
-            for key, _ in events:
-                self._handle(*key.data)
+                events.sort(key=_kind)
+            for kind, worker, index in events:
+                self._handle(kind, worker, index)
             if self.timers:
                 self._fire_timers()
             if self.cancel_signal is not None and not self.cancelling:
@@ -240,13 +241,13 @@ class _Manager:
 
     def _emit_notes(self) -> None:
         notes, self.notes = self.notes, []
-        for topic, task_id, attempt, status, text in notes:
-            if attempt:
-                self.log.executor(f"task {task_id} attempt {attempt} {text}")
-            else:
-                self.log.executor(f"task {task_id} {text}")
-            payload = {"task_id": task_id, "attempt": attempt, "status": status}
-            self.lifecycle.append((_TOPIC + topic, payload))
+        self.log.executor(
+            *(
+                f"task {task_id} attempt {attempt} {text}" if attempt else f"task {task_id} {text}"
+                for _, task_id, attempt, _, text in notes
+            )
+        )
+        self.lifecycle += notes
         if len(self.lifecycle) >= _LIFECYCLE_BATCH:
             self._publish_lifecycle()
         elif self.lifecycle and not self.lifecycle_armed:
@@ -263,10 +264,11 @@ class _Manager:
         Each publish wakes the services process; on a busy machine that costs more than
         a short task, so events are sent in bursts, at most _LIFECYCLE_DELAY_S late.
         """
-        events, self.lifecycle = self.lifecycle, []
+        notes, self.lifecycle = self.lifecycle, []
         self.lifecycle_armed = False
-        for topic, payload in events:
-            self.publisher.publish(topic, payload)
+        publish = self.publisher.publish
+        for topic, task_id, attempt, status, _ in notes:
+            publish(_TOPIC + topic, {"task_id": task_id, "attempt": attempt, "status": status})
 
     def _flush_log(self) -> None:
         self.log_flush_armed = False
@@ -280,7 +282,7 @@ class _Manager:
         except BlockingIOError:
             return
         if not data:
-            self.selector.unregister(worker.results)  # dying: its sentinel comes next
+            self.poller.unregister(worker.results.fileno())  # dying: its sentinel comes next
             return
         for message in worker.reader.feed(data):
             self._on_message(worker, message)
@@ -389,7 +391,7 @@ class _Manager:
         except BlockingIOError:
             return
         if not data:
-            self.selector.unregister(connection)
+            self.poller.unregister(connection.fileno())
             return
         complete = worker.splitters[index].feed(data)
         if complete:
@@ -424,11 +426,11 @@ class _Manager:
         self.log.flush()  # a forked child must not inherit unwritten log lines
         context = multiprocessing.get_context(self.config.start_method)
         worker = spawn_worker(context, self.boot_fields)
-        register = self.selector.register
+        register = self.poller.register
         for index, connection in enumerate(worker.streams):
-            register(connection, selectors.EVENT_READ, (_STREAM, worker, index))
-        register(worker.results, selectors.EVENT_READ, (_RESULT, worker, 0))
-        register(worker.process.sentinel, selectors.EVENT_READ, (_SENTINEL, worker, 0))
+            register(connection.fileno(), (_STREAM, worker, index))
+        register(worker.results.fileno(), (_RESULT, worker, 0))
+        register(worker.process.sentinel, (_SENTINEL, worker, 0))
         self.workers.append(worker)
         self.idle.append(worker)
 
@@ -439,11 +441,9 @@ class _Manager:
         self.workers.remove(worker)
         if worker in self.idle:
             self.idle.remove(worker)
-        for fileobj in (*worker.streams, worker.results):
-            with suppress(KeyError):
-                self.selector.unregister(fileobj)
-        with suppress(KeyError):
-            self.selector.unregister(worker.process.sentinel)
+        for connection in (*worker.streams, worker.results):
+            self.poller.unregister(connection.fileno())
+        self.poller.unregister(worker.process.sentinel)
         worker.close()
         worker.signal_group(signal.SIGKILL)  # children a task left behind
 
@@ -543,7 +543,7 @@ class _Manager:
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
-        self.selector.register(wake_r, selectors.EVENT_READ, (_WAKEUP, None, wake_r))
+        self.poller.register(wake_r, (_WAKEUP, None, wake_r))
         previous_fd = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _CANCEL_SIGNALS}
         try:
@@ -552,7 +552,7 @@ class _Manager:
             for sig, handler in previous.items():
                 signal.signal(sig, signal.SIG_DFL if handler is None else handler)
             signal.set_wakeup_fd(previous_fd)
-            self.selector.unregister(wake_r)
+            self.poller.unregister(wake_r)
             os.close(wake_r)
             os.close(wake_w)
 
@@ -583,3 +583,37 @@ class _Manager:
 
 
 _CANCEL_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+Watched = tuple[int, WorkerHandle | None, int]
+"""(kind, worker, index): what a ready file descriptor means to the manager."""
+
+
+def _kind(watched: Watched) -> int:
+    return watched[0]
+
+
+class _Poller:
+    """select.epoll keyed by descriptor (the selectors module's bookkeeping costs
+    microseconds per wait, and the manager waits once per task)."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._watched: dict[int, Watched] = {}
+
+    def register(self, fd: int, watched: Watched) -> None:
+        self._epoll.register(fd, select.EPOLLIN)
+        self._watched[fd] = watched
+
+    def unregister(self, fd: int) -> None:
+        """Stop watching ``fd``; a no-op when it is not watched."""
+        if self._watched.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
+
+    def wait(self, timeout: float | None) -> list[Watched]:
+        """Block until a descriptor is ready or ``timeout`` seconds pass."""
+        watched = self._watched
+        ready = self._epoll.poll(-1 if timeout is None else timeout)
+        return [watched[fd] for fd, _ in ready if fd in watched]
+
+    def close(self) -> None:
+        self._epoll.close()
