@@ -20,7 +20,7 @@ import tempfile
 import weakref
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -284,14 +284,16 @@ def find_cycle(tasks: Mapping[str, Task]) -> list[str]:
 
 
 def _check_calls(tasks: Mapping[str, Task], root: Path, where: Path) -> None:
-    with pipeline_imports(root):
+    # Whatever the pipeline's modules print while they are imported is not the
+    # executor's output (which may be JSON): it goes to stderr.
+    with pipeline_imports(root), redirect_stdout(sys.stderr):
         checked: dict[str, Callable[..., Any]] = {}
         for task in tasks.values():
             label = f"task {task.id!r}: {task.call}"
             if task.call not in checked:
                 try:
                     checked[task.call] = import_call(task.call)
-                except Exception as exc:
+                except (Exception, SystemExit) as exc:
                     problem = f"cannot import: {type(exc).__name__}: {exc}"
                     raise PipelineError(where, f"{label}: {problem}") from None
             _check_signature(checked[task.call], task, label, where)

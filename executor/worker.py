@@ -198,6 +198,6 @@ def _import_calls(calls: tuple[str, ...]) -> dict[str, Callable[..., Any] | Base
     for call in calls:
         try:
             functions[call] = import_call(call)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             functions[call] = exc
     return functions

@@ -131,6 +131,16 @@ def test_module_that_fails_to_import_is_reported(tmp_path: Path) -> None:
         load_pipeline(root)
 
 
+def test_module_exiting_or_printing_at_import(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _write(tmp_path, _doc(_t("a")), code="print('noise')\nraise SystemExit(3)\n")
+    with pytest.raises(PipelineError, match="cannot import: SystemExit: 3"):
+        load_pipeline(root)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "noise" in captured.err
+
+
 def test_not_utf8(tmp_path: Path) -> None:
     _write(tmp_path, "x")
     (tmp_path / "pipeline.json").write_bytes(b'{"name": "\xff"}')
