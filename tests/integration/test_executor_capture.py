@@ -40,6 +40,14 @@ def test_every_output_source_arrives_with_its_stream_tag(tmp_path: Path) -> None
     assert expected <= mine
 
 
+def test_capture_under_forkserver(tmp_path: Path) -> None:
+    path = make_pipeline(tmp_path / "p", [task("t", "all_sources")])
+    _, log = run_pipeline(path, tmp_path, start_method="forkserver")
+    mine = {(stream, text) for source, stream, text in _records(log) if source == "task:t"}
+    expected = {("out", "from libc puts"), ("err", "from child err"), ("out", "partial at the end")}
+    assert expected <= mine
+
+
 def test_finish_line_follows_everything_the_task_wrote(tmp_path: Path) -> None:
     path = make_pipeline(
         tmp_path / "p",

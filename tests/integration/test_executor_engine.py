@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
+from executor.engine import RunConfig, run
 from executor.pack import pack
+from executor.pipeline import load_pipeline
 from tests.integration.executor_pipelines import (
     make_pipeline,
     process_alive,
@@ -275,6 +277,21 @@ def test_a_timed_wait_is_not_a_deadlock(tmp_path: Path) -> None:
     )
     results, _ = run_pipeline(path, tmp_path, workers=1, deadlock_grace_s=0.2)
     assert results["tasks"]["w"]["error"]["type"] == "TimeoutError"
+
+
+def test_progress_is_reported_after_each_task(tmp_path: Path) -> None:
+    tasks = [task("a", "add"), task("b", "add", ["a"]), task("c", "fail", ["a"])]
+    tasks.append(task("d", "add", ["c"]))
+    seen: list[tuple[int, int]] = []
+    config = RunConfig(
+        workers=8, run_id="r", node_id="n", log_path=tmp_path / "log", results_path=None
+    )
+    pipeline = load_pipeline(make_pipeline(tmp_path / "p", tasks))
+    results = run(pipeline, config, lambda done, total: seen.append((done, total)))
+    assert results["status"] == "failed"
+    assert seen[-1] == (4, 4)
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+    assert "with 4 workers" in (tmp_path / "log").read_text()
 
 
 def test_no_worker_outlives_the_run(tmp_path: Path) -> None:
