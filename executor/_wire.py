@@ -34,11 +34,13 @@ BIG_VALUE = 64 * 1024
 """Pickles of at least this many bytes travel in a memfd instead of the socket."""
 
 _HEADER = struct.Struct("<IB")
-_RECV_SIZE = 256 * 1024
+_RECV_SIZE = 128 * 1024
 _MAX_FDS = 8
 _ANC_SIZE = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
 _SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-_SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+_CTRUNC = int(socket.MSG_CTRUNC)
 
 Message = tuple[Any, ...]
 Hook = Callable[[], None]
@@ -129,9 +131,9 @@ def load(enc: Any, fds: deque[int]) -> Any:
         blob.close()
 
 
-def pack(msg: Message, nfds: int) -> list[bytes]:
+def pack(msg: Message, nfds: int) -> bytes:
     body = pickle.dumps(msg, protocol=5)
-    return [_HEADER.pack(len(body), nfds), body]
+    return _HEADER.pack(len(body), nfds) + body
 
 
 def rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
@@ -139,20 +141,6 @@ def rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
     if not fds:
         return []
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-
-
-def receive(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """One recvmsg: data and the descriptors that came with it (close-on-exec)."""
-    data, ancdata, flags, _ = sock.recvmsg(_RECV_SIZE, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
-    fds = array.array("i")
-    for level, kind, cdata in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-    if flags & socket.MSG_CTRUNC:
-        for fd in fds:
-            os.close(fd)
-        raise ServiceError("protocol error: too many descriptors in one message")
-    return data, list(fds)
 
 
 def send_now(sock: socket.socket, parts: Sequence[bytes | memoryview], fds: Sequence[int]) -> int:
@@ -169,10 +157,23 @@ class FrameReader:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._fds: deque[int] = deque()
+        self._scratch = bytearray(
+            _RECV_SIZE
+        )  # reused: a fresh big buffer per read costs page faults
 
-    def feed(self, data: bytes, fds: list[int]) -> None:
-        self._buf += data
+    def fill(self, sock: socket.socket) -> bool:
+        """Read what `sock` has (blocking if it is a blocking socket); False at EOF."""
+        with memoryview(self._scratch) as scratch:
+            size, ancdata, flags, _ = sock.recvmsg_into([scratch], _ANC_SIZE, _RECV_FLAGS)
+            self._buf += scratch[:size]
+        fds = array.array("i")
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
         self._fds.extend(fds)
+        if flags & _CTRUNC:
+            raise ServiceError("protocol error: too many descriptors in one message")
+        return size > 0
 
     def next(self) -> tuple[Message, deque[int]] | None:
         buf = self._buf
@@ -211,6 +212,17 @@ def error_reply(exc: Exception) -> Message:
     return ("err", type(exc).__name__, arg)
 
 
+_forks = 0  # bumped in every forked child: a client made before the fork is not its own
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
+
 class Connection:
     """One client connection to the services process, for one process only.
 
@@ -228,6 +240,7 @@ class Connection:
             raise ServiceError(f"cannot reach the run's services at {address}: {exc}") from None
         self._sock = sock
         self._pid = os.getpid()
+        self._fork = _forks
         self._calls = threading.Lock()
         self._sending = threading.Condition()
         self._backlog: deque[tuple[memoryview, list[int]]] = deque()
@@ -333,7 +346,7 @@ class Connection:
                 return
             self._closed = True
             self._sending.notify_all()
-        if self._flusher is not None and self._pid == os.getpid():
+        if self._flusher is not None and self._fork == _forks:
             self._flusher.join(5.0)
         self._sock.close()
         self._reader.close()
@@ -341,7 +354,7 @@ class Connection:
             self.close_queue(sid)
 
     def _check_owner(self) -> None:
-        if os.getpid() != self._pid:
+        if self._fork != _forks:
             raise ServiceError(
                 f"this services client belongs to process {self._pid}; "
                 "call executor.services.connect(address) in each worker process"
@@ -350,25 +363,24 @@ class Connection:
             raise ServiceError("this services client is closed")
 
     def _send(self, msg: Message, blobs: Sequence[Blob]) -> None:
-        fds = [blob.fd for blob in blobs if blob.fd >= 0]
-        parts = pack(msg, len(fds))
+        fds = [blob.fd for blob in blobs if blob.fd >= 0] if blobs else []
+        data = pack(msg, len(fds))
         with self._sending:
             sent = 0
-            try:
-                if not self._backlog:
-                    sent = send_now(self._sock, parts, fds)
-            except OSError as exc:
-                raise ServiceError(f"the run's services are gone: {exc}") from None
-            rest = b"".join(parts)[sent:]
-            if sent or not rest:
+            if not self._backlog:
+                try:
+                    sent = send_now(self._sock, [data], fds)
+                except OSError as exc:
+                    raise ServiceError(f"the run's services are gone: {exc}") from None
+            if sent:
                 for blob in blobs:
                     blob.close()  # the kernel passed its own copies of the descriptors
-            if not rest:
-                return
-            self._backlog.append((memoryview(rest), [] if sent else fds))
-            if not sent:
+                if sent == len(data):
+                    return
+            else:
                 for blob in blobs:
-                    blob.fd = -1  # now owned by the backlog
+                    blob.fd = -1  # the backlog owns the descriptors now
+            self._backlog.append((memoryview(data)[sent:], [] if sent else fds))
             if self._flusher is None:
                 self._flusher = threading.Thread(
                     target=self._drain, name="executor-services-send", daemon=True
@@ -441,12 +453,10 @@ class Connection:
             if timeout is not None and not self._poll.poll(timeout * 1000):
                 return None
             try:
-                data, fds = receive(self._sock)
+                if not self._reader.fill(self._sock):
+                    raise ServiceError("the run's services closed the connection")
             except OSError as exc:
                 raise ServiceError(f"the run's services are gone: {exc}") from None
-            if not data:
-                raise ServiceError("the run's services closed the connection")
-            self._reader.feed(data, fds)
         return frame
 
 

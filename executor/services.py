@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import selectors
+import select
 import shutil
 import signal
 import socket
@@ -28,9 +28,9 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Hashable
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from executor._wire import (
     Blob,
@@ -41,7 +41,6 @@ from executor._wire import (
     close_all,
     error_reply,
     pack,
-    receive,
     send_now,
 )
 from executor.events import Events, TopicBoard
@@ -50,6 +49,7 @@ from executor.store import Store, StoreTable
 _SOCKET_NAME = "services.sock"
 _PARENT_CHECK_S = 1.0
 _STOP_GRACE_S = 5.0
+_CONTROL_FD = 0  # the server's stdin: a pipe from the manager
 
 
 def connect(address: str) -> tuple[Store, Events]:
@@ -171,51 +171,59 @@ class _Stop(Exception):
 class _Peer:
     """One client connection inside the services process."""
 
-    __slots__ = ("sock", "reader", "out", "writing")
+    __slots__ = ("sock", "fd", "reader", "out", "writing")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.fd = sock.fileno()
         self.reader = FrameReader()
         self.out: deque[tuple[memoryview, list[int]]] = deque()
-        self.writing = False  # registered for EVENT_WRITE: the socket was full
+        self.writing = False  # also polled for EPOLLOUT: the socket was full
+
+
+_IN = select.EPOLLIN
+_IN_OUT = select.EPOLLIN | select.EPOLLOUT
 
 
 class _Server:
     """The single-threaded loop: accepts clients, applies requests in arrival order."""
 
     def __init__(self, listener: socket.socket, parent: int) -> None:
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(listener, selectors.EVENT_READ, None)
-        self._sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "control")
+        self._poll = select.epoll()
+        self._poll.register(listener.fileno(), _IN)
+        self._poll.register(_CONTROL_FD, _IN)
         self._listener = listener
         self._parent = parent
         self._store = StoreTable()
         self._board = TopicBoard()
-        self._peers: set[_Peer] = set()
+        self._peers: dict[int, _Peer] = {}
 
     def run(self) -> None:
+        listener = self._listener.fileno()
         while os.getppid() == self._parent:
             deadline = self._board.next_deadline()
             timeout = _PARENT_CHECK_S
             if deadline is not None:
                 timeout = min(timeout, max(0.0, deadline - time.monotonic()))
-            for key, mask in self._sel.select(timeout):
-                if key.data is None:
+            for fd, mask in self._poll.poll(timeout):
+                peer = self._peers.get(fd)
+                if peer is not None:
+                    self._serve(peer, mask)
+                elif fd == listener:
                     self._accept()
-                elif key.data == "control":
-                    if not os.read(key.fd, 4096):
-                        return
-                else:
-                    self._serve(key.data, mask)
-            for delivery in self._board.expire(time.monotonic()):
-                self._deliver(*delivery)
+                elif fd == _CONTROL_FD and not os.read(fd, 4096):
+                    return  # EOF: the manager closed its end, or died
+            if deadline is not None:
+                for delivery in self._board.expire(time.monotonic()):
+                    self._deliver(*delivery)
 
     def close(self) -> None:
-        for peer in list(self._peers):
+        for peer in list(self._peers.values()):
             self._drop(peer)
         self._store.close()
         self._board.close()
         self._listener.close()
+        self._poll.close()
 
     def _accept(self) -> None:
         try:
@@ -224,26 +232,25 @@ class _Server:
             return
         sock.setblocking(False)
         peer = _Peer(sock)
-        self._peers.add(peer)
-        self._sel.register(sock, selectors.EVENT_READ, peer)
+        self._peers[peer.fd] = peer
+        self._poll.register(peer.fd, _IN)
 
     def _serve(self, peer: _Peer, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE:
+        if mask & select.EPOLLOUT:
             self._flush(peer)
-        if not mask & selectors.EVENT_READ or peer not in self._peers:
+        if not mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
             return
         try:
-            data, fds = receive(peer.sock)
+            alive = peer.reader.fill(peer.sock)
         except BlockingIOError:
             return
         except (OSError, ServiceError):
-            data, fds = b"", []
-        if not data:
+            alive = False
+        if not alive:
             self._drop(peer)
             return
-        peer.reader.feed(data, fds)
         try:
-            while peer in self._peers and (frame := peer.reader.next()) is not None:
+            while peer.fd in self._peers and (frame := peer.reader.next()) is not None:
                 self._handle(peer, *frame)
         except ServiceError:
             self._drop(peer)  # a client that breaks the protocol loses its connection
@@ -266,16 +273,29 @@ class _Server:
         except Exception as exc:  # a bug or a value that cannot load: the client gets it
             self._deliver(peer, ("err", type(exc).__name__, str(exc)), [])
         finally:
-            close_all(fds)
+            if fds:
+                close_all(fds)
 
-    def _deliver(self, peer: Any, msg: Message, blobs: list[Blob]) -> None:
-        if peer not in self._peers:
+    def _deliver(self, peer: Hashable, msg: Message, blobs: list[Blob]) -> None:
+        if not isinstance(peer, _Peer) or self._peers.get(peer.fd) is not peer:
+            return  # dropped meanwhile
+        fds = [os.dup(blob.fd) for blob in blobs if blob.fd >= 0] if blobs else []
+        data = pack(msg, len(fds))
+        if peer.out:
+            peer.out.append((memoryview(data), fds))
             return
-        fds = [os.dup(blob.fd) for blob in blobs if blob.fd >= 0]
-        data = b"".join(pack(msg, len(fds)))
-        peer.out.append((memoryview(data), fds))
-        if len(peer.out) == 1:
-            self._flush(peer)
+        try:
+            sent = send_now(peer.sock, [data], fds)
+        except OSError:
+            sent = -1
+        if sent and fds:
+            for fd in fds:
+                os.close(fd)  # sent, or the peer is gone
+        if sent < 0:
+            self._drop(peer)
+        elif sent < len(data):
+            peer.out.append((memoryview(data)[sent:], [] if sent else fds))
+            self._want_out(peer, True)
 
     def _flush(self, peer: _Peer) -> None:
         while peer.out:
@@ -291,21 +311,20 @@ class _Server:
                 fds.clear()
             if sent < len(view):
                 peer.out[0] = (view[sent:], fds)
-                if not peer.writing:
-                    peer.writing = True
-                    self._sel.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, peer)
                 return
             peer.out.popleft()
-        if peer.writing:
-            peer.writing = False
-            self._sel.modify(peer.sock, selectors.EVENT_READ, peer)
+        self._want_out(peer, False)
+
+    def _want_out(self, peer: _Peer, on: bool) -> None:
+        if peer.writing != on:
+            peer.writing = on
+            self._poll.modify(peer.fd, _IN_OUT if on else _IN)
 
     def _drop(self, peer: _Peer) -> None:
-        if peer not in self._peers:
+        if self._peers.pop(peer.fd, None) is not peer:
             return
-        self._peers.discard(peer)
         self._board.drop(peer)
-        self._sel.unregister(peer.sock)
+        self._poll.unregister(peer.fd)
         peer.sock.close()
         peer.reader.close()
         for _, fds in peer.out:

@@ -1,0 +1,172 @@
+"""Shared store throughput: executor run services vs `multiprocessing.Manager().dict()`.
+
+For get, set and incr, 1 and then 2 client processes (fork) hammer the store for a fixed
+time per round; a round's figure is the ops/s of each client (ops / elapsed), and the
+median over the rounds is printed with the ratio to the Manager dict. The Manager dict
+has no atomic incr: it is measured as `d[k] = d.get(k, 0) + 1` (not atomic, two round
+trips), which flatters the peer. Then the set-then-get round trip of a 1 MiB and a
+16 MiB bytes value, median over many repetitions, for both.
+
+    .venv/bin/python benchmarks/store.py               # 5 rounds x 1 s per cell
+    .venv/bin/python benchmarks/store.py --rounds 3 --seconds 0.5 --json
+
+Goals (issue 3): >= 30,000 ops/s per client, >= 3x Manager dict, 1 MiB round trip < 1 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from executor.services import RunServices, connect  # noqa: E402
+
+VALUE = {"id": 12345, "name": "x" * 64, "tags": ["a", "b"]}
+"""A small, typical value (~120 bytes pickled)."""
+
+OPS = ("get", "set", "incr")
+CTX = multiprocessing.get_context("fork")
+
+
+def op_function(store: Any, op: str, native_incr: bool) -> Callable[[], object]:
+    """One operation on `store` as a no-argument call."""
+    if op == "get":
+        return lambda: store["item"]
+    if op == "set":
+        return lambda: store.__setitem__("item", VALUE)
+    if native_incr:
+        return lambda: store.incr("counter")
+    return lambda: store.__setitem__("counter", store.get("counter", 0) + 1)
+
+
+def run_client(
+    open_store: Callable[[], Any], op: str, seconds: float, start: Any, out: Any
+) -> None:
+    """Child process: wait for the start barrier, run `op` for `seconds`, report ops/s."""
+    store = open_store()
+    call = op_function(store, op, native_incr=hasattr(store, "incr"))
+    for _ in range(200):  # warm up the connection and caches
+        call()
+    start.wait()
+    count, began = 0, time.perf_counter()
+    deadline = began + seconds
+    while True:
+        for _ in range(100):
+            call()
+        count += 100
+        now = time.perf_counter()
+        if now >= deadline:
+            break
+    out.put(count / (now - began))
+
+
+def measure(open_store: Callable[[], Any], op: str, clients: int, seconds: float) -> list[float]:
+    """Per-client ops/s of one round with `clients` concurrent processes."""
+    start, out = CTX.Barrier(clients), CTX.Queue()
+    procs = [
+        CTX.Process(target=run_client, args=(open_store, op, seconds, start, out))
+        for _ in range(clients)
+    ]
+    for proc in procs:
+        proc.start()
+    rates = [out.get(timeout=seconds + 120) for _ in procs]
+    for proc in procs:
+        proc.join()
+    return rates
+
+
+def round_trip_us(store: MutableMapping[str, Any], size: int, repeat: int) -> float:
+    """Median microseconds of `store[k] = v; store[k]` for a bytes value of `size`."""
+    value = os.urandom(size)
+    times = []
+    for _ in range(repeat):
+        began = time.perf_counter()
+        store["big"] = value
+        got = store["big"]
+        times.append((time.perf_counter() - began) * 1e6)
+        assert len(got) == size
+    return statistics.median(times)
+
+
+class ExecutorStore:
+    """Picklable opener: a forked child connects to the run's services itself."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def __call__(self) -> Any:
+        store, _ = connect(self.address)
+        store["item"] = VALUE
+        return store
+
+
+class ManagerDict:
+    """Picklable opener: the Manager dict proxy, reconnected in the child."""
+
+    def __init__(self, proxy: Any) -> None:
+        self.proxy = proxy
+
+    def __call__(self) -> Any:
+        self.proxy["item"] = VALUE
+        return self.proxy
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per cell (median taken)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="duration of one round")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+
+    results: dict[str, Any] = {"ops_per_client": {}, "round_trip_us": {}}
+    with RunServices("bench-store") as services, multiprocessing.Manager() as manager:
+        peers = {
+            "executor": ExecutorStore(services.address),
+            "manager": ManagerDict(manager.dict()),
+        }
+        for op in OPS:
+            for clients in (1, 2):
+                cell = results["ops_per_client"].setdefault(f"{op} x{clients}", {})
+                for name, opener in peers.items():
+                    rates = [
+                        statistics.median(measure(opener, op, clients, args.seconds))
+                        for _ in range(args.rounds)
+                    ]
+                    cell[name] = statistics.median(rates)
+                if not args.json:
+                    ratio = cell["executor"] / cell["manager"]
+                    print(
+                        f"{op:>4} x{clients} clients: executor {cell['executor']:>9,.0f} ops/s"
+                        f" per client, Manager dict {cell['manager']:>8,.0f}, ratio {ratio:.1f}x",
+                        flush=True,
+                    )
+        local, _ = connect(services.address)
+        stores: dict[str, Any] = {"executor": local, "manager": manager.dict()}
+        for size, label in ((1 << 20, "1 MiB"), (16 << 20, "16 MiB")):
+            repeat = 200 if size == 1 << 20 else 20
+            cell = {name: round_trip_us(s, size, repeat) for name, s in stores.items()}
+            results["round_trip_us"][label] = cell
+            if not args.json:
+                print(
+                    f"{label:>6} set+get round trip: executor {cell['executor']:>8,.0f} µs,"
+                    f" Manager dict {cell['manager']:>8,.0f} µs,"
+                    f" ratio {cell['manager'] / cell['executor']:.1f}x faster",
+                    flush=True,
+                )
+        local.close()
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
