@@ -129,7 +129,7 @@ def main() -> int:
 
     results: dict[str, Any] = {"ops_per_client": {}, "round_trip_us": {}}
     with RunServices("bench-store") as services, multiprocessing.Manager() as manager:
-        peers = {
+        peers: dict[str, Callable[[], Any]] = {
             "executor": ExecutorStore(services.address),
             "manager": ManagerDict(manager.dict()),
         }
