@@ -39,6 +39,8 @@ from executor.store import Store
 DONE, BLOCKED, UNBLOCKED = 0, 1, 2
 HIDDEN_VARIABLES = ("EXECUTOR_TOKEN",)
 _PR_SET_PDEATHSIG = 1
+# json.dumps(allow_nan=False) would build a new encoder for every result.
+_RESULT_ENCODER = json.JSONEncoder(allow_nan=False)
 
 TaskMessage = tuple[str, int, str, dict[str, Any], dict[str, str | None]]
 
@@ -135,7 +137,7 @@ def _skip_first_frame(tb: TracebackType | None) -> TracebackType | None:
 
 def _result_json(value: Any) -> str:
     try:
-        return json.dumps(value, allow_nan=False)
+        return _RESULT_ENCODER.encode(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"the task's return value is not JSON-serializable: {exc}") from None
 
