@@ -39,6 +39,13 @@ if [ -e /proc/sys/fs/binfmt_misc/status ] && [ ! -e /proc/sys/fs/binfmt_misc/qem
   sudo_ update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || echo "setup-host: warning: cannot register qemu-aarch64 with binfmt_misc" >&2
 fi
 
+# /dev/kvm as Debian's udev rule sets it (root:kvm 0660). Without udev (containers) it is
+# root-only: libvirtd then sees KVM when it probes QEMU (as root) but not when it checks
+# its cache (as libvirt-qemu), and re-probes QEMU on every call (a define took 90 s).
+if [ -c /dev/kvm ] && getent group kvm >/dev/null; then
+  sudo_ chgrp kvm /dev/kvm && sudo_ chmod 0660 /dev/kvm || echo "setup-host: warning: cannot set /dev/kvm permissions" >&2
+fi
+
 # libvirtd: started directly when no init system manages it (containers, CI).
 if ! pgrep -x libvirtd >/dev/null 2>&1; then
   sudo_ mkdir -p /run/libvirt

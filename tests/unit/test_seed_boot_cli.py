@@ -1,0 +1,96 @@
+"""`boot` and `stop` before any VM starts: node fan-out, image lookup, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from imagefactory import boot, cmd_boot, nodestate
+from imagefactory.cli import main
+
+
+@pytest.fixture(autouse=True)
+def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    return tmp_path / "state"
+
+
+def test_count_fans_out_node_and_run_ids() -> None:
+    assert boot.node_ids("n", 1) == ["n"]
+    assert boot.node_ids("n", 3) == ["n-1", "n-2", "n-3"]
+    assert cmd_boot.run_ids("R", 1) == ["R"]
+    assert cmd_boot.run_ids("R", 2) == ["R-1", "R-2"]
+    generated = cmd_boot.run_ids(None, 2)
+    assert len(set(generated)) == 2
+
+
+def test_free_ports_are_distinct() -> None:
+    ports = boot.free_ports(5)
+    assert len(set(ports)) == 5 and all(p > 0 for p in ports)
+
+
+def test_image_target_comes_from_the_manifest(tmp_path: Path) -> None:
+    image = tmp_path / "image.qcow2"
+    image.touch()
+    assert cmd_boot.image_target(image, "aarch64-linux").name == "aarch64-linux"
+    (tmp_path / "manifest.json").write_text(json.dumps({"target": "aarch64-linux"}))
+    assert cmd_boot.image_target(image, None).name == "aarch64-linux"
+
+
+def test_find_image_accepts_a_bake_output_directory(tmp_path: Path) -> None:
+    (tmp_path / "x.qcow2").touch()
+    assert boot.find_image(tmp_path) == tmp_path / "x.qcow2"
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["boot", "/nonexistent.qcow2", "--node-id", "n"], "does not exist"),
+        (["boot", "{image}", "--node-id", "n", "--master", "http://10.1.2.3:80"], "loopback"),
+        (["boot", "{image}", "--node-id", "n", "--count", "2", "--token", "t"], "one node"),
+        (["boot", "{image}", "--node-id", "bad/id"], "invalid node ID"),
+        (["boot", "{image}", "--node-id", "n", "--env", "A=1\n2"], "contains a newline"),
+        (["stop"], "name the nodes"),
+        (["stop", "ghost"], "no booted node 'ghost'"),
+        (["ssh", "ghost", "--", "true"], "no booted node 'ghost'"),
+    ],
+)
+def test_bad_input_is_one_line_and_starts_nothing(
+    tmp_path: Path, state_home: Path, args: list[str], message: str
+) -> None:
+    image = tmp_path / "image.qcow2"
+    image.write_bytes(b"")
+    code, output = invoke(*(a.replace("{image}", str(image)) for a in args))
+    assert code == 2, output
+    assert output.startswith("Error: ") and message in output
+    assert "Traceback" not in output
+    assert nodestate.booted_nodes() == []
+
+
+def test_a_stale_record_of_a_dead_node_is_cleared(state_home: Path) -> None:
+    workdir = nodestate.node_dir("n")
+    workdir.mkdir(parents=True)
+    nodestate.save(
+        nodestate.NodeRecord(
+            node_id="n",
+            run_id="r",
+            instance_id="i",
+            backend="qemu",
+            ssh_port=1,
+            ssh_user="ops",
+            ssh_key="k",
+            workdir=str(workdir),
+            console_log="c",
+            pid=1,  # alive, but not QEMU: treated as gone
+        )
+    )
+    assert boot.claim_workdir("n") == workdir  # a stale record is cleared
+    assert not (workdir / nodestate.RECORD).exists()
