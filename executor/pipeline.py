@@ -287,27 +287,29 @@ def _check_calls(tasks: Mapping[str, Task], root: Path, where: Path) -> None:
     # Whatever the pipeline's modules print while they are imported is not the
     # executor's output (which may be JSON): it goes to stderr.
     with pipeline_imports(root), redirect_stdout(sys.stderr):
-        checked: dict[str, Callable[..., Any]] = {}
+        signatures: dict[str, inspect.Signature | None] = {}
         for task in tasks.values():
             label = f"task {task.id!r}: {task.call}"
-            if task.call not in checked:
+            if task.call not in signatures:
                 try:
-                    checked[task.call] = import_call(task.call)
+                    signatures[task.call] = _signature(import_call(task.call))
                 except (Exception, SystemExit) as exc:
                     problem = f"cannot import: {type(exc).__name__}: {exc}"
                     raise PipelineError(where, f"{label}: {problem}") from None
-            _check_signature(checked[task.call], task, label, where)
+            signature = signatures[task.call]
+            try:
+                if signature is not None:
+                    signature.bind(None, **task.args)
+            except TypeError as exc:
+                problem = f"does not accept fn(ctx, **args): {exc}"
+                raise PipelineError(where, f"{label}: {problem}") from None
 
 
-def _check_signature(fn: Callable[..., Any], task: Task, label: str, where: Path) -> None:
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
     try:
-        signature = inspect.signature(fn)
+        return inspect.signature(fn)
     except (TypeError, ValueError):
-        return  # Some C callables have no signature to check against.
-    try:
-        signature.bind(None, **task.args)
-    except TypeError as exc:
-        raise PipelineError(where, f"{label}: does not accept fn(ctx, **args): {exc}") from None
+        return None  # Some C callables have no signature to check against.
 
 
 @contextmanager
