@@ -16,11 +16,14 @@ from typing import Any
 import imagefactory
 from imagefactory.artifacts import GUEST_PIPELINE, Artifacts
 from imagefactory.base import BaseImage
+from imagefactory.errors import die
 from imagefactory.run import run
 from imagefactory.targets import Target
 
 MANIFEST_FORMAT = 1
 SUMS_NAME = "SHA256SUMS"
+REPORT_FILES = ("packages.tsv", "guest.env")
+"""What provision.sh leaves for Packer to download: the dpkg list and guest versions."""
 
 
 def parse_packages(tsv: str) -> list[dict[str, str]]:
@@ -43,10 +46,6 @@ def qemu_version(binary: str) -> str:
     return (out.splitlines() or ["unknown"])[0].removeprefix("QEMU emulator version ").strip()
 
 
-def _read(path: Path) -> str:
-    return path.read_text() if path.is_file() else ""
-
-
 def build_manifest(
     target: Target,
     image: Path,
@@ -58,7 +57,10 @@ def build_manifest(
     report_dir: Path,
     stage_times: dict[str, float],
 ) -> dict[str, Any]:
-    guest = parse_env(_read(report_dir / "guest.env"))
+    missing = [n for n in REPORT_FILES if not (report_dir / n).is_file()]
+    if missing:
+        raise die(f"the build VM did not report {', '.join(missing)}")
+    guest = parse_env((report_dir / "guest.env").read_text())
     return {
         "format": MANIFEST_FORMAT,
         "target": target.name,
@@ -91,7 +93,7 @@ def build_manifest(
         },  # fmt: skip
         "accelerator": accelerator,
         "stages_s": dict(stage_times),
-        "packages": parse_packages(_read(report_dir / "packages.tsv")),
+        "packages": parse_packages((report_dir / "packages.tsv").read_text()),
     }
 
 

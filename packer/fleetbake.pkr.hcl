@@ -60,7 +60,13 @@ build {
 
   provisioner "file" {
     direction   = "download"
-    source      = "/var/tmp/fleetbake-out/"
-    destination = "${var.report_dir}/"
+    source      = "/var/tmp/fleetbake-out/packages.tsv"
+    destination = "${var.report_dir}/packages.tsv"
+  }
+
+  provisioner "file" {
+    direction   = "download"
+    source      = "/var/tmp/fleetbake-out/guest.env"
+    destination = "${var.report_dir}/guest.env"
   }
 }

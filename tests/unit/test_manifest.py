@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from imagefactory import manifest
 from imagefactory.artifacts import Artifacts
 from imagefactory.base import BaseImage
+from imagefactory.errors import UserError
 from imagefactory.targets import get_target
 
 
@@ -17,6 +20,16 @@ def test_parse_packages_sorted_and_skips_junk() -> None:
         {"name": "bash", "version": "5.2", "arch": "amd64"},
         {"name": "zstd", "version": "1.5", "arch": "amd64"},
     ]
+
+
+def test_a_build_without_its_report_is_refused(tmp_path: Path) -> None:
+    image = tmp_path / "x.qcow2"
+    image.write_bytes(b"img")
+    arts = Artifacts(tmp_path, "hello", "ab" * 32, "0.1.0")
+    base = BaseImage(tmp_path / "b.qcow2", "cd" * 32, "k", {}, "built")
+    with pytest.raises(UserError, match="did not report packages.tsv, guest.env"):
+        manifest.build_manifest(get_target("x86_64-linux"), image, "ef" * 32, arts, base, "tcg",
+                                (1, 6, 6), tmp_path / "nothing", {})  # fmt: skip
 
 
 def test_manifest_fields(tmp_path: Path) -> None:

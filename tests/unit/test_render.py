@@ -124,7 +124,7 @@ def test_rendered_build_block(rendered: Path) -> None:
     build = _load(rendered / "fleetbake.pkr.hcl")["build"][0]
     assert build["sources"] == ["source.qemu.fleetbake"]
     kinds = [next(iter(p)) for p in build["provisioner"]]
-    assert kinds == ["shell", "file", "file", "shell", "file"]
+    assert kinds == ["shell", "file", "file", "shell", "file", "file"]
     assert build["provisioner"][-1]["file"]["direction"] == "download"
 
 

@@ -4,11 +4,16 @@
 base image comes from the normal cache, so only the first session on a machine builds
 it) and returns the output directory `OUT/x86_64-linux/` with the image, manifest.json
 and SHA256SUMS. `baked_image` is that directory for examples/hello.
+
+To iterate on boot tests without re-baking, point `FLEETBAKE_BAKED_DIR` at an existing
+`imagefactory bake` output directory (OUT/x86_64-linux); it is used for the pipeline
+whose name its manifest records.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from executor.pipeline import load_pipeline
 from imagefactory.bake import BakeOptions, bake
 from imagefactory.stages import Stages
 from imagefactory.targets import get_target
@@ -38,12 +44,25 @@ class BakedImage:
 BakeImage = Callable[[Path], BakedImage]
 
 
+def _reusable(pipeline_dir: Path) -> BakedImage | None:
+    given = os.environ.get("FLEETBAKE_BAKED_DIR")
+    if not given:
+        return None
+    out = Path(given)
+    manifest = json.loads((out / "manifest.json").read_text())
+    if manifest["pipeline"]["name"] != load_pipeline(pipeline_dir).name:
+        return None
+    return BakedImage(out, out / manifest["image"]["file"], manifest, pipeline_dir)
+
+
 @pytest.fixture(scope="session")
 def bake_image(tmp_path_factory: pytest.TempPathFactory) -> BakeImage:
     baked: dict[Path, BakedImage] = {}
 
     def _bake(pipeline_dir: Path) -> BakedImage:
         pipeline_dir = pipeline_dir.resolve()
+        if pipeline_dir not in baked and (reuse := _reusable(pipeline_dir)):
+            baked[pipeline_dir] = reuse
         if pipeline_dir not in baked:
             out = tmp_path_factory.mktemp(f"bake-{pipeline_dir.name}")
             opts = BakeOptions(get_target(BAKE_TARGET), pipeline_dir, out)
