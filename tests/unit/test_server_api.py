@@ -117,12 +117,14 @@ def test_late_heartbeat_does_not_move_node_back(client: TestClient) -> None:
 
 
 def test_alive_follows_three_intervals(client: TestClient, db: Path) -> None:
-    client.post("/v1/nodes/node-a/heartbeats", json=beat(interval_s=1), headers=node_auth("node-a"))
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE nodes SET last_seen = last_seen - 2.9")
+    client.post(
+        "/v1/nodes/node-a/heartbeats", json=beat(interval_s=100), headers=node_auth("node-a")
+    )
+    with sqlite3.connect(db) as conn:  # 250 s ago: younger than 3 x 100 s
+        conn.execute("UPDATE nodes SET last_seen = last_seen - 250")
     assert client.get("/v1/nodes", headers=auth(ADMIN)).json()[0]["alive"] is True
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE nodes SET last_seen = last_seen - 0.2")
+    with sqlite3.connect(db) as conn:  # 350 s ago: older
+        conn.execute("UPDATE nodes SET last_seen = last_seen - 100")
     assert client.get("/v1/nodes", headers=auth(ADMIN)).json()[0]["alive"] is False
 
 
