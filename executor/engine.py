@@ -32,12 +32,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from executor._wire import ServiceError
 from executor.combined_log import CombinedLog
+from executor.events import Events
 from executor.framing import frame
 from executor.pipeline import Pipeline
 from executor.pool import STREAMS, WorkerHandle, spawn_worker
 from executor.results import build_results, run_status, write_results
 from executor.scheduler import DagState
+from executor.services import RunServices
 from executor.worker import BLOCKED, DONE, UNBLOCKED
 
 ProgressCallback = Callable[[int, int], None]
@@ -126,7 +129,7 @@ class _Manager:
         self.startup_deaths = 0
         self.generation = 0
         self.deadlock_armed = False
-        self.publisher: Any = None
+        self.publisher: Events | None = None
         self.boot_fields: dict[str, Any] = {}
 
     # --- the run ---------------------------------------------------------------
@@ -139,8 +142,6 @@ class _Manager:
             f"run {self.config.run_id} started: pipeline {self.pipeline.name} ({tasks} tasks) "
             f"on node {self.config.node_id} with {pool_size} workers"
         )
-        from executor.services import RunServices
-
         services = RunServices(self.config.run_id)
         services.start()
         try:
@@ -256,7 +257,11 @@ class _Manager:
         if self.on_progress is not None and self.ended:
             self.ended = 0
             total = len(self.pipeline.tasks)
-            self.on_progress(total - self.state.unfinished, total)
+            try:
+                self.on_progress(total - self.state.unfinished, total)
+            except Exception as exc:  # a reporting problem must not end the run
+                self.log.executor(f"progress callback failed, disabled: {exc!r}")
+                self.on_progress = None
 
     def _publish_lifecycle(self) -> None:
         """Publish the lifecycle events gathered so far.
@@ -266,9 +271,15 @@ class _Manager:
         """
         notes, self.lifecycle = self.lifecycle, []
         self.lifecycle_armed = False
-        publish = self.publisher.publish
-        for topic, task_id, attempt, status, _ in notes:
-            publish(_TOPIC + topic, {"task_id": task_id, "attempt": attempt, "status": status})
+        if self.publisher is None:
+            return
+        try:
+            for topic, task_id, attempt, status, _ in notes:
+                payload = {"task_id": task_id, "attempt": attempt, "status": status}
+                self.publisher.publish(_TOPIC + topic, payload)
+        except ServiceError as exc:  # the tasks' store and events are gone; the run goes on
+            self.log.executor(f"lifecycle events stopped: {exc}", stream="err")
+            self.publisher = None
 
     def _flush_log(self) -> None:
         self.log_flush_armed = False

@@ -294,6 +294,20 @@ def test_progress_is_reported_after_each_task(tmp_path: Path) -> None:
     assert "with 4 workers" in (tmp_path / "log").read_text()
 
 
+def test_a_failing_progress_callback_does_not_end_the_run(tmp_path: Path) -> None:
+    def broken(done: int, total: int) -> None:
+        raise RuntimeError("heartbeat down")
+
+    config = RunConfig(workers=1, run_id="r", node_id="n", log_path=tmp_path / "log")
+    tasks = [task("a", "add"), task("b", "add", ["a"])]
+    results = run(load_pipeline(make_pipeline(tmp_path / "p", tasks)), config, broken)
+    assert results["status"] == "succeeded"
+    assert (
+        "progress callback failed, disabled: RuntimeError('heartbeat down')"
+        in (tmp_path / "log").read_text()
+    )
+
+
 def test_no_worker_outlives_the_run(tmp_path: Path) -> None:
     path = make_pipeline(tmp_path / "p", [task("a", "fields"), task("b", "fields")])
     results, _ = run_pipeline(path, tmp_path)
