@@ -62,6 +62,8 @@ def setup_script(target: Target) -> str:
         "dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs",
         "update-initramfs -c -k all",
         "systemctl enable systemd-networkd.service fleetbake-ssh-keygen.service",
+        # Nodes never reach a mirror (restricted network): no periodic apt runs.
+        "systemctl mask apt-daily.timer apt-daily-upgrade.timer",
         "rm -f /etc/ssh/ssh_host_*",
         f"mkdir -p {GRUB_OUT_DIR}",
     ]

@@ -122,7 +122,10 @@ def test_publish_replaces_the_old_output_whole(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("fmt", "argv"),
     [
-        ("qcow2", ["qemu-img", "convert", "-c", "-O", "qcow2", "/a", "/b"]),
+        (
+            "qcow2",
+            ["qemu-img", "convert", "-c", "-o", "compression_type=zstd", "-O", "qcow2", "/a", "/b"],
+        ),
         ("raw", ["qemu-img", "convert", "-O", "raw", "/a", "/b"]),
     ],
 )
