@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +95,48 @@ exit 1
     assert "Timeout waiting for SSH." in message
     assert "line 40" in message and "line 3\n" not in message
     assert f"full log: {tmp_path / 'packer.log'}" in message
+
+
+def test_interrupt_kills_packer_and_its_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during a build: Packer's whole process group (the VM with it) is stopped."""
+    _fake_packer(
+        tmp_path,
+        monkeypatch,
+        f"""\
+sleep 300 &
+echo $! > {tmp_path}/vm.pid
+echo "==> qemu.fleetbake: Starting VM, booting disk image"
+wait
+""",
+    )
+    (tmp_path / "hcl").mkdir()
+    driver = (
+        "import io, pathlib\n"
+        "from imagefactory import packer\n"
+        "from imagefactory.stages import Stages\n"
+        f"packer.build(pathlib.Path({str(tmp_path / 'hcl')!r}), "
+        f"pathlib.Path({str(tmp_path / 'packer.log')!r}), Stages(io.StringIO()))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", driver], stderr=subprocess.PIPE, text=True)
+    pid_file = tmp_path / "vm.pid"
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text().strip()):
+        assert time.monotonic() < deadline, "fake packer did not start"
+        time.sleep(0.05)
+    vm = int(pid_file.read_text())
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    deadline = time.monotonic() + 10
+    while _alive(vm):
+        assert time.monotonic() < deadline, "the VM process outlived the interrupted build"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for a parent that may never reap it."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
