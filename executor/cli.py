@@ -124,7 +124,7 @@ def _run(args: argparse.Namespace) -> int:
             if args.workers is not None
             else settings.workers()
         )
-        log_path = args.log or settings.state_dir() / "logs" / f"{run_id}.log"
+        log_path = (args.log or settings.state_dir() / "logs" / f"{run_id}.log").absolute()
     except settings.SettingsError as exc:
         raise UsageError(str(exc)) from None
     pipeline = load_pipeline(args.pipeline)
