@@ -25,8 +25,8 @@ def pack(directory: str | os.PathLike[str], output: str | os.PathLike[str]) -> s
     if not root.is_dir():
         raise PipelineError(root, "not a directory (pack takes a pipeline directory)")
     load_pipeline(root)
-    data = _archive_bytes(root)
     target = Path(output)
+    data = _archive_bytes(root, skip=target)
     temporary = target.with_name(f".{target.name}.tmp")
     try:
         temporary.write_bytes(data)
@@ -36,10 +36,10 @@ def pack(directory: str | os.PathLike[str], output: str | os.PathLike[str]) -> s
     return hashlib.sha256(data).hexdigest()
 
 
-def _archive_bytes(root: Path) -> bytes:
+def _archive_bytes(root: Path, skip: Path) -> bytes:
     tar_buffer = io.BytesIO()
     with tarfile.open(fileobj=tar_buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in _members(root):
+        for path in _members(root, skip):
             name = path.relative_to(root).as_posix()
             if path.is_dir():
                 tar.addfile(_normalized(tar.gettarinfo(str(path), arcname=name), 0o755))
@@ -54,6 +54,13 @@ def _archive_bytes(root: Path) -> bytes:
     return gz_buffer.getvalue()
 
 
+def _same_file(path: Path, other: Path) -> bool:
+    try:
+        return path.samefile(other)
+    except OSError:
+        return False
+
+
 def _normalized(info: tarfile.TarInfo, mode: int) -> tarfile.TarInfo:
     info.mtime = 0
     info.uid = info.gid = 0
@@ -62,14 +69,19 @@ def _normalized(info: tarfile.TarInfo, mode: int) -> tarfile.TarInfo:
     return info
 
 
-def _members(root: Path) -> list[Path]:
-    """Directories and regular files below root, sorted, pipeline.json first."""
+def _members(root: Path, skip: Path) -> list[Path]:
+    """Directories and regular files below root, sorted, pipeline.json first; without
+    ``skip`` (the archive itself, when it is written into the directory it packs)."""
     found: list[Path] = []
     for current, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if d not in _SKIPPED)
         base = Path(current)
         if base != root:
             found.append(base)
-        found.extend(base / f for f in sorted(files) if (base / f).is_file())
+        found.extend(
+            base / f
+            for f in sorted(files)
+            if (base / f).is_file() and not _same_file(base / f, skip)
+        )
     found.sort(key=lambda p: (p.relative_to(root).as_posix() != MANIFEST, p.as_posix()))
     return found

@@ -104,6 +104,12 @@ def test_pack_is_reproducible_and_loadable(tmp_path: Path) -> None:
     assert load_pipeline(first).tasks["a"].call == "pkg.tasks:f"
 
 
+def test_pack_into_the_directory_it_packs(tmp_path: Path) -> None:
+    source = _pipeline_dir(tmp_path / "src")
+    first = pack(source, source / "p.tar.gz")
+    assert pack(source, source / "p.tar.gz") == first
+
+
 def test_pack_refuses_an_invalid_directory(tmp_path: Path) -> None:
     source = _pipeline_dir(tmp_path / "src")
     (source / "pipeline.json").write_text("{")
