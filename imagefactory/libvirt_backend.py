@@ -23,6 +23,7 @@ from imagefactory.errors import die
 
 URI = "qemu:///system"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+NIC_SLOT = "0x10"
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -93,9 +94,21 @@ def domain_xml(config: qemu.VmConfig, uid: int | None = None, gid: int | None = 
     gid = os.getgid() if gid is None else gid
     _sub(label, "label", f"+{uid}:+{gid}")
     commandline = _sub(domain, f"{{{QEMU_NS}}}commandline")
-    args = ["-netdev", qemu.netdev_arg(config), "-device", "virtio-net-pci,netdev=net0"]
+    args = [
+        "-netdev",
+        qemu.netdev_arg(config),
+        # A fixed slot on the root bus, clear of the slots libvirt hands out from 0x1.
+        "-device",
+        f"virtio-net-pci,netdev=net0,bus=pcie.0,addr={NIC_SLOT}",
+        "-sandbox",
+        qemu.SANDBOX,
+    ]
     for arg in [*args, *extra_args, *config.target.extra_qemu_args]:
         _sub(commandline, f"{{{QEMU_NS}}}arg", value=arg)
+    # libvirt's own sandbox has spawn=deny, which would stop the guestfwd relay: drop
+    # it, and pass the same sandbox minus spawn=deny above.
+    capabilities = _sub(domain, f"{{{QEMU_NS}}}capabilities")
+    _sub(capabilities, f"{{{QEMU_NS}}}del", capability="seccomp-sandbox")
     ET.indent(domain)
     return ET.tostring(domain, encoding="unicode") + "\n"
 

@@ -61,15 +61,21 @@ def test_x86_64_domain() -> None:
     assert root.find("devices/interface") is None
 
 
-def test_network_is_the_qemu_backends_netdev() -> None:
+def test_network_and_sandbox_are_the_qemu_backends() -> None:
     c = config()
-    assert qemu_args(parse(c)) == [
+    root = parse(c)
+    assert qemu_args(root) == [
         "-netdev",
         qemu.netdev_arg(c),
         "-device",
-        "virtio-net-pci,netdev=net0",
+        "virtio-net-pci,netdev=net0,bus=pcie.0,addr=0x10",
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
     ]
     assert "restrict=on" in qemu.netdev_arg(c)
+    # libvirt's own sandbox (spawn=deny) would stop QEMU from starting the relay.
+    dropped = root.find("qemu:capabilities/qemu:del", Q)
+    assert dropped is not None and dropped.attrib == {"capability": "seccomp-sandbox"}
 
 
 def test_kvm_passes_the_host_cpu_through() -> None:
@@ -86,4 +92,4 @@ def test_aarch64_uefi_and_cpu_properties() -> None:
     assert loader.attrib == {"readonly": "yes", "type": "pflash"}
     assert root.findtext("os/nvram") == "/s/n-1/vars.fd"
     args = qemu_args(root)
-    assert args[4:] == ["-cpu", "max,pauth-impdef=on", "-boot", "strict=off"]
+    assert args[6:] == ["-cpu", "max,pauth-impdef=on", "-boot", "strict=off"]
