@@ -51,10 +51,24 @@ def progress(message: str) -> None:
 @click.command("boot")
 @click.argument("image", type=click.Path(path_type=Path))
 @node_options("The master's URL as the HOST sees it, e.g. http://127.0.0.1:8080.")
-@click.option("--target", type=click.Choice(target_names()), help="Default: from manifest.json.")
-@click.option("--backend", type=click.Choice(boot.BACKENDS), default="qemu", show_default=True)
 @click.option(
-    "--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True
+    "--target",
+    type=click.Choice(target_names()),
+    help="Default: from manifest.json next to the image, else the host's architecture.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(boot.BACKENDS),
+    default="qemu",
+    show_default=True,
+    help="Plain QEMU processes, or domains on libvirtd (qemu:///system).",
+)
+@click.option(
+    "--accel",
+    type=click.Choice(["auto", "kvm", "tcg"]),
+    default="auto",
+    show_default=True,
+    help="auto: KVM if a probe boot works, else TCG.",
 )
 @click.option(
     "--wait",
@@ -64,12 +78,23 @@ def progress(message: str) -> None:
     help="What to wait for on every node (see docs/boot.md).",
 )
 @click.option(
-    "--timeout", "timeout_s", type=click.FloatRange(min=1), default=900.0, show_default=True
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=1),
+    default=900.0,
+    show_default=True,
+    help="Seconds to wait; then exit 1 with the last console lines.",
 )
 @click.option("--keep", is_flag=True, help="Leave the nodes running and their files in place.")
-@click.option("--count", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Boot K nodes NODE-ID-1..NODE-ID-K at once.",
+)
 @click.option("--memory", "memory_mib", type=click.IntRange(min=128), help="MiB per node.")
-@click.option("--cpus", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--cpus", type=click.IntRange(min=1), default=2, show_default=True, help="Per node.")
 @click.option(
     "--admin-token-file",
     type=click.Path(dir_okay=False, path_type=Path),
