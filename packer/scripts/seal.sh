@@ -7,6 +7,8 @@ rm -rf /var/tmp/fleetbake /var/tmp/fleetbake-out
 rm -f /etc/ssh/ssh_host_*
 # Run cloud-init afresh on the next boot, from the node's own seed.
 cloud-init clean --logs
+# No trace of the build's identity: the node's seed names it.
+echo localhost > /etc/hostname
 # An empty machine-id makes systemd generate a new one at first boot.
 truncate -s 0 /etc/machine-id
 rm -f /var/lib/dbus/machine-id

@@ -117,6 +117,7 @@ def test_executor_and_pipeline_are_installed(rootfs: RootFs, baked_image: BakedI
 
 def test_image_is_sealed(rootfs: RootFs) -> None:
     assert rootfs.read("/etc/machine-id") == b""
+    assert rootfs.read("/etc/hostname") == b"localhost\n"
     assert not rootfs.exists("/root/.ssh/authorized_keys")
     assert not [n for n in rootfs.listdir("/etc/ssh") if n.startswith("ssh_host_")]
     assert not rootfs.exists("/var/lib/cloud/instance")
