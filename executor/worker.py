@@ -23,6 +23,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from types import TracebackType
@@ -68,6 +69,7 @@ def worker_main(boot: WorkerBoot) -> None:
     """Entry point of a worker process."""
     _become_group_leader()
     redirect_std_streams(boot.out.fileno(), boot.err.fileno())
+    stdout, stderr = sys.stdout, sys.stderr
     logger = install_log_capture(boot.log.fileno())
     for name in HIDDEN_VARIABLES:
         os.environ.pop(name, None)
@@ -93,7 +95,9 @@ def worker_main(boot: WorkerBoot) -> None:
             events=events,
             log=logger,
         )
-        send((DONE, task_id, attempt, *run_task(functions[call], ctx, args)))
+        outcome = run_task(functions[call], ctx, args)
+        sys.stdout, sys.stderr = stdout, stderr  # a task that swapped them is undone
+        send((DONE, task_id, attempt, *outcome))
 
 
 def run_task(
@@ -112,16 +116,29 @@ def run_task(
         finished = time.time()
         payload = error_dict(exc)
         ok = False
-        sys.stderr.write(payload["traceback"])
+        _report_traceback(payload["traceback"])
     flush_std_streams()
     return ok, payload, started, finished
 
 
+def _report_traceback(text: str) -> None:
+    """Also show a failed task's traceback in its err stream (fd 2: the task may have
+    replaced or closed sys.stderr)."""
+    with suppress(OSError, ValueError):
+        sys.stderr.flush()
+    with suppress(OSError):
+        write_frame(2, text.encode("utf-8", "backslashreplace"))
+
+
 def error_dict(exc: BaseException) -> dict[str, Any]:
     """The results-file form of an exception, remote traceback included."""
+    try:
+        message = str(exc)
+    except Exception:  # an exception whose __str__ fails still has a type
+        message = f"<{type(exc).__name__} with an unprintable message>"
     return {
         "type": type(exc).__name__,
-        "message": str(exc),
+        "message": message,
         # Leave out run_task's own frame: the traceback starts in the task's code.
         "traceback": "".join(
             traceback.format_exception(type(exc), exc, _skip_first_frame(exc.__traceback__))

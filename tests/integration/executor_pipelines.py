@@ -106,6 +106,12 @@ def all_sources(ctx):
     print("partial at the end", end="")
 
 
+def break_streams(ctx):
+    sys.stderr.close()
+    sys.stdout = open(os.devnull, "w")
+    raise ValueError("streams broken")
+
+
 def store_incr(ctx, key, times):
     for _ in range(times):
         ctx.store.incr(key)

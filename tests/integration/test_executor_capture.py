@@ -88,6 +88,21 @@ def test_two_tasks_printing_at_once_never_share_a_line(tmp_path: Path) -> None:
         assert lines == [f"{tag} {i}" for i in range(30_000)]
 
 
+def test_a_task_breaking_its_streams_does_not_break_the_next(tmp_path: Path) -> None:
+    path = make_pipeline(
+        tmp_path / "p",
+        [
+            task("breaker", "break_streams"),
+            task("next", "print_lines", ["breaker"], args={"count": 2}, trigger="all_done"),
+        ],
+    )
+    results, log = run_pipeline(path, tmp_path, workers=1)
+    assert results["tasks"]["breaker"]["error"]["message"] == "streams broken"
+    records = _records(log)
+    assert ("task:breaker", "err", "ValueError: streams broken") in records
+    assert [text for source, _, text in records if source == "task:next"] == ["line 0", "line 1"]
+
+
 def test_crash_mid_line_keeps_the_partial_line_and_fails_the_task(tmp_path: Path) -> None:
     path = make_pipeline(tmp_path / "p", [task("c", "crash_mid_line")])
     results, log = run_pipeline(path, tmp_path)
