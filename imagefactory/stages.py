@@ -26,16 +26,14 @@ TAIL_LINES = 25
 
 
 class Stages:
-    def __init__(self, out: TextIO | None = None, quiet: bool = False) -> None:
+    def __init__(self, out: TextIO | None = None) -> None:
         self.out = out or sys.stderr
-        self.quiet = quiet
         self.times: dict[str, float] = {}
         """Seconds per finished stage, in the order they ran (stages may repeat: summed)."""
         self._running: tuple[str, float] | None = None
 
     def say(self, text: str) -> None:
-        if not self.quiet:
-            print(text, file=self.out, flush=True)
+        print(text, file=self.out, flush=True)
 
     def detail(self, text: str) -> None:
         self.say(f"    {text}")

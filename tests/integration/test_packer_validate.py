@@ -3,7 +3,6 @@ and is in canonical format (`packer fmt -check`)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,12 +10,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from imagefactory import packer
 from imagefactory.cli import main
+from imagefactory.run import CommandError
 from imagefactory.targets import target_names
 
 pytestmark = pytest.mark.skipif(shutil.which("packer") is None, reason="packer not installed")
-
-ENV = {**os.environ, "CHECKPOINT_DISABLE": "1"}
 
 
 @pytest.fixture(autouse=True)
@@ -30,10 +29,7 @@ def test_rendered_target_validates(tmp_path: Path, target: str) -> None:
     assert result.exit_code == 0, result.output
     hcl = Path(result.output.strip())
     assert hcl == tmp_path / target / "packer"
-    validate = subprocess.run(
-        ["packer", "validate", str(hcl)], capture_output=True, text=True, env=ENV
-    )
-    assert validate.returncode == 0, validate.stdout + validate.stderr
+    packer.validate(hcl)  # raises CommandError with Packer's complaint
     fmt = subprocess.run(["packer", "fmt", "-check", str(hcl)], capture_output=True, text=True)
     assert fmt.returncode == 0, fmt.stdout
 
@@ -44,11 +40,9 @@ def test_validate_catches_a_broken_template(tmp_path: Path) -> None:
     hcl = Path(result.output.strip())
     source = hcl / "fleetbake.pkr.hcl"
     source.write_text(source.read_text().replace("disk_image", "disk_imagez", 1))
-    validate = subprocess.run(
-        ["packer", "validate", str(hcl)], capture_output=True, text=True, env=ENV
-    )
-    assert validate.returncode != 0
-    assert "disk_imagez" in validate.stdout + validate.stderr
+    with pytest.raises(CommandError) as info:
+        packer.validate(hcl)
+    assert "disk_imagez" in str(info.value)
 
 
 def test_bad_packer_version_option(tmp_path: Path) -> None:
