@@ -4,8 +4,10 @@ For get, set and incr, 1 and then 2 client processes (fork) hammer the store for
 time per round; a round's figure is the ops/s of each client (ops / elapsed), and the
 median over the rounds is printed with the ratio to the Manager dict. The Manager dict
 has no atomic incr: it is measured as `d[k] = d.get(k, 0) + 1` (not atomic, two round
-trips), which flatters the peer. Then the set-then-get round trip of a 1 MiB and a
-16 MiB bytes value, median over many repetitions, for both.
+trips), which flatters the peer. A bare Python echo over AF_UNIX (one send, one recv,
+no work) runs alongside as the floor: what one round trip costs on this machine now.
+Then the set-then-get round trip of a 1 MiB and a 16 MiB bytes value, median over
+many repetitions, for the executor and the Manager dict.
 
     .venv/bin/python benchmarks/store.py               # 5 rounds x 1 s per cell
     .venv/bin/python benchmarks/store.py --rounds 3 --seconds 0.5 --json
@@ -19,8 +21,12 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
+import socket
 import statistics
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
@@ -109,6 +115,62 @@ class ExecutorStore:
         return store
 
 
+class EchoFloor:
+    """Picklable opener: a bare Python echo over AF_UNIX (the floor for one round trip).
+
+    Its "store" answers every request with the request; no pickling, no dispatch.
+    """
+
+    def __init__(self) -> None:
+        self.path = os.path.join(tempfile.mkdtemp(prefix="bench-echo-"), "echo.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        listener.listen(8)
+        self.server = CTX.Process(target=self.serve, args=(listener,), daemon=True)
+        self.server.start()
+        listener.close()
+
+    @staticmethod
+    def serve(listener: socket.socket) -> None:
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=EchoFloor.echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def echo(conn: socket.socket) -> None:
+        while data := conn.recv(4096):
+            conn.send(data)
+
+    def __call__(self) -> Any:
+        return EchoClient(self.path)
+
+    def stop(self) -> None:
+        self.server.kill()
+        self.server.join()
+        shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
+
+
+class EchoClient:
+    """Dict-shaped client of EchoFloor: one send and one recv per operation."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+
+    def _round_trip(self) -> None:
+        self.sock.send(b"0123456789abcdef")
+        self.sock.recv(4096)
+
+    def __getitem__(self, key: str) -> None:
+        self._round_trip()
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._round_trip()
+
+    def incr(self, key: str) -> None:
+        self._round_trip()
+
+
 class ManagerDict:
     """Picklable opener: the Manager dict proxy, reconnected in the child."""
 
@@ -129,9 +191,11 @@ def main() -> int:
 
     results: dict[str, Any] = {"ops_per_client": {}, "round_trip_us": {}}
     with RunServices("bench-store") as services, multiprocessing.Manager() as manager:
+        floor = EchoFloor()
         peers: dict[str, Callable[[], Any]] = {
             "executor": ExecutorStore(services.address),
             "manager": ManagerDict(manager.dict()),
+            "floor": floor,
         }
         for op in OPS:
             for clients in (1, 2):
@@ -143,12 +207,16 @@ def main() -> int:
                     ]
                     cell[name] = statistics.median(rates)
                 if not args.json:
-                    ratio = cell["executor"] / cell["manager"]
                     print(
-                        f"{op:>4} x{clients} clients: executor {cell['executor']:>9,.0f} ops/s"
-                        f" per client, Manager dict {cell['manager']:>8,.0f}, ratio {ratio:.1f}x",
+                        f"{op:>4} x{clients} clients, ops/s per client:"
+                        f" executor {cell['executor']:>7,.0f},"
+                        f" Manager dict {cell['manager']:>7,.0f}"
+                        f" ({cell['executor'] / cell['manager']:.1f}x),"
+                        f" echo floor {cell['floor']:>7,.0f}"
+                        f" (executor at {cell['executor'] / cell['floor']:.0%} of it)",
                         flush=True,
                     )
+        floor.stop()
         local, _ = connect(services.address)
         stores: dict[str, Any] = {"executor": local, "manager": manager.dict()}
         for size, label in ((1 << 20, "1 MiB"), (16 << 20, "16 MiB")):

@@ -143,10 +143,12 @@ def rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
 
 
-def send_now(sock: socket.socket, parts: Sequence[bytes | memoryview], fds: Sequence[int]) -> int:
-    """Send what the socket takes without blocking; the byte count (0 when full)."""
+def send_now(sock: socket.socket, data: bytes | memoryview, fds: Sequence[int]) -> int:
+    """Send what the socket takes without blocking, with `fds` on the first byte; the count."""
     try:
-        return sock.sendmsg(parts, rights(fds), _SEND_FLAGS)
+        if fds:
+            return sock.sendmsg([data], rights(fds), _SEND_FLAGS)
+        return sock.send(data, _SEND_FLAGS)
     except BlockingIOError:
         return 0
 
@@ -163,14 +165,14 @@ class FrameReader:
 
     def fill(self, sock: socket.socket) -> bool:
         """Read what `sock` has (blocking if it is a blocking socket); False at EOF."""
-        with memoryview(self._scratch) as scratch:
-            size, ancdata, flags, _ = sock.recvmsg_into([scratch], _ANC_SIZE, _RECV_FLAGS)
-            self._buf += scratch[:size]
-        fds = array.array("i")
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-        self._fds.extend(fds)
+        size, ancdata, flags, _ = sock.recvmsg_into([self._scratch], _ANC_SIZE, _RECV_FLAGS)
+        self._buf += self._scratch[:size]
+        if ancdata:
+            fds = array.array("i")
+            for level, kind, cdata in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+            self._fds.extend(fds)
         if flags & _CTRUNC:
             raise ServiceError("protocol error: too many descriptors in one message")
         return size > 0
@@ -183,9 +185,10 @@ class FrameReader:
         end = _HEADER.size + length
         if len(buf) < end:
             return None
-        with memoryview(buf) as view, view[_HEADER.size : end] as body:
-            msg = pickle.loads(body)
+        msg = pickle.loads(buf[_HEADER.size : end])
         del buf[:end]
+        if not nfds:
+            return msg, deque()
         if len(self._fds) < nfds:
             raise ServiceError("protocol error: a frame arrived without its descriptors")
         return msg, deque(self._fds.popleft() for _ in range(nfds))
@@ -369,7 +372,7 @@ class Connection:
             sent = 0
             if not self._backlog:
                 try:
-                    sent = send_now(self._sock, [data], fds)
+                    sent = send_now(self._sock, data, fds)
                 except OSError as exc:
                     raise ServiceError(f"the run's services are gone: {exc}") from None
             if sent:
@@ -397,7 +400,7 @@ class Connection:
                     return
                 view, fds = self._backlog[0]
                 try:
-                    sent = send_now(self._sock, [view], fds)
+                    sent = send_now(self._sock, view, fds)
                 except OSError:
                     sent = -1
                 if sent < 0 or sent == len(view):

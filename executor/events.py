@@ -26,6 +26,9 @@ from executor._wire import Blob, Connection, Message, ServiceError, decode, enco
 RESERVED_PREFIX = "executor."
 """Topics of the engine's lifecycle events; only the engine's publisher may publish them."""
 
+EVENT_OPS = frozenset({"pub", "wait", "unwait", "sub", "unsub"})
+"""The requests a TopicBoard applies."""
+
 Delivery = tuple[Hashable, Message, list[Blob]]
 """A message for one connection of the services process, with the values it carries."""
 
@@ -187,9 +190,6 @@ class TopicBoard:
         self._subs: dict[str, dict[int, Hashable]] = {}  # topic -> sid -> subscriber
         self._sub_topic: dict[int, tuple[str, Hashable]] = {}
         self._ids = itertools.count(1)
-
-    def handles(self, op: str) -> bool:
-        return op in ("pub", "wait", "unwait", "sub", "unsub")
 
     def apply(self, peer: Hashable, msg: Message, fds: deque[int], now: float) -> list[Delivery]:
         op = msg[0]

@@ -20,6 +20,9 @@ from executor._wire import Blob, Connection, Message, decode, encode, load, same
 
 Reply = tuple[Message, list[Blob]]
 
+STORE_OPS = frozenset({"get", "set", "del", "has", "keys", "incr", "cas"})
+"""The requests a StoreTable applies."""
+
 
 def _check_key(key: object) -> str:
     if type(key) is not str:
@@ -103,9 +106,6 @@ class StoreTable:
             "incr": self._incr,
             "cas": self._cas,
         }
-
-    def handles(self, op: str) -> bool:
-        return op in self._ops
 
     def apply(self, msg: Message, fds: deque[int]) -> Reply:
         """Apply one request; the reply and the stored values it sends back."""
