@@ -37,7 +37,7 @@ def download(master: Master, name: str, target: Path) -> Path:
 
     def fetch() -> bytes:
         answer = master.request("GET", f"/v1/pipelines/{name}", timeout_s=120)
-        announced = answer.headers.get("X-Pipeline-SHA256", "")
+        announced = answer.headers.get("x-pipeline-sha256", "")
         if hashlib.sha256(answer.body).hexdigest() != announced.lower():
             raise Transient(f"pipeline {name}: body does not match X-Pipeline-SHA256")
         return answer.body
@@ -47,7 +47,10 @@ def download(master: Master, name: str, target: Path) -> Path:
         wait=backoff(),
         reraise=True,
         before_sleep=lambda state: log.warning(
-            "pipeline %s not downloaded yet (attempt %d)", name, state.attempt_number
+            "pipeline %s not downloaded yet (attempt %d): %s",
+            name,
+            state.attempt_number,
+            state.outcome.exception() if state.outcome else "?",
         ),
     )
     write_atomically(target, retrying(fetch))

@@ -29,7 +29,7 @@ class Refused(Exception):
     """The master answered with a 4xx that retrying cannot fix."""
 
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"{status} {message}")
+        super().__init__(message)
         self.status = status
 
 
@@ -37,6 +37,7 @@ class Refused(Exception):
 class Answer:
     status: int
     headers: dict[str, str]
+    """Header names in lower case."""
     body: bytes
 
 
@@ -64,14 +65,15 @@ class Master:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return Answer(resp.status, dict(resp.headers.items()), resp.read())
+                headers = {k.lower(): v for k, v in resp.headers.items()}
+                return Answer(resp.status, headers, resp.read())
         except urllib.error.HTTPError as exc:
             status, message = exc.code, _error_message(exc)
         except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets
             raise Transient(f"{method} {path}: {_reason(exc)}") from None
         if status >= 500 or status in TRANSIENT_STATUS:
             raise Transient(f"{method} {path}: {status} {message}")
-        raise Refused(status, f"{method} {path}: {message}")
+        raise Refused(status, f"{method} {path}: {status} {message}")
 
 
 def _reason(exc: BaseException) -> str:

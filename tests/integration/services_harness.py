@@ -107,3 +107,102 @@ class ServerProcess:
 
     def dump(self) -> list[tuple[Any, ...]]:
         return [(t, *r) for t in ("nodes", "reports", "pipelines") for r in self.rows(t)]
+
+
+def free_port() -> int:
+    """A loopback port that nothing listens on (for a master that is down)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+SLOW_PIPELINE = {
+    "format": 1,
+    "name": "slow-demo",
+    "tasks": [
+        {"id": "first", "call": "h3tasks:nap", "args": {"seconds": 0.1, "value": 1}},
+        {"id": "second", "call": "h3tasks:nap", "after": ["first"], "args": {"seconds": 0}},
+    ],
+}
+TASKS_PY = """
+import time
+
+
+def nap(ctx, seconds, value=None):
+    print(f"{ctx.task_id} naps {seconds} s")
+    time.sleep(seconds)
+    return {"task": ctx.task_id, "value": value, "upstream": ctx.upstream}
+"""
+
+
+def write_pipeline(directory: Path, first_task_seconds: float = 0.1) -> Path:
+    """A two-task pipeline whose first task sleeps `first_task_seconds`."""
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    spec = json.loads(json.dumps(SLOW_PIPELINE))
+    spec["tasks"][0]["args"]["seconds"] = first_task_seconds
+    (directory / "pipeline.json").write_text(json.dumps(spec))
+    (directory / "h3tasks.py").write_text(TASKS_PY)
+    return directory
+
+
+@dataclass
+class AgentProcess:
+    """`executor agent` as a subprocess; stdout (the console) and stderr go to files."""
+
+    workdir: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.workdir / "state"
+
+    def start(self) -> AgentProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EXECUTOR_")}
+        env.update({"EXECUTOR_STATE_DIR": str(self.state_dir), **self.env})
+        with (
+            (self.workdir / "console.log").open("ab") as out,
+            (self.workdir / "agent.err").open("ab") as err,
+        ):
+            self.proc = subprocess.Popen(
+                [str(BIN / "executor"), "agent"],
+                env=env,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        return self
+
+    def wait(self, timeout_s: float = 300) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError("agent did not finish:\n" + self.tail()) from None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def console(self) -> list[str]:
+        return (self.workdir / "console.log").read_text().splitlines()
+
+    def tail(self) -> str:
+        err = (self.workdir / "agent.err").read_text().splitlines()[-20:]
+        return "\n".join(self.console()[-10:] + err)
+
+    def wait_for(self, path_glob: str, timeout_s: float = 120) -> Path:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = sorted(self.state_dir.glob(path_glob))
+            if found:
+                return found[0]
+            time.sleep(0.1)
+        raise AssertionError(f"no {path_glob} in {self.state_dir}:\n{self.tail()}")

@@ -1,0 +1,246 @@
+"""`executor agent` against a real `imagefactory serve` on loopback: delivery when the
+master is down, crashes of the server and of the agent, refusals, the gateway, poweroff."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from executor.pack import pack
+from tests.integration.services_harness import (
+    AgentProcess,
+    ServerProcess,
+    free_port,
+    write_pipeline,
+)
+
+pytestmark = pytest.mark.timeout(900)
+
+AgentFactory = Callable[..., AgentProcess]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    proc = ServerProcess(tmp_path / "server")
+    proc.workdir.mkdir()
+    try:
+        yield proc.start()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def stopped_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server that is not running yet, on a port nothing listens on."""
+    proc = ServerProcess(tmp_path / "server", port=free_port())
+    proc.workdir.mkdir()
+    # Created now so that node tokens can be derived before the server first starts.
+    proc.secret_file.write_text("test-fleet-secret\n")
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[AgentFactory]:
+    started: list[AgentProcess] = []
+
+    def make(server: ServerProcess, pipeline: Path | str, **env: str) -> AgentProcess:
+        node = env.pop("node", "node-a")
+        workdir = tmp_path / f"agent-{len(started)}"
+        workdir.mkdir()
+        variables = {
+            "EXECUTOR_NODE_ID": node,
+            "EXECUTOR_MASTER_URL": f"http://127.0.0.1:{server.port}",
+            "EXECUTOR_TOKEN": server.node_token(node),
+            "EXECUTOR_PIPELINE": str(pipeline),
+            "EXECUTOR_HEARTBEAT_S": "0.5",
+            "EXECUTOR_WORKERS": "2",
+            **env,
+        }
+        proc = AgentProcess(workdir, variables)
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        proc.kill()
+
+
+def reports(server: ServerProcess) -> list[dict[str, Any]]:
+    """Every stored report, from the database file itself."""
+    rows = server.rows("reports")
+    return [{**json.loads(row[7]), "log": row[8]} for row in rows]
+
+
+def statuses(proc: AgentProcess) -> list[str]:
+    return [line for line in proc.console() if line.startswith("EXECUTOR-STATUS ")]
+
+
+def test_run_heartbeats_and_report(
+    server: ServerProcess, agent: AgentFactory, tmp_path: Path
+) -> None:
+    proc = agent(server, write_pipeline(tmp_path / "p"), EXECUTOR_RUN_ID="run-ok").start()
+    assert proc.wait() == 0, proc.tail()
+    assert statuses(proc) == [
+        "EXECUTOR-STATUS node=node-a run=run-ok state=starting",
+        "EXECUTOR-STATUS node=node-a run=run-ok state=succeeded",
+    ]
+    [stored] = reports(server)
+    assert stored["run_id"] == "run-ok" and stored["status"] == "succeeded"
+    assert stored["tasks"]["second"]["result"]["upstream"] == {
+        "first": {"task": "first", "value": 1, "upstream": {}}
+    }
+    assert "task:first out first naps 0.1 s" in stored["log"]
+    [node] = server.rows("nodes")
+    assert node[:4] == ("node-a", "run-ok", node[2], "done")
+    assert node[4:6] == (2, 2), "tasks_done and tasks_total"
+    assert not list((proc.state_dir / "spool").iterdir())
+    receipt = json.loads((proc.state_dir / "delivered" / "run-ok.json").read_text())
+    assert receipt["http_status"] == 201
+
+
+def test_master_down_at_start_then_up_20s_later(
+    stopped_server: ServerProcess, agent: AgentFactory, tmp_path: Path
+) -> None:
+    proc = agent(stopped_server, write_pipeline(tmp_path / "p")).start()
+    spooled = proc.wait_for("spool/*.json")  # the run finished while the master was down
+    run_id = spooled.stem
+    time.sleep(20)
+    assert proc.proc is not None and proc.proc.poll() is None, "agent waits for the master"
+    stopped_server.start()
+    assert proc.wait() == 0, proc.tail()
+    [stored] = reports(stopped_server)
+    assert stored["run_id"] == run_id and stored["status"] == "succeeded"
+    assert json.loads(spooled.read_text() if spooled.exists() else "{}") == {}
+    # Heartbeats resumed: the node is known with its final state.
+    [node] = stopped_server.rows("nodes")
+    assert (node[0], node[1], node[3]) == ("node-a", run_id, "done")
+    receipt = json.loads((proc.state_dir / "delivered" / f"{run_id}.json").read_text())
+    assert receipt["http_status"] == 201
+
+
+def test_server_killed_mid_run_and_restarted(
+    server: ServerProcess, agent: AgentFactory, tmp_path: Path
+) -> None:
+    pipeline = write_pipeline(tmp_path / "p", first_task_seconds=8)
+    proc = agent(server, pipeline, EXECUTOR_RUN_ID="run-crash").start()
+    deadline = time.monotonic() + 120
+    while not server.rows("nodes") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.rows("nodes"), "a heartbeat arrived before the crash"
+    server.kill()
+    time.sleep(3)
+    server.start()  # same port, same database file
+    assert proc.wait() == 0, proc.tail()
+    [stored] = reports(server)
+    local = json.loads((proc.state_dir / "runs" / "run-crash" / "results.json").read_text())
+    assert {k: v for k, v in stored.items() if k != "log"} == local
+    [node] = server.rows("nodes")
+    assert (node[1], node[3]) == ("run-crash", "done")
+
+
+def test_agent_killed_after_spooling_resends_without_rerunning(
+    stopped_server: ServerProcess, agent: AgentFactory, tmp_path: Path
+) -> None:
+    first = agent(stopped_server, write_pipeline(tmp_path / "p")).start()
+    spooled = first.wait_for("spool/*.json")
+    sent = spooled.read_bytes()
+    first.kill()
+    stopped_server.start()
+    # Same state directory, no EXECUTOR_RUN_ID: the persisted run id is used again.
+    again = AgentProcess(first.workdir, first.env).start()
+    assert again.wait() == 0, again.tail()
+    [stored] = reports(stopped_server)
+    assert stored == json.loads(sent)
+    assert stored["log"].count(" started: pipeline slow-demo") == 1, "not run a second time"
+    lines = statuses(again)
+    assert lines[-1].endswith(f"run={spooled.stem} state=succeeded")
+
+
+def test_sha256_mismatch_is_reported_and_not_run(
+    server: ServerProcess, agent: AgentFactory, tmp_path: Path
+) -> None:
+    archive = tmp_path / "p.tar.gz"
+    pack(write_pipeline(tmp_path / "p"), archive)
+    proc = agent(server, archive, EXECUTOR_PIPELINE_SHA256="0" * 64, EXECUTOR_RUN_ID="r-sha")
+    assert proc.start().wait() == 2, proc.tail()
+    [stored] = reports(server)
+    assert (stored["status"], stored["tasks"]) == ("failed", {})
+    assert "sha256 is" in stored["log"] and "0" * 64 in stored["log"]
+    assert statuses(proc)[-1].endswith("state=invalid")
+
+
+def test_gateway_pipeline_with_checked_sha256(
+    server: ServerProcess, agent: AgentFactory, tmp_path: Path
+) -> None:
+    archive = tmp_path / "p.tar.gz"
+    sha = pack(write_pipeline(tmp_path / "p"), archive)
+    r = httpx.put(
+        f"{server.url}/v1/pipelines/slow",
+        content=archive.read_bytes(),
+        headers={"Authorization": f"Bearer {server.admin_token}"},
+    )
+    assert r.status_code == 200 and r.json()["sha256"] == sha
+    proc = agent(server, "gateway:slow", EXECUTOR_PIPELINE_SHA256=sha, EXECUTOR_RUN_ID="r-gw")
+    assert proc.start().wait() == 0, proc.tail()
+    assert reports(server)[0]["pipeline"] == "slow-demo"
+
+
+def test_unknown_gateway_pipeline_is_a_configuration_error(
+    server: ServerProcess, agent: AgentFactory
+) -> None:
+    proc = agent(server, "gateway:missing", EXECUTOR_RUN_ID="r-missing").start()
+    assert proc.wait() == 2, proc.tail()
+    [stored] = reports(server)
+    assert "404 no pipeline named missing" in stored["log"]
+
+
+def test_refused_report_stays_on_disk(
+    server: ServerProcess, agent: AgentFactory, tmp_path: Path
+) -> None:
+    proc = agent(server, write_pipeline(tmp_path / "p"), EXECUTOR_TOKEN="f" * 64)
+    assert proc.start().wait() == 3, proc.tail()
+    [kept] = (proc.state_dir / "spool").glob("*.json")
+    assert json.loads(kept.read_text())["status"] == "succeeded"
+    assert reports(server) == [] and server.rows("nodes") == []
+    assert statuses(proc)[-1].endswith("state=refused-401")
+    assert "refused by the master" in (proc.workdir / "agent.err").read_text()
+
+
+def test_poweroff_after_the_grace_period_when_undeliverable(
+    stopped_server: ServerProcess, agent: AgentFactory, tmp_path: Path
+) -> None:
+    marker = tmp_path / "powered-off"
+    proc = agent(
+        stopped_server,
+        write_pipeline(tmp_path / "p"),
+        EXECUTOR_ON_COMPLETE="poweroff",
+        EXECUTOR_POWEROFF_GRACE_S="3",
+        EXECUTOR_POWEROFF_COMMAND=f"touch {marker}",
+    )
+    assert proc.start().wait() == 3, proc.tail()
+    assert marker.exists()
+    assert statuses(proc)[-1].endswith("state=undelivered")
+    assert len(list((proc.state_dir / "spool").glob("*.json"))) == 1
+
+
+def test_poweroff_once_acknowledged(
+    server: ServerProcess, agent: AgentFactory, tmp_path: Path
+) -> None:
+    marker = tmp_path / "powered-off"
+    proc = agent(
+        server,
+        write_pipeline(tmp_path / "p"),
+        EXECUTOR_ON_COMPLETE="poweroff",
+        EXECUTOR_POWEROFF_COMMAND=f"touch {marker}",
+    )
+    assert proc.start().wait() == 0, proc.tail()
+    assert marker.exists() and len(reports(server)) == 1
