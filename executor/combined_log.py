@@ -34,21 +34,26 @@ class CombinedLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("ab", buffering=_BUFFER)
+        self.unflushed = False
+        """True when records were written since the last flush()."""
 
     def executor(self, *texts: str, stream: str = LOG) -> None:
         """Write the executor's own records, stamped now (one line per line of text)."""
         prefix = f"{rfc3339(time.time())} {EXECUTOR} {stream} "
         lines = "".join(prefix + text.replace("\n", "\n" + prefix) + "\n" for text in texts)
         self._file.write(lines.encode("utf-8", "backslashreplace"))
+        self.unflushed = True
 
     def write(self, source: str, stream: str, text: bytes, when: float) -> None:
         """Write ``text`` (one or more lines, no trailing newline) stamped with ``when``."""
         prefix = f"{rfc3339(when)} {source} {stream} ".encode()
         clean = text.decode("utf-8", "backslashreplace").encode("utf-8")
         self._file.write(prefix + clean.replace(b"\n", b"\n" + prefix) + b"\n")
+        self.unflushed = True
 
     def flush(self) -> None:
         self._file.flush()
+        self.unflushed = False
 
     def close(self) -> None:
         self._file.close()

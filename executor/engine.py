@@ -189,7 +189,7 @@ class _Manager:
             if self.state.done and not self.busy:
                 self._publish_lifecycle()
                 return
-            if not self.log_flush_armed:
+            if self.log.unflushed and not self.log_flush_armed:
                 self.log_flush_armed = True
                 self._after(_LOG_FLUSH_S, self._flush_log)
             events = wait(self._next_timeout())
