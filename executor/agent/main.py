@@ -195,15 +195,39 @@ class Agent:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="executor agent",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Service mode inside images: get the pipeline (baked path or gateway), "
         "send heartbeats, run it, and deliver the report durably. Configured by EXECUTOR_* "
         "environment variables; the options below override them.",
+        epilog=EPILOG,
     )
     for option, variable in OPTION_VARIABLES.items():
         parser.add_argument(f"--{option}", metavar="VALUE", help=f"overrides {variable}")
     parser.add_argument("--debug", action="store_true", help="log every request")
     return parser
 
+
+EPILOG = """\
+environment:
+  EXECUTOR_PIPELINE          directory or .tar.gz path, or gateway:NAME (required)
+  EXECUTOR_PIPELINE_SHA256   expected sha256 of the .tar.gz or gateway download
+  EXECUTOR_NODE_ID           default: the host name
+  EXECUTOR_RUN_ID            default: a UUID generated once, kept in the state directory
+  EXECUTOR_MASTER_URL        core services URL; unset: standalone, nothing is reported
+  EXECUTOR_TOKEN             this node's bearer token (with EXECUTOR_MASTER_URL)
+  EXECUTOR_WORKERS           default: the CPU count
+  EXECUTOR_HEARTBEAT_S       seconds between heartbeats (+-20% jitter), default 10
+  EXECUTOR_STATE_DIR         default /var/lib/executor (else ~/.local/state/executor)
+  EXECUTOR_ON_COMPLETE       none (default) or poweroff
+  EXECUTOR_POWEROFF_GRACE_S  with poweroff: give up delivering after this, default 600
+  EXECUTOR_POWEROFF_COMMAND  default "systemctl poweroff" (tests set a harmless one)
+
+console: one line at start and one at the end,
+  EXECUTOR-STATUS node=<id> run=<id> state=<state>
+
+exit codes: 0 succeeded, 1 failed or cancelled, 2 configuration error, invalid
+pipeline or sha256 mismatch, 3 report refused (kept on disk) or not delivered in time.
+"""
 
 OPTION_VARIABLES: Mapping[str, str] = {
     "pipeline": "EXECUTOR_PIPELINE",

@@ -1,0 +1,85 @@
+"""The agent's environment: every variable checked, one clear line per problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from executor.agent.config import AgentConfigError, load_config
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> dict[str, str]:
+    return {
+        "EXECUTOR_NODE_ID": "node-a",
+        "EXECUTOR_PIPELINE": str(tmp_path),
+        "EXECUTOR_STATE_DIR": str(tmp_path / "state"),
+    }
+
+
+def test_defaults(base: dict[str, str]) -> None:
+    config = load_config(base)
+    assert config.node_id == "node-a"
+    assert config.master_url is None and config.token is None
+    assert config.heartbeat_s == 10.0 and config.on_complete == "none"
+    assert config.poweroff_command == ("systemctl", "poweroff")
+    assert config.pipeline_sha256 is None and config.gateway_name is None
+
+
+def test_generated_run_id_is_persisted(base: dict[str, str]) -> None:
+    first = load_config(base).run_id
+    assert load_config(base).run_id == first
+    assert (Path(base["EXECUTOR_STATE_DIR"]) / "run-id").read_text().strip() == first
+    assert load_config({**base, "EXECUTOR_RUN_ID": "explicit"}).run_id == "explicit"
+
+
+def test_full_configuration(base: dict[str, str]) -> None:
+    config = load_config(
+        {
+            **base,
+            "EXECUTOR_MASTER_URL": "http://10.0.2.100:8750/",
+            "EXECUTOR_TOKEN": " tok ",
+            "EXECUTOR_PIPELINE": "gateway:etl",
+            "EXECUTOR_PIPELINE_SHA256": "AB" * 32,
+            "EXECUTOR_HEARTBEAT_S": "2.5",
+            "EXECUTOR_ON_COMPLETE": "poweroff",
+            "EXECUTOR_POWEROFF_GRACE_S": "30",
+            "EXECUTOR_POWEROFF_COMMAND": "touch '/tmp/a b'",
+        }
+    )
+    assert config.master_url == "http://10.0.2.100:8750" and config.token == "tok"
+    assert config.gateway_name == "etl" and config.pipeline_sha256 == "ab" * 32
+    assert (config.heartbeat_s, config.poweroff_grace_s) == (2.5, 30.0)
+    assert config.poweroff_command == ("touch", "/tmp/a b")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"EXECUTOR_PIPELINE": ""}, "EXECUTOR_PIPELINE is required"),
+        ({"EXECUTOR_MASTER_URL": "http://m:1"}, "EXECUTOR_TOKEN is required"),
+        ({"EXECUTOR_MASTER_URL": "ftp://m", "EXECUTOR_TOKEN": "t"}, "not an http(s):// URL"),
+        ({"EXECUTOR_PIPELINE": "gateway:etl"}, "needs EXECUTOR_MASTER_URL"),
+        ({"EXECUTOR_PIPELINE": "gateway:bad name"}, "EXECUTOR_PIPELINE"),
+        ({"EXECUTOR_PIPELINE_SHA256": "abc"}, "not 64 hexadecimal digits"),
+        ({"EXECUTOR_HEARTBEAT_S": "0"}, "EXECUTOR_HEARTBEAT_S"),
+        ({"EXECUTOR_HEARTBEAT_S": "soon"}, "not a positive number"),
+        ({"EXECUTOR_HEARTBEAT_S": "inf"}, "not a positive number"),
+        ({"EXECUTOR_ON_COMPLETE": "reboot"}, "not none or poweroff"),
+        ({"EXECUTOR_POWEROFF_COMMAND": "'unclosed"}, "EXECUTOR_POWEROFF_COMMAND"),
+        ({"EXECUTOR_NODE_ID": "bad id"}, "EXECUTOR_NODE_ID"),
+        ({"EXECUTOR_RUN_ID": "../x"}, "EXECUTOR_RUN_ID"),
+        ({"EXECUTOR_WORKERS": "0"}, "EXECUTOR_WORKERS"),
+    ],
+)
+def test_invalid_settings(base: dict[str, str], changes: dict[str, str], message: str) -> None:
+    with pytest.raises(AgentConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config({**base, **changes})
+
+
+def test_unwritable_state_dir(base: dict[str, str], tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(AgentConfigError, match="EXECUTOR_STATE_DIR"):
+        load_config({**base, "EXECUTOR_STATE_DIR": str(blocker / "sub")})

@@ -1,0 +1,189 @@
+"""Spool, delivery, heartbeats and gateway download against a scripted HTTP server on
+loopback (real sockets and urllib; only the server's answers are scripted)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from executor.agent.config import load_config
+from executor.agent.delivery import Deliverer, Spool, Undelivered
+from executor.agent.gateway import Sha256Mismatch, download, obtain_pipeline, sha256_of
+from executor.agent.heartbeat import Heartbeats
+from executor.agent.master import Master, Refused, Transient
+
+Reply = tuple[int, dict[str, str], bytes]
+
+
+@dataclass
+class Scripted:
+    """Answers each request with the next scripted reply (the last one repeats)."""
+
+    url: str = ""
+    replies: deque[Reply] = field(default_factory=deque)
+    requests: list[tuple[str, str, dict[str, str], bytes]] = field(default_factory=list)
+
+    def script(self, *replies: Reply) -> None:
+        self.replies.extend(replies)
+
+    def next_reply(self) -> Reply:
+        return self.replies.popleft() if len(self.replies) > 1 else self.replies[0]
+
+
+@pytest.fixture
+def scripted() -> Iterator[Scripted]:
+    state = Scripted()
+
+    class Handler(BaseHTTPRequestHandler):
+        def handle_one(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length)
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            state.requests.append((self.command, self.path, headers, body))
+            status, headers, payload = state.next_reply()
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_PUT = do_POST = handle_one
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def master(url: str) -> Master:
+    return Master(url, "tok", "node-a", timeout_s=5)
+
+
+def report(run_id: str = "run-1") -> dict[str, object]:
+    return {"run_id": run_id, "node_id": "node-a", "status": "failed", "tasks": {}, "log": "x"}
+
+
+def test_spool_save_pending_acknowledge(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    assert spool.pending() == [] and spool.status_of("run-1") is None
+    path = spool.save(report())
+    assert spool.pending() == [path] and spool.status_of("run-1") == "failed"
+    assert not list(tmp_path.glob("spool/.*")), "no temporary file left behind"
+    spool.acknowledge(path, 201)
+    assert spool.pending() == [] and not path.exists()
+    assert spool.status_of("run-1") == "failed" and spool.is_delivered("run-1")
+    receipt = json.loads((tmp_path / "delivered" / "run-1.json").read_text())
+    assert receipt["http_status"] == 201 and receipt["acknowledged_at"].endswith("Z")
+
+
+def test_delivery_retries_transient_failures_and_sends_the_same_bytes(
+    scripted: Scripted, tmp_path: Path
+) -> None:
+    scripted.script((503, {}, b'{"error":"busy"}'), (429, {}, b""), (201, {}, b"{}"))
+    spool = Spool(tmp_path)
+    path = spool.save(report())
+    body = path.read_bytes()
+    assert Deliverer(master(scripted.url), spool).deliver(path) == 201
+    assert [r[:2] for r in scripted.requests] == [("PUT", "/v1/runs/run-1/report")] * 3
+    assert {r[3] for r in scripted.requests} == {body}
+    assert scripted.requests[0][2]["authorization"] == "Bearer tok"
+    assert spool.pending() == [] and spool.is_delivered("run-1")
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 413])
+def test_refused_report_is_kept(scripted: Scripted, tmp_path: Path, status: int) -> None:
+    scripted.script((status, {}, b'{"error":"no"}'))
+    spool = Spool(tmp_path)
+    path = spool.save(report())
+    with pytest.raises(Refused, match=f"{status} no") as refused:
+        Deliverer(master(scripted.url), spool).deliver(path)
+    assert refused.value.status == status
+    assert len(scripted.requests) == 1, "a refusal is not retried"
+    assert spool.pending() == [path] and not spool.is_delivered("run-1")
+
+
+def test_undeliverable_report_is_kept_after_the_deadline(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    path = spool.save(report())
+    with pytest.raises(Undelivered, match="not delivered after"):
+        Deliverer(master("http://127.0.0.1:9"), spool).deliver(path, give_up_after_s=1)
+    assert spool.pending() == [path]
+
+
+def test_unreachable_master_is_transient() -> None:
+    with pytest.raises(Transient, match="GET /x"):
+        master("http://127.0.0.1:9").request("GET", "/x")
+
+
+def test_heartbeat_body_and_jitter(scripted: Scripted) -> None:
+    beats = Heartbeats(master(scripted.url), "run-1", interval_s=10)
+    beats.update(state="running", done=2, total=5)
+    first, second = beats.body(), beats.body()
+    assert (first["seq"], second["seq"]) == (1, 2)
+    assert first["state"] == "running" and (first["tasks_done"], first["tasks_total"]) == (2, 5)
+    assert first["interval_s"] == 10 and len(first["sent_at"]) == 27
+    delays = [beats.next_delay() for _ in range(500)]
+    assert 8 <= min(delays) < 9 and 11 < max(delays) <= 12
+
+
+def test_heartbeat_thread_retries_and_sends_a_last_beat(scripted: Scripted) -> None:
+    scripted.script((503, {}, b""), (204, {}, b""))
+    beats = Heartbeats(master(scripted.url), "run-1", interval_s=0.05)
+    beats.start()
+    while beats.sent < 3:
+        threading.Event().wait(0.01)
+    beats.stop(final_state="done")
+    posted = [json.loads(r[3]) for r in scripted.requests]
+    assert {r[1] for r in scripted.requests} == {"/v1/nodes/node-a/heartbeats"}
+    assert posted[-1]["state"] == "done"
+    assert [p["seq"] for p in posted] == sorted(p["seq"] for p in posted)
+
+
+def test_gateway_download_checks_the_announced_sha(scripted: Scripted, tmp_path: Path) -> None:
+    data = b"\x1f\x8b pipeline bytes"
+    good = hashlib.sha256(data).hexdigest()
+    scripted.script(
+        (200, {"X-Pipeline-SHA256": "0" * 64}, data),  # a broken transfer: retried
+        (200, {"X-Pipeline-SHA256": good}, data),
+    )
+    target = download(master(scripted.url), "etl", tmp_path / "etl.tar.gz")
+    assert target.read_bytes() == data and len(scripted.requests) == 2
+    assert scripted.requests[0][2]["x-node-id"] == "node-a"
+
+
+def test_gateway_refusal(scripted: Scripted, tmp_path: Path) -> None:
+    scripted.script((404, {}, b'{"error":"no pipeline named etl"}'))
+    with pytest.raises(Refused, match="404 no pipeline named etl"):
+        download(master(scripted.url), "etl", tmp_path / "etl.tar.gz")
+
+
+def test_local_archive_sha256(tmp_path: Path) -> None:
+    archive = tmp_path / "p.tar.gz"
+    archive.write_bytes(b"archive")
+    env = {"EXECUTOR_PIPELINE": str(archive), "EXECUTOR_STATE_DIR": str(tmp_path / "s")}
+    ok = load_config({**env, "EXECUTOR_PIPELINE_SHA256": sha256_of(archive)})
+    assert obtain_pipeline(ok, None) == archive
+    bad = load_config({**env, "EXECUTOR_PIPELINE_SHA256": "1" * 64})
+    with pytest.raises(Sha256Mismatch, match="expects 1111"):
+        obtain_pipeline(bad, None)
+    missing = load_config({**env, "EXECUTOR_PIPELINE": str(tmp_path / "nope")})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        obtain_pipeline(missing, None)
