@@ -1,11 +1,13 @@
 """Shared store throughput: executor run services vs `multiprocessing.Manager().dict()`.
 
-For get, set and incr, 1 and then 2 client processes (fork) hammer the store for a fixed
-time per round; a round's figure is the ops/s of each client (ops / elapsed), and the
-median over the rounds is printed with the ratio to the Manager dict. The Manager dict
-has no atomic incr: it is measured as `d[k] = d.get(k, 0) + 1` (not atomic, two round
-trips), which flatters the peer. A bare Python echo over AF_UNIX (one send, one recv,
-no work) runs alongside as the floor: what one round trip costs on this machine now.
+For get, get-miss, set and incr, 1 and then 2 client processes (fork) hammer the store
+for a fixed time per round; a round's figure is the ops/s of each client (ops /
+elapsed), and the median over the rounds is printed with the ratio to the Manager dict.
+`get` reads one unchanged key, which the executor answers from its validated per-process
+cache; `get-miss` reads a new (absent) key each time, which always costs a round trip.
+The Manager dict has no atomic incr: it is measured as `d[k] = d.get(k, 0) + 1` (not
+atomic, two round trips), which flatters the peer. A bare Python echo over AF_UNIX (one
+send, one recv, no work) runs alongside as the floor: what one round trip costs here now.
 Then the set-then-get round trip of a 1 MiB and a 16 MiB bytes value, median over
 many repetitions, for the executor and the Manager dict.
 
@@ -18,6 +20,7 @@ Goals (issue 3): >= 30,000 ops/s per client, >= 3x Manager dict, 1 MiB round tri
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import os
@@ -39,7 +42,7 @@ from executor.services import RunServices, connect  # noqa: E402
 VALUE = {"id": 12345, "name": "x" * 64, "tags": ["a", "b"]}
 """A small, typical value (~120 bytes pickled)."""
 
-OPS = ("get", "set", "incr")
+OPS = ("get", "get-miss", "set", "incr")
 CTX = multiprocessing.get_context("fork")
 
 
@@ -47,6 +50,9 @@ def op_function(store: Any, op: str, native_incr: bool) -> Callable[[], object]:
     """One operation on `store` as a no-argument call."""
     if op == "get":
         return lambda: store["item"]
+    if op == "get-miss":  # a new key every time: never cached
+        keys = (f"absent-{i}" for i in itertools.count())
+        return lambda: store.get(next(keys))
     if op == "set":
         return lambda: store.__setitem__("item", VALUE)
     if native_incr:
@@ -165,6 +171,9 @@ class EchoClient:
         self._round_trip()
 
     def __setitem__(self, key: str, value: Any) -> None:
+        self._round_trip()
+
+    def get(self, key: str, default: Any = None) -> None:
         self._round_trip()
 
     def incr(self, key: str) -> None:

@@ -159,14 +159,13 @@ class FrameReader:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._fds: deque[int] = deque()
-        self._scratch = bytearray(
-            _RECV_SIZE
-        )  # reused: a fresh big buffer per read costs page faults
+        # reused: a fresh big buffer for every read would cost page faults
+        self._received = memoryview(bytearray(_RECV_SIZE))
 
     def fill(self, sock: socket.socket) -> bool:
         """Read what `sock` has (blocking if it is a blocking socket); False at EOF."""
-        size, ancdata, flags, _ = sock.recvmsg_into([self._scratch], _ANC_SIZE, _RECV_FLAGS)
-        self._buf += self._scratch[:size]
+        size, ancdata, flags, _ = sock.recvmsg_into([self._received], _ANC_SIZE, _RECV_FLAGS)
+        self._buf += self._received[:size]
         if ancdata:
             fds = array.array("i")
             for level, kind, cdata in ancdata:
@@ -179,7 +178,7 @@ class FrameReader:
 
     def next(self) -> tuple[Message, deque[int]] | None:
         buf = self._buf
-        if len(buf) < _HEADER.size:
+        if len(buf) < 5:  # _HEADER.size
             return None
         length, nfds = _HEADER.unpack_from(buf)
         end = _HEADER.size + length
@@ -194,6 +193,7 @@ class FrameReader:
         return msg, deque(self._fds.popleft() for _ in range(nfds))
 
     def close(self) -> None:
+        self._received.release()
         while self._fds:
             os.close(self._fds.popleft())
 
@@ -245,7 +245,8 @@ class Connection:
         self._pid = os.getpid()
         self._fork = _forks
         self._calls = threading.Lock()
-        self._sending = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._sending = threading.Condition(self._send_lock)  # wakes the flusher
         self._backlog: deque[tuple[memoryview, list[int]]] = deque()
         self._flusher: threading.Thread | None = None
         self._reader = FrameReader()
@@ -270,9 +271,11 @@ class Connection:
         A "pending" reply means the server parked the request: `on_block` runs, the
         final reply is awaited, then `on_unblock` runs.
         """
-        self._check_owner()
+        if self._fork != _forks or self._closed:
+            self._check_owner()
         with self._calls:
-            self._settle()
+            if self._owed:
+                self._settle()
             self._send(msg, blobs)
             self._owed += 1
             answered = False
@@ -368,7 +371,7 @@ class Connection:
     def _send(self, msg: Message, blobs: Sequence[Blob]) -> None:
         fds = [blob.fd for blob in blobs if blob.fd >= 0] if blobs else []
         data = pack(msg, len(fds))
-        with self._sending:
+        with self._send_lock:
             sent = 0
             if not self._backlog:
                 try:
@@ -452,14 +455,16 @@ class Connection:
             queue.append(blob)
 
     def _read_frame(self, timeout: float | None) -> tuple[Message, deque[int]] | None:
-        while (frame := self._reader.next()) is None:
+        reader = self._reader
+        while (frame := reader.next()) is None:
             if timeout is not None and not self._poll.poll(timeout * 1000):
                 return None
             try:
-                if not self._reader.fill(self._sock):
-                    raise ServiceError("the run's services closed the connection")
+                alive = reader.fill(self._sock)
             except OSError as exc:
                 raise ServiceError(f"the run's services are gone: {exc}") from None
+            if not alive:
+                raise ServiceError("the run's services closed the connection")
         return frame
 
 

@@ -255,9 +255,12 @@ class _Server:
         if not alive:
             self._drop(peer)
             return
+        reader = peer.reader
         try:
-            while peer.fd in self._peers and (frame := peer.reader.next()) is not None:
+            while (frame := reader.next()) is not None:
                 self._handle(peer, *frame)
+                if peer.fd not in self._peers:
+                    break
         except ServiceError:
             self._drop(peer)  # a client that breaks the protocol loses its connection
 
@@ -265,8 +268,7 @@ class _Server:
         op = msg[0]
         try:
             if op in STORE_OPS:
-                reply, blobs = self._store.apply(msg, fds)
-                self._deliver(peer, reply, blobs)
+                self._deliver(peer, *self._store.apply(msg, fds))
             elif op in EVENT_OPS:
                 for delivery in self._board.apply(peer, msg, fds, time.monotonic()):
                     self._deliver(*delivery)

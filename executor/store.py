@@ -2,16 +2,25 @@
 
 One `StoreTable` lives in the run's services process and holds every key of the run,
 so values written by earlier tasks are visible to later ones. Each worker process talks
-to it through its own `Store`. Every operation is one request answered after it was
+to it through its own `Store`. Every change is one request answered after it was
 applied, and the services process applies requests one at a time: `incr` and `cas` are
 atomic across all workers, and a value is visible to everyone once `store[k] = v` has
 returned. Values are kept encoded (the services process unpickles only for `incr`
 and `cas`); big ones stay in sealed shared memory (see `executor._wire`).
+
+Reads of unchanged keys need no round trip. The services process keeps a table of
+version counters in shared memory, one per hash bucket of keys, and bumps a key's
+bucket on every change before it answers. A `Store` remembers the small values it
+read with their bucket's version; while that version is unchanged, `store[k]`,
+`store.get(k)` and `k in store` answer from memory (a fresh unpickled copy each time).
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 import pickle
+import zlib
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +29,17 @@ from executor._wire import Blob, Connection, Message, decode, encode, load, same
 
 Reply = tuple[Message, list[Blob]]
 
-STORE_OPS = frozenset({"get", "set", "del", "has", "keys", "incr", "cas"})
+STORE_OPS = frozenset({"get", "set", "del", "has", "keys", "incr", "cas", "versions"})
 """The requests a StoreTable applies."""
+
+_BUCKETS = 1 << 16
+_CACHE_MAX_BYTES = 16 << 20  # a Store forgets everything when its cache grows past this
+_ENTRY_OVERHEAD = 100  # bytes counted per cached key besides the key and value
+
+
+def _bucket(key: str) -> int:
+    """The version bucket of `key` (the same in every process, unlike hash())."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) & (_BUCKETS - 1)
 
 
 def _check_key(key: object) -> str:
@@ -40,13 +58,24 @@ class Store:
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
+        reply, fds = conn.call(("versions",))
+        fd = fds.popleft()
+        try:
+            self._map = mmap.mmap(fd, reply[1], prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self._versions = memoryview(self._map).cast("Q")
+        self._cache: dict[str, tuple[int, bytes | None]] = {}
+        self._cached_bytes = 0
 
     def __reduce__(self) -> Any:
         raise TypeError("a Store cannot be pickled: give workers the services address")
 
     def __getitem__(self, key: str) -> Any:
-        reply, fds = self._conn.call(("get", _check_key(key), False))
-        return load(reply[1], fds)
+        found, value = self._read(_check_key(key))
+        if not found:
+            raise KeyError(key)
+        return value
 
     def __setitem__(self, key: str, value: Any) -> None:
         blob = encode(value)
@@ -56,12 +85,16 @@ class Store:
         self._conn.call(("del", _check_key(key)))
 
     def __contains__(self, key: object) -> bool:
-        reply, _ = self._conn.call(("has", _check_key(key)))
+        key = _check_key(key)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == self._versions[_bucket(key)]:
+            return hit[1] is not None
+        reply, _ = self._conn.call(("has", key))
         return bool(reply[1])
 
     def get(self, key: str, default: Any = None) -> Any:
-        reply, fds = self._conn.call(("get", _check_key(key), True))
-        return default if reply[1] is None else load(reply[1], fds)
+        found, value = self._read(_check_key(key))
+        return value if found else default
 
     def keys(self) -> list[str]:
         """A snapshot of the keys, in insertion order."""
@@ -90,6 +123,29 @@ class Store:
     def close(self) -> None:
         """Close the connection (shared with this process's Events)."""
         self._conn.close()
+        self._cache.clear()
+        self._versions.release()
+        self._map.close()
+
+    def _read(self, key: str) -> tuple[bool, Any]:
+        """(found, value) of `key`: from the cache while its bucket is unchanged."""
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == self._versions[_bucket(key)]:
+            enc = hit[1]
+            return (False, None) if enc is None else (True, pickle.loads(enc))
+        reply, fds = self._conn.call(("get", key))
+        _, enc, version = reply
+        if enc is None or isinstance(enc, bytes):
+            self._remember(key, version, enc)
+        return (False, None) if enc is None else (True, load(enc, fds))
+
+    def _remember(self, key: str, version: int, enc: bytes | None) -> None:
+        if key not in self._cache:
+            self._cached_bytes += _ENTRY_OVERHEAD + len(key) + len(enc or b"")
+            if self._cached_bytes > _CACHE_MAX_BYTES:
+                self._cache.clear()
+                self._cached_bytes = _ENTRY_OVERHEAD + len(key) + len(enc or b"")
+        self._cache[key] = (version, enc)
 
 
 class StoreTable:
@@ -97,7 +153,13 @@ class StoreTable:
 
     def __init__(self) -> None:
         self._data: dict[str, Blob] = {}
+        size = _BUCKETS * 8
+        self._versions_fd = os.memfd_create("executor-store-versions", os.MFD_CLOEXEC)
+        os.ftruncate(self._versions_fd, size)
+        self._map = mmap.mmap(self._versions_fd, size)
+        self._versions = memoryview(self._map).cast("Q")
         self._ops: dict[str, Callable[..., Reply]] = {
+            "versions": self._share_versions,
             "get": self._get,
             "set": self._set,
             "del": self._del,
@@ -109,29 +171,38 @@ class StoreTable:
 
     def apply(self, msg: Message, fds: deque[int]) -> Reply:
         """Apply one request; the reply and the stored values it sends back."""
-        op, *args = msg
-        if args:
-            _check_key(args[0])
-        return self._ops[op](fds, *args)
+        if len(msg) > 1 and type(msg[1]) is not str:
+            _check_key(msg[1])
+        return self._ops[msg[0]](fds, *msg[1:])
 
     def close(self) -> None:
         for blob in self._data.values():
             blob.close()
         self._data.clear()
+        self._versions.release()
+        self._map.close()
+        os.close(self._versions_fd)
+
+    def _changed(self, key: str) -> None:
+        """Bump the version of `key`'s bucket: cached copies of it are stale now."""
+        self._versions[_bucket(key)] += 1
 
     def _put(self, key: str, blob: Blob) -> None:
         old = self._data.pop(key, None)
         if old is not None:
             old.close()
         self._data[key] = blob
+        self._changed(key)
 
-    def _get(self, fds: deque[int], key: str, missing_ok: bool) -> Reply:
+    def _share_versions(self, fds: deque[int]) -> Reply:
+        return ("ok", len(self._map)), [Blob(b"", self._versions_fd)]
+
+    def _get(self, fds: deque[int], key: str) -> Reply:
         blob = self._data.get(key)
-        if blob is not None:
-            return ("ok", blob.enc), [blob]
-        if missing_ok:
-            return ("ok", None), []
-        raise KeyError(key)
+        version = self._versions[_bucket(key)]
+        if blob is None:
+            return ("ok", None, version), []
+        return ("ok", blob.enc, version), [blob]
 
     def _set(self, fds: deque[int], key: str, enc: Any) -> Reply:
         self._put(key, take(enc, fds))
@@ -139,6 +210,7 @@ class StoreTable:
 
     def _del(self, fds: deque[int], key: str) -> Reply:
         self._data.pop(key).close()
+        self._changed(key)
         return ("ok", None), []
 
     def _has(self, fds: deque[int], key: str) -> Reply:

@@ -164,6 +164,54 @@ def test_non_str_keys_raise_type_error(
     assert store.keys() == []
 
 
+def test_cached_reads_see_every_change_made_elsewhere(
+    services: RunServices, client: tuple[Store, Events]
+) -> None:
+    reader, _ = client
+    writer, _ = connect(services.address)
+    try:
+        writer["k"] = [1]
+        assert reader["k"] == [1] and reader.get("gone") is None and "gone" not in reader
+        got = reader["k"]
+        got.append(2)  # a cached read still hands out a fresh copy
+        assert reader["k"] == [1]
+        writer["k"] = [3]
+        writer["gone"] = "here"
+        assert reader["k"] == [3] and reader.get("gone") == "here" and "gone" in reader
+        writer.incr("n")
+        assert reader["n"] == 1
+        writer.incr("n")
+        assert reader["n"] == 2
+        assert writer.cas("n", 2, "two")
+        assert reader["n"] == "two"
+        del writer["k"]
+        assert "k" not in reader
+        with pytest.raises(KeyError):
+            reader["k"]
+    finally:
+        writer.close()
+
+
+def test_cached_reads_need_no_round_trip(
+    services: RunServices, client: tuple[Store, Events]
+) -> None:
+    store, _ = client
+    store["k"] = {"cached": True}
+    assert store["k"] == {"cached": True}
+    pid = services.pid
+    assert pid is not None
+    results: list[Any] = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        reader = threading.Thread(target=lambda: results.append((store["k"], "k" in store)))
+        reader.start()
+        reader.join(60)  # generous: a read that needed the frozen server would never end
+        assert not reader.is_alive()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert results == [({"cached": True}, True)]
+
+
 def test_incr_type_errors(client: tuple[Store, Events]) -> None:
     store, _ = client
     store["text"] = "x"

@@ -23,6 +23,7 @@ def request(table: StoreTable, op: str, *args: Any, blobs: tuple[Blob, ...] = ()
     assert not fds, "every descriptor of a request is consumed"
     assert reply[0] == "ok"
     if op == "get" and reply[1] is not None:
+        assert reply[2] >= 1, "a stored key's bucket has been changed at least once"
         return decode(sent[0])
     return reply[1]
 
@@ -40,8 +41,8 @@ def table() -> StoreTable:
 def test_set_get_delete_contains_keys(table: StoreTable) -> None:
     put(table, "a", {"x": [1, 2]})
     put(table, "b", None)
-    assert request(table, "get", "a", False) == {"x": [1, 2]}
-    assert request(table, "get", "b", False) is None
+    assert request(table, "get", "a") == {"x": [1, 2]}
+    assert request(table, "get", "b") is None
     assert request(table, "has", "b") is True
     assert request(table, "keys") == ["a", "b"]
     request(table, "del", "a")
@@ -49,12 +50,33 @@ def test_set_get_delete_contains_keys(table: StoreTable) -> None:
     assert request(table, "keys") == ["b"]
 
 
-def test_missing_keys_raise_key_error_unless_a_default_is_asked(table: StoreTable) -> None:
-    with pytest.raises(KeyError):
-        table.apply(("get", "nope", False), deque())
+def test_missing_keys(table: StoreTable) -> None:
     with pytest.raises(KeyError):
         table.apply(("del", "nope"), deque())
-    assert table.apply(("get", "nope", True), deque())[0] == ("ok", None)
+    reply, blobs = table.apply(("get", "nope"), deque())
+    assert reply[:2] == ("ok", None) and blobs == []
+
+
+def versions_of(table: StoreTable, *keys: str) -> list[int]:
+    return [table.apply(("get", key), deque())[0][2] for key in keys]
+
+
+def test_every_change_bumps_the_version_of_the_key_and_reads_do_not(table: StoreTable) -> None:
+    seen = [versions_of(table, "k", "other")]
+    put(table, "k", 1)
+    seen.append(versions_of(table, "k", "other"))
+    request(table, "incr", "k", 1)
+    seen.append(versions_of(table, "k", "other"))
+    assert cas(table, "k", 2, 3)
+    assert not cas(table, "k", 2, 4), "a failed cas changes nothing"
+    seen.append(versions_of(table, "k", "other"))
+    request(table, "del", "k")
+    seen.append(versions_of(table, "k", "other"))
+    request(table, "has", "k")
+    request(table, "keys")
+    seen.append(versions_of(table, "k", "other"))
+    assert [v[0] for v in seen] == [0, 1, 2, 3, 4, 4]
+    assert {v[1] for v in seen} == {0}, "another bucket is untouched"
 
 
 def test_non_str_keys_are_refused(table: StoreTable) -> None:
@@ -86,7 +108,7 @@ def test_cas_none_matches_only_a_missing_key(table: StoreTable) -> None:
     assert not cas(table, "k", None, "second")
     put(table, "n", None)
     assert not cas(table, "n", None, 1), "a stored None is not a missing key"
-    assert request(table, "get", "k", False) == "first"
+    assert request(table, "get", "k") == "first"
 
 
 def test_cas_compares_values_not_pickles(table: StoreTable) -> None:
@@ -95,7 +117,7 @@ def test_cas_compares_values_not_pickles(table: StoreTable) -> None:
     put(table, "i", 1)
     assert cas(table, "i", 1.0, 2)
     assert not cas(table, "i", 3, 4)
-    assert request(table, "get", "i", False) == 2
+    assert request(table, "get", "i") == 2
 
 
 def test_cas_on_big_values(table: StoreTable) -> None:
@@ -103,7 +125,7 @@ def test_cas_on_big_values(table: StoreTable) -> None:
     put(table, "b", big)
     assert not cas(table, "b", big[:-1] + b"!", "no")
     assert cas(table, "b", big, "yes")
-    assert request(table, "get", "b", False) == "yes"
+    assert request(table, "get", "b") == "yes"
 
 
 @pytest.mark.parametrize(
