@@ -103,6 +103,16 @@ def prepare_node(
 ) -> tuple[qemu.VmConfig, nodestate.NodeRecord]:
     """Write everything one node boots from into its state directory."""
     workdir = claim_workdir(node.node_id)
+    try:
+        return _prepare_files(plan, node, ssh_port, workdir)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)  # nothing of a node that never started
+        raise
+
+
+def _prepare_files(
+    plan: BootPlan, node: seed.NodeVars, ssh_port: int, workdir: Path
+) -> tuple[qemu.VmConfig, nodestate.NodeRecord]:
     key_file, public_key = nodestate.make_ssh_key(workdir, f"fleetbake-{node.node_id}")
     node = dataclasses.replace(node, ssh_keys=(public_key, *node.ssh_keys))
     made = seed.render_seed(node)

@@ -94,3 +94,11 @@ def test_a_stale_record_of_a_dead_node_is_cleared(state_home: Path) -> None:
     )
     assert boot.claim_workdir("n") == workdir  # a stale record is cleared
     assert not (workdir / nodestate.RECORD).exists()
+
+
+def test_an_unreadable_image_leaves_no_node_behind(tmp_path: Path, state_home: Path) -> None:
+    image = tmp_path / "broken.qcow2"
+    image.write_bytes(b"QFI\xfb" + b"\xff" * 60)  # a qcow2 magic with a corrupt header
+    code, output = invoke("boot", str(image), "--node-id", "n", "--accel", "tcg")
+    assert code == 2 and "is not a disk image QEMU can read" in output, output
+    assert not nodestate.node_dir("n").exists()
