@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -23,6 +22,7 @@ from starlette.exceptions import HTTPException
 from imagefactory import __version__
 from imagefactory.server.auth import Authority, bearer_token
 from imagefactory.server.config import ServerConfig
+from imagefactory.server.fastpath import HeartbeatFastPath, record_heartbeat, validation_message
 from imagefactory.server.heartbeats import HeartbeatWriter
 from imagefactory.server.limits import BodyLimitMiddleware
 from imagefactory.server.schemas import (
@@ -35,7 +35,7 @@ from imagefactory.server.schemas import (
     ReportAck,
     RunSummary,
 )
-from imagefactory.server.storage import HeartbeatRow, Storage
+from imagefactory.server.storage import Storage
 
 log = logging.getLogger("imagefactory.server")
 
@@ -48,12 +48,6 @@ XNodeId = Annotated[str | None, Header(alias="X-Node-ID")]
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413)
 }
-
-
-def _validation_message(errors: list[Any]) -> str:
-    first = errors[0]
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-    return f"invalid {where}: {first.get('msg', 'invalid value')}"
 
 
 def create_app(config: ServerConfig, storage: Storage | None = None) -> FastAPI:
@@ -78,6 +72,8 @@ def create_app(config: ServerConfig, storage: Storage | None = None) -> FastAPI:
         lifespan=lifespan,
         responses=ERRORS,
     )
+    # The last added runs first: the size limit, then the heartbeat fast path.
+    app.add_middleware(HeartbeatFastPath, authority=authority, writer=writer)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes)
 
     @app.exception_handler(HTTPException)
@@ -86,21 +82,21 @@ def create_app(config: ServerConfig, storage: Storage | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": _validation_message(list(exc.errors()))}, status_code=400)
+        return JSONResponse({"error": validation_message(list(exc.errors()))}, status_code=400)
 
     @app.exception_handler(Exception)
     async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error", exc_info=exc)
         return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
 
+    # Valid node ids are answered by HeartbeatFastPath before they get here; this route
+    # documents the endpoint and rejects invalid node ids.
     @app.post("/v1/nodes/{node_id}/heartbeats", status_code=204, response_class=Response)
     async def heartbeat(
         node_id: NodeId, beat: Heartbeat, authorization: Authorization = None
     ) -> Response:
         """A node is alive; records its run, state and progress."""
-        authority.require_node(bearer_token(authorization), node_id)
-        row = HeartbeatRow(node_id=node_id, last_seen=time.time(), **beat.model_dump())
-        await writer.record(row)
+        await record_heartbeat(authority, writer, node_id, authorization, beat)
         return Response(status_code=204)
 
     @app.put("/v1/runs/{run_id}/report", response_model=ReportAck, status_code=201)
@@ -192,6 +188,6 @@ def _parse_report(body: bytes) -> dict[str, Any]:
     try:
         Report.model_validate(report)
     except ValidationError as exc:
-        raise HTTPException(400, _validation_message(list(exc.errors()))) from None
+        raise HTTPException(400, validation_message(list(exc.errors()))) from None
     assert isinstance(report, dict)
     return report
