@@ -11,6 +11,7 @@ APT_PACKAGES=(
   python3-venv python3-dev gcc make git
   vagrant vagrant-libvirt
   cloud-init
+  postgresql
 )
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
