@@ -402,16 +402,34 @@ def test_the_engine_publisher_does_not_block_on_a_frozen_server(
     publisher = services.publisher()
     pid = services.pid
     assert pid is not None
-    payload = b"p" * 4000
-    os.kill(pid, signal.SIGSTOP)
+    payload = b"p" * 8000
+    with events.subscribe("flood") as sub:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for i in range(2000):  # 16 MB: far more than the socket buffers hold
+                publisher.publish("flood", (i, payload))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        publisher.publish("flood-done", 1999)
+        assert events.wait("flood-done", timeout=120) == 1999
+        assert [sub.get(timeout=120)[0] for _ in range(2000)] == list(range(2000))
+    assert events.wait("flood", timeout=0) == (1999, payload)
+
+
+def test_a_blocked_wait_fails_clearly_when_the_services_stop() -> None:
+    svc = RunServices("stops-under-a-wait")
+    svc.start()
+    store, events = connect(svc.address)
+    stopper = threading.Timer(0.3, svc.stop)
+    stopper.start()
     try:
-        for i in range(5000):  # ~20 MB: far more than the socket buffers hold
-            publisher.publish("flood", (i, payload))
+        with pytest.raises(ServiceError, match="closed the connection"):
+            events.wait("never")
+        with pytest.raises(ServiceError):
+            store["k"] = 1
     finally:
-        os.kill(pid, signal.SIGCONT)
-    publisher.publish("flood-done", 4999)
-    assert events.wait("flood-done", timeout=120) == 4999
-    assert events.wait("flood", timeout=0) == (4999, payload)
+        stopper.join()
+        store.close()
 
 
 # Clients and the server process
