@@ -184,7 +184,10 @@ class FrameReader:
         end = _HEADER.size + length
         if len(buf) < end:
             return None
-        msg = pickle.loads(buf[_HEADER.size : end])
+        try:
+            msg = pickle.loads(buf[_HEADER.size : end])
+        except Exception as exc:
+            raise ServiceError(f"protocol error: an unreadable frame ({exc})") from None
         del buf[:end]
         if not nfds:
             return msg, deque()

@@ -92,11 +92,29 @@ class RunServices:
         if self._proc is not None:
             raise ServiceError("the run's services are already started")
         self._dir = tempfile.mkdtemp(prefix=f"executor-{_slug(self.run_id)}-", dir=_socket_base())
+        try:
+            self._spawn()
+            probe = Connection(self.address)
+            try:
+                probe.call(("ping",))
+            finally:
+                probe.close()
+        except ServiceError:
+            code = self._proc.wait() if self._proc is not None else None
+            self.stop()
+            raise ServiceError(f"the run's services exited at start (code {code})") from None
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self) -> None:
+        """Bind the socket here (clients may connect at once), then start the server on it."""
+        sock_dir = os.path.dirname(self.address)  # the server removes it when it exits
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
             listener.bind(self.address)
             listener.listen(socket.SOMAXCONN)
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "executor.services", str(listener.fileno()), self._dir],
+                [sys.executable, "-m", "executor.services", str(listener.fileno()), sock_dir],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 pass_fds=(listener.fileno(),),
@@ -105,18 +123,6 @@ class RunServices:
                 # measurably worsened wake-up tails. Terminal SIGINT is ignored by the server.
                 start_new_session=False,
             )
-        try:
-            probe = Connection(self.address)
-            try:
-                probe.call(("ping",))
-            finally:
-                probe.close()
-        except ServiceError:
-            code = self._proc.wait()
-            self.stop()
-            raise ServiceError(
-                f"the run's services process exited at start (code {code})"
-            ) from None
 
     def publisher(self) -> Events:
         """A new Events client for the manager: publishes reserved topics without blocking.
@@ -146,6 +152,7 @@ class RunServices:
                 proc.wait()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
 
 def _slug(run_id: str) -> str:

@@ -6,8 +6,10 @@ import multiprocessing
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -455,6 +457,33 @@ def test_clients_refuse_pickling_and_use_after_fork(client: tuple[Store, Events]
 def test_a_wrong_address_is_a_clear_error(tmp_path: Any) -> None:
     with pytest.raises(ServiceError, match="cannot reach the run's services"):
         connect(str(tmp_path / "nothing.sock"))
+
+
+def test_a_client_breaking_the_protocol_is_dropped_and_others_go_on(
+    services: RunServices, client: tuple[Store, Events]
+) -> None:
+    store, _ = client
+    rogue = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    rogue.connect(services.address)
+    try:
+        rogue.sendall(b"\x05\x00\x00\x00\x00garbage")
+        assert rogue.recv(100) == b"", "the server closes the rogue connection"
+    finally:
+        rogue.close()
+    assert store.incr("still-served") == 1
+
+
+def test_a_server_that_cannot_start_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", "")
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    svc = RunServices("never-starts")
+    with pytest.raises(ServiceError, match="exited at start"):
+        svc.start()
+    assert svc.pid is None
+    with pytest.raises(ServiceError, match="not started"):
+        connect(svc.address)
+    leftovers = [p for p in os.listdir(tempfile.gettempdir()) if "never-starts" in p]
+    assert leftovers == [], "the socket directory is removed"
 
 
 def test_stop_is_idempotent_and_removes_the_socket_dir() -> None:
