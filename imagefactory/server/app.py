@@ -6,6 +6,7 @@ request that is rejected changes nothing: all checks run before the one write it
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp
 
 from imagefactory import __version__
 from imagefactory.server.auth import Authority, bearer_token
@@ -50,8 +52,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(config: ServerConfig, storage: Storage | None = None) -> FastAPI:
-    """The ASGI app. `storage` defaults to one opened on `config.db_url`."""
+def create_app(config: ServerConfig, storage: Storage | None = None) -> ASGIApp:
+    """The ASGI app: the FastAPI API behind the body limit and the heartbeat fast path.
+    `storage` defaults to one opened on `config.db_url`."""
     store = storage if storage is not None else Storage(config.db_url)
     authority = Authority(config.secret, config.admin_token)
     writer = HeartbeatWriter(store)
@@ -71,10 +74,8 @@ def create_app(config: ServerConfig, storage: Storage | None = None) -> FastAPI:
         redoc_url=None,
         lifespan=lifespan,
         responses=ERRORS,
+        **_without_telemetry(),
     )
-    # The last added runs first: the size limit, then the heartbeat fast path.
-    app.add_middleware(HeartbeatFastPath, authority=authority, writer=writer)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
@@ -176,7 +177,18 @@ def create_app(config: ServerConfig, storage: Storage | None = None) -> FastAPI:
         data, sha = found
         return Response(data, media_type="application/gzip", headers={"X-Pipeline-SHA256": sha})
 
-    return app
+    # Outside in: the size limit, then the heartbeat fast path, then FastAPI.
+    fast = HeartbeatFastPath(app, authority, writer)
+    return BodyLimitMiddleware(fast, max_body_bytes=config.max_body_bytes)
+
+
+def _without_telemetry() -> dict[str, Any]:
+    """Newer FastAPI traces every request with OpenTelemetry unless told not to (a large part
+    of the cost of a heartbeat); older versions have no such option."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    off = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+    return {"telemetry": off}
 
 
 def _parse_report(body: bytes) -> dict[str, Any]:

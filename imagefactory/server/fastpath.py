@@ -10,6 +10,7 @@ FastAPI route rejects), goes on to the FastAPI app, which also documents the end
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from typing import Any
@@ -23,6 +24,8 @@ from imagefactory.server.auth import Authority, bearer_token
 from imagefactory.server.heartbeats import HeartbeatWriter
 from imagefactory.server.schemas import ID_PATTERN, Heartbeat
 from imagefactory.server.storage import HeartbeatRow
+
+log = logging.getLogger("imagefactory.server")
 
 HEARTBEAT_PATH = re.compile(rf"/v1/nodes/(?P<node_id>{ID_PATTERN.strip('^$')})/heartbeats")
 
@@ -70,6 +73,11 @@ class HeartbeatFastPath:
             await record_heartbeat(self.authority, self.writer, node_id, authorization, beat)
         except HTTPException as exc:
             await JSONResponse({"error": exc.detail}, exc.status_code)(scope, receive, send)
+            return
+        except Exception as exc:  # outside FastAPI: answer like its internal error handler
+            log.exception("internal error", exc_info=exc)
+            error = {"error": f"internal error: {type(exc).__name__}"}
+            await JSONResponse(error, 500)(scope, receive, send)
             return
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
