@@ -17,7 +17,7 @@ passwd --lock root >/dev/null
 journalctl --relinquish-var >/dev/null 2>&1 || true
 rm -rf /var/log/journal/* /var/lib/systemd/random-seed
 find /var/log -type f -exec truncate -s 0 {} +
-apt-get clean
+rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin
 rm -rf /var/lib/apt/lists/* /tmp/* /var/tmp/*
 # The build key last.
 rm -rf /root/.ssh
