@@ -11,6 +11,8 @@ peer, and each peer's median relative to the executor's `wait`:
 - mp.Event            `multiprocessing.Event` + a shared Value (a futex wake-up: the floor)
 - mp.Queue            `multiprocessing.Queue` put -> get
 - Manager Queue       `multiprocessing.Manager().Queue()` put -> get
+- relay floor         raw bytes through a bare Python relay process: the two hops of any
+                      broker design (publisher -> broker -> waiter) with no work at all
 
     .venv/bin/python benchmarks/events.py                # 1,000 events per peer
     .venv/bin/python benchmarks/events.py --events 300 --json
@@ -23,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import select
+import socket
 import statistics
 import sys
 import time
@@ -112,7 +116,50 @@ class QueuePeer:
         return int(self.queue.get())
 
 
-Peer = ExecutorWait | MpEvent | QueuePeer
+class RelayFloor:
+    """A bare Python relay process (epoll, no work) between publisher and waiter.
+
+    The same two hops as a broker-based event system, with nothing else: the floor for
+    the executor's design on this machine at this moment.
+    """
+
+    name = "relay floor"
+
+    def __init__(self) -> None:
+        self.publisher, relay_in = socket.socketpair()
+        relay_out, self.waiter = socket.socketpair()
+        self.relay = CTX.Process(target=self.forward, args=(relay_in, relay_out), daemon=True)
+        self.relay.start()
+        relay_in.close()
+        relay_out.close()
+
+    @staticmethod
+    def forward(source: socket.socket, target: socket.socket) -> None:
+        poller = select.epoll()
+        poller.register(source.fileno(), select.EPOLLIN)
+        while True:
+            poller.poll()
+            data = source.recv(4096)
+            if not data:
+                return
+            target.send(data)
+
+    def open(self, role: str) -> None:
+        pass
+
+    def publish(self, i: int, stamp: int) -> None:
+        self.publisher.send(stamp.to_bytes(8, "little"))
+
+    def wait(self, i: int) -> int:
+        return int.from_bytes(self.waiter.recv(8), "little")
+
+    def stop(self) -> None:
+        self.publisher.close()
+        self.waiter.close()
+        self.relay.join(10)
+
+
+Peer = ExecutorWait | MpEvent | QueuePeer | RelayFloor
 
 
 def waiter(peer: Peer, count: int, pipe: Connection) -> None:
@@ -156,6 +203,7 @@ def main() -> int:
             MpEvent(),
             QueuePeer("mp.Queue", CTX.Queue()),
             QueuePeer("Manager Queue", manager.Queue()),
+            RelayFloor(),
         ]
         for peer in peers:
             lat = measure(peer, args.events, args.gap)
@@ -164,6 +212,8 @@ def main() -> int:
                 "p99_us": statistics.quantiles(lat, n=100)[98],
             }
             results[peer.name] = cell
+            if isinstance(peer, RelayFloor):
+                peer.stop()
             if not args.json:
                 base = results["executor wait"]["median_us"]
                 print(
