@@ -4,6 +4,7 @@ master is down, crashes of the server and of the agent, refusals, the gateway, p
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -244,3 +245,34 @@ def test_poweroff_once_acknowledged(
     )
     assert proc.start().wait() == 0, proc.tail()
     assert marker.exists() and len(reports(server)) == 1
+
+
+def test_standalone_without_a_master(agent: AgentFactory, tmp_path: Path) -> None:
+    unused = ServerProcess(tmp_path / "unused")
+    unused.workdir.mkdir()
+    unused.secret_file.write_text("s\n")
+    proc = agent(unused, write_pipeline(tmp_path / "p"), EXECUTOR_RUN_ID="solo")
+    del proc.env["EXECUTOR_MASTER_URL"], proc.env["EXECUTOR_TOKEN"]
+    assert proc.start().wait() == 0, proc.tail()
+    results = json.loads((proc.state_dir / "runs" / "solo" / "results.json").read_text())
+    assert results["status"] == "succeeded"
+    assert not (proc.state_dir / "spool").exists() or not any((proc.state_dir / "spool").iterdir())
+
+
+def test_a_master_that_never_answers_does_not_hold_up_the_run(
+    agent: AgentFactory, tmp_path: Path
+) -> None:
+    """Heartbeats hang on a master that accepts connections and never answers; the run
+    still finishes and its report is spooled, waiting for delivery."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        mute = ServerProcess(tmp_path / "mute", port=silent.getsockname()[1])
+        mute.workdir.mkdir()
+        mute.secret_file.write_text("s\n")
+        proc = agent(mute, write_pipeline(tmp_path / "p"), EXECUTOR_RUN_ID="r-mute").start()
+        proc.wait_for("runs/r-mute/results.json")
+        spooled = proc.wait_for("spool/r-mute.json")
+        assert json.loads(spooled.read_text())["status"] == "succeeded"
+        assert proc.proc is not None and proc.proc.poll() is None, "still trying to deliver"
+        proc.kill()
