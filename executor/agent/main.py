@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,10 @@ class Agent:
             reason = f"pipeline not run: {exc}"
             log.error("%s", reason)
             results, code, state = self._not_run(log_path, reason), EXIT_INVALID, "invalid"
+        except Exception:  # still report: the master must hear of a node whose run broke
+            reason = f"run failed in the agent:\n{traceback.format_exc()}"
+            log.error("%s", reason)
+            results, code, state = self._not_run(log_path, reason), EXIT_FAILED, "failed"
         if self.beats is not None:
             self.beats.update(state="reporting")
         report = {**results, "log": log_path.read_text(encoding="utf-8", errors="replace")}

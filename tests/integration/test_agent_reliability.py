@@ -276,3 +276,15 @@ def test_a_master_that_never_answers_does_not_hold_up_the_run(
         assert json.loads(spooled.read_text())["status"] == "succeeded"
         assert proc.proc is not None and proc.proc.poll() is None, "still trying to deliver"
         proc.kill()
+
+
+def test_invalid_pipeline_is_reported(
+    server: ServerProcess, agent: AgentFactory, tmp_path: Path
+) -> None:
+    broken = write_pipeline(tmp_path / "p")
+    (broken / "pipeline.json").write_text('{"format": 1, "name": "x", "tasks": [{"id": "a"}]}')
+    proc = agent(server, broken, EXECUTOR_RUN_ID="r-broken")
+    assert proc.start().wait() == 2, proc.tail()
+    [stored] = reports(server)
+    assert (stored["status"], stored["tasks"]) == ("failed", {})
+    assert "pipeline not run: " in stored["log"] and "pipeline.json" in stored["log"]

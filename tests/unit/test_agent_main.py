@@ -47,3 +47,30 @@ def test_help_through_the_executor_command(capsys: pytest.CaptureFixture[str]) -
     assert exited.value.code == 0
     out = capsys.readouterr().out
     assert "EXECUTOR_POWEROFF_COMMAND" in out and "EXECUTOR-STATUS node=<id>" in out
+
+
+def test_an_agent_error_during_the_run_still_produces_a_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from executor.agent import main as agent_main
+    from executor.agent.config import load_config
+
+    def broken(*_args: object) -> dict[str, object]:
+        raise RuntimeError("engine exploded")
+
+    monkeypatch.setattr(agent_main, "run_pipeline", broken)
+    env = {
+        "EXECUTOR_NODE_ID": "node-a",
+        "EXECUTOR_RUN_ID": "r1",
+        "EXECUTOR_PIPELINE": str(tmp_path),
+        "EXECUTOR_STATE_DIR": str(tmp_path / "state"),
+    }
+    config = load_config(env)
+    assert agent_main.Agent(config).run() == (1, "failed")
+    results = (config.run_dir / "results.json").read_text()
+    assert '"tasks": {}' in results and '"status": "failed"' in results
+    log = (config.run_dir / "combined.log").read_text()
+    assert "RuntimeError: engine exploded" in log
+    # A second start finds the outcome and does not run again.
+    monkeypatch.setattr(agent_main, "run_pipeline", None)
+    assert agent_main.Agent(config).run() == (1, "failed")
