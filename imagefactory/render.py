@@ -161,6 +161,10 @@ def build_seed(key_comment: str) -> tuple[str, str]:
         "users: []\n"
         "ssh_pwauth: false\n"
         f"ssh_authorized_keys:\n  - {json.dumps(key_comment)}\n"
+        # The build needs only the init stage (hostname, growpart, SSH); the later stages
+        # would compete with provisioning for the emulated CPU.
+        "cloud_config_modules: []\n"
+        "cloud_final_modules: []\n"
     )
     return meta, user
 
