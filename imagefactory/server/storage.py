@@ -111,7 +111,10 @@ class Storage:
             index_elements=[nodes.c.node_id],
             set_={c.name: insert.excluded[c.name] for c in nodes.c if c.name != "node_id"},
             where=sa.or_(
-                nodes.c.run_id != insert.excluded.run_id, nodes.c.seq <= insert.excluded.seq
+                nodes.c.run_id != insert.excluded.run_id,
+                nodes.c.seq <= insert.excluded.seq,
+                # A restarted agent counts from 1 again, but its beats are newer.
+                nodes.c.sent_at < insert.excluded.sent_at,
             ),
         )
 
@@ -123,7 +126,8 @@ class Storage:
     def record_heartbeats(self, rows: Iterable[HeartbeatRow]) -> None:
         """Upsert the latest heartbeat per node, in one transaction (a group commit).
 
-        A heartbeat of the same run with a lower seq (a late retry) does not move a node back.
+        A heartbeat of the same run with a lower seq and an older sent_at (a late retry) does
+        not move a node back.
         """
         latest: dict[str, HeartbeatRow] = {}
         for row in rows:

@@ -111,6 +111,11 @@ def test_late_heartbeat_does_not_move_node_back(client: TestClient) -> None:
     client.post("/v1/nodes/node-a/heartbeats", json=beat(seq=4), headers=headers)
     [node] = client.get("/v1/nodes", headers=auth(ADMIN)).json()
     assert node["state"] == "done"
+    # A restarted agent counts from 1 again; its beats are newer, so they count.
+    later = TIME.replace("03:04:05", "03:09:00")
+    client.post("/v1/nodes/node-a/heartbeats", json=beat(seq=1, sent_at=later), headers=headers)
+    [node] = client.get("/v1/nodes", headers=auth(ADMIN)).json()
+    assert node["state"] == "running"
     client.post("/v1/nodes/node-a/heartbeats", json=beat("run-2", seq=0), headers=headers)
     [node] = client.get("/v1/nodes", headers=auth(ADMIN)).json()
     assert (node["run_id"], node["state"]) == ("run-2", "running")
