@@ -123,6 +123,8 @@ def serve(
     for path, what in ((secret_file, "fleet secret"), (admin_token_file, "admin token")):
         if ensure_secret(path):
             click.echo(f"created {what} file {path}", err=True)
+    if "://" not in db:
+        Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
     if host not in LOOPBACK_HOSTS:
         click.echo(f"warning: listening on non-loopback address {host}", err=True)
     config = ServerConfig(
