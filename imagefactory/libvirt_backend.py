@@ -100,13 +100,12 @@ def domain_xml(config: qemu.VmConfig, uid: int | None = None, gid: int | None = 
         # A fixed slot on the root bus, clear of the slots libvirt hands out from 0x1.
         "-device",
         f"virtio-net-pci,netdev=net0,bus=pcie.0,addr={NIC_SLOT}",
-        "-sandbox",
-        qemu.SANDBOX,
     ]
     for arg in [*args, *extra_args, *config.target.extra_qemu_args]:
         _sub(commandline, f"{{{QEMU_NS}}}arg", value=arg)
-    # libvirt's own sandbox has spawn=deny, which would stop the guestfwd relay: drop
-    # it, and pass the same sandbox minus spawn=deny above.
+    # libvirt's seccomp sandbox has spawn=deny, which stops QEMU from starting the
+    # guestfwd relay. (Even without spawn=deny, guests' connections to the master were
+    # closed unanswered: the relay inherits the filter.) No sandbox, like the QEMU backend.
     capabilities = _sub(domain, f"{{{QEMU_NS}}}capabilities")
     _sub(capabilities, f"{{{QEMU_NS}}}del", capability="seccomp-sandbox")
     ET.indent(domain)

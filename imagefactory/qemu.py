@@ -32,9 +32,6 @@ from imagefactory.targets import Target
 GUEST_MASTER_IP = "10.0.2.100"
 """Where the guest reaches the master: an address inside QEMU's user network 10.0.2.0/24."""
 GUEST_SSH_PORT = 22
-SANDBOX = "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny"
-"""QEMU's seccomp sandbox as libvirt sets it, except `spawn=deny`: the guestfwd relay is
-a process QEMU starts per connection."""
 
 
 @dataclass(frozen=True)
@@ -189,8 +186,6 @@ def qemu_argv(config: VmConfig) -> list[str]:
         # Entropy for first-boot SSH host key generation.
         "-device",
         "virtio-rng-pci",
-        "-sandbox",
-        SANDBOX,
         "-chardev",
         f"file,id=console0,path={_opt(config.console_log)}",
         "-serial",

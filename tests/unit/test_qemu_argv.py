@@ -56,9 +56,7 @@ def test_x86_64_under_tcg() -> None:
     assert values(argv, "-netdev") == ["user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:2201-:22"]
     assert values(argv, "-chardev") == ["file,id=console0,path=/s/n-1/console.log"]
     assert values(argv, "-serial") == ["chardev:console0"]
-    assert values(argv, "-sandbox") == [
-        "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny"  # spawn: the relay
-    ]
+    assert "-sandbox" not in argv  # a seccomp sandbox would kill the guestfwd relay
 
 
 def test_kvm_uses_the_host_cpu() -> None:
