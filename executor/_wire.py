@@ -2,7 +2,7 @@
 
     worker or manager process                    services process (one per run)
     -------------------------                    ------------------------------
-    Store / Events ──call(msg, blobs)──► Connection ══AF_UNIX══► selectors loop
+    Store / Events ──call(msg, blobs)──► Connection ══AF_UNIX══► epoll loop
                    ◄──reply ("ok"|"err"|"pending"|"timeout")══     ├─ StoreTable
                    ◄──("ev", sid, value) for subscriptions═══      └─ TopicBoard
 
@@ -275,7 +275,7 @@ class Connection:
         final reply is awaited, then `on_unblock` runs.
         """
         if self._fork != _forks or self._closed:
-            self._check_owner()
+            self._refuse(blobs)
         with self._calls:
             if self._owed:
                 self._settle()
@@ -309,7 +309,8 @@ class Connection:
 
     def cast(self, msg: Message, blobs: Sequence[Blob] = ()) -> None:
         """Send a request that has no reply; never blocks."""
-        self._check_owner()
+        if self._fork != _forks or self._closed:
+            self._refuse(blobs)
         self._send(msg, blobs)
 
     def open_queue(self, sid: int) -> None:
@@ -326,7 +327,8 @@ class Connection:
 
         Raises EOFError once the subscription is closed or the services are gone.
         """
-        self._check_owner()
+        if self._fork != _forks or self._closed:
+            self._refuse(())
         with self._calls:
             queue = self._queues.get(sid)
             if queue is None:
@@ -362,14 +364,16 @@ class Connection:
         for sid in list(self._queues):
             self.close_queue(sid)
 
-    def _check_owner(self) -> None:
-        if self._fork != _forks:
-            raise ServiceError(
-                f"this services client belongs to process {self._pid}; "
-                "call executor.services.connect(address) in each worker process"
-            )
+    def _refuse(self, blobs: Sequence[Blob]) -> None:
+        """Raise for a client used after a fork or after close (releasing `blobs`)."""
+        for blob in blobs:
+            blob.close()
         if self._closed:
             raise ServiceError("this services client is closed")
+        raise ServiceError(
+            f"this services client belongs to process {self._pid}; "
+            "call executor.services.connect(address) in each worker process"
+        )
 
     def _send(self, msg: Message, blobs: Sequence[Blob]) -> None:
         fds = [blob.fd for blob in blobs if blob.fd >= 0] if blobs else []
@@ -380,6 +384,8 @@ class Connection:
                 try:
                     sent = send_now(self._sock, data, fds)
                 except OSError as exc:
+                    for blob in blobs:
+                        blob.close()
                     raise ServiceError(f"the run's services are gone: {exc}") from None
             if sent:
                 for blob in blobs:

@@ -2,7 +2,7 @@
 
     manager process                              services process (python -m executor.services)
     ───────────────                              ───────────────────────────────────────────────
-    RunServices.start() ─ binds the socket, ───► selectors loop, single thread:
+    RunServices.start() ─ binds the socket, ───► epoll loop, single thread:
                           spawns the server        listening socket ─► one _Peer per client
     RunServices.publisher() ─ Events ──────────►   StoreTable (store.py), TopicBoard (events.py)
     worker: connect(address) ─ Store, Events ──►   stdin pipe: EOF = the manager is gone
@@ -213,7 +213,11 @@ class _Server:
             timeout = _PARENT_CHECK_S
             if deadline is not None:
                 timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+            if self._store.has_retired:
+                timeout = 0.0  # release replaced values as soon as nothing else is waiting
             ready = self._poll.poll(timeout)
+            if not ready:
+                self._store.release_retired()
             if (not ready or turn % 1024 == 0) and os.getppid() != self._parent:
                 return  # re-parented: the manager died (its pipe may live on in workers)
             for fd, mask in ready:

@@ -34,6 +34,7 @@ STORE_OPS = frozenset({"get", "set", "del", "has", "keys", "incr", "cas", "versi
 
 _BUCKETS = 1 << 16
 _CACHE_MAX_BYTES = 16 << 20  # a Store forgets everything when its cache grows past this
+_RETIRED_MAX = 32  # replaced big values kept for release while the services are idle
 _ENTRY_OVERHEAD = 100  # bytes counted per cached key besides the key and value
 
 
@@ -78,8 +79,9 @@ class Store:
         return value
 
     def __setitem__(self, key: str, value: Any) -> None:
+        key = _check_key(key)
         blob = encode(value)
-        self._conn.call(("set", _check_key(key), blob.enc), [blob])
+        self._conn.call(("set", key, blob.enc), [blob])
 
     def __delitem__(self, key: str) -> None:
         self._conn.call(("del", _check_key(key)))
@@ -153,6 +155,7 @@ class StoreTable:
 
     def __init__(self) -> None:
         self._data: dict[str, Blob] = {}
+        self._retired: list[Blob] = []  # replaced big values, released when the loop is idle
         size = _BUCKETS * 8
         self._versions_fd = os.memfd_create("executor-store-versions", os.MFD_CLOEXEC)
         os.ftruncate(self._versions_fd, size)
@@ -175,7 +178,18 @@ class StoreTable:
             _check_key(msg[1])
         return self._ops[msg[0]](fds, *msg[1:])
 
+    @property
+    def has_retired(self) -> bool:
+        return bool(self._retired)
+
+    def release_retired(self) -> None:
+        """Free the memory of replaced big values (slow on some VMs: kept off the replies)."""
+        for blob in self._retired:
+            blob.close()
+        self._retired.clear()
+
     def close(self) -> None:
+        self.release_retired()
         for blob in self._data.values():
             blob.close()
         self._data.clear()
@@ -187,10 +201,14 @@ class StoreTable:
         """Bump the version of `key`'s bucket: cached copies of it are stale now."""
         self._versions[_bucket(key)] += 1
 
+    def _retire(self, blob: Blob | None) -> None:
+        if blob is not None and blob.fd >= 0:
+            self._retired.append(blob)
+            if len(self._retired) > _RETIRED_MAX:
+                self.release_retired()
+
     def _put(self, key: str, blob: Blob) -> None:
-        old = self._data.pop(key, None)
-        if old is not None:
-            old.close()
+        self._retire(self._data.pop(key, None))
         self._data[key] = blob
         self._changed(key)
 
@@ -209,7 +227,7 @@ class StoreTable:
         return ("ok", None), []
 
     def _del(self, fds: deque[int], key: str) -> Reply:
-        self._data.pop(key).close()
+        self._retire(self._data.pop(key))
         self._changed(key)
         return ("ok", None), []
 
@@ -236,9 +254,9 @@ class StoreTable:
             swap = old is None
         else:
             swap = old is not None and same_value(old, want)
-            want.close()
+            self._retire(want)
         if swap:
             self._put(key, blob)
         else:
-            blob.close()
+            self._retire(blob)
         return ("ok", swap), []
