@@ -178,3 +178,15 @@ def test_same_value_falls_back_to_bytes_when_a_value_cannot_load() -> None:
         decode(Blob(UNLOADABLE))
     assert same_value(Blob(UNLOADABLE), Blob(UNLOADABLE))
     assert not same_value(Blob(UNLOADABLE), Blob(pickle.dumps(1)))
+
+
+def test_replaced_big_values_are_released_when_the_loop_is_idle(table: StoreTable) -> None:
+    put(table, "k", b"a" * BIG_VALUE)
+    held = table._data["k"].fd
+    put(table, "k", "small now")
+    assert table.has_retired
+    os.fstat(held)  # still open: releasing waits for an idle moment
+    table.release_retired()
+    assert not table.has_retired
+    with pytest.raises(OSError):
+        os.fstat(held)
