@@ -67,19 +67,21 @@ class _PipeHandler(logging.Handler):
 
     def __init__(self, fd: int) -> None:
         super().__init__()
-        self._fd = fd
+        self.fd = fd
+        """The log pipe of the task's capture slot (see CaptureSlots)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
             while data:
-                data = data[os.write(self._fd, data) :]
+                data = data[os.write(self.fd, data) :]
         except Exception:
             self.handleError(record)
 
 
-def install_log_capture(fd: int) -> logging.Logger:
-    """Route logging records in this worker to the log pipe; return the ``ctx.log`` logger.
+def install_log_capture(fd: int) -> tuple[logging.Logger, _PipeHandler]:
+    """Route logging records in this worker to the log pipe; return the ``ctx.log``
+    logger and the handler.
 
     The handler sits on the root logger, so records of any library logger a task uses
     (WARNING and up, the root's default level) arrive too, tagged ``log``.
@@ -92,4 +94,29 @@ def install_log_capture(fd: int) -> logging.Logger:
     root.addHandler(handler)
     task_logger = logging.getLogger(TASK_LOGGER)
     task_logger.setLevel(logging.DEBUG)
-    return task_logger
+    return task_logger, handler
+
+
+class CaptureSlots:
+    """The worker's two sets of capture pipes, ``(out, err, log)`` descriptors each.
+
+    A task queued behind the running one starts the moment that one ends, before the
+    manager has read the end of its output; writing to the other set keeps the two
+    tasks' bytes apart, so every line is attributed to the task that wrote it.
+    """
+
+    def __init__(self, slots: tuple[tuple[int, int, int], ...]) -> None:
+        self._slots = slots
+        self._current = 0
+        out, err, log = slots[0]
+        redirect_std_streams(out, err)
+        self.logger, self._handler = install_log_capture(log)
+
+    def use(self, slot: int) -> None:
+        """Send fds 1 and 2 and log records to ``slot`` (the streams are flushed)."""
+        if slot != self._current:
+            out, err, log = self._slots[slot]
+            os.dup2(out, 1)
+            os.dup2(err, 2)
+            self._handler.fd = log
+            self._current = slot

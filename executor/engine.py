@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -37,11 +37,11 @@ from executor.combined_log import CombinedLog
 from executor.events import Events
 from executor.framing import frame
 from executor.pipeline import Pipeline
-from executor.pool import STREAMS, WorkerHandle, spawn_worker
+from executor.pool import SLOTS, STREAMS, WorkerHandle, spawn_worker
 from executor.results import build_results, run_status, write_results
 from executor.scheduler import DagState
 from executor.services import RunServices
-from executor.worker import BLOCKED, DONE, UNBLOCKED
+from executor.worker import ACK, BLOCKED, DONE, RETURNED, UNBLOCKED
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -49,9 +49,12 @@ ProgressCallback = Callable[[int, int], None]
 _STREAM, _RESULT, _SENTINEL, _WAKEUP = 0, 1, 2, 3
 _READ_SIZE = 64 * 1024
 _STOP = frame(None)
+_ACK = frame(ACK)
 # A worker that dies this many times in a row before running a task is not replaced.
 _MAX_STARTUP_DEATHS = 3
 _TOPIC = "executor.task."
+# Tasks are queued behind a running one only while they take less than this on average.
+_PREFETCH_BELOW_S = 0.002
 # Lifecycle events are published in bursts: when this many are waiting, or this late.
 _LIFECYCLE_BATCH = 64
 _LIFECYCLE_DELAY_S = 0.002
@@ -77,6 +80,8 @@ class RunConfig:
     """multiprocessing start method (``fork``, ``forkserver``, ``spawn``); None: default."""
     deadlock_grace_s: float = 1.0
     """How long every worker must stay blocked in events.wait before that is a deadlock."""
+    prefetch: bool = True
+    """Queue one more task behind a running one while tasks are short (faster wide DAGs)."""
 
 
 def run(
@@ -127,6 +132,10 @@ class _Manager:
         self.cancel_signal: int | None = None
         self.cancelling = False
         self.startup_deaths = 0
+        self.task_seconds: float | None = None
+        """Moving average of task durations (decides whether to prefetch)."""
+        self.waited = False
+        """Whether a task has blocked waiting for an event (then no more prefetch)."""
         self.generation = 0
         self.deadlock_armed = False
         self.publisher: Events | None = None
@@ -220,25 +229,58 @@ class _Manager:
     # --- dispatch ----------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        state, idle = self.state, self.idle
-        while state.ready and idle:
-            task_id = state.ready.popleft()
-            worker = idle.pop()
-            now = time.time()
-            attempt = state.start(task_id, now)
-            task = self.pipeline.tasks[task_id]
-            message = (task_id, attempt, task.call, task.args, state.upstream_json(task_id))
-            worker.task = (task_id, attempt)
-            worker.dispatched_at = now
-            self.busy += 1
-            self.generation += 1
-            try:
-                worker.send_task(frame(message))
-            except OSError:
-                pass  # the worker just died: its sentinel fails this attempt
-            if task.timeout is not None:
-                self._after(task.timeout, self._timeout_action(worker, task_id, attempt))
-            self.notes.append(("started", task_id, attempt, "running", "started"))
+        ready, idle = self.state.ready, self.idle
+        while ready and idle:
+            self._send(idle.pop(), ready.popleft())
+        if ready and self._prefetching():
+            for worker in self.workers:
+                if worker.task is not None and not worker.queued and not worker.waits:
+                    self._send(worker, ready.popleft())
+                    if not ready:
+                        break
+
+    def _prefetching(self) -> bool:
+        """Queue a task behind a running one only while tasks are short (then the
+        worker starts it without waiting for the manager, and nothing waits long behind
+        a task that runs for a while) and until a task first waits for an event: tasks
+        that coordinate through events keep the ready queue's order."""
+        if not self.config.prefetch or self.waited:
+            return False
+        average = self.task_seconds
+        return average is not None and average < _PREFETCH_BELOW_S
+
+    def _send(self, worker: WorkerHandle, task_id: str) -> None:
+        """Send ``task_id`` to ``worker``: to run now if it is idle, else queued."""
+        now = time.time()
+        attempt = self.state.start(task_id, now)
+        task = self.pipeline.tasks[task_id]
+        slot = worker.free_slot()
+        worker.owners[slot] = task_id
+        message = (task_id, attempt, task.call, task.args, self.state.upstream_json(task_id), slot)
+        if worker.task is None:
+            self._begin(worker, task_id, attempt, slot, now)
+            text = "started"
+        else:
+            worker.queued.append((task_id, attempt, slot))
+            text = f"started (queued behind {worker.task[0]})"
+        try:
+            worker.send_task(frame(message))
+        except OSError:
+            pass  # the worker just died: its sentinel fails or returns this attempt
+        self.notes.append(("started", task_id, attempt, "running", text))
+
+    def _begin(
+        self, worker: WorkerHandle, task_id: str, attempt: int, slot: int, now: float
+    ) -> None:
+        """``worker`` runs ``task_id`` from now on."""
+        worker.task = (task_id, attempt)
+        worker.slot = slot
+        worker.dispatched_at = now
+        self.busy += 1
+        self.generation += 1
+        timeout = self.pipeline.tasks[task_id].timeout
+        if timeout is not None:
+            self._after(timeout, self._timeout_action(worker, task_id, attempt))
 
     def _emit_notes(self) -> None:
         notes, self.notes = self.notes, []
@@ -298,18 +340,53 @@ class _Manager:
         for message in worker.reader.feed(data):
             self._on_message(worker, message)
 
+    def _drain_results(self, worker: WorkerHandle) -> None:
+        connection = worker.results
+        while not connection.closed:
+            try:
+                data = os.read(connection.fileno(), _READ_SIZE)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            for message in worker.reader.feed(data):
+                self._on_message(worker, message)
+
     def _on_message(self, worker: WorkerHandle, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == DONE:
             self._task_done(worker, *message[1:])
-        elif kind == BLOCKED and not message[2]:  # a timed wait ends by itself
-            worker.blocked_topic = message[1]
-            self.blocked += 1
+        elif kind == BLOCKED:
+            worker.waits += 1
+            self.waited = True
+            if not message[2]:  # a timed wait ends by itself: it cannot deadlock
+                worker.blocked_topic = message[1]
+                self.blocked += 1
             self.generation += 1
-        elif kind == UNBLOCKED and worker.blocked_topic is not None:
-            worker.blocked_topic = None
-            self.blocked -= 1
+            with suppress(OSError):
+                worker.send_task(_ACK)  # the worker gives back what is queued behind
+        elif kind == UNBLOCKED:
+            worker.waits -= 1
+            if worker.blocked_topic is not None:
+                worker.blocked_topic = None
+                self.blocked -= 1
             self.generation += 1
+        elif kind == RETURNED:
+            self._give_back(worker, message[1])
+
+    def _give_back(self, worker: WorkerHandle, task_ids: list[str]) -> None:
+        """Tasks queued on ``worker`` that it will not run go back to the ready queue,
+        first in line, in their order."""
+        returned = set(task_ids)
+        kept = [entry for entry in worker.queued if entry[0] not in returned]
+        for task_id, attempt, _ in reversed(worker.queued):
+            if task_id in returned:
+                self.log.executor(f"task {task_id} attempt {attempt} given back unstarted")
+                if not self.cancelling:
+                    self.state.unstart(task_id)
+        worker.queued.clear()
+        worker.queued.extend(kept)
+        self.generation += 1
 
     def _task_done(
         self,
@@ -321,10 +398,16 @@ class _Manager:
         started: float,
         finished: float,
     ) -> None:
-        self._flush_partial_lines(worker)
+        self._drain_slot(worker, worker.slot)
         self._release(worker)
-        self.idle.append(worker)
+        if worker.queued:
+            self._begin(worker, *worker.queued.popleft(), time.time())
+        else:
+            self.idle.append(worker)
         self.startup_deaths = 0
+        duration = finished - started
+        average = self.task_seconds
+        self.task_seconds = duration if average is None else 0.9 * average + 0.1 * duration
         if self.cancelling:
             return  # the task is already recorded as cancelled
         if ok:
@@ -334,13 +417,14 @@ class _Manager:
             self._attempt_failed(task_id, attempt, payload, started, finished)
 
     def _release(self, worker: WorkerHandle) -> None:
+        """``worker`` no longer runs its task."""
         if worker.task is not None:
-            worker.last_task = worker.task[0]
             worker.task = None
             self.busy -= 1
         if worker.blocked_topic is not None:
             worker.blocked_topic = None
             self.blocked -= 1
+        worker.waits = 0
         self.generation += 1
 
     def _attempt_failed(
@@ -370,10 +454,12 @@ class _Manager:
             self.state.retry_due(task_id)
 
     def _worker_died(self, worker: WorkerHandle) -> None:
+        self._drain_results(worker)  # what it reported before dying still counts
         self._retire(worker)
         description = worker.exit_description()
         task = worker.task
         self._release(worker)
+        self._give_back(worker, [task_id for task_id, _, _ in worker.queued])
         if task is None:
             self.log.executor(f"worker {worker.pid} {description} while idle")
             self.startup_deaths += 1
@@ -406,14 +492,17 @@ class _Manager:
             return
         complete = worker.splitters[index].feed(data)
         if complete:
-            self.log.write(worker.source, STREAMS[index], complete, time.time())
+            self.log.write(worker.source(index), STREAMS[index % 3], complete, time.time())
 
-    def _drain_streams(self, worker: WorkerHandle) -> None:
-        """Read everything left in a worker's pipes (it has exited or is exiting)."""
-        for index, connection in enumerate(worker.streams):
-            if connection.closed:
-                continue
-            while True:
+    def _drain_slot(self, worker: WorkerHandle, slot: int) -> None:
+        """Read all that is in one capture slot's pipes, then its unfinished last lines.
+
+        Called when the slot's task has ended: a queued task may have started and
+        finished after the last wait returned, so epoll's readiness is not enough.
+        """
+        for index in range(slot * 3, slot * 3 + 3):
+            connection = worker.streams[index]
+            while not connection.closed:
                 try:
                     data = os.read(connection.fileno(), _READ_SIZE)
                 except BlockingIOError:
@@ -422,14 +511,16 @@ class _Manager:
                     break
                 complete = worker.splitters[index].feed(data)
                 if complete:
-                    self.log.write(worker.source, STREAMS[index], complete, time.time())
-        self._flush_partial_lines(worker)
+                    stream = STREAMS[index % 3]
+                    self.log.write(worker.source(index), stream, complete, time.time())
+        self._flush_partial_lines(worker, slot)
 
-    def _flush_partial_lines(self, worker: WorkerHandle) -> None:
-        for index, splitter in enumerate(worker.splitters):
-            rest = splitter.rest()
+    def _flush_partial_lines(self, worker: WorkerHandle, slot: int) -> None:
+        """Write the unfinished last lines of one capture slot (its task has ended)."""
+        for index in range(slot * 3, slot * 3 + 3):
+            rest = worker.splitters[index].rest()
             if rest:
-                self.log.write(worker.source, STREAMS[index], rest, time.time())
+                self.log.write(worker.source(index), STREAMS[index % 3], rest, time.time())
 
     # --- workers -----------------------------------------------------------------
 
@@ -447,7 +538,8 @@ class _Manager:
 
     def _retire(self, worker: WorkerHandle) -> None:
         """Collect a finished worker's last output, stop watching it, close its pipes."""
-        self._drain_streams(worker)
+        for slot in range(SLOTS):
+            self._drain_slot(worker, slot)
         worker.retired = True
         self.workers.remove(worker)
         if worker in self.idle:

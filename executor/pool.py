@@ -1,20 +1,21 @@
 """Worker processes as the manager sees them: start, message, signal, reap.
 
-Each worker gets five pipes. The manager keeps the write end of ``tasks`` and the read
-ends of ``results``, ``out``, ``err`` and ``log``; its copies of the worker's ends are
-closed right after the start, so a dead worker's pipes report end-of-file and nothing
-the worker wrote before dying is lost.
+Each worker gets a task pipe, a results pipe and two capture slots of three pipes each
+(stdout, stderr, log records). The manager keeps the write end of ``tasks`` and the read
+ends of the others; its copies of the worker's ends are closed right after the start,
+so a dead worker's pipes report end-of-file and nothing it wrote before dying is lost.
 
-    manager                               worker (own process group)
-    tasks  ──(task_id, attempt, ...)──►   recv, fn(ctx, **args)
-    results ◄──(DONE | BLOCKED | ...)──   send
-    out/err/log ◄──── raw bytes ──────    fd 1, fd 2, logging handler
+    manager                                   worker (own process group)
+    tasks    ──(task_id, ..., slot) | ACK──►  fn(ctx, **args)
+    results  ◄──(DONE | BLOCKED | ...)─────   send
+    slot 0/1 ◄── out, err, log bytes ───────  fd 1, fd 2, logging handler
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from collections import deque
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
@@ -26,10 +27,14 @@ from executor.framing import FrameReader, write_frame
 from executor.worker import WorkerBoot, worker_main
 
 STREAMS = (OUT, ERR, LOG)
+SLOTS = 2
 
 
 class WorkerHandle:
-    """One live worker process and its pipes, plus what it is running."""
+    """One live worker process and its pipes, plus what it is running.
+
+    ``streams[slot * 3 + i]`` is stream ``STREAMS[i]`` of capture slot ``slot``.
+    """
 
     def __init__(
         self,
@@ -43,27 +48,36 @@ class WorkerHandle:
         self.tasks = tasks
         self.results = results
         self.streams = streams
-        self.splitters = [LineSplitter(stream) for stream in STREAMS]
+        self.splitters = [LineSplitter(STREAMS[i % 3]) for i in range(len(streams))]
         self.reader = FrameReader()
         """Reassembles messages from the results pipe."""
         self.task: tuple[str, int] | None = None
-        """(task_id, attempt) while busy."""
-        self.last_task: str | None = None
-        """Output arriving between tasks is attributed to the task before."""
+        """(task_id, attempt) of the task it runs."""
+        self.slot = 0
+        """The capture slot of that task."""
+        self.queued: deque[tuple[str, int, int]] = deque()
+        """(task_id, attempt, slot) sent to run after it (prefetched)."""
+        self.owners: list[str | None] = [None] * SLOTS
+        """Per capture slot, the task whose output it carries (the last one sent to it)."""
+        self.waits = 0
+        """How many of its threads wait in ctx.events (no prefetch meanwhile)."""
         self.blocked_topic: str | None = None
-        """The topic its task waits for in ctx.events.wait, if it is blocked."""
+        """The topic of an untimed wait, while there is one (deadlock detection)."""
         self.kill_reason: dict[str, Any] | None = None
         """The error to record when the manager kills this worker on purpose."""
         self.dispatched_at = 0.0
-        """When the current task was sent (the start of an attempt that crashes)."""
+        """When the current task was sent or promoted (the start of an attempt that crashes)."""
         self.retired = False
         """Set once the manager has reaped it and closed its pipes."""
 
-    @property
-    def source(self) -> str:
-        """The combined log source for output read from this worker now."""
-        task_id = self.task[0] if self.task else self.last_task
+    def source(self, index: int) -> str:
+        """The combined log source of output read now from ``streams[index]``."""
+        task_id = self.owners[index // 3]
         return "executor" if task_id is None else f"task:{task_id}"
+
+    def free_slot(self) -> int:
+        """A capture slot no task of this worker is using."""
+        return 1 - self.slot if self.task is not None else self.slot
 
     def send_task(self, data: bytes) -> None:
         """Send one frame (executor/framing.py) to the worker."""
@@ -93,13 +107,12 @@ def spawn_worker(context: BaseContext, boot_fields: dict[str, Any]) -> WorkerHan
     """Start one worker process with fresh pipes."""
     task_r, task_w = Pipe(duplex=False)
     result_r, result_w = Pipe(duplex=False)
-    stream_pairs = [Pipe(duplex=False) for _ in STREAMS]
+    stream_pairs = [Pipe(duplex=False) for _ in range(SLOTS * len(STREAMS))]
+    writers = [w for _, w in stream_pairs]
     boot = WorkerBoot(
         tasks=task_r,
         results=result_w,
-        out=stream_pairs[0][1],
-        err=stream_pairs[1][1],
-        log=stream_pairs[2][1],
+        capture=tuple((writers[i], writers[i + 1], writers[i + 2]) for i in range(0, 6, 3)),
         **boot_fields,
     )
     # typeshed's BaseContext lacks Process, which every concrete context has.

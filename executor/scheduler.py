@@ -4,7 +4,7 @@ Pure bookkeeping with no processes or clocks of its own, so every transition is 
 tested directly. The engine's manager loop is its only user; all methods that change the
 state say so, and the first return value of each is what the engine must act on.
 
-    pending --(last upstream final)--> ready --start()--> running
+    pending --(last upstream final)--> ready --start()--> running --unstart()--> ready
     running --succeeded()--> succeeded
     running --attempt_failed()--> retry wait --retry_due()--> ready   (attempts left)
                               \\--> failed                           (no attempts left)
@@ -107,6 +107,16 @@ class DagState:
             record.status = RETRY_WAIT
             return task.retry_delay * 2 ** (record.attempts - 1), []
         return None, self._finish(task_id, FAILED)
+
+    def unstart(self, task_id: str) -> None:
+        """Mutates: ``task_id`` was sent to a worker but never began (the worker gave it
+        back or died first): it is ready again, first in line, and the attempt not counted."""
+        record = self.records[task_id]
+        record.attempts -= 1
+        if record.attempts == 0:
+            record.started_at = None
+        record.status = READY
+        self.ready.appendleft(task_id)
 
     def retry_due(self, task_id: str) -> None:
         """Mutates: the retry delay of ``task_id`` has passed; it is ready again."""

@@ -1,11 +1,19 @@
 """The worker process: started once per run, imports the pipeline code once, then runs
-one task at a time as the manager sends them.
+one task at a time as the manager sends them. The manager may queue one more task
+behind the running one (executor/engine.py, "prefetch"); it goes to the other capture
+slot (executor/capture.py, CaptureSlots).
 
 Messages (executor/framing.py: pickle protocol 5 on raw pipes, one hop each way):
 
-    manager -> worker   (task_id, attempt, call, args, upstream_json) | None (stop)
+    manager -> worker   (task_id, attempt, call, args, upstream_json, slot)
+                        ACK (answers BLOCKED) | None (stop)
     worker -> manager   (DONE, task_id, attempt, ok, payload, started, finished)
                         (BLOCKED, topic, timed) | (UNBLOCKED,)   from ctx.events
+                        (RETURNED, [task_id, ...])   queued tasks given back
+
+Before a task blocks in ctx.events, the worker reports BLOCKED and reads its pipe up to
+the manager's ACK: tasks queued behind the blocked one are given back (RETURNED), since
+they may be the very tasks that would publish the awaited event.
 
 On success ``payload`` is the result as JSON text (checked here, so a result that is not
 JSON-serializable fails the attempt with a TypeError); on failure it is the error dict
@@ -30,20 +38,21 @@ from types import TracebackType
 from typing import Any
 
 from executor import _wire
-from executor.capture import flush_std_streams, install_log_capture, redirect_std_streams
+from executor.capture import CaptureSlots, flush_std_streams
 from executor.context import TaskContext
 from executor.events import Events
 from executor.framing import FrameReader, frame, read_message, write_frame
 from executor.pipeline import import_call
 from executor.store import Store
 
-DONE, BLOCKED, UNBLOCKED = 0, 1, 2
+DONE, BLOCKED, UNBLOCKED, RETURNED = 0, 1, 2, 3
+ACK = "ack"
 HIDDEN_VARIABLES = ("EXECUTOR_TOKEN",)
 _PR_SET_PDEATHSIG = 1
 # json.dumps(allow_nan=False) would build a new encoder for every result.
 _RESULT_ENCODER = json.JSONEncoder(allow_nan=False)
 
-TaskMessage = tuple[str, int, str, dict[str, Any], dict[str, str | None]]
+TaskMessage = tuple[str, int, str, dict[str, Any], dict[str, str | None], int]
 
 
 @dataclass(frozen=True)
@@ -59,32 +68,34 @@ class WorkerBoot:
     """Read end: task messages from the manager."""
     results: Connection
     """Write end: results and block notices to the manager."""
-    out: Connection
-    err: Connection
-    log: Connection
-    """Write ends of the stdout, stderr and log capture pipes."""
+    capture: tuple[tuple[Connection, Connection, Connection], ...]
+    """Write ends of the (stdout, stderr, log) capture pipes of each capture slot."""
 
 
 def worker_main(boot: WorkerBoot) -> None:
     """Entry point of a worker process."""
     _become_group_leader()
-    redirect_std_streams(boot.out.fileno(), boot.err.fileno())
+    slots = CaptureSlots(
+        tuple((out.fileno(), err.fileno(), log.fileno()) for out, err, log in boot.capture)
+    )
     stdout, stderr = sys.stdout, sys.stderr
-    logger = install_log_capture(boot.log.fileno())
     for name in HIDDEN_VARIABLES:
         os.environ.pop(name, None)
     sys.path.insert(0, boot.root)
     send = _sender(boot.results)
-    store, events = _connect_services(boot.services_address, send)
+    inbox = _Inbox(boot.tasks.fileno())
+    store, events = _connect_services(boot.services_address, send, inbox)
     functions = _import_calls(boot.calls)
     flush_std_streams()
-    tasks_fd, reader = boot.tasks.fileno(), FrameReader()
-    pending: list[TaskMessage | None] = []
+    logger = slots.logger
     while True:
-        message: TaskMessage | None = read_message(tasks_fd, reader, pending)
+        message = inbox.next()
         if message is None:
             return
-        task_id, attempt, call, args, upstream = message
+        if message == ACK:
+            continue  # answers a block notice from a thread that outlived its task
+        task_id, attempt, call, args, upstream, slot = message
+        slots.use(slot)
         ctx = TaskContext(
             task_id=task_id,
             attempt=attempt,
@@ -95,7 +106,9 @@ def worker_main(boot: WorkerBoot) -> None:
             events=events,
             log=logger,
         )
+        inbox.in_task = True
         outcome = run_task(functions[call], ctx, args)
+        inbox.in_task = False
         sys.stdout, sys.stderr = stdout, stderr  # a task that swapped them is undone
         send((DONE, task_id, attempt, *outcome))
 
@@ -199,15 +212,38 @@ class _TaskEvents(Events):
             self.timed = False
 
 
+class _Inbox:
+    """Messages from the manager, in order (frames read ahead are kept)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._reader = FrameReader()
+        self._pending: list[Any] = []
+        self.in_task = False
+        """True while a task runs: only then may a block notice read the pipe."""
+
+    def next(self) -> Any:
+        return read_message(self._fd, self._reader, self._pending)
+
+
 def _connect_services(
-    address: str, send: Callable[[tuple[Any, ...]], None]
+    address: str, send: Callable[[tuple[Any, ...]], None], inbox: _Inbox
 ) -> tuple[Store, _TaskEvents]:
     # As executor.services.connect(), with the events client above on the connection.
     connection = _wire.Connection(address)
     events = _TaskEvents(connection)
-    events.set_block_hooks(
-        lambda topic: send((BLOCKED, topic, events.timed)), lambda: send((UNBLOCKED,))
-    )
+
+    def on_block(topic: str) -> None:
+        send((BLOCKED, topic, events.timed))
+        if not inbox.in_task:
+            return
+        returned = []
+        while (message := inbox.next()) != ACK:
+            returned.append(message[0])
+        if returned:
+            send((RETURNED, returned))
+
+    events.set_block_hooks(on_block, lambda: send((UNBLOCKED,)))
     return Store(connection), events
 
 

@@ -112,6 +112,13 @@ def break_streams(ctx):
     raise ValueError("streams broken")
 
 
+def print_own(ctx, count):
+    for i in range(count):
+        print(ctx.task_id, i)
+    sys.stdout.write(f"{ctx.task_id} partial")
+    return ctx.task_id
+
+
 def store_incr(ctx, key, times):
     for _ in range(times):
         ctx.store.incr(key)

@@ -103,6 +103,22 @@ def test_a_task_breaking_its_streams_does_not_break_the_next(tmp_path: Path) -> 
     assert [text for source, _, text in records if source == "task:next"] == ["line 0", "line 1"]
 
 
+def test_queued_tasks_output_is_attributed_to_the_right_task(tmp_path: Path) -> None:
+    # Tiny tasks: the engine queues one behind the running one on each worker, and a
+    # queued task starts before the manager has read its predecessor's last line.
+    tasks = [task(f"t{i}", "print_own", args={"count": 3}) for i in range(400)]
+    results, log = run_pipeline(make_pipeline(tmp_path / "p", tasks), tmp_path, workers=2)
+    assert results["status"] == "succeeded"
+    assert "queued behind" in log
+    seen: dict[str, list[str]] = {}
+    for source, _, text in _records(log):
+        if source.startswith("task:"):
+            seen.setdefault(source[5:], []).append(text)
+    for i in range(400):
+        own = f"t{i}"
+        assert seen[own] == [f"{own} 0", f"{own} 1", f"{own} 2", f"{own} partial"]
+
+
 def test_crash_mid_line_keeps_the_partial_line_and_fails_the_task(tmp_path: Path) -> None:
     path = make_pipeline(tmp_path / "p", [task("c", "crash_mid_line")])
     results, log = run_pipeline(path, tmp_path)

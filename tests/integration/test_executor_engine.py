@@ -271,6 +271,45 @@ def test_deadlock_of_waiting_tasks_fails_clearly(tmp_path: Path) -> None:
     assert "deadlock: all 2 workers were blocked" in log
 
 
+def test_tasks_queued_behind_a_waiter_are_given_back(tmp_path: Path) -> None:
+    # Short tasks make the engine queue tasks behind running ones; a publisher queued
+    # behind the task waiting for it must be given back and run elsewhere.
+    warm = [task(f"w{i}", "add") for i in range(60)]
+    pairs = []
+    for n in range(6):
+        pairs += [
+            task(f"wait{n}", "wait_event", args={"topic": f"go{n}"}),
+            task(f"pub{n}", "publish_event", args={"topic": f"go{n}", "payload": n}),
+        ]
+    tail = [task(f"z{i}", "add") for i in range(60)]
+    path = make_pipeline(tmp_path / "p", [*warm, *pairs, *tail])
+    results, _ = run_pipeline(path, tmp_path, workers=2, deadlock_grace_s=5)
+    assert results["status"] == "succeeded", {
+        t: e["error"] for t, e in results["tasks"].items() if e["error"]
+    }
+    for n in range(6):
+        assert results["tasks"][f"wait{n}"]["result"] == n
+    assert all(entry["attempts"] == 1 for entry in results["tasks"].values())
+
+
+def test_tasks_queued_behind_a_crash_run_unharmed(tmp_path: Path) -> None:
+    tasks = [task(f"a{i}", "add") for i in range(100)]
+    tasks += [task(f"crash{i}", "crash_exit") for i in range(3)]
+    tasks += [task(f"b{i}", "add") for i in range(100)]
+    results, _ = run_pipeline(make_pipeline(tmp_path / "p", tasks), tmp_path, workers=2)
+    for task_id, entry in results["tasks"].items():
+        if task_id.startswith("crash"):
+            assert entry["error"]["type"] == "WorkerCrashed"
+        else:
+            assert (entry["status"], entry["attempts"]) == ("succeeded", 1), task_id
+
+
+def test_prefetch_can_be_turned_off(tmp_path: Path) -> None:
+    tasks = [task(f"t{i}", "add") for i in range(100)]
+    _, log = run_pipeline(make_pipeline(tmp_path / "p", tasks), tmp_path, prefetch=False)
+    assert "queued behind" not in log
+
+
 def test_a_timed_wait_is_not_a_deadlock(tmp_path: Path) -> None:
     path = make_pipeline(
         tmp_path / "p", [task("w", "wait_event", args={"topic": "never", "timeout": 1.5})]

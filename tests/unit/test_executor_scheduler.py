@@ -120,3 +120,15 @@ def test_retry_due_after_cancel_does_nothing() -> None:
     state.cancel_unfinished(2.0)
     state.retry_due("a")
     assert not state.ready and state.records["a"].status == "cancelled"
+
+
+def test_unstart_puts_the_task_first_in_line_without_counting_the_attempt() -> None:
+    state = DagState(_pipeline(("a", (), 0, "all_success"), ("b", (), 0, "all_success")))
+    state.ready.popleft()
+    assert state.start("a", 1.0) == 1
+    state.unstart("a")
+    assert list(state.ready) == ["a", "b"]
+    record = state.records["a"]
+    assert (record.status, record.attempts, record.started_at) == ("ready", 0, None)
+    state.ready.popleft()
+    assert state.start("a", 2.0) == 1
