@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -341,14 +342,7 @@ class _Manager:
             self._on_message(worker, message)
 
     def _drain_results(self, worker: WorkerHandle) -> None:
-        connection = worker.results
-        while not connection.closed:
-            try:
-                data = os.read(connection.fileno(), _READ_SIZE)
-            except BlockingIOError:
-                return
-            if not data:
-                return
+        for data in _available(worker.results):
             for message in worker.reader.feed(data):
                 self._on_message(worker, message)
 
@@ -501,14 +495,7 @@ class _Manager:
         finished after the last wait returned, so epoll's readiness is not enough.
         """
         for index in range(slot * 3, slot * 3 + 3):
-            connection = worker.streams[index]
-            while not connection.closed:
-                try:
-                    data = os.read(connection.fileno(), _READ_SIZE)
-                except BlockingIOError:
-                    break
-                if not data:
-                    break
+            for data in _available(worker.streams[index]):
                 complete = worker.splitters[index].feed(data)
                 if complete:
                     stream = STREAMS[index % 3]
@@ -689,6 +676,18 @@ _CANCEL_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 Watched = tuple[int, WorkerHandle | None, int]
 """(kind, worker, index): what a ready file descriptor means to the manager."""
+
+
+def _available(connection: Connection) -> Iterator[bytes]:
+    """Everything that can be read now from a non-blocking pipe, chunk by chunk."""
+    while not connection.closed:
+        try:
+            data = os.read(connection.fileno(), _READ_SIZE)
+        except BlockingIOError:
+            return
+        if not data:
+            return
+        yield data
 
 
 def _kind(watched: Watched) -> int:
