@@ -360,7 +360,7 @@ class _Manager:
             with suppress(OSError):
                 worker.send_task(_ACK)  # the worker gives back what is queued behind
         elif kind == UNBLOCKED:
-            worker.waits -= 1
+            worker.waits = max(0, worker.waits - 1)
             if worker.blocked_topic is not None:
                 worker.blocked_topic = None
                 self.blocked -= 1
