@@ -1,5 +1,6 @@
 """Core services: the HTTP API that nodes report to (DESIGN.md section 6).
 
-app.py (routes) -> auth.py (who is asking) -> heartbeats.py (group commit of heartbeats)
--> storage.py (SQLAlchemy Core: SQLite by default, PostgreSQL for replicas).
+limits.py (body size) -> fastpath.py (heartbeats) -> app.py (FastAPI: everything else)
+-> auth.py (who is asking) -> heartbeats.py (group commit) -> storage.py (SQLAlchemy Core:
+SQLite by default, PostgreSQL for replicas). listen.py runs it under uvicorn.
 """

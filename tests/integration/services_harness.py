@@ -6,9 +6,11 @@ in a finalizer, also when they fail.
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -111,8 +113,6 @@ class ServerProcess:
 
 def free_port() -> int:
     """A loopback port that nothing listens on (for a master that is down)."""
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -140,8 +140,6 @@ def nap(ctx, seconds, value=None):
 
 def write_pipeline(directory: Path, first_task_seconds: float = 0.1) -> Path:
     """A two-task pipeline whose first task sleeps `first_task_seconds`."""
-    import json
-
     directory.mkdir(parents=True, exist_ok=True)
     spec = json.loads(json.dumps(SLOW_PIPELINE))
     spec["tasks"][0]["args"]["seconds"] = first_task_seconds
