@@ -3,6 +3,8 @@
 For get, get-miss, set and incr, 1 and then 2 client processes (fork) hammer the store
 for a fixed time per round; a round's figure is the ops/s of each client (ops /
 elapsed), and the median over the rounds is printed with the ratio to the Manager dict.
+The peers take turns within each round (in a rotating order), so a load that drifts
+during the run hits them alike.
 `get` reads one unchanged key, which the executor answers from its validated per-process
 cache; `get-miss` reads a new (absent) key each time, which always costs a round trip.
 The Manager dict has no atomic incr: it is measured as `d[k] = d.get(k, 0) + 1` (not
@@ -96,17 +98,23 @@ def measure(open_store: Callable[[], Any], op: str, clients: int, seconds: float
     return rates
 
 
-def round_trip_us(store: MutableMapping[str, Any], size: int, repeat: int) -> float:
-    """Median microseconds of `store[k] = v; store[k]` for a bytes value of `size`."""
+def round_trip_us(
+    stores: dict[str, MutableMapping[str, Any]], size: int, repeat: int
+) -> dict[str, float]:
+    """Median microseconds of `store[k] = v; store[k]` per store, for bytes of `size`.
+
+    The stores alternate, one round trip each, so drifting load hits them alike.
+    """
     value = os.urandom(size)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in stores}
     for _ in range(repeat):
-        began = time.perf_counter()
-        store["big"] = value
-        got = store["big"]
-        times.append((time.perf_counter() - began) * 1e6)
-        assert len(got) == size
-    return statistics.median(times)
+        for name, store in stores.items():
+            began = time.perf_counter()
+            store["big"] = value
+            got = store["big"]
+            times[name].append((time.perf_counter() - began) * 1e6)
+            assert len(got) == size
+    return {name: statistics.median(spans) for name, spans in times.items()}
 
 
 class ExecutorStore:
@@ -209,12 +217,15 @@ def main() -> int:
         for op in OPS:
             for clients in (1, 2):
                 cell = results["ops_per_client"].setdefault(f"{op} x{clients}", {})
-                for name, opener in peers.items():
-                    rates = [
-                        statistics.median(measure(opener, op, clients, args.seconds))
-                        for _ in range(args.rounds)
-                    ]
-                    cell[name] = statistics.median(rates)
+                rates: dict[str, list[float]] = {name: [] for name in peers}
+                names = list(peers)
+                for round_no in range(args.rounds):  # peers take turns: drifting load hits all
+                    turn = round_no % len(names)
+                    for name in names[turn:] + names[:turn]:
+                        per_client = measure(peers[name], op, clients, args.seconds)
+                        rates[name].append(statistics.median(per_client))
+                for name in names:
+                    cell[name] = statistics.median(rates[name])
                 if not args.json:
                     print(
                         f"{op:>4} x{clients} clients, ops/s per client:"
@@ -230,7 +241,7 @@ def main() -> int:
         stores: dict[str, Any] = {"executor": local, "manager": manager.dict()}
         for size, label in ((1 << 20, "1 MiB"), (16 << 20, "16 MiB")):
             repeat = 200 if size == 1 << 20 else 20
-            cell = {name: round_trip_us(s, size, repeat) for name, s in stores.items()}
+            cell = round_trip_us(stores, size, repeat)
             results["round_trip_us"][label] = cell
             if not args.json:
                 print(
