@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from executor.pack import pack
 from imagefactory.artifacts import GUEST_PIPELINE
 from imagefactory.bootdisk import SECTOR, Layout
 from imagefactory.cache import sha256_file
+from imagefactory.firmware import find_uefi
 from tests.vm.conftest import BakedImage
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]
@@ -125,3 +128,41 @@ def test_image_is_sealed(rootfs: RootFs) -> None:
     shadow = rootfs.read("/etc/shadow").decode()
     root_hash = next(line for line in shadow.splitlines() if line.startswith("root:")).split(":")[1]
     assert root_hash.startswith("!")
+
+
+def test_image_boots_under_uefi(baked_image: BakedImage, tmp_path: Path) -> None:
+    """The bake itself proves SeaBIOS boot; here OVMF loads EFI/BOOT/BOOTX64.EFI (GRUB),
+    which must find the root filesystem and start the kernel and initramfs."""
+    firmware = find_uefi("x86_64")
+    if firmware is None:
+        pytest.skip("no x86_64 UEFI firmware (apt install ovmf)")
+    disk, vars_, console = tmp_path / "d.qcow2", tmp_path / "vars.fd", tmp_path / "console.log"
+    subprocess.run(
+        ["qemu-img", "create", "-f", "qcow2", "-F", "qcow2", "-b", baked_image.image, disk],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    shutil.copyfile(firmware.vars_template, vars_)
+    argv = [
+        "qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-m", "1024",
+        "-nodefaults", "-display", "none", "-no-reboot", "-serial", f"file:{console}",
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={firmware.code}",
+        "-drive", f"if=pflash,format=raw,unit=1,file={vars_}",
+        "-drive", f"file={disk},if=virtio,format=qcow2",
+        "-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0",
+    ]  # fmt: skip
+    errors = tmp_path / "qemu.err"
+    with errors.open("wb") as err:
+        vm = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 600
+        text = ""
+        while "Run /init as init process" not in text:
+            assert vm.poll() is None, f"QEMU exited: {errors.read_text()}"
+            if time.monotonic() > deadline:
+                pytest.fail("no kernel under UEFI; console tail:\n" + text[-2000:])
+            time.sleep(2)
+            text = console.read_text(errors="replace") if console.exists() else ""
+        assert "efi: EFI v" in text
+    finally:
+        vm.kill()
+        vm.wait()
