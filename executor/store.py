@@ -22,7 +22,7 @@ import os
 import pickle
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from executor._wire import Blob, Connection, Message, decode, encode, load, same_value, take
@@ -102,6 +102,13 @@ class Store:
         """A snapshot of the keys, in insertion order."""
         reply, _ = self._conn.call(("keys",))
         return list(reply[1])
+
+    def __iter__(self) -> Iterator[str]:
+        """Iterates a snapshot of the keys (see `keys`)."""
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
 
     def incr(self, key: str, n: int = 1) -> int:
         """Atomically add `n` to the int at `key` (a missing key counts as 0); the new value."""

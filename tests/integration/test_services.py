@@ -130,6 +130,7 @@ def test_store_dict_operations(client: tuple[Store, Events]) -> None:
     assert store.get("b", "default") is None
     assert store.get("c", "default") == "default"
     assert store.keys() == ["a", "b"]
+    assert list(store) == ["a", "b"] and len(store) == 2
     del store["a"]
     assert store.keys() == ["b"]
 
