@@ -128,13 +128,15 @@ SLOW_PIPELINE = {
     ],
 }
 TASKS_PY = """
+import os
 import time
 
 
 def nap(ctx, seconds, value=None):
     print(f"{ctx.task_id} naps {seconds} s")
     time.sleep(seconds)
-    return {"task": ctx.task_id, "value": value, "upstream": ctx.upstream}
+    env = {k: os.environ.get(k) for k in ("EXECUTOR_NODE_ID", "EXECUTOR_TOKEN")}
+    return {"task": ctx.task_id, "value": value, "upstream": ctx.upstream, "env": env}
 """
 
 

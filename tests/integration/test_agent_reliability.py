@@ -96,9 +96,10 @@ def test_run_heartbeats_and_report(
     ]
     [stored] = reports(server)
     assert stored["run_id"] == "run-ok" and stored["status"] == "succeeded"
-    assert stored["tasks"]["second"]["result"]["upstream"] == {
-        "first": {"task": "first", "value": 1, "upstream": {}}
-    }
+    first = stored["tasks"]["second"]["result"]["upstream"]["first"]
+    assert (first["task"], first["value"], first["upstream"]) == ("first", 1, {})
+    # Tasks see the agent's environment, except the node's token.
+    assert first["env"] == {"EXECUTOR_NODE_ID": "node-a", "EXECUTOR_TOKEN": None}
     assert "task:first out first naps 0.1 s" in stored["log"]
     [node] = server.rows("nodes")
     assert node[:4] == ("node-a", "run-ok", node[2], "done")
