@@ -1,23 +1,22 @@
 """Session fixtures that bake real images, shared by the bake, boot and end-to-end tests.
 
-`bake_image(pipeline_dir)` bakes x86_64-linux once per pipeline per test session (the
-base image comes from the normal cache, so only the first session on a machine builds
-it) and returns the output directory `OUT/x86_64-linux/` with the image, manifest.json
-and SHA256SUMS. `baked_image` is that directory for examples/hello.
+`bake_image(pipeline_dir, target="x86_64-linux")` bakes once per pipeline and target per
+test session (the base image comes from the normal cache, so only the first session on
+a machine builds it) and returns a `BakedImage`: the output directory `OUT/TARGET/` with
+the image, manifest.json and SHA256SUMS. `baked_image` is x86_64-linux with examples/hello.
 
 To iterate on boot tests without re-baking, point `FLEETBAKE_BAKED_DIR` at an existing
-`imagefactory bake` output directory (OUT/x86_64-linux); it is used for the pipeline
-whose name its manifest records.
+`imagefactory bake` output directory (OUT/TARGET); it is used for the pipeline and
+target its manifest records.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -34,42 +33,45 @@ BAKE_TARGET = "x86_64-linux"
 @dataclass(frozen=True)
 class BakedImage:
     dir: Path
-    """OUT/x86_64-linux/"""
+    """OUT/TARGET/"""
     image: Path
     manifest: dict[str, Any]
     pipeline: Path
     """The pipeline directory it carries."""
 
 
-BakeImage = Callable[[Path], BakedImage]
+class BakeImage(Protocol):
+    def __call__(self, pipeline_dir: Path, target: str = BAKE_TARGET) -> BakedImage: ...
 
 
-def _reusable(pipeline_dir: Path) -> BakedImage | None:
+def _reusable(pipeline_dir: Path, target: str) -> BakedImage | None:
     given = os.environ.get("FLEETBAKE_BAKED_DIR")
     if not given:
         return None
     out = Path(given)
     manifest = json.loads((out / "manifest.json").read_text())
-    if manifest["pipeline"]["name"] != load_pipeline(pipeline_dir).name:
+    if (manifest["pipeline"]["name"], manifest["target"]) != (
+        load_pipeline(pipeline_dir).name,
+        target,
+    ):
         return None
     return BakedImage(out, out / manifest["image"]["file"], manifest, pipeline_dir)
 
 
 @pytest.fixture(scope="session")
 def bake_image(tmp_path_factory: pytest.TempPathFactory) -> BakeImage:
-    baked: dict[Path, BakedImage] = {}
+    baked: dict[tuple[Path, str], BakedImage] = {}
 
-    def _bake(pipeline_dir: Path) -> BakedImage:
-        pipeline_dir = pipeline_dir.resolve()
-        if pipeline_dir not in baked and (reuse := _reusable(pipeline_dir)):
-            baked[pipeline_dir] = reuse
-        if pipeline_dir not in baked:
-            out = tmp_path_factory.mktemp(f"bake-{pipeline_dir.name}")
-            opts = BakeOptions(get_target(BAKE_TARGET), pipeline_dir, out)
-            result = bake(opts, Stages())
+    def _bake(pipeline_dir: Path, target: str = BAKE_TARGET) -> BakedImage:
+        key = (pipeline_dir.resolve(), target)
+        if key not in baked and (reuse := _reusable(*key)):
+            baked[key] = reuse
+        if key not in baked:
+            out = tmp_path_factory.mktemp(f"bake-{key[0].name}-{target}")
+            result = bake(BakeOptions(get_target(target), key[0], out), Stages())
             manifest = json.loads((result.dir / "manifest.json").read_text())
-            baked[pipeline_dir] = BakedImage(result.dir, result.image, manifest, pipeline_dir)
-        return baked[pipeline_dir]
+            baked[key] = BakedImage(result.dir, result.image, manifest, key[0])
+        return baked[key]
 
     return _bake
 
