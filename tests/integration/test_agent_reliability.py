@@ -4,6 +4,7 @@ master is down, crashes of the server and of the agent, refusals, the gateway, p
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -289,3 +290,22 @@ def test_invalid_pipeline_is_reported(
     [stored] = reports(server)
     assert (stored["status"], stored["tasks"]) == ("failed", {})
     assert "pipeline not run: " in stored["log"] and "pipeline.json" in stored["log"]
+
+
+def test_sigterm_cancels_the_run_and_the_report_says_so(
+    server: ServerProcess, agent: AgentFactory, tmp_path: Path
+) -> None:
+    pipeline = write_pipeline(tmp_path / "p", first_task_seconds=120)
+    proc = agent(server, pipeline, EXECUTOR_RUN_ID="r-term").start()
+    proc.wait_for("runs/r-term/combined.log")
+    deadline = time.monotonic() + 120
+    log = proc.state_dir / "runs" / "r-term" / "combined.log"
+    while "first naps" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.proc is not None
+    proc.proc.send_signal(signal.SIGTERM)  # the agent only, as systemd's stop would first
+    assert proc.wait() == 1, proc.tail()
+    [stored] = reports(server)
+    assert stored["status"] == "cancelled"
+    assert stored["tasks"]["first"]["status"] == "cancelled"
+    assert statuses(proc)[-1].endswith("run=r-term state=cancelled")
