@@ -24,7 +24,6 @@ from imagefactory.artifacts import build_artifacts
 from imagefactory.base import BaseSpec, build_base, given_base
 from imagefactory.cache import BaseCache, sha256_file
 from imagefactory.doctor import require
-from imagefactory.errors import die
 from imagefactory.firmware import find_uefi
 from imagefactory.render import RenderConfig, render
 from imagefactory.run import run
@@ -124,9 +123,3 @@ def bake(opts: BakeOptions, stages: Stages) -> BakeResult:
         return BakeResult(final, final / image.name, doc)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def check_format(image_format: str) -> str:
-    if image_format not in ("qcow2", "raw"):
-        raise die(f"unknown image format {image_format!r}", hint="use qcow2 or raw")
-    return image_format

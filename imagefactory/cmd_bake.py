@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import click
@@ -10,6 +11,13 @@ import click
 from imagefactory.errors import die
 from imagefactory.stages import Stages
 from imagefactory.targets import TARGETS, Target, get_target, target_names
+
+
+def check_disk_size(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """`8G`, `8192M`, `4096`: what Packer and qemu-img accept."""
+    if value is not None and not re.fullmatch(r"[1-9][0-9]*[KMGT]?", value):
+        raise click.BadParameter(f"{value!r} is not a size like 8G or 8192M")
+    return value
 
 
 def resolve_targets(name: str) -> list[Target]:
@@ -59,7 +67,11 @@ def resolve_targets(name: str) -> list[Target]:
     show_default=True,
     help="Image format (qcow2 is compressed).",
 )
-@click.option("--disk-size", help="Virtual disk size, e.g. 8G (default: the target's).")
+@click.option(
+    "--disk-size",
+    callback=check_disk_size,
+    help="Virtual disk size, e.g. 8G (default: the target's).",
+)
 @click.option("--mirror", help="Debian mirror URL for the base (default: the host's apt sources).")
 @click.option("--base-image", help="Use this base qcow2 (path or URL) instead of building one.")
 @click.option("--base-sha256", help="sha256 of --base-image (required with it).")

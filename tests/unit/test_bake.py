@@ -67,6 +67,12 @@ def test_base_sha256_needs_base_image() -> None:
     assert code == 2 and "--base-sha256 needs --base-image" in out
 
 
+@pytest.mark.parametrize("size", ["abc", "0G", "8 G", "-1"])
+def test_bad_disk_size_is_refused(size: str) -> None:
+    code, out = invoke("bake", "-t", "x86_64-linux", "-p", str(HELLO), "--disk-size", size)
+    assert code == 2 and "is not a size like 8G" in out
+
+
 def test_bad_format_is_refused_by_click() -> None:
     code, out = invoke("bake", "-t", "x86_64-linux", "-p", str(HELLO), "--format", "vmdk")
     assert code == 2 and "vmdk" in out
