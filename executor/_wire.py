@@ -124,6 +124,8 @@ def take(enc: Any, fds: deque[int]) -> Blob:
 
 def load(enc: Any, fds: deque[int]) -> Any:
     """Decode an encoding from a reply and release its memfd."""
+    if isinstance(enc, bytes):  # the common case, kept short: an inline pickle
+        return pickle.loads(enc)
     blob = take(enc, fds)
     try:
         return decode(blob)
@@ -442,13 +444,16 @@ class Connection:
                 self._owed -= 1
 
     def _next_reply(self) -> tuple[Message, deque[int]]:
+        """The next message that is not a subscription payload (those are queued)."""
+        reader = self._reader
         while True:
-            frame = self._read_frame(None)
-            assert frame is not None  # no timeout: a frame or an exception
-            msg, fds = frame
-            if msg[0] != "ev":
-                return msg, fds
-            self._route(msg, fds)
+            frame = reader.next()
+            if frame is None:
+                self._receive()
+            elif frame[0][0] != "ev":
+                return frame
+            else:
+                self._route(*frame)
 
     def _route(self, msg: Message, fds: deque[int]) -> None:
         if msg[0] != "ev":  # a reply due to an interrupted call
@@ -464,17 +469,20 @@ class Connection:
             queue.append(blob)
 
     def _read_frame(self, timeout: float | None) -> tuple[Message, deque[int]] | None:
-        reader = self._reader
-        while (frame := reader.next()) is None:
+        while (frame := self._reader.next()) is None:
             if timeout is not None and not self._poll.poll(timeout * 1000):
                 return None
-            try:
-                alive = reader.fill(self._sock)
-            except OSError as exc:
-                raise ServiceError(f"the run's services are gone: {exc}") from None
-            if not alive:
-                raise ServiceError("the run's services closed the connection")
+            self._receive()
         return frame
+
+    def _receive(self) -> None:
+        """Read what the socket has into the frame reader (blocking)."""
+        try:
+            alive = self._reader.fill(self._sock)
+        except OSError as exc:
+            raise ServiceError(f"the run's services are gone: {exc}") from None
+        if not alive:
+            raise ServiceError("the run's services closed the connection")
 
 
 def _read_bytes(fd: int, size: int) -> bytes:
