@@ -31,6 +31,7 @@ from executor.agent.delivery import Deliverer, Spool, Undelivered, write_atomica
 from executor.agent.gateway import Sha256Mismatch, obtain_pipeline
 from executor.agent.heartbeat import Heartbeats
 from executor.agent.master import Master, Refused
+from executor.agent.reportlog import log_for_report
 from executor.agent.runner import run_pipeline
 from executor.combined_log import CombinedLog
 from executor.pipeline import PipelineError
@@ -143,7 +144,7 @@ class Agent:
             results, code, state = self._not_run(log_path, reason), EXIT_FAILED, "failed"
         if self.beats is not None:
             self.beats.update(state="reporting")
-        report = {**results, "log": log_path.read_text(encoding="utf-8", errors="replace")}
+        report = {**results, "log": log_for_report(log_path)}
         if self.master is not None:
             self.spool.save(report)  # durable before the first send attempt
         outcome = {"exit": code, "state": state, "status": results["status"]}

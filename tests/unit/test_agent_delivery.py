@@ -187,3 +187,19 @@ def test_local_archive_sha256(tmp_path: Path) -> None:
     missing = load_config({**env, "EXECUTOR_PIPELINE": str(tmp_path / "nope")})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         obtain_pipeline(missing, None)
+
+
+def test_report_log_is_cut_in_the_middle_when_too_large(tmp_path: Path) -> None:
+    from executor.agent.reportlog import log_for_report
+
+    log = tmp_path / "combined.log"
+    lines = [f"2026-01-01T00:00:00.000000Z task:a out line {i:05d}\n" for i in range(2000)]
+    log.write_text("".join(lines))
+    assert log_for_report(log, limit=10**6) == "".join(lines)
+    cut = log_for_report(log, limit=20000)
+    assert len(cut.encode()) <= 20000 + 200
+    assert cut.startswith(lines[0]) and cut.endswith(lines[-1])
+    kept = cut.splitlines(keepends=True)
+    marker = [line for line in kept if "left out of this report" in line]
+    assert len(marker) == 1 and str(log) in marker[0]
+    assert all(line in lines for line in kept if line not in marker), "only whole lines"
