@@ -240,6 +240,7 @@ def given_base(path_or_url: str, sha256: str | None, cache: BaseCache, stages: S
     actual = sha256_file(path)
     if actual != sha256:
         raise die(f"{path_or_url}: sha256 is {actual}, expected {sha256}")
+    stages.say(f"==> base: using the given base {path} (sha256 checked)")
     return BaseImage(path.resolve(), sha256, sha256, {"given": path_or_url}, "given")
 
 
