@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fork", "forkserver", "spawn"),
         help="how worker processes are started (default: the platform's)",
     )
+    run.add_argument(
+        "--no-prefetch",
+        dest="prefetch",
+        action="store_false",
+        help="never queue a task behind a running one (strict ready-queue order)",
+    )
     run.add_argument("--json", action="store_true", help="print the results JSON on stdout")
     run.set_defaults(handler=_run)
 
@@ -135,6 +141,7 @@ def _run(args: argparse.Namespace) -> int:
         log_path=log_path,
         results_path=args.results,
         start_method=args.start_method,
+        prefetch=args.prefetch,
     )
     try:
         results = run(pipeline, config, on_progress=_progress_printer())

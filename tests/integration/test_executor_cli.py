@@ -51,7 +51,8 @@ def test_run_validate_pack_happy_path(tmp_path: Path) -> None:
 
 def test_failed_run_exits_1_and_json_prints_results(tmp_path: Path) -> None:
     source = make_pipeline(tmp_path / "p", [task("bad", "fail")])
-    result = _executor("run", str(source), "--log", str(tmp_path / "log"), "--json")
+    log = str(tmp_path / "log")
+    result = _executor("run", str(source), "--log", log, "--json", "--no-prefetch")
     assert result.returncode == 1
     assert json.loads(result.stdout)["tasks"]["bad"]["error"]["type"] == "ValueError"
 
