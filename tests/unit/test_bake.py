@@ -3,6 +3,8 @@ resolution, and the atomic publish/compress helpers."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -103,6 +105,9 @@ def test_given_base_must_match_its_sha256(tmp_path: Path) -> None:
         given_base(str(image), "xyz", BaseCache(tmp_path), Stages())
     with pytest.raises(UserError, match="no such base image"):
         given_base(str(tmp_path / "nope"), "0" * 64, BaseCache(tmp_path), Stages())
+    sha = hashlib.sha256(b"qcow").hexdigest()
+    found = given_base(str(image), sha.upper(), BaseCache(tmp_path), Stages(io.StringIO()))
+    assert (found.image, found.sha256, found.source) == (image, sha, "given")
 
 
 def test_all_means_buildable_targets(monkeypatch: pytest.MonkeyPatch) -> None:
