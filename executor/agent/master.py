@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -14,6 +15,9 @@ from typing import Any
 from tenacity import wait_random_exponential
 
 TRANSIENT_STATUS = frozenset({408, 425, 429})
+# Straight to the master: never through an http_proxy from the environment.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+log = logging.getLogger("executor.agent.master")
 
 
 def backoff() -> wait_random_exponential:
@@ -64,13 +68,16 @@ class Master:
         req = urllib.request.Request(self.url.rstrip("/") + path, body, headers, method=method)
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with _DIRECT.open(req, timeout=timeout) as resp:
                 headers = {k.lower(): v for k, v in resp.headers.items()}
+                log.debug("%s %s: %d", method, path, resp.status)
                 return Answer(resp.status, headers, resp.read())
         except urllib.error.HTTPError as exc:
             status, message = exc.code, _error_message(exc)
         except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets
+            log.debug("%s %s: %s", method, path, _reason(exc))
             raise Transient(f"{method} {path}: {_reason(exc)}") from None
+        log.debug("%s %s: %d %s", method, path, status, message)
         if status >= 500 or status in TRANSIENT_STATUS:
             raise Transient(f"{method} {path}: {status} {message}")
         raise Refused(status, f"{method} {path}: {status} {message}")

@@ -203,3 +203,14 @@ def test_report_log_is_cut_in_the_middle_when_too_large(tmp_path: Path) -> None:
     marker = [line for line in kept if "left out of this report" in line]
     assert len(marker) == 1 and str(log) in marker[0]
     assert all(line in lines for line in kept if line not in marker), "only whole lines"
+
+
+def test_requests_ignore_proxy_settings(
+    scripted: Scripted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    scripted.script((204, {}, b""))
+    assert master(scripted.url).request("POST", "/v1/nodes/node-a/heartbeats", b"{}").status == 204
