@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from imagefactory import console
+import click
+import httpx
+import pytest
+
+from imagefactory import console, nodestate, waiting
 
 
 def test_status_is_found_inside_noisy_lines() -> None:
@@ -44,3 +50,99 @@ def test_tail_strips_escape_sequences_and_line_ends(tmp_path: Path) -> None:
     lines = console.tail(log, 3)
     assert lines == ["line 28", "line 29", "  OK  "]
     assert console.tail(tmp_path / "missing.log") == []
+
+
+class FakeMachine:
+    def __init__(self, running: bool = True) -> None:
+        self.is_running = running
+
+    def running(self) -> bool:
+        return self.is_running
+
+    def stop(self) -> None:
+        self.is_running = False
+
+
+def booted(tmp_path: Path, console_text: str = "", running: bool = True) -> waiting.BootedNode:
+    log = tmp_path / "console.log"
+    log.write_text(console_text)
+    record = nodestate.NodeRecord(
+        node_id="n-1",
+        run_id="r-1",
+        instance_id="i",
+        backend="qemu",
+        ssh_port=1,
+        ssh_user="ops",
+        ssh_key="k",
+        workdir=str(tmp_path),
+        console_log=str(log),
+    )
+    return waiting.BootedNode(
+        record, FakeMachine(running), console.ConsoleFollower(log), time.monotonic()
+    )
+
+
+STARTING = "EXECUTOR-STATUS node=n-1 run=r-1 state=starting\n"
+DONE = "EXECUTOR-STATUS node=n-1 run=r-1 state=succeeded\n"
+
+
+@pytest.mark.parametrize(
+    ("wait", "text", "running", "outcome"),
+    [
+        ("none", "", True, "started"),
+        ("heartbeat", "", True, None),
+        ("heartbeat", STARTING, True, "agent started"),
+        ("report", STARTING, True, None),
+        ("report", STARTING + DONE, True, "report (succeeded)"),
+        ("poweroff", STARTING + DONE, True, None),
+        ("poweroff", STARTING + DONE, False, "powered off"),
+    ],
+)
+def test_conditions_read_from_the_console(
+    tmp_path: Path, wait: str, text: str, running: bool, outcome: str | None
+) -> None:
+    assert waiting.met(wait, booted(tmp_path, text, running), None) == outcome
+
+
+def api(handler: Callable[[httpx.Request], httpx.Response]) -> waiting.MasterApi:
+    master = waiting.MasterApi("http://127.0.0.1:1", "admin")
+    master.client = httpx.Client(
+        base_url="http://127.0.0.1:1",
+        headers=master.client.headers,
+        transport=httpx.MockTransport(handler),
+    )
+    return master
+
+
+def test_conditions_asked_from_the_master(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.headers["authorization"] == "Bearer admin"
+        if request.url.path == "/v1/nodes":
+            return httpx.Response(200, json=[{"node_id": "n-1", "alive": True}])
+        return httpx.Response(200 if request.url.path == "/v1/runs/r-1" else 404, json={})
+
+    node = booted(tmp_path)  # nothing on the console: the answers come from the master
+    assert waiting.met("heartbeat", node, api(handler)) == "heartbeat"
+    assert waiting.met("report", node, api(handler)) == "report stored"
+
+
+def test_a_refused_admin_token_is_a_clear_error(tmp_path: Path) -> None:
+    master = api(lambda request: httpx.Response(401, json={"error": "bad token"}))
+    with pytest.raises(click.ClickException, match="refused the admin token"):
+        waiting.met("report", booted(tmp_path), master)
+
+
+def test_timeout_shows_the_last_console_lines(tmp_path: Path) -> None:
+    node = booted(tmp_path, "".join(f"boot line {i}\n" for i in range(40)))
+    with pytest.raises(waiting.BootTimeout) as info:
+        waiting.wait_for("ssh", 0.5, [node], lambda _: None)
+    message = info.value.format_message()
+    assert "timed out after 0 s waiting for 'ssh' on n-1" in message
+    assert "boot line 39" in message and "boot line 10" not in message
+    assert info.value.exit_code == 1
+
+
+def test_a_vm_that_ends_early_fails_at_once(tmp_path: Path) -> None:
+    node = booted(tmp_path, STARTING, running=False)
+    with pytest.raises(waiting.BootTimeout, match="stopped before 'report'"):
+        waiting.wait_for("report", 3600, [node], lambda _: None)

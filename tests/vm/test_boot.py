@@ -195,7 +195,7 @@ def fleet(
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()  # boot cleans its nodes up on SIGTERM
-                proc.communicate(timeout=120)
+            proc.communicate(timeout=120)  # also closes the pipes
         subprocess.run([*IMAGEFACTORY, "stop", "--all"], env=env, capture_output=True, timeout=300)
 
 
