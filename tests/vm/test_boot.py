@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from imagefactory import ssh
+from imagefactory import nodestate, ssh
 from tests.vm.conftest import BakedImage
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]
@@ -276,12 +276,9 @@ def test_stop_ends_the_vms_and_removes_the_overlays(fleet: Fleet) -> None:
     imagefactory("stop", *sorted(fleet.nodes), env=fleet.env)
     for node in fleet.nodes.values():
         workdir = Path(node["workdir"])
-        assert sorted(p.name for p in workdir.iterdir()) <= ["console.log", "qemu.log"]
+        assert {p.name for p in workdir.iterdir()} <= {"console.log", "qemu.log"}
         if node["pid"]:
-            assert (
-                not Path(f"/proc/{node['pid']}").exists()
-                or b"qemu" not in Path(f"/proc/{node['pid']}/cmdline").read_bytes()
-            )
+            assert not nodestate.qemu_alive(node["pid"], f"fleetbake-{node['node_id']}")
     domains = subprocess.run(
         ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
         capture_output=True,
@@ -310,6 +307,6 @@ def test_timeout_shows_the_console_and_cleans_up(baked_image: BakedImage, tmp_pa
     assert "last console lines of node vmt:" in proc.stderr
     assert "Traceback" not in proc.stderr
     workdir = tmp_path / "state" / "imagefactory" / "nodes" / "vmt"
-    assert sorted(p.name for p in workdir.iterdir()) <= ["console.log", "qemu.log"]
+    assert {p.name for p in workdir.iterdir()} <= {"console.log", "qemu.log"}
     running = subprocess.run(["pgrep", "-f", "fleetbake-vmt"], capture_output=True)
     assert running.returncode == 1  # no such process
