@@ -31,26 +31,33 @@ def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
 
 
-def secret_option(f: F) -> F:
+def file_option(name: str, default: Path, envvar: str, help: str) -> Callable[[F], F]:
     return click.option(
-        "--secret-file",
+        name,
         type=click.Path(dir_okay=False, path_type=Path),
-        default=STATE / "secret",
+        default=default,
         show_default=True,
-        envvar="IMAGEFACTORY_SECRET_FILE",
-        help="Fleet secret: node tokens are HMAC-SHA256(secret, node_id).",
-    )(f)
+        envvar=envvar,
+        help=help,
+    )
+
+
+secret_option = file_option(
+    "--secret-file",
+    STATE / "secret",
+    "IMAGEFACTORY_SECRET_FILE",
+    "Fleet secret: node tokens are HMAC-SHA256(secret, node_id).",
+)
+admin_token_option = file_option(
+    "--admin-token-file",
+    STATE / "admin-token",
+    "IMAGEFACTORY_ADMIN_TOKEN_FILE",
+    "File holding the admin token.",
+)
 
 
 def admin_options(f: F) -> F:
-    f = click.option(
-        "--admin-token-file",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=STATE / "admin-token",
-        show_default=True,
-        envvar="IMAGEFACTORY_ADMIN_TOKEN_FILE",
-        help="File holding the admin token.",
-    )(f)
+    f = admin_token_option(f)
     return click.option(
         "--url",
         default=DEFAULT_URL,
@@ -91,13 +98,7 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     help="SQLite file, or a SQLAlchemy URL such as postgresql+psycopg://user@host/db.",
 )
 @secret_option
-@click.option(
-    "--admin-token-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=STATE / "admin-token",
-    show_default=True,
-    help="File holding the admin token.",
-)
+@admin_token_option
 @click.option(
     "--max-body-bytes",
     type=click.IntRange(min=1),
