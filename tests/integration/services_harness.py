@@ -22,7 +22,7 @@ from typing import Any
 from imagefactory.tokens import node_token
 
 BIN = Path(sys.executable).parent
-START_TIMEOUT_S = 60.0
+START_TIMEOUT_S = 180.0  # generous: CI machines can be heavily loaded
 
 
 @dataclass
