@@ -100,7 +100,12 @@ def create_app(config: ServerConfig, storage: Storage | None = None) -> ASGIApp:
         await record_heartbeat(authority, writer, node_id, authorization, beat)
         return Response(status_code=204)
 
-    @app.put("/v1/runs/{run_id}/report", response_model=ReportAck, status_code=201)
+    @app.put(
+        "/v1/runs/{run_id}/report",
+        response_model=ReportAck,
+        status_code=201,
+        openapi_extra=_request_body("application/json", {"$ref": "#/components/schemas/Report"}),
+    )
     async def put_report(
         run_id: RunId, request: Request, authorization: Authorization = None
     ) -> JSONResponse:
@@ -146,7 +151,11 @@ def create_app(config: ServerConfig, storage: Storage | None = None) -> ASGIApp:
         authority.require_admin(bearer_token(authorization), x_node_id)
         return await run_in_threadpool(store.nodes)
 
-    @app.put("/v1/pipelines/{name}", response_model=PipelineAck)
+    @app.put(
+        "/v1/pipelines/{name}",
+        response_model=PipelineAck,
+        openapi_extra=_request_body("application/gzip", {"type": "string", "format": "binary"}),
+    )
     async def put_pipeline(
         name: PipelineName,
         request: Request,
@@ -180,6 +189,11 @@ def create_app(config: ServerConfig, storage: Storage | None = None) -> ASGIApp:
     # Outside in: the size limit, then the heartbeat fast path, then FastAPI.
     fast = HeartbeatFastPath(app, authority, writer)
     return BodyLimitMiddleware(fast, max_body_bytes=config.max_body_bytes)
+
+
+def _request_body(media_type: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI for a body the endpoint reads itself (to store it exactly as sent)."""
+    return {"requestBody": {"required": True, "content": {media_type: {"schema": schema}}}}
 
 
 def _without_telemetry() -> dict[str, Any]:

@@ -176,6 +176,9 @@ def test_openapi_document_describes_the_api(client: TestClient) -> None:
     doc = client.get("/openapi.json").json()
     assert "/v1/nodes/{node_id}/heartbeats" in doc["paths"]
     assert "Heartbeat" in doc["components"]["schemas"]
+    report_body = doc["paths"]["/v1/runs/{run_id}/report"]["put"]["requestBody"]
+    assert report_body["content"]["application/json"]["schema"]["$ref"].endswith("/Report")
+    assert "Report" in doc["components"]["schemas"]
 
 
 BASIC = {"Authorization": "Basic eDp5"}
