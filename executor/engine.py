@@ -338,17 +338,29 @@ class _Manager:
         if not data:
             self.poller.unregister(worker.results.fileno())  # dying: its sentinel comes next
             return
+        # The first message of a read that starts a frame was in the pipe when the wait
+        # returned, and so was all the output its task wrote before it: that output was
+        # read earlier in this batch (streams go first). Later ones may be newer.
+        settled = worker.reader.empty
         for message in worker.reader.feed(data):
-            self._on_message(worker, message)
+            self._on_message(worker, message, settled)
+            settled = False
 
     def _drain_results(self, worker: WorkerHandle) -> None:
         for data in _available(worker.results):
             for message in worker.reader.feed(data):
                 self._on_message(worker, message)
 
-    def _on_message(self, worker: WorkerHandle, message: tuple[Any, ...]) -> None:
+    def _on_message(
+        self, worker: WorkerHandle, message: tuple[Any, ...], settled: bool = False
+    ) -> None:
+        """Handle one message from ``worker``; ``settled``: its task's output is all read."""
         kind = message[0]
         if kind == DONE:
+            if settled:
+                self._flush_partial_lines(worker, worker.slot)
+            else:
+                self._drain_slot(worker, worker.slot)
             self._task_done(worker, *message[1:])
         elif kind == BLOCKED:
             worker.waits += 1
@@ -392,7 +404,6 @@ class _Manager:
         started: float,
         finished: float,
     ) -> None:
-        self._drain_slot(worker, worker.slot)
         self._release(worker)
         if worker.queued:
             self._begin(worker, *worker.queued.popleft(), time.time())

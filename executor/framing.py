@@ -38,6 +38,11 @@ class FrameReader:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
+    @property
+    def empty(self) -> bool:
+        """No partial frame is waiting for more bytes."""
+        return not self._buffer
+
     def feed(self, data: bytes) -> list[Any]:
         """Add ``data``; return the messages completed by it, in order."""
         buffer = self._buffer
