@@ -42,7 +42,7 @@ from executor.pool import SLOTS, STREAMS, WorkerHandle, spawn_worker
 from executor.results import build_results, run_status, write_results
 from executor.scheduler import DagState
 from executor.services import RunServices
-from executor.worker import ACK, BLOCKED, DONE, RETURNED, UNBLOCKED
+from executor.worker import ACK, BLOCKED, DONE, EVENTS_USED, RETURNED, UNBLOCKED
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -128,6 +128,10 @@ class _Manager:
         self.lifecycle: list[tuple[str, str, int, str, str]] = []
         """Notes whose lifecycle events are not published yet."""
         self.lifecycle_armed = False
+        self.lifecycle_on = False
+        """Lifecycle events are published once a task has used ctx.events."""
+        self.latest_lifecycle: dict[str, tuple[str, str, int, str, str]] = {}
+        """Until then, the latest note of each lifecycle topic."""
         self.log_flush_armed = False
         self.ended = 0
         self.cancel_signal: int | None = None
@@ -136,7 +140,7 @@ class _Manager:
         self.task_seconds: float | None = None
         """Moving average of task durations (decides whether to prefetch)."""
         self.waited = False
-        """Whether a task has blocked waiting for an event (then no more prefetch)."""
+        """Whether a task has used events (then no more prefetch)."""
         self.generation = 0
         self.deadlock_armed = False
         self.publisher: Events | None = None
@@ -291,12 +295,16 @@ class _Manager:
                 for _, task_id, attempt, _, text in notes
             )
         )
-        self.lifecycle += notes
-        if len(self.lifecycle) >= _LIFECYCLE_BATCH:
-            self._publish_lifecycle()
-        elif self.lifecycle and not self.lifecycle_armed:
-            self.lifecycle_armed = True
-            self._after(_LIFECYCLE_DELAY_S, self._publish_lifecycle)
+        if not self.lifecycle_on:
+            for note in notes:
+                self.latest_lifecycle[note[0]] = note
+        else:
+            self.lifecycle += notes
+            if len(self.lifecycle) >= _LIFECYCLE_BATCH:
+                self._publish_lifecycle()
+            elif not self.lifecycle_armed:
+                self.lifecycle_armed = True
+                self._after(_LIFECYCLE_DELAY_S, self._publish_lifecycle)
         if self.on_progress is not None and self.ended:
             self.ended = 0
             total = len(self.pipeline.tasks)
@@ -379,6 +387,20 @@ class _Manager:
             self.generation += 1
         elif kind == RETURNED:
             self._give_back(worker, message[1])
+        elif kind == EVENTS_USED:
+            self.waited = True  # tasks that coordinate through events keep their order
+            if not self.lifecycle_on:
+                self._start_lifecycle()
+            with suppress(OSError):
+                worker.send_task(_ACK)
+
+    def _start_lifecycle(self) -> None:
+        """A task uses events: from now on publish every lifecycle event, starting with
+        the latest one of each topic (a wait on a topic returns its latest payload)."""
+        self.lifecycle_on = True
+        self.lifecycle = [*self.latest_lifecycle.values(), *self.lifecycle]
+        self.latest_lifecycle.clear()
+        self._publish_lifecycle()
 
     def _give_back(self, worker: WorkerHandle, task_ids: list[str]) -> None:
         """Tasks queued on ``worker`` that it will not run go back to the ready queue,

@@ -6,10 +6,11 @@ slot (executor/capture.py, CaptureSlots).
 Messages (executor/framing.py: pickle protocol 5 on raw pipes, one hop each way):
 
     manager -> worker   (task_id, attempt, call, args, upstream_json, slot)
-                        ACK (answers BLOCKED) | None (stop)
+                        ACK (answers BLOCKED and EVENTS_USED) | None (stop)
     worker -> manager   (DONE, task_id, attempt, ok, payload, started, finished)
                         (BLOCKED, topic, timed) | (UNBLOCKED,)   from ctx.events
                         (RETURNED, [task_id, ...])   queued tasks given back
+                        (EVENTS_USED,)   a task uses ctx.events for the first time here
 
 Before a task blocks in ctx.events, the worker reports BLOCKED and reads its pipe up to
 the manager's ACK: tasks queued behind the blocked one are given back (RETURNED), since
@@ -40,12 +41,12 @@ from typing import Any
 from executor import _wire
 from executor.capture import CaptureSlots, flush_std_streams
 from executor.context import TaskContext
-from executor.events import Events
+from executor.events import Events, Subscription
 from executor.framing import FrameReader, frame, read_message, write_frame
 from executor.pipeline import import_call
 from executor.store import Store
 
-DONE, BLOCKED, UNBLOCKED, RETURNED = 0, 1, 2, 3
+DONE, BLOCKED, UNBLOCKED, RETURNED, EVENTS_USED = 0, 1, 2, 3, 4
 ACK = "ack"
 HIDDEN_VARIABLES = ("EXECUTOR_TOKEN",)
 _PR_SET_PDEATHSIG = 1
@@ -199,12 +200,38 @@ def _sender(results: Connection) -> Callable[[tuple[Any, ...]], None]:
 
 
 class _TaskEvents(Events):
-    """``ctx.events`` in a worker. A wait with a timeout ends by itself, so the block
-    notice says whether there is one: only untimed waits can deadlock a run."""
+    """``ctx.events`` in a worker.
+
+    - A wait with a timeout ends by itself, so the block notice says whether there is
+      one: only untimed waits can deadlock a run.
+    - The engine publishes its lifecycle events only once some task uses events (each
+      publish costs the manager a message to the services process). The first use in
+      this worker announces itself and waits for the manager's answer, by which time
+      the latest lifecycle event of each topic has been published.
+    """
 
     timed = False
+    announced = False
+
+    def __init__(self, connection: _wire.Connection, announce: Callable[[], None]) -> None:
+        super().__init__(connection)
+        self._announce = announce
+
+    def _first_use(self) -> None:
+        if not self.announced:
+            self.announced = True
+            self._announce()
+
+    def publish(self, topic: str, payload: Any = None) -> None:
+        self._first_use()
+        super().publish(topic, payload)
+
+    def subscribe(self, topic: str) -> Subscription:
+        self._first_use()
+        return super().subscribe(topic)
 
     def wait(self, topic: str, timeout: float | None = None) -> Any:
+        self._first_use()
         self.timed = timeout is not None
         try:
             return super().wait(topic, timeout)
@@ -220,10 +247,20 @@ class _Inbox:
         self._reader = FrameReader()
         self._pending: list[Any] = []
         self.in_task = False
-        """True while a task runs: only then may a block notice read the pipe."""
+        """True while a task runs: only then may a hook read the pipe."""
 
     def next(self) -> Any:
         return read_message(self._fd, self._reader, self._pending)
+
+    def until_ack(self) -> list[Any]:
+        """The task messages that arrive before the manager's ACK (which is consumed)."""
+        messages = []
+        while (message := self.next()) != ACK:
+            messages.append(message)
+        return messages
+
+    def put_back(self, messages: list[Any]) -> None:
+        self._pending[:0] = messages
 
 
 def _connect_services(
@@ -231,17 +268,20 @@ def _connect_services(
 ) -> tuple[Store, _TaskEvents]:
     # As executor.services.connect(), with the events client above on the connection.
     connection = _wire.Connection(address)
-    events = _TaskEvents(connection)
+
+    def announce() -> None:
+        send((EVENTS_USED,))
+        if inbox.in_task:  # (else the main loop skips the ACK)
+            inbox.put_back(inbox.until_ack())  # queued tasks stay queued
+
+    events = _TaskEvents(connection, announce)
 
     def on_block(topic: str) -> None:
         send((BLOCKED, topic, events.timed))
-        if not inbox.in_task:
-            return
-        returned = []
-        while (message := inbox.next()) != ACK:
-            returned.append(message[0])
-        if returned:
-            send((RETURNED, returned))
+        if inbox.in_task:
+            returned = inbox.until_ack()  # tasks queued behind a blocked one go back
+            if returned:
+                send((RETURNED, [message[0] for message in returned]))
 
     events.set_block_hooks(on_block, lambda: send((UNBLOCKED,)))
     return Store(connection), events

@@ -253,6 +253,23 @@ def test_events_between_tasks_and_lifecycle_topics(tmp_path: Path) -> None:
     assert finished["status"] == "succeeded"
 
 
+def test_lifecycle_events_reach_the_first_task_that_uses_events(tmp_path: Path) -> None:
+    path = make_pipeline(
+        tmp_path / "p",
+        [
+            task("a", "add"),
+            task("b", "fail", ["a"]),
+            task("watch", "lifecycle_watcher", ["b"], args={"task_id": "b"}, trigger="all_done"),
+        ],
+    )
+    results, _ = run_pipeline(path, tmp_path, workers=1)
+    assert results["tasks"]["watch"]["result"] == {
+        "task_id": "a",
+        "attempt": 1,
+        "status": "succeeded",
+    }
+
+
 def test_deadlock_of_waiting_tasks_fails_clearly(tmp_path: Path) -> None:
     path = make_pipeline(
         tmp_path / "p",
@@ -272,17 +289,20 @@ def test_deadlock_of_waiting_tasks_fails_clearly(tmp_path: Path) -> None:
 
 
 def test_tasks_queued_behind_a_waiter_are_given_back(tmp_path: Path) -> None:
-    # Short tasks make the engine queue tasks behind running ones; a publisher queued
-    # behind the task waiting for it must be given back and run elsewhere.
-    warm = [task(f"w{i}", "add") for i in range(60)]
-    pairs = []
-    for n in range(6):
+    # Short busy tasks make the engine queue tasks behind running ones. The waiters run
+    # one after the other (so 2 workers are enough); each one's publisher becomes ready
+    # with it and may be queued behind it: it must then be given back and run elsewhere.
+    busy = [task(f"w{i}", "add") for i in range(300)]
+    pairs = [task("wait0", "wait_event", args={"topic": "go0"})]
+    pairs.append(task("pub0", "publish_event", args={"topic": "go0", "payload": 0}))
+    for n in range(1, 6):
         pairs += [
-            task(f"wait{n}", "wait_event", args={"topic": f"go{n}"}),
-            task(f"pub{n}", "publish_event", args={"topic": f"go{n}", "payload": n}),
+            task(f"wait{n}", "wait_event", [f"wait{n - 1}"], args={"topic": f"go{n}"}),
+            task(
+                f"pub{n}", "publish_event", [f"wait{n - 1}"], args={"topic": f"go{n}", "payload": n}
+            ),
         ]
-    tail = [task(f"z{i}", "add") for i in range(60)]
-    path = make_pipeline(tmp_path / "p", [*warm, *pairs, *tail])
+    path = make_pipeline(tmp_path / "p", [*busy[:100], *pairs, *busy[100:]])
     results, _ = run_pipeline(path, tmp_path, workers=2, deadlock_grace_s=5)
     assert results["status"] == "succeeded", {
         t: e["error"] for t, e in results["tasks"].items() if e["error"]
