@@ -4,7 +4,7 @@
     -------------------------                    ------------------------------
     Store / Events ──call(msg, blobs)──► Connection ══AF_UNIX══► epoll loop
                    ◄──reply ("ok"|"err"|"pending"|"timeout")══     ├─ StoreTable
-                   ◄──("ev", sid, value) for subscriptions═══      └─ TopicBoard
+                   ◄──("ev", sid, value|None=ended)═══════      └─ TopicBoard
 
 A frame is `<u32 length><u8 fd count>` followed by a pickled tuple (protocol 5).
 Values travel as `Blob`s: a small value as its inline pickle; a value whose pickle
@@ -346,6 +346,8 @@ class Connection:
                     if frame is None:
                         return None
                     self._route(*frame)
+                    if sid not in self._queues:
+                        raise EOFError("subscription closed")
             except ServiceError:
                 raise EOFError("the run's services stopped") from None
             finally:
@@ -461,6 +463,8 @@ class Connection:
             if msg[0] != "pending":
                 self._owed -= 1
             return
+        if msg[2] is None:
+            return  # the end of an unsubscribed subscription: it only wakes its reader
         blob = take(msg[2], fds)
         queue = self._queues.get(msg[1])
         if queue is None:

@@ -148,13 +148,18 @@ class Subscription:
         self.close()
 
     def get(self, timeout: float | None = None) -> Any:
-        """The next payload. TimeoutError after `timeout` s; EOFError once closed."""
+        """The next payload. TimeoutError after `timeout` s; EOFError once closed.
+
+        Only an untimed read calls the block hooks: a timed one ends by itself, so it
+        cannot be part of a deadlock.
+        """
         events = self._events
+        untimed = _check_timeout(timeout) is None
         blob = events._conn.next_event(
             self._sid,
-            _check_timeout(timeout),
-            lambda: events._on_block(self.topic),
-            events._on_unblock,
+            timeout,
+            (lambda: events._on_block(self.topic)) if untimed else _ignore_unblock,
+            events._on_unblock if untimed else _ignore_unblock,
         )
         if blob is None:
             raise TimeoutError(f"no event on topic {self.topic!r} within {timeout} s")
@@ -274,9 +279,10 @@ class TopicBoard:
 
     def _unsubscribe(self, peer: Hashable, sid: int) -> list[Delivery]:
         topic, owner = self._sub_topic.get(sid, ("", None))
-        if owner == peer:
-            del self._sub_topic[sid]
-            del self._subs[topic][sid]
-            if not self._subs[topic]:
-                del self._subs[topic]
-        return []
+        if owner != peer:
+            return []
+        del self._sub_topic[sid]
+        del self._subs[topic][sid]
+        if not self._subs[topic]:
+            del self._subs[topic]
+        return [(peer, ("ev", sid, None), [])]  # wakes a reader blocked on it in another thread

@@ -342,6 +342,25 @@ def test_block_hooks_are_not_called_when_the_payload_is_there(client: tuple[Stor
     assert calls == ["absent", "unblock"]
 
 
+def test_only_an_untimed_subscription_read_calls_the_block_hooks(
+    client: tuple[Store, Events],
+) -> None:
+    _, events = client
+    calls: list[str] = []
+    events.set_block_hooks(lambda topic: calls.append(topic), lambda: calls.append("unblock"))
+    with events.subscribe("feed") as sub:
+        with pytest.raises(TimeoutError):
+            sub.get(timeout=0.05)
+        assert calls == []
+        stopper = threading.Timer(0.2, sub.close)
+        stopper.start()
+        try:
+            assert list(sub) == []
+        finally:
+            stopper.join()
+    assert calls == ["feed", "unblock"]
+
+
 def test_an_interrupted_wait_leaves_the_connection_in_step(client: tuple[Store, Events]) -> None:
     store, events = client
 

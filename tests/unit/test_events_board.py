@@ -77,7 +77,8 @@ def test_subscriptions_get_only_later_payloads_in_order(board: TopicBoard) -> No
     assert summary(out) == [("s", "ev", sid, "one"), ("s", "ev", sid, "two")]
     board.apply("other", ("unsub", sid), deque(), 0.0)  # not the owner: no effect
     assert len(publish(board, "p", "t", 3, ack=False)) == 1
-    board.apply("s", ("unsub", sid), deque(), 0.0)
+    ended = board.apply("s", ("unsub", sid), deque(), 0.0)
+    assert ended == [("s", ("ev", sid, None), [])], "the end wakes a reader in another thread"
     assert publish(board, "p", "t", 4, ack=False) == []
 
 
