@@ -71,3 +71,23 @@ def test_doctor_on_this_host_lists_every_check(no_kvm_probe: None) -> None:
     assert result.exit_code in (0, 1)
     names = {c["name"] for c in json.loads(result.stdout)}
     assert {"packer", "qemu-img", "mmdebstrap", "xorriso", "kvm x86_64", "uefi aarch64"} <= names
+
+
+def test_targets_command_reports_build_boot_and_accelerator(
+    monkeypatch: pytest.MonkeyPatch, no_kvm_probe: None
+) -> None:
+    from imagefactory import accel
+
+    monkeypatch.setattr(accel, "kvm_status", lambda t: (False, "test: no KVM"))
+    result = CliRunner().invoke(main, ["targets", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert set(rows) == {"x86_64-linux", "aarch64-linux"}
+    assert rows["aarch64-linux"]["firmware"] == "uefi"
+    assert {r["accelerator"] for r in rows.values()} == {"tcg"}
+    monkeypatch.setattr(doctor, "which", lambda p: None)
+    table = CliRunner().invoke(main, ["targets"]).output.splitlines()
+    assert (
+        table[0].split() == "TARGET ARCH DEBIAN MACHINE FIRMWARE CONSOLE BUILD BOOT ACCEL".split()
+    )
+    assert all(line.split()[6:8] == ["no", "no"] for line in table[1:])
