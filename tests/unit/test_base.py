@@ -147,3 +147,25 @@ def test_prune_keeps_the_most_recently_used(tmp_path: Path) -> None:
     assert [e.key for e in cache.prune(older_than_s=2.5 * 3600)] == []
     assert [e.key for e in cache.prune(older_than_s=1.5 * 3600)] == ["mid"]
     assert [e.key for e in cache.prune()] == ["new"]
+
+
+def test_cache_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from imagefactory.cli import main
+
+    monkeypatch.setenv("IMAGEFACTORY_CACHE", str(tmp_path))
+    runner = CliRunner()
+    assert "no cached base images" in runner.invoke(main, ["cache", "list"]).output
+    with BaseCache(tmp_path).building("ab" * 32, {"arch": "arm64", "suite": "bookworm"}) as w:
+        (w / "base.qcow2").write_bytes(b"x" * 1000)
+    listing = runner.invoke(main, ["cache", "list"]).output
+    assert "abababababab  arm64  bookworm" in listing
+    assert runner.invoke(main, ["cache", "prune", "--keep", "1"]).output.endswith(
+        "0 entries removed\n"
+    )
+    pruned = runner.invoke(main, ["cache", "prune"])
+    assert pruned.exit_code == 0 and "removed abababababab" in pruned.output
+    assert runner.invoke(main, ["cache", "list", "--json"]).output.strip() == "[]"
+    bad = runner.invoke(main, ["cache", "prune", "--keep", "-1"])
+    assert bad.exit_code == 2
