@@ -95,12 +95,15 @@ class BaseCache:
             (scratch / SHA_NAME).write_text(sha256_file(scratch / IMAGE_NAME) + "\n")
             final = self.dir / key
             if final.exists():
-                shutil.rmtree(final)
+                return  # a concurrent build of the same inputs won; it may be in use
             # Keep only the entry's files: the build's working files stay in scratch.
             done = Path(tempfile.mkdtemp(prefix=".tmp-done-", dir=self.dir))
             for name in (IMAGE_NAME, INPUTS_NAME, SHA_NAME):
                 (scratch / name).rename(done / name)
-            done.rename(final)
+            try:
+                done.rename(final)
+            except OSError:  # lost that race just now
+                shutil.rmtree(done, ignore_errors=True)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

@@ -136,6 +136,17 @@ def test_cache_entry_appears_only_when_complete(tmp_path: Path) -> None:
     assert [p.name for p in cache.dir.iterdir()] == ["k1"]
 
 
+def test_a_concurrent_build_of_the_same_key_keeps_the_first_entry(tmp_path: Path) -> None:
+    cache = BaseCache(tmp_path)
+    with cache.building("k", {"n": 1}) as first:
+        (first / "base.qcow2").write_bytes(b"first")
+        with cache.building("k", {"n": 2}) as second:
+            (second / "base.qcow2").write_bytes(b"second")
+    entry = cache.lookup("k")
+    assert entry is not None and entry.image.read_bytes() == b"second"
+    assert [p.name for p in cache.dir.iterdir()] == ["k"]
+
+
 def test_prune_keeps_the_most_recently_used(tmp_path: Path) -> None:
     cache = BaseCache(tmp_path)
     for i, key in enumerate(["old", "mid", "new"]):
