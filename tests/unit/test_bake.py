@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from imagefactory import bake as bake_mod
-from imagefactory import doctor
+from imagefactory import doctor, packer
 from imagefactory.cli import main
 from imagefactory.cmd_bake import resolve_targets
 from imagefactory.errors import UserError
@@ -142,3 +143,71 @@ def test_publish_replaces_the_old_output_whole(tmp_path: Path) -> None:
 )
 def test_compress_argv(fmt: str, argv: list[str]) -> None:
     assert bake_mod.compress_argv(Path("/a"), Path("/b"), fmt) == argv
+
+
+@pytest.fixture
+def offline_bake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """bake() with the host checks, base and Packer replaced; qemu-img stays real."""
+    from imagefactory.base import BaseImage
+
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", base, "16M"], check=True,
+                   capture_output=True)  # fmt: skip
+    monkeypatch.setattr(bake_mod, "require", lambda t: None)
+    monkeypatch.setattr(bake_mod, "pick_accelerator", lambda t: "tcg")
+    monkeypatch.setattr(packer, "packer_version", lambda: (1, 6, 6))
+    monkeypatch.setattr(
+        bake_mod, "build_base",
+        lambda spec, cache, stages: BaseImage(base, "ab" * 32, "k" * 64, {}, "cached"),
+    )  # fmt: skip
+    return base
+
+
+def _bake_opts(tmp_path: Path) -> bake_mod.BakeOptions:
+    from imagefactory.targets import get_target
+
+    return bake_mod.BakeOptions(get_target("x86_64-linux"), HELLO, tmp_path / "out")
+
+
+def test_failed_build_leaves_no_partial_output(
+    offline_bake: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagefactory.errors import die
+    from imagefactory.stages import Stages
+
+    def failing_build(hcl: Path, log: Path, stages: Stages) -> None:
+        log.write_text("packer said no\n")
+        raise die("packer build failed")
+
+    monkeypatch.setattr(packer, "build", failing_build)
+    with pytest.raises(UserError):
+        bake_mod.bake(_bake_opts(tmp_path), Stages(io.StringIO()))
+    out = tmp_path / "out"
+    assert [p.name for p in out.iterdir()] == ["x86_64-linux.packer.log"]
+
+
+def test_successful_build_is_published_whole(
+    offline_bake: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagefactory.stages import Stages
+
+    def fake_build(hcl: Path, log: Path, stages: Stages) -> None:
+        work = hcl.parent
+        (work / "packer-output").mkdir()
+        shutil.copyfile(offline_bake, work / "packer-output" / "x86_64-linux.qcow2")
+        (work / "report" / "packages.tsv").write_text("python3\t3.11.2\tamd64\n")
+        (work / "report" / "guest.env").write_text("python=3.11.2\n")
+        log.write_text("built\n")
+
+    monkeypatch.setattr(packer, "build", fake_build)
+    result = bake_mod.bake(_bake_opts(tmp_path), Stages(io.StringIO()))
+    out = tmp_path / "out"
+    assert [p.name for p in out.iterdir()] == ["x86_64-linux"]
+    assert sorted(p.name for p in result.dir.iterdir()) == [
+        "SHA256SUMS", "logs", "manifest.json", "x86_64-linux.qcow2",
+    ]  # fmt: skip
+    assert (result.dir / "logs" / "packer.log").read_text() == "built\n"
+    doc = json.loads((result.dir / "manifest.json").read_text())
+    assert doc["image"]["sha256"] == hashlib.sha256(result.image.read_bytes()).hexdigest()
+    assert doc["packages"] == [{"name": "python3", "version": "3.11.2", "arch": "amd64"}]
+    assert {"artifacts", "compress", "total"} <= set(doc["stages_s"])
