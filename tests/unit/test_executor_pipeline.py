@@ -181,3 +181,48 @@ def test_archive_errors_name_the_archive(tmp_path: Path) -> None:
 def test_find_cycle_on_a_dag_is_empty(tmp_path: Path) -> None:
     root = _write(tmp_path, _doc(_t("a"), _t("b", after=["a"]), _t("c", after=["a", "b"])))
     assert find_cycle(load_pipeline(root).tasks) == []
+
+
+def _archive_with(tmp_path: Path, member: tarfile.TarInfo) -> Path:
+    root = _write(tmp_path / "src", _doc(_t("a")))
+    archive = tmp_path / "p.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root / "pipeline.json", arcname="pipeline.json")
+        tar.add(root / "mod.py", arcname="mod.py")
+        tar.addfile(member, io.BytesIO(b"x" * member.size))
+    return archive
+
+
+@pytest.mark.parametrize("without_filters", [False, True], ids=["filters", "python-3.11.2"])
+@pytest.mark.parametrize(
+    "member",
+    [
+        tarfile.TarInfo("../escape.txt"),
+        tarfile.TarInfo("/etc/evil.txt"),
+        tarfile.TarInfo("link"),
+    ],
+    ids=["dotdot", "absolute", "symlink"],
+)
+def test_archive_members_outside_or_not_plain_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, member: tarfile.TarInfo, without_filters: bool
+) -> None:
+    if member.name == "link":
+        member.type, member.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    else:
+        member.size = 1
+    if without_filters:  # Debian 12's Python 3.11.2, which the images run, has none
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    archive = _archive_with(tmp_path, member)
+    with pytest.raises(PipelineError, match=f"refusing member '{member.name}'"):
+        load_pipeline(archive)
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_archive_loads_without_extraction_filters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    info = tarfile.TarInfo("data/extra.txt")
+    info.size = 3
+    pipeline = load_pipeline(_archive_with(tmp_path, info))
+    assert (pipeline.root / "data" / "extra.txt").read_text() == "xxx"
