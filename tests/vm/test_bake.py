@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from executor.pack import pack
+from executor.pipeline import load_pipeline
 from imagefactory.artifacts import GUEST_PIPELINE
 from imagefactory.bootdisk import SECTOR, Layout
 from imagefactory.cache import sha256_file
 from imagefactory.firmware import find_uefi
-from tests.vm.conftest import BakedImage
+from tests.baking import BakedImage
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]
 
@@ -81,7 +82,8 @@ def test_manifest_records_inputs_versions_and_times(
     }
     # The same archive `executor pack` makes (packing is reproducible).
     expected_sha = pack(baked_image.pipeline, tmp_path / "p.tar.gz")
-    assert m["pipeline"] == {"name": "hello", "sha256": expected_sha, "path": GUEST_PIPELINE}
+    name = load_pipeline(baked_image.pipeline).name
+    assert m["pipeline"] == {"name": name, "sha256": expected_sha, "path": GUEST_PIPELINE}
     versions = m["versions"]
     assert versions["packer"].count(".") == 2
     assert versions["qemu"] and versions["executor"]

@@ -1,9 +1,11 @@
-"""Session fixtures that bake real images, shared by the bake, boot and end-to-end tests.
+"""Session fixtures that bake real images, shared by the bake, boot and end-to-end tests
+(a plugin loaded by tests/conftest.py, so tests/vm and tests/e2e share one bake).
 
 `bake_image(pipeline_dir, target="x86_64-linux")` bakes once per pipeline and target per
 test session (the base image comes from the normal cache, so only the first session on
 a machine builds it) and returns a `BakedImage`: the output directory `OUT/TARGET/` with
-the image, manifest.json and SHA256SUMS. `baked_image` is x86_64-linux with examples/hello.
+the image, manifest.json and SHA256SUMS. `baked_image` is x86_64-linux with examples/etl,
+the one image the whole x86_64 suite boots.
 
 To iterate on boot tests without re-baking, point `FLEETBAKE_BAKED_DIR` at an existing
 `imagefactory bake` output directory (OUT/TARGET); it is used for the pipeline and
@@ -26,7 +28,7 @@ from imagefactory.stages import Stages
 from imagefactory.targets import get_target
 
 REPO = Path(__file__).resolve().parents[2]
-HELLO = REPO / "examples" / "hello"
+ETL = REPO / "examples" / "etl"
 BAKE_TARGET = "x86_64-linux"
 
 
@@ -78,5 +80,5 @@ def bake_image(tmp_path_factory: pytest.TempPathFactory) -> BakeImage:
 
 @pytest.fixture(scope="session")
 def baked_image(bake_image: BakeImage) -> BakedImage:
-    """x86_64-linux baked with examples/hello."""
-    return bake_image(HELLO)
+    """x86_64-linux baked with examples/etl."""
+    return bake_image(ETL)
