@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from imagefactory import nodestate, ssh
-from tests.vm.conftest import BakedImage
+from tests.baking import BakedImage
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]
 
