@@ -16,7 +16,8 @@ from tests.baking import BakeImage
 from tests.e2e import fleet
 from tests.integration.services_harness import ServerProcess
 
-pytestmark = pytest.mark.vm
+# The first test that needs the image also pays for the bake (a cold base under load: ~10 min).
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]
 
 ETL = fleet.REPO / "examples" / "etl"
 FAILING = fleet.REPO / "examples" / "failing"
