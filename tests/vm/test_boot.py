@@ -17,6 +17,7 @@ import shlex
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,7 @@ def master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Master]:
         stderr=subprocess.STDOUT,
         text=True,
     )
+    drain: threading.Thread | None = None
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -126,10 +128,17 @@ def master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Master]:
                 break
         else:
             pytest.fail("imagefactory serve exited without listening")
+        # Keep reading its log, so that a full pipe never blocks the server.
+        drain = threading.Thread(target=proc.stdout.read, daemon=True)
+        drain.start()
         yield Master(match[1], int(match[2]), secret, admin)
     finally:
         proc.terminate()
         proc.wait(30)
+        if drain is not None:
+            drain.join(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def publish_probe(master: Master, tmp: Path, env: dict[str, str]) -> str:
