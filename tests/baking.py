@@ -27,7 +27,7 @@ from imagefactory.bake import BakeOptions, bake
 from imagefactory.stages import Stages
 from imagefactory.targets import get_target
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 ETL = REPO / "examples" / "etl"
 BAKE_TARGET = "x86_64-linux"
 
