@@ -54,16 +54,13 @@ class Boot:
         _, err = self.proc.communicate(timeout=BOOT_TIMEOUT_S + 120)
         return self.proc.returncode, err
 
-    def console_tail(self, lines: int = 40) -> str:
-        logs = sorted(self.state_home.glob(f"imagefactory/nodes/{self.node_id}/console.log"))
-        if not logs:
-            return "(no console log)"
-        text = logs[0].read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
     def console(self) -> str:
-        logs = sorted(self.state_home.glob(f"imagefactory/nodes/{self.node_id}/console.log"))
-        return logs[0].read_text(errors="replace") if logs else ""
+        log = self.state_home / "imagefactory" / "nodes" / self.node_id / "console.log"
+        return log.read_text(errors="replace") if log.exists() else ""
+
+    def console_tail(self, lines: int = 40) -> str:
+        text = self.console().splitlines()
+        return "\n".join(text[-lines:]) if text else "(no console log)"
 
     def stop(self) -> None:
         if self.proc.poll() is None:
