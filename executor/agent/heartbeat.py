@@ -2,7 +2,8 @@
 
 The run only calls `update()` (a lock held for a few assignments), so a slow or absent
 master never blocks or slows the scheduler. Every `interval_s` (+-20% jitter, so a fleet
-booted together does not beat in step) the thread sends the current state. A failed beat is
+booted together does not beat in step) the thread sends the current state, and at once when
+the state changes, so the master sees even a short `running` phase. A failed beat is
 retried with tenacity (exponential backoff, full jitter, 200 ms to 60 s), each attempt
 carrying the state of that moment; a refused beat (4xx) waits for the next interval.
 """
@@ -36,6 +37,7 @@ class Heartbeats:
         self._total = 0
         self._seq = 0
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeats", daemon=True)
         self.sent = 0
         """Heartbeats the master accepted (for logs and tests)."""
@@ -50,7 +52,9 @@ class Heartbeats:
         with self._lock:
             if state is not None:
                 assert state in STATES, state
-                self._state = state
+                if state != self._state:
+                    self._state = state
+                    self._wake.set()
             if done is not None:
                 self._done = done
             if total is not None:
@@ -59,6 +63,7 @@ class Heartbeats:
     def stop(self, final_state: str | None = None, timeout_s: float = 5.0) -> None:
         """Stop the thread; then send one last beat with `final_state` (one attempt)."""
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join()
         if final_state is not None:
@@ -92,8 +97,9 @@ class Heartbeats:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()
             self._beat()
-            self._stop.wait(self.next_delay())
+            self._wake.wait(self.next_delay())
 
     def _pause(self, seconds: float) -> None:
         self._stop.wait(seconds)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -148,13 +149,37 @@ def test_heartbeat_thread_retries_and_sends_a_last_beat(scripted: Scripted) -> N
     scripted.script((503, {}, b""), (204, {}, b""))
     beats = Heartbeats(master(scripted.url), "run-1", interval_s=0.05)
     beats.start()
-    while beats.sent < 3:
-        threading.Event().wait(0.01)
+    _wait_until(lambda: beats.sent >= 3)
     beats.stop(final_state="done")
     posted = [json.loads(r[3]) for r in scripted.requests]
     assert {r[1] for r in scripted.requests} == {"/v1/nodes/node-a/heartbeats"}
     assert posted[-1]["state"] == "done"
     assert [p["seq"] for p in posted] == sorted(p["seq"] for p in posted)
+
+
+def test_a_state_change_is_sent_at_once_not_at_the_next_interval(scripted: Scripted) -> None:
+    scripted.script((204, {}, b""))
+    beats = Heartbeats(master(scripted.url), "run-1", interval_s=600)
+    beats.start()
+    try:
+        _wait_until(lambda: beats.sent == 1)
+        beats.update(done=1)  # progress alone waits for the next interval
+        beats.update(state="running")
+        _wait_until(lambda: beats.sent == 2)
+        beats.update(state="running", done=2)
+        threading.Event().wait(0.2)
+        assert beats.sent == 2
+    finally:
+        beats.stop()
+    posted = [json.loads(r[3]) for r in scripted.requests]
+    assert [(p["state"], p["tasks_done"]) for p in posted] == [("starting", 0), ("running", 1)]
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        threading.Event().wait(0.01)
 
 
 def test_gateway_download_checks_the_announced_sha(scripted: Scripted, tmp_path: Path) -> None:
