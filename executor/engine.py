@@ -38,7 +38,7 @@ from executor.combined_log import CombinedLog
 from executor.events import Events
 from executor.framing import frame
 from executor.pipeline import Pipeline
-from executor.pool import SLOTS, STREAMS, WorkerHandle, spawn_worker
+from executor.pool import QUEUE_DEPTH, SLOTS, STREAMS, WorkerHandle, spawn_worker
 from executor.results import build_results, run_status, write_results
 from executor.scheduler import DagState
 from executor.services import RunServices
@@ -82,7 +82,7 @@ class RunConfig:
     deadlock_grace_s: float = 1.0
     """How long every worker must stay blocked in events.wait before that is a deadlock."""
     prefetch: bool = True
-    """Queue one more task behind a running one while tasks are short (faster wide DAGs)."""
+    """Queue tasks behind a running one while tasks are short (faster wide DAGs)."""
 
 
 def run(
@@ -235,14 +235,29 @@ class _Manager:
 
     def _dispatch(self) -> None:
         ready, idle = self.state.ready, self.idle
+        if not ready:
+            return
+        sent: list[WorkerHandle] = []
         while ready and idle:
-            self._send(idle.pop(), ready.popleft())
+            worker = idle.pop()
+            self._send(worker, ready.popleft())
+            sent.append(worker)
         if ready and self._prefetching():
-            for worker in self.workers:
-                if worker.task is not None and not worker.queued and not worker.waits:
-                    self._send(worker, ready.popleft())
-                    if not ready:
-                        break
+            for depth in range(QUEUE_DEPTH):  # round robin: one more per worker per pass
+                for worker in self.workers:
+                    if worker.task is not None and len(worker.queued) == depth and not worker.waits:
+                        self._send(worker, ready.popleft())
+                        if len(worker.outbox) == 1:  # its first task of this dispatch
+                            sent.append(worker)
+                        if not ready:
+                            break
+                if not ready:
+                    break
+        for worker in sent:
+            try:
+                worker.flush()
+            except OSError:
+                pass  # the worker just died: its sentinel fails or returns these attempts
 
     def _prefetching(self) -> bool:
         """Queue a task behind a running one only while tasks are short (then the
@@ -255,7 +270,8 @@ class _Manager:
         return average is not None and average < _PREFETCH_BELOW_S
 
     def _send(self, worker: WorkerHandle, task_id: str) -> None:
-        """Send ``task_id`` to ``worker``: to run now if it is idle, else queued."""
+        """Give ``task_id`` to ``worker`` (sent by the next flush): to run now if it is
+        idle, else queued."""
         now = time.time()
         attempt = self.state.start(task_id, now)
         task = self.pipeline.tasks[task_id]
@@ -268,10 +284,7 @@ class _Manager:
         else:
             worker.queued.append((task_id, attempt, slot))
             text = f"started (queued behind {worker.task[0]})"
-        try:
-            worker.send_task(frame(message))
-        except OSError:
-            pass  # the worker just died: its sentinel fails or returns this attempt
+        worker.outbox.append(frame(message))
         self.notes.append(("started", task_id, attempt, "running", text))
 
     def _begin(
@@ -365,11 +378,11 @@ class _Manager:
         """Handle one message from ``worker``; ``settled``: its task's output is all read."""
         kind = message[0]
         if kind == DONE:
-            if settled:
+            if settled or not message[1]:  # all the task wrote was read already
                 self._flush_partial_lines(worker, worker.slot)
             else:
                 self._drain_slot(worker, worker.slot)
-            self._task_done(worker, *message[1:])
+            self._task_done(worker, *message[2:])
         elif kind == BLOCKED:
             worker.waits += 1
             self.waited = True

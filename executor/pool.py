@@ -1,14 +1,15 @@
 """Worker processes as the manager sees them: start, message, signal, reap.
 
-Each worker gets a task pipe, a results pipe and two capture slots of three pipes each
-(stdout, stderr, log records). The manager keeps the write end of ``tasks`` and the read
+Each worker gets a task pipe, a results pipe and SLOTS capture slots of three pipes
+each (stdout, stderr, log records): one for the running task, one per task queued
+behind it. The manager keeps the write end of ``tasks`` and the read
 ends of the others; its copies of the worker's ends are closed right after the start,
 so a dead worker's pipes report end-of-file and nothing it wrote before dying is lost.
 
     manager                                   worker (own process group)
     tasks    ──(task_id, ..., slot) | ACK──►  fn(ctx, **args)
     results  ◄──(DONE | BLOCKED | ...)─────   send
-    slot 0/1 ◄── out, err, log bytes ───────  fd 1, fd 2, logging handler
+    slot 0..3 ◄── out, err, log bytes ──────  fd 1, fd 2, logging handler
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from executor.framing import FrameReader, write_frame
 from executor.worker import WorkerBoot, worker_main
 
 STREAMS = (OUT, ERR, LOG)
-SLOTS = 2
+SLOTS = 4
+QUEUE_DEPTH = SLOTS - 1
+"""How many tasks may wait in a worker behind the one it runs."""
 
 
 class WorkerHandle:
@@ -69,6 +72,8 @@ class WorkerHandle:
         """When the current task was sent or promoted (the start of an attempt that crashes)."""
         self.retired = False
         """Set once the manager has reaped it and closed its pipes."""
+        self.outbox: list[bytes] = []
+        """Frames to send with the next flush (one write for a batch of tasks)."""
 
     def source(self, index: int) -> str:
         """The combined log source of output read now from ``streams[index]``."""
@@ -76,12 +81,22 @@ class WorkerHandle:
         return "executor" if task_id is None else f"task:{task_id}"
 
     def free_slot(self) -> int:
-        """A capture slot no task of this worker is using."""
-        return 1 - self.slot if self.task is not None else self.slot
+        """A capture slot no task of this worker is using (its last owner has ended and
+        its output was read when that was reported)."""
+        used = {slot for _, _, slot in self.queued}
+        if self.task is not None:
+            used.add(self.slot)
+        return next(slot for slot in range(SLOTS) if slot not in used)
 
     def send_task(self, data: bytes) -> None:
         """Send one frame (executor/framing.py) to the worker."""
         write_frame(self.tasks.fileno(), data)
+
+    def flush(self) -> None:
+        """Send the frames in the outbox in one write: a write that wakes a sleeping
+        worker costs tens of microseconds on a virtual machine, one per batch is enough."""
+        data, self.outbox = b"".join(self.outbox), []
+        self.send_task(data)
 
     def signal_group(self, signum: int) -> None:
         """Signal the worker's process group: its task and every child the task started."""
@@ -112,7 +127,9 @@ def spawn_worker(context: BaseContext, boot_fields: dict[str, Any]) -> WorkerHan
     boot = WorkerBoot(
         tasks=task_r,
         results=result_w,
-        capture=tuple((writers[i], writers[i + 1], writers[i + 2]) for i in range(0, 6, 3)),
+        capture=tuple(
+            (writers[i], writers[i + 1], writers[i + 2]) for i in range(0, len(writers), 3)
+        ),
         **boot_fields,
     )
     # typeshed's BaseContext lacks Process, which every concrete context has.

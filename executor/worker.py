@@ -1,13 +1,13 @@
 """The worker process: started once per run, imports the pipeline code once, then runs
-one task at a time as the manager sends them. The manager may queue one more task
-behind the running one (executor/engine.py, "prefetch"); it goes to the other capture
-slot (executor/capture.py, CaptureSlots).
+one task at a time as the manager sends them. The manager may queue up to three more
+behind the running one (executor/engine.py, "prefetch"); each goes to a capture slot of
+its own (executor/capture.py, CaptureSlots).
 
 Messages (executor/framing.py: pickle protocol 5 on raw pipes, one hop each way):
 
     manager -> worker   (task_id, attempt, call, args, upstream_json, slot)
                         ACK (answers BLOCKED and EVENTS_USED) | None (stop)
-    worker -> manager   (DONE, task_id, attempt, ok, payload, started, finished)
+    worker -> manager   (DONE, unread, task_id, attempt, ok, payload, started, finished)
                         (BLOCKED, topic, timed) | (UNBLOCKED,)   from ctx.events
                         (RETURNED, [task_id, ...])   queued tasks given back
                         (EVENTS_USED,)   a task uses ctx.events for the first time here
@@ -111,7 +111,7 @@ def worker_main(boot: WorkerBoot) -> None:
         outcome = run_task(functions[call], ctx, args)
         inbox.in_task = False
         sys.stdout, sys.stderr = stdout, stderr  # a task that swapped them is undone
-        send((DONE, task_id, attempt, *outcome))
+        send((DONE, slots.unread(slot), task_id, attempt, *outcome))
 
 
 def run_task(
