@@ -270,15 +270,21 @@ class Connection:
         blobs: Sequence[Blob] = (),
         on_block: Hook | None = None,
         on_unblock: Hook | None = None,
+        lock_timeout: float = -1,
     ) -> tuple[Message, deque[int]]:
         """Send a request and return its final reply (and the reply's descriptors).
 
         A "pending" reply means the server parked the request: `on_block` runs, the
-        final reply is awaited, then `on_unblock` runs.
+        final reply is awaited, then `on_unblock` runs. Raises ServiceError when another
+        thread keeps the connection for longer than `lock_timeout` seconds (if given).
         """
         if self._fork != _forks or self._closed:
             self._refuse(blobs)
-        with self._calls:
+        if not self._calls.acquire(timeout=lock_timeout):
+            for blob in blobs:
+                blob.close()
+            raise ServiceError("the services connection is held by another thread")
+        try:
             if self._owed:
                 self._settle()
             self._send(msg, blobs)
@@ -304,10 +310,17 @@ class Connection:
             finally:
                 if answered:
                     self._owed -= 1
+        finally:
+            self._calls.release()
         if reply[0] == "err":
             close_all(fds)
             raise _ERRORS.get(reply[1], ServiceError)(reply[2])
         return reply, fds
+
+    @property
+    def congested(self) -> bool:
+        """The socket is full: sent requests wait in the backlog."""
+        return bool(self._backlog)
 
     def cast(self, msg: Message, blobs: Sequence[Blob] = ()) -> None:
         """Send a request that has no reply; never blocks."""

@@ -44,7 +44,7 @@ from executor._wire import (
     send_now,
 )
 from executor.events import EVENT_OPS, Events, TopicBoard
-from executor.store import STORE_OPS, Store, StoreTable
+from executor.store import STORE_OPS, UNANSWERED_OPS, Store, StoreTable
 
 _SOCKET_NAME = "services.sock"
 _PARENT_CHECK_S = 1.0
@@ -277,6 +277,9 @@ class _Server:
 
     def _handle(self, peer: _Peer, msg: Message, fds: deque[int]) -> None:
         op = msg[0]
+        if op in UNANSWERED_OPS:
+            self._apply_unanswered(peer, msg, fds)
+            return
         try:
             if op in STORE_OPS:
                 self._deliver(peer, *self._store.apply(msg, fds))
@@ -291,6 +294,17 @@ class _Server:
             self._deliver(peer, error_reply(exc), [])
         except Exception as exc:  # a bug or a value that cannot load: the client gets it
             self._deliver(peer, ("err", type(exc).__name__, str(exc)), [])
+        finally:
+            if fds:
+                close_all(fds)
+
+    def _apply_unanswered(self, peer: _Peer, msg: Message, fds: deque[int]) -> None:
+        """A write the client does not wait for: a failure cannot be answered, so the
+        client loses its connection and its next call fails instead."""
+        try:
+            self._store.apply(msg, fds)
+        except Exception:
+            self._drop(peer)
         finally:
             if fds:
                 close_all(fds)

@@ -2,11 +2,18 @@
 
 One `StoreTable` lives in the run's services process and holds every key of the run,
 so values written by earlier tasks are visible to later ones. Each worker process talks
-to it through its own `Store`. Every change is one request answered after it was
-applied, and the services process applies requests one at a time: `incr` and `cas` are
-atomic across all workers, and a value is visible to everyone once `store[k] = v` has
-returned. Values are kept encoded (the services process unpickles only for `incr`
-and `cas`); big ones stay in sealed shared memory (see `executor._wire`).
+to it through its own `Store`. The services process applies requests one at a time, in
+the order each connection sent them: `incr` and `cas` are atomic across all workers.
+Values are kept encoded (the services process unpickles only for `incr` and `cas`); big
+ones stay in sealed shared memory (see `executor._wire`).
+
+`store[k] = v` does not wait for an answer (a round trip costs 70-150 us on a virtual
+machine; sending costs a few). Because one connection's requests are applied in order,
+the writer reads its own writes, and an event it publishes after the write is seen after
+it. The worker waits until its writes are applied (`settle`) before it reports a task
+finished, so every later task sees them. A task running at the same time may see the
+old value for the moment the write is in flight. When the socket is full, a write waits
+for its answer, so a writer never runs ahead of the services process by more than that.
 
 Reads of unchanged keys need no round trip. The services process keeps a table of
 version counters in shared memory, one per hash bucket of keys, and bumps a key's
@@ -29,13 +36,16 @@ from executor._wire import Blob, Connection, Message, decode, encode, load, same
 
 Reply = tuple[Message, list[Blob]]
 
-STORE_OPS = frozenset({"get", "set", "del", "has", "keys", "incr", "cas", "versions"})
+STORE_OPS = frozenset({"get", "set", "put", "del", "has", "keys", "incr", "cas", "versions"})
 """The requests a StoreTable applies."""
+UNANSWERED_OPS = frozenset({"put"})
+"""Requests the client does not wait for: no reply is sent, not even an error."""
 
 _BUCKETS = 1 << 16
 _CACHE_MAX_BYTES = 16 << 20  # a Store forgets everything when its cache grows past this
 _RETIRED_MAX = 32  # replaced big values kept for release while the services are idle
 _ENTRY_OVERHEAD = 100  # bytes counted per cached key besides the key and value
+_SETTLE_LOCK_S = 0.5  # how long settle() waits for a connection another thread holds
 
 
 def _bucket(key: str) -> int:
@@ -68,6 +78,8 @@ class Store:
         self._versions = memoryview(self._map).cast("Q")
         self._cache: dict[str, tuple[int, bytes | None]] = {}
         self._cached_bytes = 0
+        self._unsettled = False
+        """Writes were sent since the last settle()."""
 
     def __reduce__(self) -> Any:
         raise TypeError("a Store cannot be pickled: give workers the services address")
@@ -81,7 +93,23 @@ class Store:
     def __setitem__(self, key: str, value: Any) -> None:
         key = _check_key(key)
         blob = encode(value)
-        self._conn.call(("set", key, blob.enc), [blob])
+        self._forget(key)  # the next read asks the services, behind this write
+        if self._conn.congested:
+            self._conn.call(("set", key, blob.enc), [blob])
+        else:
+            self._conn.cast(("put", key, blob.enc), [blob])
+            self._unsettled = True
+
+    def settle(self) -> None:
+        """Wait until the services process has applied every write sent from here.
+
+        Raises ServiceError when the services are gone, or when a thread the task left
+        behind keeps the connection blocked in `ctx.events` (then later tasks may see
+        the writes a moment late).
+        """
+        if self._unsettled:
+            self._conn.call(("ping",), lock_timeout=_SETTLE_LOCK_S)
+            self._unsettled = False
 
     def __delitem__(self, key: str) -> None:
         self._conn.call(("del", _check_key(key)))
@@ -148,6 +176,11 @@ class Store:
             self._remember(key, version, enc)
         return (False, None) if enc is None else (True, load(enc, fds))
 
+    def _forget(self, key: str) -> None:
+        hit = self._cache.pop(key, None)
+        if hit is not None:
+            self._cached_bytes -= _ENTRY_OVERHEAD + len(key) + len(hit[1] or b"")
+
     def _remember(self, key: str, version: int, enc: bytes | None) -> None:
         if key not in self._cache:
             self._cached_bytes += _ENTRY_OVERHEAD + len(key) + len(enc or b"")
@@ -172,6 +205,7 @@ class StoreTable:
             "versions": self._share_versions,
             "get": self._get,
             "set": self._set,
+            "put": self._set,
             "del": self._del,
             "has": self._has,
             "keys": self._keys,

@@ -111,6 +111,8 @@ def worker_main(boot: WorkerBoot) -> None:
         outcome = run_task(functions[call], ctx, args)
         inbox.in_task = False
         sys.stdout, sys.stderr = stdout, stderr  # a task that swapped them is undone
+        with suppress(_wire.ServiceError):  # gone or busy: see Store.settle
+            store.settle()  # later tasks must see this one's writes
         send((DONE, slots.unread(slot), task_id, attempt, *outcome))
 
 

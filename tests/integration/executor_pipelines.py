@@ -129,6 +129,16 @@ def store_read(ctx, key):
     return ctx.store.get(key)
 
 
+def store_write_many(ctx, prefix, count):
+    for i in range(count):
+        ctx.store[f"{prefix}{i}"] = i
+    return count
+
+
+def store_read_many(ctx, prefix, count):
+    return [ctx.store.get(f"{prefix}{i}") for i in range(count)]
+
+
 def wait_event(ctx, topic, timeout=None):
     return ctx.events.wait(topic, timeout=timeout)
 

@@ -237,6 +237,22 @@ def test_store_is_shared_by_all_workers(tmp_path: Path) -> None:
     assert results["tasks"]["read"]["result"] == 800
 
 
+def test_a_tasks_writes_are_visible_to_the_next_task_on_another_worker(tmp_path: Path) -> None:
+    # Writes are not answered one by one: the worker waits for them to be applied
+    # before it reports the task finished.
+    for attempt in range(5):
+        prefix = f"w{attempt}-"
+        path = make_pipeline(
+            tmp_path / f"p{attempt}",
+            [
+                task("write", "store_write_many", args={"prefix": prefix, "count": 2000}),
+                task("read", "store_read_many", ["write"], args={"prefix": prefix, "count": 2000}),
+            ],
+        )
+        results, _ = run_pipeline(path, tmp_path, workers=2)
+        assert results["tasks"]["read"]["result"] == list(range(2000))
+
+
 def test_events_between_tasks_and_lifecycle_topics(tmp_path: Path) -> None:
     path = make_pipeline(
         tmp_path / "p",

@@ -174,12 +174,14 @@ def test_cached_reads_see_every_change_made_elsewhere(
     writer, _ = connect(services.address)
     try:
         writer["k"] = [1]
+        writer.settle()  # (a worker does this before it reports a task finished)
         assert reader["k"] == [1] and reader.get("gone") is None and "gone" not in reader
         got = reader["k"]
         got.append(2)  # a cached read still hands out a fresh copy
         assert reader["k"] == [1]
         writer["k"] = [3]
         writer["gone"] = "here"
+        writer.settle()
         assert reader["k"] == [3] and reader.get("gone") == "here" and "gone" in reader
         writer.incr("n")
         assert reader["n"] == 1
@@ -192,6 +194,40 @@ def test_cached_reads_see_every_change_made_elsewhere(
         with pytest.raises(KeyError):
             reader["k"]
     finally:
+        writer.close()
+
+
+def test_a_writer_reads_its_own_writes_at_once(client: tuple[Store, Events]) -> None:
+    store, _ = client
+    store["k"] = 0
+    for i in range(1, 500):
+        assert store["k"] == i - 1  # cached after the first read of each value
+        store["k"] = i  # not answered: the next read must still see it
+        assert store.get("k") == i and "k" in store
+    store["big"] = os.urandom(1 << 20)
+    assert len(store["big"]) == 1 << 20
+
+
+def test_a_writer_that_fills_the_socket_waits_and_loses_nothing(
+    services: RunServices, client: tuple[Store, Events]
+) -> None:
+    reader, _ = client
+    writer, _ = connect(services.address)
+    assert services.pid is not None
+    os.kill(services.pid, signal.SIGSTOP)  # the server falls behind: the socket fills
+    resume = threading.Timer(1.0, os.kill, (services.pid, signal.SIGCONT))
+    resume.start()
+    try:
+        congested = 0
+        for i in range(300):
+            congested += writer._conn.congested  # noqa: SLF001 - the path under test
+            writer[f"k{i % 7}"] = (i, b"x" * 30_000)
+        writer.settle()
+        assert congested, "the socket never filled: the test proves nothing"
+        assert reader["k6"][0] == 293 and reader["k0"][0] == 294
+    finally:
+        resume.join()
+        os.kill(services.pid, signal.SIGCONT)
         writer.close()
 
 
