@@ -54,6 +54,12 @@ class BootPlan:
     memory_mib: int = 1024
     cpus: int = 2
 
+    @property
+    def keeps_nodes(self) -> bool:
+        """The nodes outlive this command: `--keep`, or `--wait none` (nothing to wait
+        for before cleaning up; `imagefactory stop` ends them)."""
+        return self.keep or self.wait == "none"
+
 
 def node_ids(base: str, count: int) -> list[str]:
     """`--count K` boots `base-1..base-K`; a single node keeps its ID."""
@@ -169,7 +175,8 @@ def start_node(plan: BootPlan, config: qemu.VmConfig, record: nodestate.NodeReco
         machine = libvirt_backend.start(config)
         record = dataclasses.replace(record, domain=config.name)
     else:
-        started = qemu.start(config, workdir / "qemu.log")
+        # A node that is not kept must not outlive this process, even if it is killed.
+        started = qemu.start(config, workdir / "qemu.log", die_with_parent=not plan.keeps_nodes)
         machine = started
         record = dataclasses.replace(record, pid=started.pid)
     nodestate.save(record)
@@ -237,12 +244,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def boot(
     plan: BootPlan, nodes: list[seed.NodeVars], progress: Callable[[str], None]
 ) -> list[BootedNode]:
-    """Boot all nodes, wait for the condition, and clean up unless the nodes are kept.
-
-    `--wait none` keeps the nodes running: there is nothing to wait for before
-    cleaning up. `imagefactory stop` ends kept nodes.
-    """
-    keep = plan.keep or plan.wait == "none"
+    """Boot all nodes, wait for the condition, and clean up unless the plan keeps them."""
+    keep = plan.keeps_nodes
     api = None
     if plan.admin_token and plan.master_url and plan.wait in ("heartbeat", "report"):
         api = MasterApi(plan.master_url, plan.admin_token)

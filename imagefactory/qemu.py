@@ -247,8 +247,14 @@ class QemuMachine:
                 self.proc.wait(wait)
 
 
-def start(config: VmConfig, log: Path) -> QemuMachine:
-    """Start QEMU in the background; its own messages go to `log`."""
+def start(config: VmConfig, log: Path, *, die_with_parent: bool = False) -> QemuMachine:
+    """Start QEMU in the background; its own messages go to `log`. `die_with_parent`:
+    QEMU gets SIGTERM when this process dies, however it dies."""
     with log.open("wb") as out:
-        proc = spawn(qemu_argv(config), stdout=out.fileno(), stderr=subprocess.STDOUT)
+        proc = spawn(
+            qemu_argv(config),
+            stdout=out.fileno(),
+            stderr=subprocess.STDOUT,
+            die_with_parent=die_with_parent,
+        )
     return QemuMachine(proc, config.name)

@@ -7,17 +7,20 @@ command, its exit code and the tail of its output.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shlex
+import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("imagefactory.run")
 
 Argv = Sequence[str | os.PathLike[str]]
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass
@@ -78,8 +81,14 @@ def spawn(
     cwd: Path | None = None,
     stdout: int | None = subprocess.PIPE,
     stderr: int | None = subprocess.STDOUT,
+    die_with_parent: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start a command in its own process group, so that it can be killed as a whole."""
+    """Start a command in its own process group, so that it can be killed as a whole.
+
+    `die_with_parent`: the command gets SIGTERM when this process dies, even by SIGKILL
+    (Linux's parent-death signal), so that no VM outlives the `imagefactory boot` that
+    was to clean it up.
+    """
     args = _argv(argv)
     log.debug("spawn: %s", shlex.join(args))
     return subprocess.Popen(
@@ -90,7 +99,19 @@ def spawn(
         stdout=stdout,
         stderr=stderr,
         start_new_session=True,
+        preexec_fn=_terminate_with(os.getpid()) if die_with_parent else None,
     )
+
+
+def _terminate_with(parent: int) -> Callable[[], None]:
+    prctl = ctypes.CDLL(None).prctl  # loaded here: the child only calls it
+
+    def arm() -> None:  # runs in the child between fork and exec
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)  # the parent died before the signal was armed
+
+    return arm
 
 
 def which(program: str) -> Path | None:

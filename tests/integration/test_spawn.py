@@ -1,0 +1,57 @@
+"""imagefactory.run.spawn with real processes: a VM started for a command that dies
+must not outlive it (the parent-death signal), unless it is meant to."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+PARENT = """
+import sys, time
+from imagefactory.run import spawn
+child = spawn(["sleep", "300"], stdout=None, die_with_parent=sys.argv[1] == "1")
+print(child.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _child_of_killed_parent(die_with_parent: bool) -> int:
+    """Start a parent that spawns `sleep`, SIGKILL the parent; return the sleep's pid."""
+    with subprocess.Popen(
+        [sys.executable, "-c", PARENT, "1" if die_with_parent else "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as parent:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        parent.kill()
+    return child
+
+
+@pytest.mark.parametrize("die_with_parent", [True, False])
+def test_a_spawned_process_dies_with_its_killed_parent_only_when_asked(
+    die_with_parent: bool,
+) -> None:
+    child = _child_of_killed_parent(die_with_parent)
+    try:
+        deadline = time.monotonic() + (10 if die_with_parent else 2)
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _alive(child) is not die_with_parent
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
