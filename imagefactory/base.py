@@ -35,7 +35,7 @@ BASE_RECIPE = 1
 COMMON_PACKAGES = (
     "systemd", "systemd-sysv", "udev", "dbus", "initramfs-tools", "zstd", "kmod",
     "cloud-init", "cloud-guest-utils", "fdisk", "python3", "openssh-server",
-    "iproute2", "procps", "e2fsprogs", "netbase",
+    "iproute2", "procps", "e2fsprogs", "netbase", "sudo",
 )  # fmt: skip
 
 # Documentation is not needed in an appliance image; keep the licences.

@@ -55,7 +55,7 @@ PROBE_CODE = textwrap.dedent(
 
 GUEST_CHECK = textwrap.dedent(
     """
-    import json, os, socket
+    import json, os, socket, subprocess
     def reach(host, port):
         try:
             socket.create_connection((host, port), 5).close()
@@ -73,6 +73,8 @@ GUEST_CHECK = textwrap.dedent(
         "reach_master": reach("10.0.2.100", PORT),
         "reach_host_loopback": reach("10.0.2.2", PORT),
         "reach_outside": reach("192.0.2.1", 80),
+        "sudo_uid": subprocess.run(["sudo", "-n", "id", "-u"], capture_output=True,
+                                   text=True).stdout.strip(),
     }))
     """
 )
@@ -272,6 +274,11 @@ def test_guests_reach_the_master_and_nothing_else(facts: dict[str, dict[str, Any
         assert node_facts["reach_master"] is True
         assert node_facts["reach_host_loopback"] is False
         assert node_facts["reach_outside"] is False
+
+
+def test_ops_has_passwordless_sudo(facts: dict[str, dict[str, Any]]) -> None:
+    for node_facts in facts.values():
+        assert node_facts["sudo_uid"] == "0"
 
 
 def test_password_logins_are_refused(fleet: Fleet) -> None:
