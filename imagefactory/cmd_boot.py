@@ -158,12 +158,13 @@ def boot_command(
     try:
         booted = boot.boot(plan, nodes, progress)
     except KeyboardInterrupt:
-        after = "the nodes keep running" if keep else "the nodes were stopped and removed"
+        kept = plan.keeps_nodes
+        after = "the nodes keep running" if kept else "the nodes were stopped and removed"
         raise die(f"interrupted; {after}") from None
     summary = [n.summary() for n in booted]
     if as_json:
         click.echo(json.dumps(summary, indent=2))
-    if keep or wait == "none":
+    if plan.keeps_nodes:
         ids = " ".join(n.record.node_id for n in booted)
         progress(f"running: imagefactory ssh NODE -- CMD; stop with: imagefactory stop {ids}")
 
