@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from executor import settings
-from executor.settings import SettingsError
+from executor.settings import RunSettings, SettingsError
 
 GATEWAY_PREFIX = "gateway:"
 RUN_ID_FILE = "run-id"
@@ -26,14 +26,11 @@ class AgentConfigError(ValueError):
 
 @dataclass(frozen=True)
 class AgentConfig:
-    node_id: str
-    """EXECUTOR_NODE_ID (default: the host name)."""
-    run_id: str
-    """EXECUTOR_RUN_ID; if unset, a UUID generated once and kept in the state directory."""
-    workers: int
-    """EXECUTOR_WORKERS (default: the CPU count)."""
-    state_dir: Path
-    """EXECUTOR_STATE_DIR: run logs, results, the report spool and the generated run id."""
+    run: RunSettings
+    """The run's identity and resources, as for `executor run`, except that an unset
+    EXECUTOR_RUN_ID is a UUID generated once and kept in the state directory (so a
+    restarted agent goes on with the same run). The state directory also holds run logs,
+    results and the report spool."""
     pipeline: str
     """EXECUTOR_PIPELINE: a directory or .tar.gz path, or `gateway:NAME`."""
     pipeline_sha256: str | None
@@ -61,7 +58,7 @@ class AgentConfig:
 
     @property
     def run_dir(self) -> Path:
-        return self.state_dir / "runs" / self.run_id
+        return self.run.state_dir / "runs" / self.run.run_id
 
 
 def load_config(env: Mapping[str, str] = os.environ) -> AgentConfig:
@@ -88,10 +85,9 @@ def _load(env: Mapping[str, str]) -> AgentConfig:
         if not master_url:
             raise AgentConfigError(f"EXECUTOR_PIPELINE={pipeline} needs EXECUTOR_MASTER_URL")
     return AgentConfig(
-        node_id=node_id,
-        run_id=_run_id(env, state_dir),
-        workers=workers,
-        state_dir=state_dir,
+        run=RunSettings(
+            node_id=node_id, run_id=_run_id(env, state_dir), workers=workers, state_dir=state_dir
+        ),
         pipeline=pipeline,
         pipeline_sha256=_sha256(env),
         master_url=master_url,

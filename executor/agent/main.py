@@ -66,9 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"executor agent: error: {exc}", file=sys.stderr)
         status_line(node, run, "invalid")
         return EXIT_INVALID
-    status_line(config.node_id, config.run_id, "starting")
+    status_line(config.run.node_id, config.run.run_id, "starting")
     code, state = Agent(config).run()
-    status_line(config.node_id, config.run_id, state)
+    status_line(config.run.node_id, config.run.run_id, state)
     if config.on_complete == "poweroff":
         power_off(config)
     return code
@@ -90,12 +90,12 @@ def power_off(config: AgentConfig) -> None:
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.spool = Spool(config.state_dir)
+        self.spool = Spool(config.run.state_dir)
         self.master: Master | None = None
         self.beats: Heartbeats | None = None
         if config.master_url is not None and config.token is not None:
-            self.master = Master(config.master_url, config.token, config.node_id)
-            self.beats = Heartbeats(self.master, config.run_id, config.heartbeat_s)
+            self.master = Master(config.master_url, config.token, config.run.node_id)
+            self.beats = Heartbeats(self.master, config.run.run_id, config.heartbeat_s)
 
     def run(self) -> tuple[int, str]:
         """Run (or resume) this node's run; returns (exit code, end state)."""
@@ -112,7 +112,7 @@ class Agent:
 
     def _previous_outcome(self) -> tuple[int, str] | None:
         """A report for this run id already exists (pending or delivered): do not run again."""
-        status = self.spool.status_of(self.config.run_id)
+        status = self.spool.status_of(self.config.run.run_id)
         try:
             outcome = json.loads((self.config.run_dir / OUTCOME_FILE).read_text())
             code, state = int(outcome["exit"]), str(outcome["state"])
@@ -121,7 +121,7 @@ class Agent:
                 return None
             code, state = STATUS_EXIT.get(status, EXIT_FAILED), status
         log.info(
-            "run %s already has a report (%s): not running it again", self.config.run_id, state
+            "run %s already has a report (%s): not running it again", self.config.run.run_id, state
         )
         return code, state
 
@@ -161,8 +161,8 @@ class Agent:
             combined.executor(reason, stream="err")
         stamp = now()
         results: dict[str, Any] = {
-            "run_id": self.config.run_id,
-            "node_id": self.config.node_id,
+            "run_id": self.config.run.run_id,
+            "node_id": self.config.run.node_id,
             "pipeline": self.config.gateway_name or Path(self.config.pipeline).name,
             "status": "failed",
             "started_at": stamp,
@@ -181,7 +181,7 @@ class Agent:
         deliverer = Deliverer(self.master, self.spool)
         grace = self.config.poweroff_grace_s if self.config.on_complete == "poweroff" else None
         deadline = None if grace is None else time.monotonic() + grace
-        mine = f"{self.config.run_id}.json"
+        mine = f"{self.config.run.run_id}.json"
         pending = sorted(self.spool.pending(), key=lambda p: p.name == mine)
         for path in pending:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())

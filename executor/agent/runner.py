@@ -20,14 +20,15 @@ def run_pipeline(
     config: AgentConfig, source: Path, log_path: Path, on_progress: engine.ProgressCallback
 ) -> dict[str, Any]:
     """Run the pipeline at `source`; raises PipelineError if it is invalid."""
+    run = config.run
     with CombinedLog(log_path) as combined:
-        combined.executor(f"agent: node {config.node_id} run {config.run_id} pipeline {source}")
+        combined.executor(f"agent: node {run.node_id} run {run.run_id} pipeline {source}")
     pipeline = load_pipeline(source)
     on_progress(0, len(pipeline.tasks))
     run_config = engine.RunConfig(
-        workers=config.workers,
-        run_id=config.run_id,
-        node_id=config.node_id,
+        workers=run.workers,
+        run_id=run.run_id,
+        node_id=run.node_id,
         log_path=log_path,
         results_path=config.run_dir / "results.json",
         grace_s=GRACE_S,

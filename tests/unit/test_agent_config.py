@@ -20,7 +20,7 @@ def base(tmp_path: Path) -> dict[str, str]:
 
 def test_defaults(base: dict[str, str]) -> None:
     config = load_config(base)
-    assert config.node_id == "node-a"
+    assert config.run.node_id == "node-a"
     assert config.master_url is None and config.token is None
     assert config.heartbeat_s == 10.0 and config.on_complete == "none"
     assert config.poweroff_command == ("systemctl", "poweroff")
@@ -28,10 +28,10 @@ def test_defaults(base: dict[str, str]) -> None:
 
 
 def test_generated_run_id_is_persisted(base: dict[str, str]) -> None:
-    first = load_config(base).run_id
-    assert load_config(base).run_id == first
+    first = load_config(base).run.run_id
+    assert load_config(base).run.run_id == first
     assert (Path(base["EXECUTOR_STATE_DIR"]) / "run-id").read_text().strip() == first
-    assert load_config({**base, "EXECUTOR_RUN_ID": "explicit"}).run_id == "explicit"
+    assert load_config({**base, "EXECUTOR_RUN_ID": "explicit"}).run.run_id == "explicit"
 
 
 def test_full_configuration(base: dict[str, str]) -> None:
