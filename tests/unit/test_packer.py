@@ -111,22 +111,31 @@ wait
     )
     (tmp_path / "hcl").mkdir()
     driver = (
-        "import io, pathlib\n"
+        "import pathlib, sys\n"
         "from imagefactory import packer\n"
         "from imagefactory.stages import Stages\n"
         f"packer.build(pathlib.Path({str(tmp_path / 'hcl')!r}), "
-        f"pathlib.Path({str(tmp_path / 'packer.log')!r}), Stages(io.StringIO()))\n"
+        f"pathlib.Path({str(tmp_path / 'packer.log')!r}), Stages(sys.stderr))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", driver], stderr=subprocess.PIPE, text=True)
-    pid_file = tmp_path / "vm.pid"
-    deadline = time.monotonic() + 30
-    while not (pid_file.exists() and pid_file.read_text().strip()):
-        assert time.monotonic() < deadline, "fake packer did not start"
-        time.sleep(0.05)
-    vm = int(pid_file.read_text())
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    try:
+        assert proc.stderr is not None
+        # Interrupt only once the build reads Packer's output (the boot stage began), as a
+        # user would: not while the driver is still inside Popen starting Packer.
+        seen = ""
+        while "==> boot" not in seen:
+            line = proc.stderr.readline()
+            assert line, f"the build ended before its boot stage: {seen}"
+            seen += line
+        pid_file = tmp_path / "vm.pid"
+        vm = int(pid_file.read_text())  # written before the boot line
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    finally:
+        if proc.poll() is None:  # a failure above: do not leak the driver into other tests
+            proc.kill()
+            proc.communicate()
     deadline = time.monotonic() + 10
     while _alive(vm):
         assert time.monotonic() < deadline, "the VM process outlived the interrupted build"
