@@ -42,7 +42,7 @@ from executor.pool import QUEUE_DEPTH, SLOTS, STREAMS, WorkerHandle, spawn_worke
 from executor.results import build_results, run_status, write_results
 from executor.scheduler import DagState
 from executor.services import RunServices
-from executor.worker import ACK, BLOCKED, DONE, EVENTS_USED, RETURNED, UNBLOCKED
+from executor.worker import ACK, BLOCKED, DONE, EVENTS_USED, RETURNED, SPIN_S, UNBLOCKED
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -59,6 +59,7 @@ _PREFETCH_BELOW_S = 0.002
 # Lifecycle events are published in bursts: when this many are waiting, or this late.
 _LIFECYCLE_BATCH = 64
 _LIFECYCLE_DELAY_S = 0.002
+_CPUS = os.cpu_count() or 1
 # The log file is flushed this often while a run goes (a write per task costs too much).
 _LOG_FLUSH_S = 0.05
 
@@ -206,7 +207,7 @@ class _Manager:
             if self.log.unflushed and not self.log_flush_armed:
                 self.log_flush_armed = True
                 self._after(_LOG_FLUSH_S, self._flush_log)
-            events = wait(self._next_timeout())
+            events = wait(self._next_timeout(), SPIN_S if self._results_due_soon() else 0.0)
             if len(events) > 1:
                 events.sort(key=_kind)
             for kind, worker, index in events:
@@ -259,6 +260,12 @@ class _Manager:
             except OSError:
                 pass  # the worker just died: its sentinel fails or returns these attempts
 
+    def _results_due_soon(self) -> bool:
+        """Worth looking for a result before sleeping: tasks run, they are short on
+        average, and a CPU is left for the manager (else spinning slows the workers)."""
+        average = self.task_seconds
+        return 0 < self.busy < _CPUS and average is not None and average < _PREFETCH_BELOW_S
+
     def _prefetching(self) -> bool:
         """Queue a task behind a running one only while tasks are short (then the
         worker starts it without waiting for the manager, and nothing waits long behind
@@ -277,14 +284,15 @@ class _Manager:
         task = self.pipeline.tasks[task_id]
         slot = worker.free_slot()
         worker.owners[slot] = task_id
-        message = (task_id, attempt, task.call, task.args, self.state.upstream_json(task_id), slot)
         if worker.task is None:
             self._begin(worker, task_id, attempt, slot, now)
             text = "started"
         else:
             worker.queued.append((task_id, attempt, slot))
             text = f"started (queued behind {worker.task[0]})"
-        worker.outbox.append(frame(message))
+        upstream = self.state.upstream_json(task_id)
+        spin = self._results_due_soon()  # then the worker may look for its next task too
+        worker.outbox.append(frame((task_id, attempt, task.call, task.args, upstream, slot, spin)))
         self.notes.append(("started", task_id, attempt, "running", text))
 
     def _begin(
@@ -757,10 +765,18 @@ class _Poller:
         if self._watched.pop(fd, None) is not None:
             self._epoll.unregister(fd)
 
-    def wait(self, timeout: float | None) -> list[Watched]:
-        """Block until a descriptor is ready or ``timeout`` seconds pass."""
+    def wait(self, timeout: float | None, spin_s: float = 0.0) -> list[Watched]:
+        """Block until a descriptor is ready or ``timeout`` seconds pass; first look
+        without sleeping for up to ``spin_s`` seconds (see executor.worker.SPIN_S)."""
         watched = self._watched
-        ready = self._epoll.poll(-1 if timeout is None else timeout)
+        poll = self._epoll.poll
+        ready = poll(0)
+        if not ready and spin_s:
+            deadline = time.perf_counter() + spin_s
+            while not (ready := poll(0)) and time.perf_counter() < deadline:
+                pass
+        if not ready:
+            ready = poll(-1 if timeout is None else timeout)
         return [watched[fd] for fd, _ in ready if fd in watched]
 
     def close(self) -> None:

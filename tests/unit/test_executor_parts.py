@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from executor.pack import pack
 from executor.pipeline import PipelineError, load_pipeline
 from executor.results import write_results
 from executor.timefmt import rfc3339, rfc3339_or_none
+from executor.worker import _Inbox
 
 
 @pytest.mark.parametrize(
@@ -135,3 +137,21 @@ def test_frame_reader_reassembles_split_and_joined_frames() -> None:
         messages += reader.feed(data[start : start + 7_000])
     assert messages == [("a", 1), None, {"big": "x" * 100_000}]
     assert reader.feed(b"") == []
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.001, 0.05])
+@pytest.mark.parametrize("spin_s", [0.0, 0.0002])
+def test_a_worker_inbox_gets_each_message_whether_it_spins_or_sleeps(
+    delay_s: float, spin_s: float
+) -> None:
+    # A message may come before, during or after the spin; none may be lost or doubled.
+    read_end, write_end = os.pipe()
+    try:
+        inbox = _Inbox(read_end)
+        sender = threading.Timer(delay_s, os.write, (write_end, frame("a") + frame("b")))
+        sender.start()
+        assert [inbox.next(spin_s), inbox.next(spin_s)] == ["a", "b"]
+        sender.join()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
