@@ -35,6 +35,7 @@ from typing import Any
 
 from executor._wire import ServiceError
 from executor.combined_log import CombinedLog
+from executor.contention import Contention
 from executor.events import Events
 from executor.framing import frame
 from executor.pipeline import Pipeline
@@ -145,6 +146,7 @@ class _Manager:
         self.generation = 0
         self.deadlock_armed = False
         self.publisher: Events | None = None
+        self.contention = Contention()
         self.boot_fields: dict[str, Any] = {}
 
     # --- the run ---------------------------------------------------------------
@@ -262,9 +264,15 @@ class _Manager:
 
     def _results_due_soon(self) -> bool:
         """Worth looking for a result before sleeping: tasks run, they are short on
-        average, and a CPU is left for the manager (else spinning slows the workers)."""
+        average, a CPU is left for the manager (else spinning slows the workers), and the
+        machine's CPUs are not contended (see executor/contention.py)."""
         average = self.task_seconds
-        return 0 < self.busy < _CPUS and average is not None and average < _PREFETCH_BELOW_S
+        return (
+            0 < self.busy < _CPUS
+            and average is not None
+            and average < _PREFETCH_BELOW_S
+            and self.contention.quiet()
+        )
 
     def _prefetching(self) -> bool:
         """Queue a task behind a running one only while tasks are short (then the

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from executor import settings
+from executor import contention, settings
 from executor.combined_log import MAX_LINE, CombinedLog, LineSplitter
 from executor.framing import FrameReader, frame
 from executor.pack import pack
@@ -155,3 +155,37 @@ def test_a_worker_inbox_gets_each_message_whether_it_spins_or_sleeps(
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def _psi(path: Path, avg10: float, total_us: int) -> None:
+    path.write_text(
+        f"some avg10={avg10:.2f} avg60=0.00 avg300=0.00 total={total_us}\n"
+        "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+    )
+
+
+def test_contention_from_pressure_stall_information(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    psi, clock = tmp_path / "cpu", [100.0]
+    monkeypatch.setattr("executor.contention.time.monotonic", lambda: clock[0])
+    _psi(psi, avg10=40.0, total_us=1_000_000)
+    watch = contention.Contention(str(psi))
+    assert watch.quiet() is False  # first reading: the 10 s average (40 %)
+    _psi(psi, avg10=40.0, total_us=1_010_000)
+    assert watch.quiet() is False  # read at most once a second: the answer is kept
+    clock[0] += 1.0
+    assert watch.quiet() is True  # 10 ms stalled in the last second: 1 %
+    clock[0] += 1.0
+    _psi(psi, avg10=1.0, total_us=1_300_000)
+    assert watch.quiet() is False  # 290 ms in the last second, whatever the average says
+
+
+def test_contention_without_pressure_information_uses_the_load_average(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("executor.contention.os.cpu_count", lambda: 2)
+    monkeypatch.setattr("executor.contention.os.getloadavg", lambda: (1.5, 0.0, 0.0))
+    assert contention.Contention(str(tmp_path / "absent")).quiet() is True
+    monkeypatch.setattr("executor.contention.os.getloadavg", lambda: (2.5, 0.0, 0.0))
+    assert contention.Contention(str(tmp_path / "absent")).quiet() is False
