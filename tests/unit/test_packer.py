@@ -111,7 +111,10 @@ wait
     )
     (tmp_path / "hcl").mkdir()
     driver = (
-        "import pathlib, sys\n"
+        "import pathlib, signal, sys\n"
+        # Ctrl-C as in a terminal: a test run started in the background (`... &`)
+        # passes SIGINT down ignored, and Python then installs no handler for it.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from imagefactory import packer\n"
         "from imagefactory.stages import Stages\n"
         f"packer.build(pathlib.Path({str(tmp_path / 'hcl')!r}), "
