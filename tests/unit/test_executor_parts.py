@@ -171,14 +171,18 @@ def test_contention_from_pressure_stall_information(
     monkeypatch.setattr("executor.contention.time.monotonic", lambda: clock[0])
     _psi(psi, avg10=40.0, total_us=1_000_000)
     watch = contention.Contention(str(psi))
-    assert watch.quiet() is False  # first reading: the 10 s average (40 %)
-    _psi(psi, avg10=40.0, total_us=1_010_000)
-    assert watch.quiet() is False  # read at most once a second: the answer is kept
-    clock[0] += 1.0
-    assert watch.quiet() is True  # 10 ms stalled in the last second: 1 %
-    clock[0] += 1.0
-    _psi(psi, avg10=1.0, total_us=1_300_000)
-    assert watch.quiet() is False  # 290 ms in the last second, whatever the average says
+    assert watch.quiet() is True  # no window yet: optimistic
+    clock[0] += 0.05
+    _psi(psi, avg10=40.0, total_us=1_050_000)
+    assert watch.quiet() is True  # the window is not over: the answer is kept
+    clock[0] += 0.07
+    assert watch.quiet() is False  # 50 ms stalled in the last 120 ms
+    clock[0] += 0.12
+    _psi(psi, avg10=40.0, total_us=1_052_000)
+    assert watch.quiet() is True  # 2 ms in 120 ms, whatever the 10 s average says
+    clock[0] += 5.0
+    _psi(psi, avg10=40.0, total_us=9_000_000)
+    assert watch.quiet() is True  # no recent window (the run was idle): a new one starts
 
 
 def test_contention_without_pressure_information_uses_the_load_average(
