@@ -43,7 +43,16 @@ from executor.pool import QUEUE_DEPTH, SLOTS, STREAMS, WorkerHandle, spawn_worke
 from executor.results import build_results, run_status, write_results
 from executor.scheduler import DagState
 from executor.services import RunServices
-from executor.worker import ACK, BLOCKED, DONE, EVENTS_USED, RETURNED, SPIN_S, UNBLOCKED
+from executor.worker import (
+    ACK,
+    BLOCKED,
+    DONE,
+    EVENTS_USED,
+    RETURNED,
+    SPIN_S,
+    UNBLOCKED,
+    spin_poll,
+)
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -778,11 +787,7 @@ class _Poller:
         without sleeping for up to ``spin_s`` seconds (see executor.worker.SPIN_S)."""
         watched = self._watched
         poll = self._epoll.poll
-        ready = poll(0)
-        if not ready and spin_s:
-            deadline = time.perf_counter() + spin_s
-            while not (ready := poll(0)) and time.perf_counter() < deadline:
-                pass
+        ready = spin_poll(poll, spin_s) if spin_s else poll(0)
         if not ready:
             ready = poll(-1 if timeout is None else timeout)
         return [watched[fd] for fd, _ in ready if fd in watched]

@@ -53,6 +53,21 @@ SPIN_S = 200e-6
 sleeps: waking a sleeping process costs 50-100 us of CPU on a virtual machine, and a short
 task's successor usually comes sooner. Only while tasks are short and a CPU is free for
 it (the manager decides, and says so in each task message as ``spin``)."""
+
+
+Ready = list[tuple[int, int]]
+"""What poll(0) of a poll or epoll object returns: (fd, events) pairs."""
+
+
+def spin_poll(poll: Callable[[float], Ready], seconds: float) -> Ready:
+    """Call ``poll(0)`` until it reports something or ``seconds`` pass, without
+    sleeping; its last answer."""
+    deadline = time.perf_counter() + seconds
+    while not (ready := poll(0)) and time.perf_counter() < deadline:
+        pass
+    return ready
+
+
 ACK = "ack"
 HIDDEN_VARIABLES = ("EXECUTOR_TOKEN",)
 _PR_SET_PDEATHSIG = 1
@@ -265,10 +280,7 @@ class _Inbox:
         """The next message; when none is here, look without sleeping for up to
         ``spin_s`` seconds first (see SPIN_S)."""
         if spin_s and not self._pending:
-            poll = self._poll.poll
-            deadline = time.perf_counter() + spin_s
-            while not poll(0) and time.perf_counter() < deadline:
-                pass
+            spin_poll(self._poll.poll, spin_s)
         return read_message(self._fd, self._reader, self._pending)
 
     def until_ack(self) -> list[Any]:
