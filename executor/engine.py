@@ -64,8 +64,9 @@ _ACK = frame(ACK)
 # A worker that dies this many times in a row before running a task is not replaced.
 _MAX_STARTUP_DEATHS = 3
 _TOPIC = "executor.task."
-# Tasks are queued behind a running one only while they take less than this on average.
-_PREFETCH_BELOW_S = 0.002
+# Tasks are "short" while they take less than this on average: only then are tasks queued
+# behind a running one (prefetch) and does anyone spin for the next message.
+_SHORT_TASK_S = 0.002
 # Lifecycle events are published in bursts: when this many are waiting, or this late.
 _LIFECYCLE_BATCH = 64
 _LIFECYCLE_DELAY_S = 0.002
@@ -275,23 +276,19 @@ class _Manager:
         """Worth looking for a result before sleeping: tasks run, they are short on
         average, a CPU is left for the manager (else spinning slows the workers), and the
         machine's CPUs are not contended (see executor/contention.py)."""
-        average = self.task_seconds
-        return (
-            0 < self.busy < _CPUS
-            and average is not None
-            and average < _PREFETCH_BELOW_S
-            and self.contention.quiet()
-        )
+        return 0 < self.busy < _CPUS and self._tasks_are_short() and self.contention.quiet()
 
     def _prefetching(self) -> bool:
         """Queue a task behind a running one only while tasks are short (then the
         worker starts it without waiting for the manager, and nothing waits long behind
         a task that runs for a while) and until a task first waits for an event: tasks
         that coordinate through events keep the ready queue's order."""
-        if not self.config.prefetch or self.waited:
-            return False
+        return self.config.prefetch and not self.waited and self._tasks_are_short()
+
+    def _tasks_are_short(self) -> bool:
+        """The moving average of task durations is known and under _SHORT_TASK_S."""
         average = self.task_seconds
-        return average is not None and average < _PREFETCH_BELOW_S
+        return average is not None and average < _SHORT_TASK_S
 
     def _send(self, worker: WorkerHandle, task_id: str) -> None:
         """Give ``task_id`` to ``worker`` (sent by the next flush): to run now if it is
