@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from tests.integration.executor_pipelines import process_alive
+
 PARENT = """
 import sys, time
 from imagefactory.run import spawn
@@ -18,15 +20,6 @@ child = spawn(["sleep", "300"], stdout=None, die_with_parent=sys.argv[1] == "1")
 print(child.pid, flush=True)
 time.sleep(300)
 """
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _child_of_killed_parent(die_with_parent: bool) -> int:
@@ -49,9 +42,9 @@ def test_a_spawned_process_dies_with_its_killed_parent_only_when_asked(
     child = _child_of_killed_parent(die_with_parent)
     try:
         deadline = time.monotonic() + (10 if die_with_parent else 2)
-        while _alive(child) and time.monotonic() < deadline:
+        while process_alive(child) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _alive(child) is not die_with_parent
+        assert process_alive(child) is not die_with_parent
     finally:
-        if _alive(child):
+        if process_alive(child):
             os.kill(child, signal.SIGKILL)
