@@ -14,7 +14,7 @@ import pytest
 
 from tests.baking import BakeImage
 from tests.e2e import fleet
-from tests.integration.services_harness import ServerProcess
+from tests.integration.services_harness import ServerProcess, free_port
 
 # The first test that needs the image also pays for the bake (a cold base under load: ~10 min).
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]
@@ -153,7 +153,7 @@ def test_report_arrives_when_the_master_comes_up_late(
     bake_image: BakeImage, tmp_path: Path
 ) -> None:
     image = bake_image(ETL, "x86_64-linux").image
-    late = fleet.prepared_server(tmp_path / "master", port=fleet.free_port())
+    late = fleet.prepared_server(tmp_path / "master", port=free_port())
     node_id, run_id = "e2e-late", f"run-{uuid.uuid4().hex[:12]}"
     b = fleet.boot(
         image, f"http://127.0.0.1:{late.port}", late.secret_file, node_id, run_id, tmp_path / "n",
