@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from executor.contention import SPIN_S, Contention, spin_poll
+
 BIG_VALUE = 64 * 1024
 """Pickles of at least this many bytes travel in a memfd instead of the socket."""
 
@@ -260,6 +262,7 @@ class Connection:
         self._queues: dict[int, deque[Blob]] = {}
         self._owed = 0  # final replies still due to calls that were interrupted
         self._closed = False
+        self._contention = Contention()
 
     def __reduce__(self) -> Any:
         raise TypeError("a services client cannot be pickled: pass the address, call connect()")
@@ -291,7 +294,7 @@ class Connection:
             self._owed += 1
             answered = False
             try:
-                reply, fds = self._next_reply()
+                reply, fds = self._next_reply(spin=True)
                 if reply[0] != "pending":
                     answered = True
                 else:
@@ -458,12 +461,19 @@ class Connection:
             if reply[0] != "pending":
                 self._owed -= 1
 
-    def _next_reply(self) -> tuple[Message, deque[int]]:
-        """The next message that is not a subscription payload (those are queued)."""
+    def _next_reply(self, spin: bool = False) -> tuple[Message, deque[int]]:
+        """The next message that is not a subscription payload (those are queued).
+
+        With ``spin``, look for it without sleeping first, while the CPUs are quiet:
+        the services process usually answers sooner than a wake-up would take.
+        """
         reader = self._reader
         while True:
             frame = reader.next()
             if frame is None:
+                if spin and self._contention.quiet():
+                    spin_poll(self._poll.poll, SPIN_S)
+                    spin = False
                 self._receive()
             elif frame[0][0] != "ev":
                 return frame

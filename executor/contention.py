@@ -16,11 +16,30 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 PSI_CPU = "/proc/pressure/cpu"
 QUIET_SHARE = 0.05
 """Share of the last window in which some runnable task waited for a CPU, at most."""
 _WINDOW_S = 0.1
+
+SPIN_S = 200e-6
+"""How long a process looks for its next message before it sleeps, while spinning pays:
+waking a sleeping process costs 50-100 us of CPU on a virtual machine, and the next
+message of a short exchange (a task's successor, a store request's answer) usually
+comes sooner."""
+
+Ready = list[tuple[int, int]]
+"""What poll(0) of a poll or epoll object returns: (fd, events) pairs."""
+
+
+def spin_poll(poll: Callable[[float], Ready], seconds: float) -> Ready:
+    """Call ``poll(0)`` until it reports something or ``seconds`` pass, without
+    sleeping; its last answer."""
+    deadline = time.perf_counter() + seconds
+    while not (ready := poll(0)) and time.perf_counter() < deadline:
+        pass
+    return ready
 
 
 class Contention:

@@ -35,7 +35,7 @@ from typing import Any
 
 from executor._wire import ServiceError
 from executor.combined_log import CombinedLog
-from executor.contention import Contention
+from executor.contention import SPIN_S, Contention, spin_poll
 from executor.events import Events
 from executor.framing import frame
 from executor.pipeline import Pipeline
@@ -49,9 +49,7 @@ from executor.worker import (
     DONE,
     EVENTS_USED,
     RETURNED,
-    SPIN_S,
     UNBLOCKED,
-    spin_poll,
 )
 
 ProgressCallback = Callable[[int, int], None]
@@ -781,7 +779,7 @@ class _Poller:
 
     def wait(self, timeout: float | None, spin_s: float = 0.0) -> list[Watched]:
         """Block until a descriptor is ready or ``timeout`` seconds pass; first look
-        without sleeping for up to ``spin_s`` seconds (see executor.worker.SPIN_S)."""
+        without sleeping for up to ``spin_s`` seconds (see executor.contention.SPIN_S)."""
         watched = self._watched
         poll = self._epoll.poll
         ready = spin_poll(poll, spin_s) if spin_s else poll(0)

@@ -41,6 +41,7 @@ from typing import Any
 
 from executor import _wire
 from executor.capture import CaptureSlots, flush_std_streams
+from executor.contention import SPIN_S, spin_poll
 from executor.context import TaskContext
 from executor.events import Events, Subscription
 from executor.framing import FrameReader, frame, read_message, write_frame
@@ -48,26 +49,6 @@ from executor.pipeline import import_call
 from executor.store import Store
 
 DONE, BLOCKED, UNBLOCKED, RETURNED, EVENTS_USED = 0, 1, 2, 3, 4
-SPIN_S = 200e-6
-"""How long the manager looks for a result, and a worker for its next task, before it
-sleeps: waking a sleeping process costs 50-100 us of CPU on a virtual machine, and a short
-task's successor usually comes sooner. Only while tasks are short and a CPU is free for
-it (the manager decides, and says so in each task message as ``spin``)."""
-
-
-Ready = list[tuple[int, int]]
-"""What poll(0) of a poll or epoll object returns: (fd, events) pairs."""
-
-
-def spin_poll(poll: Callable[[float], Ready], seconds: float) -> Ready:
-    """Call ``poll(0)`` until it reports something or ``seconds`` pass, without
-    sleeping; its last answer."""
-    deadline = time.perf_counter() + seconds
-    while not (ready := poll(0)) and time.perf_counter() < deadline:
-        pass
-    return ready
-
-
 ACK = "ack"
 HIDDEN_VARIABLES = ("EXECUTOR_TOKEN",)
 _PR_SET_PDEATHSIG = 1
