@@ -39,7 +39,14 @@ from executor.contention import SPIN_S, Contention, spin_poll
 from executor.events import Events
 from executor.framing import frame
 from executor.pipeline import Pipeline
-from executor.pool import QUEUE_DEPTH, SLOTS, STREAMS, WorkerHandle, spawn_worker
+from executor.pool import (
+    QUEUE_DEPTH,
+    SLOTS,
+    STREAMS,
+    WorkerHandle,
+    allow_descriptors,
+    spawn_worker,
+)
 from executor.results import build_results, run_status, write_results
 from executor.scheduler import DagState
 from executor.services import RunServices
@@ -163,6 +170,7 @@ class _Manager:
         started = time.time()
         tasks = len(self.pipeline.tasks)
         pool_size = min(self.config.workers, tasks)
+        allow_descriptors(pool_size)
         self.log.executor(
             f"run {self.config.run_id} started: pipeline {self.pipeline.name} ({tasks} tasks) "
             f"on node {self.config.node_id} with {pool_size} workers"
@@ -294,7 +302,7 @@ class _Manager:
         now = time.time()
         attempt = self.state.start(task_id, now)
         task = self.pipeline.tasks[task_id]
-        slot = worker.free_slot()
+        slot = worker.free_slots.pop()
         worker.owners[slot] = task_id
         if worker.task is None:
             self._begin(worker, task_id, attempt, slot, now)
@@ -440,8 +448,9 @@ class _Manager:
         first in line, in their order."""
         returned = set(task_ids)
         kept = [entry for entry in worker.queued if entry[0] not in returned]
-        for task_id, attempt, _ in reversed(worker.queued):
+        for task_id, attempt, slot in reversed(worker.queued):
             if task_id in returned:
+                worker.free_slots.append(slot)
                 self.log.executor(f"task {task_id} attempt {attempt} given back unstarted")
                 if not self.cancelling:
                     self.state.unstart(task_id)
@@ -480,6 +489,7 @@ class _Manager:
         """``worker`` no longer runs its task."""
         if worker.task is not None:
             worker.task = None
+            worker.free_slots.append(worker.slot)
             self.busy -= 1
         if worker.blocked_topic is not None:
             worker.blocked_topic = None
@@ -782,7 +792,7 @@ class _Poller:
         without sleeping for up to ``spin_s`` seconds (see executor.contention.SPIN_S)."""
         watched = self._watched
         poll = self._epoll.poll
-        ready = spin_poll(poll, spin_s) if spin_s else poll(0)
+        ready = spin_poll(poll, spin_s) if spin_s else None
         if not ready:
             ready = poll(-1 if timeout is None else timeout)
         return [watched[fd] for fd, _ in ready if fd in watched]

@@ -125,3 +125,23 @@ def test_sigterm_from_outside_cancels_and_writes_results(tmp_path: Path) -> None
     }
     assert not process_alive(int(pidfile.read_text()))
     assert "received SIGTERM" in (tmp_path / "log").read_text()
+
+
+def test_a_big_pool_raises_a_low_open_files_limit(tmp_path: Path) -> None:
+    # 16 workers hold over 400 pipe ends in the manager: more than a soft limit of 256.
+    source = make_pipeline(tmp_path / "p", [task(f"t{i}", "fields") for i in range(16)])
+    env = dict(os.environ, EXECUTOR_STATE_DIR=str(tmp_path / "state"), EXECUTOR_RUN_ID="r1")
+    script = (
+        "import resource, sys\n"
+        "limit = resource.RLIMIT_NOFILE\n"
+        "resource.setrlimit(limit, (256, resource.getrlimit(limit)[1]))\n"
+        "from executor.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, "run", str(source), "--workers", "16", "--json"],
+        capture_output=True, text=True, timeout=300, env=env, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout)
+    assert {entry["status"] for entry in results["tasks"].values()} == {"succeeded"}
