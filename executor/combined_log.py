@@ -39,8 +39,10 @@ class CombinedLog:
 
     def executor(self, *texts: str, stream: str = LOG) -> None:
         """Write the executor's own records, stamped now (one line per line of text)."""
+        if not texts:
+            return
         prefix = f"{rfc3339(time.time())} {EXECUTOR} {stream} "
-        lines = "".join(prefix + text.replace("\n", "\n" + prefix) + "\n" for text in texts)
+        lines = prefix + "\n".join(texts).replace("\n", "\n" + prefix) + "\n"
         self._file.write(lines.encode("utf-8", "backslashreplace"))
         self.unflushed = True
 

@@ -331,10 +331,10 @@ class _Manager:
     def _emit_notes(self) -> None:
         notes, self.notes = self.notes, []
         self.log.executor(
-            *(
+            *[
                 f"task {task_id} attempt {attempt} {text}" if attempt else f"task {task_id} {text}"
                 for _, task_id, attempt, _, text in notes
-            )
+            ]
         )
         if not self.lifecycle_on:
             for note in notes:
