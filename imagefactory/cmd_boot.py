@@ -13,6 +13,7 @@ from imagefactory import boot, nodestate, seed
 from imagefactory.cmd_seed import NodeOptions, collect, node_options
 from imagefactory.errors import die
 from imagefactory.targets import Target, get_target, host_arch, target_names
+from imagefactory.waiting import check_runs
 
 
 def image_target(image: Path, name: str | None) -> Target:
@@ -75,7 +76,8 @@ def progress(message: str) -> None:
     type=click.Choice(boot.WAITS),
     default="poweroff",
     show_default=True,
-    help="What to wait for on every node (see docs/boot.md).",
+    help="What to wait for on every node (see docs/boot.md); with 'report', exit 1 "
+    "when a node's run did not succeed.",
 )
 @click.option(
     "--timeout",
@@ -167,6 +169,8 @@ def boot_command(
     if plan.keeps_nodes:
         ids = " ".join(n.record.node_id for n in booted)
         progress(f"running: imagefactory ssh NODE -- CMD; stop with: imagefactory stop {ids}")
+    if plan.wait == "report":
+        check_runs(booted)
 
 
 @click.command("stop")

@@ -41,6 +41,12 @@ class BootTimeout(click.ClickException):
     exit_code = 1
 
 
+class RunFailed(click.ClickException):
+    """`--wait report` saw a run end other than succeeded (exit 1, like `executor run`)."""
+
+    exit_code = 1
+
+
 @dataclass
 class BootedNode:
     """A node that has been started, and what its wait has seen."""
@@ -52,6 +58,8 @@ class BootedNode:
     outcome: str | None = None
     """What ended the wait for this node, e.g. `report (succeeded)`."""
     elapsed_s: float | None = None
+    run_status: str | None = None
+    """The status of the node's run once `--wait report` has seen it (succeeded, ...)."""
 
     def summary(self) -> dict[str, Any]:
         last = self.follower.last
@@ -59,6 +67,7 @@ class BootedNode:
             **dataclasses.asdict(self.record),
             "outcome": self.outcome,
             "agent_state": last.state if last else None,
+            "run_status": self.run_status,
             "elapsed_s": None if self.elapsed_s is None else round(self.elapsed_s, 1),
         }
 
@@ -86,9 +95,13 @@ class MasterApi:
             return False
         return any(n.get("node_id") == node_id and n.get("alive") for n in response.json())
 
-    def has_report(self, run_id: str) -> bool:
+    def run_status(self, run_id: str) -> str | None:
+        """The status in the run's stored report; None while there is none."""
         response = self._get(f"/v1/runs/{run_id}")
-        return response is not None and response.status_code == 200
+        if response is None or response.status_code != 200:
+            return None
+        status = response.json().get("status")
+        return status if isinstance(status, str) else "unknown"
 
 
 def met(wait: str, node: BootedNode, api: MasterApi | None) -> str | None:
@@ -105,9 +118,18 @@ def met(wait: str, node: BootedNode, api: MasterApi | None) -> str | None:
         return "agent started" if last is not None else None
     if wait == "report":
         if api is not None:
-            return "report stored" if api.has_report(node.record.run_id) else None
-        return f"report ({last.state})" if last is not None and last.final else None
+            node.run_status = api.run_status(node.record.run_id)
+        elif last is not None and last.final:
+            node.run_status = last.state
+        return None if node.run_status is None else f"report ({node.run_status})"
     return "powered off" if not node.machine.running() else None
+
+
+def check_runs(nodes: list[BootedNode]) -> None:
+    """Raise RunFailed naming every node whose reported run did not succeed."""
+    failed = [f"{n.record.node_id} ({n.run_status})" for n in nodes if n.run_status != "succeeded"]
+    if failed:
+        raise RunFailed(f"the run did not succeed on node(s): {', '.join(failed)}")
 
 
 def last_lines(node: BootedNode) -> str:

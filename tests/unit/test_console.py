@@ -63,11 +63,13 @@ class FakeMachine:
         self.is_running = False
 
 
-def booted(tmp_path: Path, console_text: str = "", running: bool = True) -> waiting.BootedNode:
-    log = tmp_path / "console.log"
+def booted(
+    tmp_path: Path, console_text: str = "", running: bool = True, node_id: str = "n-1"
+) -> waiting.BootedNode:
+    log = tmp_path / f"{node_id}.console.log"
     log.write_text(console_text)
     record = nodestate.NodeRecord(
-        node_id="n-1",
+        node_id=node_id,
         run_id="r-1",
         instance_id="i",
         backend="qemu",
@@ -119,11 +121,46 @@ def test_conditions_asked_from_the_master(tmp_path: Path) -> None:
         assert request.headers["authorization"] == "Bearer admin"
         if request.url.path == "/v1/nodes":
             return httpx.Response(200, json=[{"node_id": "n-1", "alive": True}])
-        return httpx.Response(200 if request.url.path == "/v1/runs/r-1" else 404, json={})
+        if request.url.path == "/v1/runs/r-1":
+            return httpx.Response(200, json={"run_id": "r-1", "status": "failed"})
+        return httpx.Response(404, json={})
 
     node = booted(tmp_path)  # nothing on the console: the answers come from the master
     assert waiting.met("heartbeat", node, api(handler)) == "heartbeat"
-    assert waiting.met("report", node, api(handler)) == "report stored"
+    assert waiting.met("report", node, api(handler)) == "report (failed)"
+    assert node.run_status == "failed" and node.summary()["run_status"] == "failed"
+
+
+def test_a_report_not_stored_yet_is_still_awaited(tmp_path: Path) -> None:
+    node = booted(tmp_path, STARTING + DONE)  # the master, not the console, decides
+    master = api(lambda request: httpx.Response(404, json={"error": "no such run"}))
+    assert waiting.met("report", node, master) is None
+    assert node.run_status is None
+
+
+@pytest.mark.parametrize(
+    ("statuses", "failed"),
+    [
+        (["succeeded", "succeeded"], None),
+        (["succeeded", "failed"], "n-2 (failed)"),
+        (["cancelled", None], "n-1 (cancelled), n-2 (None)"),
+    ],
+)
+def test_check_runs_fails_unless_every_run_succeeded(
+    tmp_path: Path, statuses: list[str | None], failed: str | None
+) -> None:
+    nodes = []
+    for i, status in enumerate(statuses, 1):
+        node = booted(tmp_path, node_id=f"n-{i}")
+        node.run_status = status
+        nodes.append(node)
+    if failed is None:
+        waiting.check_runs(nodes)
+        return
+    with pytest.raises(waiting.RunFailed) as info:
+        waiting.check_runs(nodes)
+    assert info.value.exit_code == 1
+    assert info.value.format_message() == f"the run did not succeed on node(s): {failed}"
 
 
 def test_a_refused_admin_token_is_a_clear_error(tmp_path: Path) -> None:

@@ -226,7 +226,7 @@ def test_all_nodes_booted_on_their_backend(fleet: Fleet) -> None:
     assert set(fleet.nodes) == {*QEMU_NODES, LIBVIRT_NODE}
     for node_id, node in fleet.nodes.items():
         assert node["backend"] == ("libvirt" if node_id == LIBVIRT_NODE else "qemu")
-        assert node["outcome"] == "report stored"
+        assert node["outcome"] == "report (succeeded)" and node["run_status"] == "succeeded"
 
 
 def test_reports_show_the_variables_the_executor_read(fleet: Fleet) -> None:
