@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from executor.board import ParkedWait
 from executor.contention import SPIN_S, Contention, spin_poll
 
 BIG_VALUE = 64 * 1024
@@ -180,6 +181,11 @@ class FrameReader:
             raise ServiceError("protocol error: too many descriptors in one message")
         return size > 0
 
+    @property
+    def partial(self) -> bool:
+        """Part of a frame was read; the rest is still to come."""
+        return bool(self._buf)
+
     def next(self) -> tuple[Message, deque[int]] | None:
         buf = self._buf
         if len(buf) < 5:  # _HEADER.size
@@ -261,6 +267,10 @@ class Connection:
         self._poll.register(sock, select.POLLIN)
         self._queues: dict[int, deque[Blob]] = {}
         self._owed = 0  # final replies still due to calls that were interrupted
+        self._unwait_due = False  # a wait ended by a hand-off may still be parked
+        self.unsettled = False
+        """Requests without an answer were sent since the last answer: the services
+        apply each connection's requests in order, so an answer settles all before it."""
         self._closed = False
         self._contention = Contention()
 
@@ -274,11 +284,16 @@ class Connection:
         on_block: Hook | None = None,
         on_unblock: Hook | None = None,
         lock_timeout: float = -1,
+        parked: ParkedWait | None = None,
+        spin: bool = True,
     ) -> tuple[Message, deque[int]]:
         """Send a request and return its final reply (and the reply's descriptors).
 
         A "pending" reply means the server parked the request: `on_block` runs, the
-        final reply is awaited, then `on_unblock` runs. Raises ServiceError when another
+        final reply is awaited, then `on_unblock` runs. With `parked` (for a wait), a
+        payload a publisher hands off through the wait board (executor/board.py) that
+        comes first is the reply, ``("ok", pickle)``. Without `spin` the caller sleeps
+        until the first reply (see `_next_reply`). Raises ServiceError when another
         thread keeps the connection for longer than `lock_timeout` seconds (if given).
         """
         if self._fork != _forks or self._closed:
@@ -288,21 +303,29 @@ class Connection:
                 blob.close()
             raise ServiceError("the services connection is held by another thread")
         try:
+            if self._unwait_due:
+                self._unwait_due = False
+                self._abandon()  # the services answer it now if it is still parked
             if self._owed:
                 self._settle()
             self._send(msg, blobs)
             self._owed += 1
             answered = False
             try:
-                reply, fds = self._next_reply(spin=True)
+                reply, fds = self._next_reply(spin)
                 if reply[0] != "pending":
                     answered = True
                 else:
                     if on_block is not None:
                         on_block()
                     try:
-                        reply, fds = self._next_reply()
-                        answered = True
+                        got = self._next_reply() if parked is None else self._either(parked)
+                        if isinstance(got, bytes):
+                            self._unwait_due = True  # its answer is skipped at the next call
+                            reply, fds = ("ok", got), deque()
+                        else:
+                            reply, fds = got
+                            answered = True
                     finally:
                         if on_unblock is not None:
                             on_unblock()
@@ -313,6 +336,7 @@ class Connection:
             finally:
                 if answered:
                     self._owed -= 1
+                    self.unsettled = False
         finally:
             self._calls.release()
         if reply[0] == "err":
@@ -330,6 +354,7 @@ class Connection:
         if self._fork != _forks or self._closed:
             self._refuse(blobs)
         self._send(msg, blobs)
+        self.unsettled = True
 
     def open_queue(self, sid: int) -> None:
         self._queues[sid] = deque()
@@ -479,6 +504,32 @@ class Connection:
                 return frame
             else:
                 self._route(*frame)
+
+    def _either(self, parked: ParkedWait) -> tuple[Message, deque[int]] | bytes:
+        """The services' answer to a parked wait, or a payload handed off through the
+        wait board if that comes first. The services ring the slot's bell when they
+        send this connection anything, so sleeping on the bell misses neither."""
+        parked.park()
+        reader = self._reader
+        try:
+            while True:
+                frame = reader.next()
+                if frame is None:
+                    payload = parked.taken()
+                    if payload is not None:
+                        return payload  # the publisher kept the slot's token
+                    if reader.partial or self._poll.poll(0):
+                        self._receive()  # the rest of a frame may come without a bell
+                    else:
+                        parked.sleep()
+                elif frame[0][0] == "ev":
+                    self._route(*frame)
+                else:
+                    parked.unpark()
+                    return frame
+        except BaseException:
+            parked.unpark()  # interrupted: no publisher may fill the slot from now on
+            raise
 
     def _route(self, msg: Message, fds: deque[int]) -> None:
         if msg[0] != "ev":  # a reply due to an interrupted call

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 from executor._wire import Blob, Connection, Message, ServiceError, decode, encode, load, take
+from executor.board import MAX_PAYLOAD, Board, ParkedWait, digest
 
 RESERVED_PREFIX = "executor."
 """Topics of the engine's lifecycle events; only the engine's publisher may publish them."""
@@ -63,6 +65,9 @@ class Events:
         self._engine = engine  # the engine's publisher: reserved topics, publish never blocks
         self._on_block: Callable[[str], None] = _ignore_block
         self._on_unblock: Callable[[], None] = _ignore_unblock
+        self._board: Board | None = None
+        self._slot = -1
+        self._board_asked = False
 
     def __reduce__(self) -> Any:
         raise TypeError("an Events client cannot be pickled: give workers the services address")
@@ -87,8 +92,15 @@ class Events:
         blob = encode(payload)
         if self._engine:
             self._conn.cast(("pub", topic, blob.enc, False), [blob])
-        else:
-            self._conn.call(("pub", topic, blob.enc, True), [blob])
+            return
+        enc = blob.enc
+        # Not after unanswered store writes: a waiter must see them when it wakes.
+        if type(enc) is bytes and len(enc) <= MAX_PAYLOAD and not self._conn.unsettled:
+            board = self._wait_board()
+            if board is not None:
+                board.hand_off(digest(topic), enc)
+        # Sleep until the answer: a spinning publisher holds a CPU a woken waiter needs.
+        self._conn.call(("pub", topic, enc, True), [blob], spin=False)
 
     def wait(self, topic: str, timeout: float | None = None) -> Any:
         """The latest payload on `topic`, blocking until there is one.
@@ -100,10 +112,33 @@ class Events:
             ("wait", topic, _check_timeout(timeout)),
             on_block=lambda: self._on_block(topic),
             on_unblock=self._on_unblock,
+            parked=self._parking(topic),
         )
         if reply[0] == "timeout":
             raise TimeoutError(f"no event on topic {topic!r} within {timeout} s")
         return load(reply[1], fds)
+
+    def _wait_board(self) -> Board | None:
+        """The run's wait board (executor/board.py), asked for once; None without one."""
+        if not self._board_asked:
+            self._board_asked = True
+            reply, fds = self._conn.call(("board",))
+            if reply[1] >= 0:
+                fd = fds.popleft()
+                try:
+                    self._board, self._slot = Board(fd), int(reply[1])
+                except OSError:
+                    pass  # cannot map it: every event goes the long way
+                finally:
+                    os.close(fd)
+        return self._board
+
+    def _parking(self, topic: str) -> ParkedWait | None:
+        """How a wait on ``topic`` parks in this client's slot of the wait board."""
+        board = self._wait_board()
+        if board is None or self._slot in board.dead:
+            return None
+        return ParkedWait(board, self._slot, digest(topic))
 
     def subscribe(self, topic: str) -> Subscription:
         """A subscription to the payloads published on `topic` from now on."""
@@ -195,6 +230,8 @@ class TopicBoard:
         self._subs: dict[str, dict[int, Hashable]] = {}  # topic -> sid -> subscriber
         self._sub_topic: dict[int, tuple[str, Hashable]] = {}
         self._ids = itertools.count(1)
+        self.ended: list[Hashable] = []
+        """Waiters whose parked wait was answered since the caller last cleared this."""
 
     def apply(self, peer: Hashable, msg: Message, fds: deque[int], now: float) -> list[Delivery]:
         op = msg[0]
@@ -207,6 +244,10 @@ class TopicBoard:
         if op == "sub":
             return self._subscribe(peer, _check_topic(msg[1]))
         return self._unsubscribe(peer, msg[1])
+
+    def parked(self, peer: Hashable) -> bool:
+        """Whether ``peer`` has a wait parked."""
+        return peer in self._waiting
 
     def next_deadline(self) -> float | None:
         return self._deadlines[0][0] if self._deadlines else None
@@ -240,6 +281,7 @@ class TopicBoard:
         for waiter in self._parked.pop(topic, {}):
             del self._waiting[waiter]
             out.append((waiter, ("ok", blob.enc), [blob]))
+            self.ended.append(waiter)
         for sid, subscriber in self._subs.get(topic, {}).items():
             out.append((subscriber, ("ev", sid, blob.enc), [blob]))
         if ack:
@@ -269,6 +311,7 @@ class TopicBoard:
         del self._parked[topic][peer]
         if not self._parked[topic]:
             del self._parked[topic]
+        self.ended.append(peer)
         return [(peer, ("timeout",), [])]
 
     def _subscribe(self, peer: Hashable, topic: str) -> list[Delivery]:

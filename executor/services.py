@@ -32,6 +32,7 @@ from collections.abc import Hashable
 from pathlib import Path
 from types import FrameType
 
+from executor import board
 from executor._wire import (
     Blob,
     Connection,
@@ -177,11 +178,12 @@ def _child_env() -> dict[str, str]:
 class _Peer:
     """One client connection inside the services process."""
 
-    __slots__ = ("sock", "fd", "reader", "out", "writing")
+    __slots__ = ("sock", "fd", "reader", "out", "writing", "slot")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.fd = sock.fileno()
+        self.slot = -1  # its slot in the wait board, once it asked for one
         self.reader = FrameReader()
         self.out: deque[tuple[memoryview, list[int]]] = deque()
         self.writing = False  # also polled for EPOLLOUT: the socket was full
@@ -204,6 +206,10 @@ class _Server:
         self._parent = parent
         self._store = StoreTable()
         self._board = TopicBoard()
+        self._wait_board: board.Board | None = None
+        self._wait_board_fd = -1
+        if board.available():
+            self._wait_board_fd, self._wait_board = board.create()
         self._peers: dict[int, _Peer] = {}
         self._contention = Contention()
         self._served = False  # requests came in this turn: the next one is likely close
@@ -236,6 +242,7 @@ class _Server:
             if deadline is not None:
                 for delivery in self._board.expire(time.monotonic()):
                     self._deliver(*delivery)
+                self._ring_ended()
 
     def _next_ready(self, timeout: float) -> list[tuple[int, int]]:
         """epoll's answer; right after requests, spin first while the CPUs are quiet
@@ -252,6 +259,8 @@ class _Server:
             self._drop(peer)
         self._store.close()
         self._board.close()
+        if self._wait_board_fd >= 0:
+            os.close(self._wait_board_fd)
         self._listener.close()
         self._poll.close()
 
@@ -300,6 +309,9 @@ class _Server:
             elif op in EVENT_OPS:
                 for delivery in self._board.apply(peer, msg, fds, time.monotonic()):
                     self._deliver(*delivery)
+                self._ring_ended()
+            elif op == "board":
+                self._share_wait_board(peer)
             elif op == "ping":
                 self._deliver(peer, ("ok", os.getpid()), [])
             else:
@@ -311,6 +323,34 @@ class _Server:
         finally:
             if fds:
                 close_all(fds)
+
+    def _share_wait_board(self, peer: _Peer) -> None:
+        """Give the client a slot in the wait board (executor/board.py), if any is left."""
+        if self._wait_board is not None and peer.slot < 0:
+            peer.slot = self._wait_board.assign()
+        if peer.slot < 0:
+            self._deliver(peer, ("ok", -1), [])
+        else:
+            self._deliver(peer, ("ok", peer.slot), [Blob(b"", self._wait_board_fd)])
+
+    def _ring_if_parked(self, peer: _Peer) -> None:
+        """A waiter parked in the wait board sleeps on its bell, not on its socket: ring
+        it for anything sent meanwhile (a subscription's payloads), or the socket could
+        fill up while it sleeps."""
+        if peer.slot >= 0 and self._wait_board is not None and self._board.parked(peer):
+            self._wait_board.ring(peer.slot)
+
+    def _ring_ended(self) -> None:
+        """Wake the waiters whose parked wait was just answered (they may sleep on their
+        slot's bell rather than on the socket)."""
+        ended = self._board.ended
+        if not ended:
+            return
+        wait_board = self._wait_board
+        for waiter in ended:
+            if wait_board is not None and isinstance(waiter, _Peer) and waiter.slot >= 0:
+                wait_board.ring(waiter.slot)
+        ended.clear()
 
     def _apply_unanswered(self, peer: _Peer, msg: Message, fds: deque[int]) -> None:
         """A write the client does not wait for: a failure cannot be answered, so the
@@ -340,9 +380,11 @@ class _Server:
                 os.close(fd)  # sent, or the peer is gone
         if sent < 0:
             self._drop(peer)
-        elif sent < len(data):
+            return
+        if sent < len(data):
             peer.out.append((memoryview(data)[sent:], [] if sent else fds))
             self._want_out(peer, True)
+        self._ring_if_parked(peer)
 
     def _flush(self, peer: _Peer) -> None:
         while peer.out:
@@ -356,6 +398,7 @@ class _Server:
                 for fd in fds:
                     os.close(fd)
                 fds.clear()
+            self._ring_if_parked(peer)
             if sent < len(view):
                 peer.out[0] = (view[sent:], fds)
                 return

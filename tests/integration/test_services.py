@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from executor import board
 from executor._wire import ServiceError
 from executor.events import Events
 from executor.services import RunServices, connect
@@ -601,3 +602,112 @@ def test_the_server_dies_with_a_killed_manager() -> None:
             manager.wait()
         if manager.stdout is not None:
             manager.stdout.close()
+
+
+# The wait board: a publisher hands small payloads straight to parked waits
+
+
+def _publish_from(store: Store, events: Events, topic: str, payload: Any, write: bool) -> None:
+    if write:
+        store["written"] = payload  # unanswered: still queued while the services sleep
+    events.publish(topic, payload)  # waits for the services' answer
+
+
+def _parked_in_board(events: Events, topic: str) -> None:
+    """Block until a wait of ``events`` is parked on ``topic`` in the wait board."""
+    deadline = time.monotonic() + 30
+    while events._board is None:  # the first wait asks for it
+        assert time.monotonic() < deadline, "no wait board"
+        time.sleep(0.01)
+    wait_board, slot = events._board, events._slot
+    while wait_board._digest(slot) != board.digest(topic):
+        assert time.monotonic() < deadline, "the wait never parked"
+        time.sleep(0.01)
+    time.sleep(0.05)  # the token follows the digest at once
+
+
+def _wait_in_thread(events: Events, topic: str) -> tuple[threading.Thread, list[Any]]:
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(events.wait(topic, timeout=60)))
+    thread.start()
+    return thread, got
+
+
+@pytest.mark.parametrize(
+    ("payload", "write_first", "handed_off"),
+    [
+        ({"n": 1}, False, True),  # small, nothing written before: straight to the waiter
+        (b"b" * 5000, False, False),  # bigger than a board slot: through the services
+        ({"n": 2}, True, False),  # a store write is still in flight: through the services
+    ],
+)
+def test_a_parked_wait_gets_small_payloads_without_the_services(
+    services: RunServices,
+    client: tuple[Store, Events],
+    payload: Any,
+    write_first: bool,
+    handed_off: bool,
+) -> None:
+    store, events = client
+    their_store, their_events = connect(services.address)
+    their_events.publish("warm", 0)  # a publisher asks for the board once
+    waiter, got = _wait_in_thread(events, "topic")
+    pid = services.pid
+    assert pid is not None
+    _parked_in_board(events, "topic")
+    os.kill(pid, signal.SIGSTOP)
+    publisher = threading.Thread(
+        target=_publish_from, args=(their_store, their_events, "topic", payload, write_first)
+    )
+    try:
+        publisher.start()
+        waiter.join(2.0 if handed_off else 1.0)
+        assert (got == [payload]) is handed_off
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        publisher.join(60)
+        waiter.join(60)
+        their_store.close()
+    assert got == [payload]
+    if write_first:
+        assert store["written"] == payload  # seen by the waiter's process when it woke
+    # The connection is in step afterwards: the services' own answer was skipped.
+    store["after"] = 1
+    assert store["after"] == 1
+    events.publish("next", "n")
+    assert events.wait("next") == "n"
+    with pytest.raises(TimeoutError):
+        events.wait("never", timeout=0.1)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise _Interrupted
+
+
+def test_a_wait_interrupted_in_the_board_takes_no_later_payload(
+    services: RunServices, client: tuple[Store, Events]
+) -> None:
+    _, events = client
+    _, publisher = connect(services.address)
+    previous = signal.signal(signal.SIGALRM, _interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)  # lands while the wait sleeps on its bell
+        with pytest.raises(_Interrupted):
+            events.wait("old")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    try:
+        publisher.publish("old", "stale")  # must not be handed to the interrupted wait's slot
+        waiter, got = _wait_in_thread(events, "new")
+        _parked_in_board(events, "new")
+        publisher.publish("new", "fresh")
+        waiter.join(60)
+    finally:
+        publisher.close()
+    assert got == ["fresh"]
+    assert events.wait("old") == "stale"  # latched by the services
