@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable
 
+CPUS = os.cpu_count() or 1
 PSI_CPU = "/proc/pressure/cpu"
 QUIET_SHARE = 0.05
 """Share of the last window in which some runnable task waited for a CPU, at most."""
@@ -47,7 +48,6 @@ class Contention:
 
     def __init__(self, psi_path: str = PSI_CPU) -> None:
         self._psi_path = psi_path
-        self._cpus = os.cpu_count() or 1
         self._window_start: float | None = None
         self._stalled_us = 0
         self._quiet = True
@@ -67,7 +67,7 @@ class Contention:
                 some = psi.readline()  # b"some avg10=1.23 avg60=4.56 avg300=7.89 total=123"
             stalled_us = int(some.rsplit(b"total=", 1)[1])
         except (OSError, IndexError, ValueError):
-            return os.getloadavg()[0] < self._cpus
+            return os.getloadavg()[0] < CPUS
         previous, self._stalled_us = self._stalled_us, stalled_us
         if elapsed_s is None or elapsed_s > 10 * _WINDOW_S:  # no recent window: start one
             return True

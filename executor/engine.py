@@ -35,7 +35,7 @@ from typing import Any
 
 from executor._wire import ServiceError
 from executor.combined_log import CombinedLog
-from executor.contention import SPIN_S, Contention, spin_poll
+from executor.contention import CPUS, SPIN_S, Contention, spin_poll
 from executor.events import Events
 from executor.framing import frame
 from executor.pipeline import Pipeline
@@ -75,7 +75,6 @@ _SHORT_TASK_S = 0.002
 # Lifecycle events are published in bursts: when this many are waiting, or this late.
 _LIFECYCLE_BATCH = 64
 _LIFECYCLE_DELAY_S = 0.002
-_CPUS = os.cpu_count() or 1
 # The log file is flushed this often while a run goes (a write per task costs too much).
 _LOG_FLUSH_S = 0.05
 
@@ -282,7 +281,7 @@ class _Manager:
         """Worth looking for a result before sleeping: tasks run, they are short on
         average, a CPU is left for the manager (else spinning slows the workers), and the
         machine's CPUs are not contended (see executor/contention.py)."""
-        return 0 < self.busy < _CPUS and self._tasks_are_short() and self.contention.quiet()
+        return 0 < self.busy < CPUS and self._tasks_are_short() and self.contention.quiet()
 
     def _prefetching(self) -> bool:
         """Queue a task behind a running one only while tasks are short (then the

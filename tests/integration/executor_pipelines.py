@@ -187,12 +187,3 @@ def run_pipeline(
 
 def statuses(results: dict[str, Any]) -> dict[str, str]:
     return {task_id: entry["status"] for task_id, entry in results["tasks"].items()}
-
-
-def process_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"

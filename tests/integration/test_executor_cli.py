@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.executor_pipelines import make_pipeline, process_alive, task
+from tests.integration.executor_pipelines import make_pipeline, task
+from tests.processes import process_alive
 
 EXECUTOR = [sys.executable, "-m", "executor"]
 

@@ -15,11 +15,11 @@ from executor.pack import pack
 from executor.pipeline import load_pipeline
 from tests.integration.executor_pipelines import (
     make_pipeline,
-    process_alive,
     run_pipeline,
     statuses,
     task,
 )
+from tests.processes import process_alive
 
 TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"
 

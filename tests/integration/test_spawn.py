@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.integration.executor_pipelines import process_alive
+from tests.processes import process_alive
 
 PARENT = """
 import sys, time

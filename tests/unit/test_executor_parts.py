@@ -188,7 +188,7 @@ def test_contention_from_pressure_stall_information(
 def test_contention_without_pressure_information_uses_the_load_average(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("executor.contention.os.cpu_count", lambda: 2)
+    monkeypatch.setattr("executor.contention.CPUS", 2)
     monkeypatch.setattr("executor.contention.os.getloadavg", lambda: (1.5, 0.0, 0.0))
     assert contention.Contention(str(tmp_path / "absent")).quiet() is True
     monkeypatch.setattr("executor.contention.os.getloadavg", lambda: (2.5, 0.0, 0.0))

@@ -17,6 +17,7 @@ import pytest
 from imagefactory import packer
 from imagefactory.errors import UserError
 from imagefactory.stages import Stages
+from tests.processes import process_alive
 
 
 @pytest.mark.parametrize(
@@ -140,15 +141,6 @@ wait
             proc.kill()
             proc.communicate()
     deadline = time.monotonic() + 10
-    while _alive(vm):
+    while process_alive(vm):
         assert time.monotonic() < deadline, "the VM process outlived the interrupted build"
         time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    """Running, and not a zombie waiting for a parent that may never reap it."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
