@@ -5,7 +5,9 @@ parked `wait` and every open subscription. `wait` is latched: it returns the lat
 payload at once if there is one, even when it was published before the wait began.
 Topics starting with `executor.` are the engine's lifecycle events
 (`executor.task.started|finished|failed|retried`): tasks may wait on and subscribe to
-them, but not publish them.
+them, but not publish them. A parked wait gets a task's small payloads straight from the
+publisher through the wait board (executor/board.py); the services process still
+answers it as well, and stays the authority.
 
 A task blocked in `wait` (or in a subscription) still holds its worker. Before it
 blocks, the client calls the `on_block(topic)` hook and afterwards `on_unblock()`, so
