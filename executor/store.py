@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from executor._wire import Blob, Connection, Message, decode, encode, load, same_value, take
+from executor.counters import COUNTERS_SIZE, Counters, fits, key_digest
+from executor.counters import available as counters_available
 
 Reply = tuple[Message, list[Blob]]
 
@@ -75,6 +77,15 @@ class Store:
             self._map = mmap.mmap(fd, reply[1], prot=mmap.PROT_READ)
         finally:
             os.close(fd)
+        self._counters: Counters | None = None
+        if reply[2]:
+            fd = fds.popleft()
+            try:
+                self._counters = Counters(fd)
+            finally:
+                os.close(fd)
+        self._entries: dict[str, tuple[int, bytes]] = {}
+        """Keys this process incremented that are counters: (entry, key digest)."""
         self._versions = memoryview(self._map).cast("Q")
         self._cache: dict[str, tuple[int, bytes | None]] = {}
         self._cached_bytes = 0
@@ -94,6 +105,7 @@ class Store:
         key = _check_key(key)
         blob = encode(value)
         self._forget(key)  # the next read asks the services, behind this write
+        self._entries.pop(key, None)  # and so does the next incr
         if self._conn.congested:
             self._conn.call(("set", key, blob.enc), [blob])
         else:
@@ -112,6 +124,7 @@ class Store:
             self._unsettled = False
 
     def __delitem__(self, key: str) -> None:
+        self._entries.pop(key, None)
         self._conn.call(("del", _check_key(key)))
 
     def __contains__(self, key: object) -> bool:
@@ -142,7 +155,16 @@ class Store:
         """Atomically add `n` to the int at `key` (a missing key counts as 0); the new value."""
         if type(n) is not int:
             raise TypeError(f"store.incr: n must be int, not {type(n).__name__}")
-        reply, _ = self._conn.call(("incr", _check_key(key), n))
+        key = _check_key(key)
+        counter = self._entries.get(key)
+        if counter is not None and self._counters is not None:
+            value = self._counters.add(*counter, n)
+            if value is not None:
+                return value
+            del self._entries[key]  # no longer a counter: ask the services
+        reply, _ = self._conn.call(("incr", key, n))
+        if reply[2] >= 0:
+            self._entries[key] = (reply[2], key_digest(key))
         return int(reply[1])
 
     def cas(self, key: str, expected: Any, new: Any) -> bool:
@@ -151,6 +173,7 @@ class Store:
         `expected=None` matches only a missing key. Returns whether `new` was stored.
         """
         key = _check_key(key)
+        self._entries.pop(key, None)
         old = None if expected is None else encode(expected)
         blob = encode(new)
         blobs = [blob] if old is None else [old, blob]
@@ -171,8 +194,8 @@ class Store:
             enc = hit[1]
             return (False, None) if enc is None else (True, pickle.loads(enc))
         reply, fds = self._conn.call(("get", key))
-        _, enc, version = reply
-        if enc is None or isinstance(enc, bytes):
+        _, enc, version, cacheable = reply
+        if cacheable and (enc is None or isinstance(enc, bytes)):
             self._remember(key, version, enc)
         return (False, None) if enc is None else (True, load(enc, fds))
 
@@ -190,11 +213,20 @@ class Store:
         self._cache[key] = (version, enc)
 
 
+_COUNTER = Blob(b"")
+"""StoreTable's value of a key whose int lives in the counter table (executor/counters.py)."""
+
+
 class StoreTable:
     """The data of one run's store, inside the services process."""
 
     def __init__(self) -> None:
         self._data: dict[str, Blob] = {}
+        self._counters: Counters | None = None
+        self._counters_fd = -1
+        if counters_available():
+            self._counters_fd, self._counters = Counters.create()
+        self._counter_of: dict[str, int] = {}  # key -> its entry in the counter table
         self._retired: list[Blob] = []  # replaced big values, released when the loop is idle
         size = _BUCKETS * 8
         self._versions_fd = os.memfd_create("executor-store-versions", os.MFD_CLOEXEC)
@@ -237,6 +269,8 @@ class StoreTable:
         self._versions.release()
         self._map.close()
         os.close(self._versions_fd)
+        if self._counters_fd >= 0:
+            os.close(self._counters_fd)
 
     def _changed(self, key: str) -> None:
         """Bump the version of `key`'s bucket: cached copies of it are stale now."""
@@ -249,25 +283,52 @@ class StoreTable:
                 self.release_retired()
 
     def _put(self, key: str, blob: Blob) -> None:
+        self._end_counter(key)
         self._retire(self._data.pop(key, None))
         self._data[key] = blob
         self._changed(key)
 
+    def _end_counter(self, key: str) -> None:
+        """If ``key`` is a counter, retire its entry and hold its final value here again
+        (a value unchanged: cached copies stay valid)."""
+        entry = self._counter_of.pop(key, None)
+        if entry is not None and self._counters is not None:
+            self._data[key] = Blob(pickle.dumps(self._counters.retire(entry), protocol=5))
+
+    def _new_counter(self, key: str, value: int) -> int:
+        """Make ``key`` a counter holding ``value``; its entry, or -1 (it stays here)."""
+        if self._counters is None or not fits(value):
+            return -1
+        entry = self._counters.allocate(key_digest(key), value)
+        if entry >= 0:
+            self._retire(self._data.pop(key, None))
+            self._data[key] = _COUNTER
+            self._counter_of[key] = entry
+            self._changed(key)
+        return entry
+
     def _share_versions(self, fds: deque[int]) -> Reply:
-        return ("ok", len(self._map)), [Blob(b"", self._versions_fd)]
+        blobs = [Blob(b"", self._versions_fd)]
+        if self._counters_fd >= 0:
+            blobs.append(Blob(b"", self._counters_fd))
+        return ("ok", len(self._map), COUNTERS_SIZE if self._counters_fd >= 0 else 0), blobs
 
     def _get(self, fds: deque[int], key: str) -> Reply:
         blob = self._data.get(key)
         version = self._versions[_bucket(key)]
         if blob is None:
-            return ("ok", None, version), []
-        return ("ok", blob.enc, version), [blob]
+            return ("ok", None, version, True), []
+        if blob is _COUNTER and self._counters is not None:  # changes without a version bump
+            value = self._counters.read(self._counter_of[key])
+            return ("ok", pickle.dumps(value, protocol=5), version, False), []
+        return ("ok", blob.enc, version, True), [blob]
 
     def _set(self, fds: deque[int], key: str, enc: Any) -> Reply:
         self._put(key, take(enc, fds))
         return ("ok", None), []
 
     def _del(self, fds: deque[int], key: str) -> Reply:
+        self._end_counter(key)
         self._retire(self._data.pop(key))
         self._changed(key)
         return ("ok", None), []
@@ -279,15 +340,25 @@ class StoreTable:
         return ("ok", list(self._data)), []
 
     def _incr(self, fds: deque[int], key: str, n: int) -> Reply:
+        """Add ``n``; the reply also names the key's counter entry (-1: none)."""
+        entry = self._counter_of.get(key)
+        if entry is not None and self._counters is not None:
+            value = self._counters.add(entry, key_digest(key), n)
+            if value is not None:
+                return ("ok", value, entry), []
+            self._end_counter(key)  # leaving the 64-bit range: an ordinary value again
         old = self._data.get(key)
         current = 0 if old is None else decode(old)
         if type(current) is not int:
             raise TypeError(f"store.incr: {key!r} holds {type(current).__name__}, not int")
         value = current + n
-        self._put(key, Blob(pickle.dumps(value, protocol=5)))
-        return ("ok", value), []
+        entry = self._new_counter(key, value)
+        if entry < 0:
+            self._put(key, Blob(pickle.dumps(value, protocol=5)))
+        return ("ok", value, entry), []
 
     def _cas(self, fds: deque[int], key: str, expected: Any, new: Any) -> Reply:
+        self._end_counter(key)  # compare and swap a value no process changes meanwhile
         old = self._data.get(key)
         want = None if expected is None else take(expected, fds)
         blob = take(new, fds)

@@ -711,3 +711,58 @@ def test_a_wait_interrupted_in_the_board_takes_no_later_payload(
         publisher.close()
     assert got == ["fresh"]
     assert events.wait("old") == "stale"  # latched by the services
+
+
+# Counters: incr in shared memory after the first one
+
+
+def incr_and_report(address: str, key: str, times: int, pipe: Any) -> None:
+    store, _ = connect(address)
+    for _ in range(times):
+        store.incr(key)
+        pipe.send(store[key])  # read back through the services: never a stale cache
+    store.close()
+
+
+def test_counters_are_read_fresh_by_every_process(
+    services: RunServices, client: tuple[Store, Events]
+) -> None:
+    store, _ = client
+    assert store.incr("hits") == 1
+    assert store["hits"] == 1  # read once: a counter is not kept in the read cache
+    mine, theirs = multiprocessing.get_context("fork").Pipe()
+    proc = new_process("fork", incr_and_report, (services.address, "hits", 200, theirs))
+    proc.start()
+    seen = [mine.recv() for _ in range(200)]
+    proc.join(60)
+    assert seen == list(range(2, 202))
+    assert store["hits"] == 201
+    assert store.incr("hits", 10) == 211
+
+
+def test_a_writer_that_sets_a_counter_then_increments_it_sees_its_order(
+    client: tuple[Store, Events],
+) -> None:
+    store, _ = client
+    store.incr("n")
+    store.incr("n")  # now in shared memory
+    store["n"] = 10  # unanswered, still in flight when the next incr starts
+    assert store.incr("n") == 11
+    del store["n"]
+    assert store.incr("n") == 1
+    assert store.cas("n", 1, 5)
+    assert store.incr("n", 2) == 7
+    store["n"] = "text"
+    with pytest.raises(TypeError, match="holds str"):
+        store.incr("n")
+
+
+def test_a_counter_that_leaves_64_bits_goes_on_in_the_services(
+    client: tuple[Store, Events],
+) -> None:
+    store, _ = client
+    store.incr("big", (1 << 63) - 2)
+    assert store.incr("big") == (1 << 63) - 1
+    assert store.incr("big") == 1 << 63
+    assert store.incr("big", 1 << 70) == (1 << 63) + (1 << 70)
+    assert store["big"] == (1 << 63) + (1 << 70)

@@ -1,0 +1,113 @@
+"""The shared-memory counter table (executor/counters.py) and how StoreTable uses it."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+from collections import deque
+from collections.abc import Iterator
+
+import pytest
+
+from executor import counters
+from executor.counters import Counters, key_digest
+from executor.store import StoreTable
+
+pytestmark = pytest.mark.skipif(not counters.available(), reason="needs glibc robust mutexes")
+
+
+@pytest.fixture
+def table() -> Iterator[Counters]:
+    fd, owner = Counters.create()
+    try:
+        yield Counters(fd)  # a second mapping, as a worker process has
+    finally:
+        os.close(fd)
+    del owner
+
+
+def test_entries_count_and_retire(table: Counters) -> None:
+    entry = table.allocate(key_digest("k"), 5)
+    assert table.add(entry, key_digest("k"), 2) == 7
+    assert table.add(entry, key_digest("other"), 1) is None, "an entry counts one key"
+    assert table.read(entry) == 7
+    assert table.retire(entry) == 7
+    assert table.add(entry, key_digest("k"), 1) is None, "retired: ask the services"
+    assert table.read(entry) == 7
+
+
+def test_values_stay_in_64_bits(table: Counters) -> None:
+    entry = table.allocate(key_digest("k"), (1 << 63) - 2)
+    assert table.add(entry, key_digest("k"), 1) == (1 << 63) - 1
+    assert table.add(entry, key_digest("k"), 1) is None
+    assert table.read(entry) == (1 << 63) - 1
+
+
+def test_a_full_table_hands_out_no_entry(table: Counters) -> None:
+    assert [table.allocate(key_digest(f"k{i}"), 0) for i in range(counters.ENTRIES)] == list(
+        range(counters.ENTRIES)
+    )
+    assert table.allocate(key_digest("one more"), 0) == -1
+
+
+def test_a_holder_that_dies_does_not_wedge_the_counter(table: Counters) -> None:
+    entry = table.allocate(key_digest("k"), 1)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child takes the mutex and dies holding it
+        table._locked(entry).__enter__()
+        os.write(ready_w, b"x")
+        signal.pause()
+        os._exit(0)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"x"
+    os.close(ready_r)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert table.add(entry, key_digest("k"), 1) == 2
+    assert table.add(entry, key_digest("k"), 1) == 3
+
+
+def get(store: StoreTable, key: str) -> tuple[object, bool]:
+    """(value, cacheable) of a get, as the services answer it."""
+    reply, blobs = store.apply(("get", key), deque())
+    enc = blobs[0].enc if blobs else reply[1]
+    assert isinstance(enc, bytes)
+    return pickle.loads(enc), reply[3]
+
+
+def test_incr_makes_a_counter_that_workers_change_in_place() -> None:
+    store = StoreTable()
+    reply, _ = store.apply(("incr", "n", 2), deque())
+    assert reply[:2] == ("ok", 2) and reply[2] >= 0
+    assert store._counters is not None
+    fd = store._counters_fd
+    assert Counters(fd).add(reply[2], key_digest("n"), 40) == 42  # a worker, no request
+    assert get(store, "n") == (42, False), "a counter's value is never cached"
+    assert store.apply(("incr", "n", 1), deque())[0][:2] == ("ok", 43)
+    assert store.apply(("keys",), deque())[0][1] == ["n"]
+    assert store.apply(("has", "n"), deque())[0][1] is True
+
+
+@pytest.mark.parametrize(
+    ("request_", "then"),
+    [
+        (("set", "n", pickle.dumps("text")), "text"),
+        (("cas", "n", pickle.dumps(42), pickle.dumps(100)), 100),
+        (("del", "n"), None),
+    ],
+)
+def test_writes_end_the_counter_first(request_: tuple[object, ...], then: object) -> None:
+    store = StoreTable()
+    entry = store.apply(("incr", "n", 2), deque())[0][2]
+    assert store._counters is not None
+    worker = Counters(store._counters_fd)
+    worker.add(entry, key_digest("n"), 40)
+    reply, _ = store.apply(request_, deque())
+    assert reply[0] == "ok"
+    assert worker.add(entry, key_digest("n"), 1) is None, "the worker must ask the services"
+    if then is None:
+        assert store.apply(("has", "n"), deque())[0][1] is False
+    else:
+        assert get(store, "n") == (then, True)
