@@ -27,28 +27,26 @@ Everything here is best effort: whatever fails falls back to the services' answe
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import mmap
 import os
 import struct
 import time
 
+from executor.sharedmem import DIGEST_SIZE, load_libc, map_memfd
+
 SLOTS = 256
-"""Slot 0 is the header: how many slots are assigned, and the topic each parked wait waits
-for (an index a publisher searches in one call). Each connection that asks gets one of the
+"""Slot 0 is the header: how many slots are assigned, and, at slot * DIGEST_SIZE, the topic
+digest each parked wait waits for (an index a publisher searches in one call). Each connection that asks gets one of the
 other slots, for the rest of the run."""
 _SLOT_SIZE = 4096
 _SEM_SIZE = 32  # sizeof(sem_t) on 64-bit glibc (x86_64 and aarch64)
 _BELL, _CLAIM, _DONE = 0, _SEM_SIZE, 2 * _SEM_SIZE  # semaphores: wake, token, payload
 _LEN = 3 * _SEM_SIZE  # u32: the payload's length
 _PAYLOAD = _LEN + 4
-_DIGEST_SIZE = 16  # slot 0 (the header) holds each slot's topic digest at slot * 16
 MAX_PAYLOAD = _SLOT_SIZE - _PAYLOAD
 """The largest inline payload handed off; bigger ones always go the long way."""
 _LENGTH = struct.Struct("<I")
 _COUNT = struct.Struct("<I")  # at offset 0: slots assigned so far, the header included
-_EMPTY_DIGEST = bytes(_DIGEST_SIZE)
+_EMPTY_DIGEST = bytes(DIGEST_SIZE)
 _BELL_CHECK_S = 1.0  # a sleeping waiter looks at its connection at least this often
 _PUBLISHER_GRACE_S = 1.0  # how long a waiter waits for a publisher that took its token
 _NO_WAIT_S = 0.0
@@ -58,32 +56,20 @@ class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-def _load_libc() -> ctypes.CDLL | None:
-    """glibc with sem_clockwait (2.30+: waits on CLOCK_MONOTONIC), or None: then every
-    event goes the long way."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)  # this module's own handle
-        sem = ctypes.c_void_p
-        libc.sem_init.argtypes = [sem, ctypes.c_int, ctypes.c_uint]
-        libc.sem_post.argtypes = libc.sem_trywait.argtypes = [sem]
-        libc.sem_clockwait.argtypes = [sem, ctypes.c_int, ctypes.POINTER(_Timespec)]
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        return None
-    return libc
-
-
-_libc = _load_libc()
+_POINTER = ctypes.c_void_p
+_libc = load_libc(
+    {
+        "sem_init": [_POINTER, ctypes.c_int, ctypes.c_uint],
+        "sem_post": [_POINTER],
+        "sem_trywait": [_POINTER],
+        # glibc 2.30+: waits on CLOCK_MONOTONIC. Without it every event goes the long way.
+        "sem_clockwait": [_POINTER, ctypes.c_int, ctypes.POINTER(_Timespec)],
+    }
+)
 
 
 def available() -> bool:
     return _libc is not None
-
-
-@functools.lru_cache(maxsize=1024)
-def digest(topic: str) -> bytes:
-    """16 bytes naming ``topic`` in the board (any str, same in every process)."""
-    data = topic.encode("utf-8", "surrogatepass")
-    return hashlib.blake2b(data, digest_size=_DIGEST_SIZE).digest()
 
 
 def create() -> tuple[int, Board]:
@@ -107,9 +93,7 @@ class Board:
     def __init__(self, fd: int) -> None:
         if _libc is None:
             raise OSError("no C library semaphores here")
-        self._map = mmap.mmap(fd, SLOTS * _SLOT_SIZE)
-        # Kept for the life of the process: mapped memory that ctypes points into.
-        self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self._map, self._base = map_memfd(fd, SLOTS * _SLOT_SIZE)
         self._libc = _libc
         self.dead: set[int] = set()
         """Slots this process must not park in again (a publisher never finished)."""
@@ -144,10 +128,10 @@ class Board:
     def hand_off(self, topic_digest: bytes, payload: bytes) -> None:
         """Give ``payload`` to every wait parked on the topic."""
         board, libc = self._map, self._libc
-        end = _COUNT.unpack_from(board, 0)[0] * _DIGEST_SIZE
-        at = board.find(topic_digest, _DIGEST_SIZE, end)
+        end = _COUNT.unpack_from(board, 0)[0] * DIGEST_SIZE
+        at = board.find(topic_digest, DIGEST_SIZE, end)
         while at >= 0:
-            slot, offset = divmod(at, _DIGEST_SIZE)
+            slot, offset = divmod(at, DIGEST_SIZE)
             at = board.find(topic_digest, at + 1, end)
             if offset or libc.sem_trywait(self._sem(slot, _CLAIM)) != 0:
                 continue  # not a whole entry; or not parked, or another publisher was first
@@ -200,10 +184,10 @@ class Board:
                 self.dead.add(slot)
 
     def _digest(self, slot: int) -> bytes:
-        return self._map[slot * _DIGEST_SIZE : (slot + 1) * _DIGEST_SIZE]
+        return self._map[slot * DIGEST_SIZE : (slot + 1) * DIGEST_SIZE]
 
     def _set_digest(self, slot: int, topic_digest: bytes) -> None:
-        self._map[slot * _DIGEST_SIZE : (slot + 1) * _DIGEST_SIZE] = topic_digest
+        self._map[slot * DIGEST_SIZE : (slot + 1) * DIGEST_SIZE] = topic_digest
 
     def _wait(self, slot: int, which: int, seconds: float) -> bool:
         """Take one count of a semaphore, waiting up to ``seconds``; whether it did."""

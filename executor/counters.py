@@ -17,41 +17,35 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
-import mmap
 import os
 import struct
+
+from executor.sharedmem import DIGEST_SIZE, load_libc, map_memfd
 
 ENTRIES = 4096
 _ENTRY = 128
 COUNTERS_SIZE = ENTRIES * _ENTRY
 _MUTEX = 0  # pthread_mutex_t: 40 bytes on x86_64, 48 on aarch64
-_DIGEST = 64  # 16 bytes: which key the entry counts
+_DIGEST = 64  # DIGEST_SIZE bytes: which key the entry counts (sharedmem.digest)
 _FIELDS = struct.Struct("<qI")  # at 80: the value, and the state below
 _FIELDS_AT = 80
 _FREE, _ACTIVE, _RETIRED = 0, 1, 2
 _ATTR_SIZE = 64  # room for pthread_mutexattr_t on every 64-bit glibc
 
 
-def _load_libc() -> ctypes.CDLL | None:
-    """glibc with robust process-shared mutexes, or None (then counters stay in the
-    services process)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)  # this module's own handle
-        pointer = ctypes.c_void_p
-        libc.pthread_mutexattr_init.argtypes = [pointer]
-        libc.pthread_mutexattr_setpshared.argtypes = [pointer, ctypes.c_int]
-        libc.pthread_mutexattr_setrobust.argtypes = [pointer, ctypes.c_int]
-        libc.pthread_mutex_init.argtypes = [pointer, pointer]
-        libc.pthread_mutex_lock.argtypes = [pointer]
-        libc.pthread_mutex_unlock.argtypes = [pointer]
-        libc.pthread_mutex_consistent.argtypes = [pointer]
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        return None
-    return libc
-
-
-_libc = _load_libc()
+_POINTER = ctypes.c_void_p
+# Without these (not glibc), counters stay in the services process.
+_libc = load_libc(
+    {
+        "pthread_mutexattr_init": [_POINTER],
+        "pthread_mutexattr_setpshared": [_POINTER, ctypes.c_int],
+        "pthread_mutexattr_setrobust": [_POINTER, ctypes.c_int],
+        "pthread_mutex_init": [_POINTER, _POINTER],
+        "pthread_mutex_lock": [_POINTER],
+        "pthread_mutex_unlock": [_POINTER],
+        "pthread_mutex_consistent": [_POINTER],
+    }
+)
 
 
 def available() -> bool:
@@ -63,10 +57,6 @@ def fits(value: int) -> bool:
     return -(1 << 63) <= value < 1 << 63
 
 
-def key_digest(key: str) -> bytes:
-    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-
-
 class Counters:
     """One process's view of the run's counter table (made by `create()`)."""
 
@@ -74,9 +64,7 @@ class Counters:
         if _libc is None:
             raise OSError("no process-shared robust mutexes here")
         self._libc = _libc
-        self._map = mmap.mmap(fd, COUNTERS_SIZE)
-        # Kept for the life of the process: mapped memory that ctypes points into.
-        self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self._map, self._base = map_memfd(fd, COUNTERS_SIZE)
         self._used = 0  # entries handed out (the services process only)
 
     @classmethod
@@ -113,7 +101,7 @@ class Counters:
             return -1
         entry, self._used = self._used, self._used + 1
         start = entry * _ENTRY
-        self._map[start + _DIGEST : start + _DIGEST + 16] = digest
+        self._map[start + _DIGEST : start + _DIGEST + DIGEST_SIZE] = digest
         _FIELDS.pack_into(self._map, start + _FIELDS_AT, value, _ACTIVE)
         return entry
 
@@ -141,7 +129,7 @@ class Counters:
         board = self._map
         with self._locked(entry):
             value, state = _FIELDS.unpack_from(board, at)
-            if state != _ACTIVE or board[start + _DIGEST : start + _DIGEST + 16] != digest:
+            if state != _ACTIVE or board[start + _DIGEST : start + _DIGEST + DIGEST_SIZE] != digest:
                 return None
             value += n
             if not fits(value):

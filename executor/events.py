@@ -25,7 +25,8 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 from executor._wire import Blob, Connection, Message, ServiceError, decode, encode, load, take
-from executor.board import MAX_PAYLOAD, Board, ParkedWait, digest
+from executor.board import MAX_PAYLOAD, Board, ParkedWait
+from executor.sharedmem import digest
 
 RESERVED_PREFIX = "executor."
 """Topics of the engine's lifecycle events; only the engine's publisher may publish them."""

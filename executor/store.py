@@ -33,8 +33,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from executor._wire import Blob, Connection, Message, decode, encode, load, same_value, take
-from executor.counters import COUNTERS_SIZE, Counters, fits, key_digest
+from executor.counters import COUNTERS_SIZE, Counters, fits
 from executor.counters import available as counters_available
+from executor.sharedmem import digest
 
 Reply = tuple[Message, list[Blob]]
 
@@ -164,7 +165,7 @@ class Store:
             del self._entries[key]  # no longer a counter: ask the services
         reply, _ = self._conn.call(("incr", key, n))
         if reply[2] >= 0:
-            self._entries[key] = (reply[2], key_digest(key))
+            self._entries[key] = (reply[2], digest(key))
         return int(reply[1])
 
     def cas(self, key: str, expected: Any, new: Any) -> bool:
@@ -299,7 +300,7 @@ class StoreTable:
         """Make ``key`` a counter holding ``value``; its entry, or -1 (it stays here)."""
         if self._counters is None or not fits(value):
             return -1
-        entry = self._counters.allocate(key_digest(key), value)
+        entry = self._counters.allocate(digest(key), value)
         if entry >= 0:
             self._retire(self._data.pop(key, None))
             self._data[key] = _COUNTER
@@ -343,7 +344,7 @@ class StoreTable:
         """Add ``n``; the reply also names the key's counter entry (-1: none)."""
         entry = self._counter_of.get(key)
         if entry is not None and self._counters is not None:
-            value = self._counters.add(entry, key_digest(key), n)
+            value = self._counters.add(entry, digest(key), n)
             if value is not None:
                 return ("ok", value, entry), []
             self._end_counter(key)  # leaving the 64-bit range: an ordinary value again

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from executor import board
+from executor import sharedmem
 from executor._wire import ServiceError
 from executor.events import Events
 from executor.services import RunServices, connect
@@ -620,7 +620,7 @@ def _parked_in_board(events: Events, topic: str) -> None:
         assert time.monotonic() < deadline, "no wait board"
         time.sleep(0.01)
     wait_board, slot = events._board, events._slot
-    while wait_board._digest(slot) != board.digest(topic):
+    while wait_board._digest(slot) != sharedmem.digest(topic):
         assert time.monotonic() < deadline, "the wait never parked"
         time.sleep(0.01)
     time.sleep(0.05)  # the token follows the digest at once

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from executor import counters
-from executor.counters import Counters, key_digest
+from executor.counters import Counters
+from executor.sharedmem import digest as key_digest
 from executor.store import StoreTable
 
 pytestmark = pytest.mark.skipif(not counters.available(), reason="needs glibc robust mutexes")

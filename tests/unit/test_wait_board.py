@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from executor import board
-from executor.board import Board, ParkedWait, digest
+from executor.board import Board, ParkedWait
+from executor.sharedmem import digest
 
 pytestmark = pytest.mark.skipif(not board.available(), reason="needs glibc semaphores")
 
