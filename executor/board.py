@@ -35,8 +35,8 @@ from executor.sharedmem import DIGEST_SIZE, load_libc, map_memfd
 
 SLOTS = 256
 """Slot 0 is the header: how many slots are assigned, and, at slot * DIGEST_SIZE, the topic
-digest each parked wait waits for (an index a publisher searches in one call). Each connection that asks gets one of the
-other slots, for the rest of the run."""
+digest each parked wait waits for (an index a publisher searches in one call). Each
+connection that asks gets one of the other slots, for the rest of the run."""
 _SLOT_SIZE = 4096
 _SEM_SIZE = 32  # sizeof(sem_t) on 64-bit glibc (x86_64 and aarch64)
 _BELL, _CLAIM, _DONE = 0, _SEM_SIZE, 2 * _SEM_SIZE  # semaphores: wake, token, payload
