@@ -20,6 +20,14 @@ version counters in shared memory, one per hash bucket of keys, and bumps a key'
 bucket on every change before it answers. A `Store` remembers the small values it
 read with their bucket's version; while that version is unchanged, `store[k]`,
 `store.get(k)` and `k in store` answer from memory (a fresh unpickled copy each time).
+
+`incr` needs no round trip either once a key is a counter: the first `incr` of a key
+moves its int into the counter table in shared memory (executor/counters.py), and every
+process then adds to it in place under the entry's mutex. The services process reads
+the entry for `get` (an answer never cached, since the value changes without a version
+bump) and retires it before a `set`, `del` or `cas` of the key; a process drops its
+knowledge of a counter when it writes the key itself, so its own write and a later
+`incr` keep their order.
 """
 
 from __future__ import annotations
