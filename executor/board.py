@@ -49,7 +49,6 @@ _COUNT = struct.Struct("<I")  # at offset 0: slots assigned so far, the header i
 _EMPTY_DIGEST = bytes(DIGEST_SIZE)
 _BELL_CHECK_S = 1.0  # a sleeping waiter looks at its connection at least this often
 _PUBLISHER_GRACE_S = 1.0  # how long a waiter waits for a publisher that took its token
-_NO_WAIT_S = 0.0
 
 
 class _Timespec(ctypes.Structure):
@@ -174,7 +173,7 @@ class Board:
         """Take the token back after the services answered. When a publisher has it and
         does not finish in time, the slot is dead: never parked in again."""
         self._set_digest(slot, _EMPTY_DIGEST)
-        if self._wait(slot, _CLAIM, _NO_WAIT_S):
+        if self._libc.sem_trywait(self._sem(slot, _CLAIM)) == 0:
             return
         done = False
         try:
@@ -192,8 +191,6 @@ class Board:
     def _wait(self, slot: int, which: int, seconds: float) -> bool:
         """Take one count of a semaphore, waiting up to ``seconds``; whether it did."""
         sem = self._sem(slot, which)
-        if not seconds:
-            return bool(self._libc.sem_trywait(sem) == 0)
         deadline = time.clock_gettime(time.CLOCK_MONOTONIC) + seconds
         when = _Timespec(int(deadline), int(deadline % 1 * 1e9))
         return bool(self._libc.sem_clockwait(sem, time.CLOCK_MONOTONIC, when) == 0)

@@ -29,7 +29,7 @@ _MUTEX = 0  # pthread_mutex_t: 40 bytes on x86_64, 48 on aarch64
 _DIGEST = 64  # DIGEST_SIZE bytes: which key the entry counts (sharedmem.digest)
 _FIELDS = struct.Struct("<qI")  # at 80: the value, and the state below
 _FIELDS_AT = 80
-_FREE, _ACTIVE, _RETIRED = 0, 1, 2
+_ACTIVE, _RETIRED = 1, 2  # states; 0: never handed out
 _ATTR_SIZE = 64  # room for pthread_mutexattr_t on every 64-bit glibc
 
 
@@ -90,7 +90,7 @@ class Counters:
         ):
             raise OSError("cannot make a process-shared robust mutex")
         for entry in range(ENTRIES):
-            if libc.pthread_mutex_init(self._base + entry * _ENTRY, attr):
+            if libc.pthread_mutex_init(self._base + entry * _ENTRY + _MUTEX, attr):
                 raise OSError("pthread_mutex_init failed")
 
     # --- the services process ---------------------------------------------------------
@@ -138,7 +138,7 @@ class Counters:
         return int(value)
 
     def _locked(self, entry: int) -> _Lock:
-        return _Lock(self._libc, self._base + entry * _ENTRY)
+        return _Lock(self._libc, self._base + entry * _ENTRY + _MUTEX)
 
 
 class _Lock:

@@ -50,14 +50,7 @@ from executor.pool import (
 from executor.results import build_results, run_status, write_results
 from executor.scheduler import DagState
 from executor.services import RunServices
-from executor.worker import (
-    ACK,
-    BLOCKED,
-    DONE,
-    EVENTS_USED,
-    RETURNED,
-    UNBLOCKED,
-)
+from executor.worker import ACK, BLOCKED, DONE, EVENTS_USED, RETURNED, UNBLOCKED
 
 ProgressCallback = Callable[[int, int], None]
 
