@@ -5,19 +5,21 @@
     Store / Events ──call(msg, blobs)──► Connection ══AF_UNIX══► epoll loop
                    ◄──reply ("ok"|"err"|"pending"|"timeout")══     ├─ StoreTable
                    ◄──("ev", sid, value|None=ended)═══════      └─ TopicBoard
+                   ◄──("spare",) + memfds of replaced store values═
 
 A frame is `<u32 length><u8 fd count>` followed by a pickled tuple (protocol 5).
 Values travel as `Blob`s: a small value as its inline pickle; a value whose pickle
-reaches BIG_VALUE bytes as a sealed memfd passed with SCM_RIGHTS. A 16 MiB value is
-thus copied once into shared memory and once out of it; the services process holds
-only the file descriptor and never touches the bytes. The socket lives in a private
-0700 directory, so only the run's own processes can reach it.
+reaches BIG_VALUE bytes as a memfd passed with SCM_RIGHTS (executor/memfd_values.py:
+sealed for event payloads, recycled for store values). A 16 MiB value is thus copied
+once into shared memory and once out of it; the services process holds only the file
+descriptor and never touches the bytes. The socket lives in a private 0700 directory,
+so only the run's own processes can reach it.
 """
 
 from __future__ import annotations
 
 import array
-import fcntl
+import functools
 import os
 import pickle
 import select
@@ -30,8 +32,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from executor import memfd_values
 from executor.board import ParkedWait
 from executor.contention import SPIN_S, Contention, spin_poll
+from executor.memfd_values import Spares
 
 BIG_VALUE = 64 * 1024
 """Pickles of at least this many bytes travel in a memfd instead of the socket."""
@@ -40,7 +44,6 @@ _HEADER = struct.Struct("<IB")
 _RECV_SIZE = 128 * 1024
 _MAX_FDS = 8
 _ANC_SIZE = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
-_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 _CTRUNC = int(socket.MSG_CTRUNC)
@@ -54,7 +57,8 @@ class Blob:
     """One encoded value: an inline pickle, or a descriptor of a sealed memfd."""
 
     enc: bytes | tuple[Any, ...]
-    """Inline pickle bytes, or `("fd", kind, size, layout)` for a memfd value."""
+    """Inline pickle bytes, or `("fd", kind, size, layout, generation)` for a memfd value
+    (generation 0: sealed; see executor/memfd_values.py)."""
     fd: int = -1
     """The memfd holding the value (only for memfd values), owned by this Blob."""
 
@@ -68,12 +72,16 @@ class ServiceError(RuntimeError):
     """The services process failed a request, or is gone."""
 
 
-def encode(value: object) -> Blob:
-    """Serialize `value`; a big one goes to a sealed memfd (bytes are written to it as is)."""
+def encode(value: object, spares: Spares | None = None) -> Blob:
+    """Serialize `value`; a big one goes to a memfd (bytes are written to it as is).
+
+    With `spares` (store values), the memfd may be a spare and is not sealed: readers
+    load it with `load` (see executor/memfd_values.py).
+    """
     # exact types only: a subclass must keep its class, so it goes through pickle
     if isinstance(value, bytes | bytearray) and type(value) in (bytes, bytearray):
         if len(value) >= BIG_VALUE:
-            return Blob(("fd", type(value).__name__, len(value), ()), _sealed_memfd([value]))
+            return _in_memfd(type(value).__name__, len(value), (), [value], spares)
     buffers: list[pickle.PickleBuffer] = []
     data = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     try:
@@ -84,21 +92,40 @@ def encode(value: object) -> Blob:
     if size < BIG_VALUE:
         return Blob(pickle.dumps(value, protocol=5) if raws else data)
     layout = (len(data), *(raw.nbytes for raw in raws))
-    return Blob(("fd", "pickle", size, layout), _sealed_memfd([data, *raws]))
+    return _in_memfd("pickle", size, layout, [data, *raws], spares)
+
+
+def _in_memfd(
+    kind: str, size: int, layout: tuple[int, ...], parts: list[Any], spares: Spares | None
+) -> Blob:
+    if spares is None:
+        return Blob(("fd", kind, size, layout, 0), memfd_values.sealed(parts))
+    fd, generation = memfd_values.recyclable(parts, size, spares)
+    return Blob(("fd", kind, size, layout, generation), fd)
 
 
 def decode(blob: Blob) -> Any:
     """Rebuild the value of `blob` (its memfd stays open)."""
     if isinstance(blob.enc, bytes):
         return pickle.loads(blob.enc)
-    _, kind, size, layout = blob.enc
+    return _rebuild(blob.enc, _copy(blob))
+
+
+def _copy(blob: Blob) -> bytes | bytearray:
+    """The bytes of a memfd value."""
+    _, kind, size, _, _ = blob.enc
     if kind == "bytes":
-        return _read_bytes(blob.fd, size)
+        return memfd_values.read_bytes(blob.fd, size)
     buf = bytearray(size)
-    _read_into(blob.fd, buf)
-    if kind == "bytearray":
-        return buf
-    view = memoryview(buf)
+    memfd_values.read_into(blob.fd, buf)
+    return buf
+
+
+def _rebuild(enc: tuple[Any, ...], data: bytes | bytearray) -> Any:
+    _, kind, _, layout, _ = enc
+    if kind in ("bytes", "bytearray"):
+        return data
+    view = memoryview(data)
     head, pos, buffers = layout[0], layout[0], []
     for length in layout[1:]:
         buffers.append(view[pos : pos + length])
@@ -126,14 +153,18 @@ def take(enc: Any, fds: deque[int]) -> Blob:
 
 
 def load(enc: Any, fds: deque[int]) -> Any:
-    """Decode an encoding from a reply and release its memfd."""
+    """Decode an encoding from a reply and release its memfd.
+
+    Raises Recycled when a store value's memfd holds a newer value by now (ask again).
+    """
     if isinstance(enc, bytes):  # the common case, kept short: an inline pickle
         return pickle.loads(enc)
     blob = take(enc, fds)
     try:
-        return decode(blob)
+        data = memfd_values.read(blob.fd, enc[4], functools.partial(_copy, blob))
     finally:
         blob.close()
+    return _rebuild(enc, data)
 
 
 def pack(msg: Message, nfds: int) -> bytes:
@@ -211,6 +242,10 @@ class FrameReader:
             os.close(self._fds.popleft())
 
 
+_ASIDES = ("ev", "spare")
+"""Frames that come between replies: subscription payloads, spares (memfd_values)."""
+
+
 def close_all(fds: deque[int]) -> None:
     while fds:
         os.close(fds.popleft())
@@ -273,6 +308,8 @@ class Connection:
         apply each connection's requests in order, so an answer settles all before it."""
         self._closed = False
         self._contention = Contention()
+        self.spares = Spares()
+        """Memfds of store values this connection's requests replaced, to write into."""
 
     def __reduce__(self) -> Any:
         raise TypeError("a services client cannot be pickled: pass the address, call connect()")
@@ -408,6 +445,7 @@ class Connection:
         self._reader.close()
         for sid in list(self._queues):
             self.close_queue(sid)
+        self.spares.close()
 
     def _refuse(self, blobs: Sequence[Blob]) -> None:
         """Raise for a client used after a fork or after close (releasing `blobs`)."""
@@ -500,7 +538,7 @@ class Connection:
                     spin_poll(self._poll.poll, SPIN_S)
                     spin = False
                 self._receive()
-            elif frame[0][0] != "ev":
+            elif frame[0][0] not in _ASIDES:
                 return frame
             else:
                 self._route(*frame)
@@ -522,7 +560,7 @@ class Connection:
                         self._receive()  # the rest of a frame may come without a bell
                     else:
                         parked.sleep()
-                elif frame[0][0] == "ev":
+                elif frame[0][0] in _ASIDES:
                     self._route(*frame)
                 else:
                     parked.unpark()
@@ -532,6 +570,10 @@ class Connection:
             raise
 
     def _route(self, msg: Message, fds: deque[int]) -> None:
+        if msg[0] == "spare":
+            while fds:
+                self.spares.add(fds.popleft())
+            return
         if msg[0] != "ev":  # a reply due to an interrupted call
             close_all(fds)
             if msg[0] != "pending":
@@ -563,42 +605,7 @@ class Connection:
             raise ServiceError("the run's services closed the connection")
 
 
-def _read_bytes(fd: int, size: int) -> bytes:
-    data = os.pread(fd, size, 0)
-    if len(data) == size:
-        return data
-    buf = bytearray(size)
-    _read_into(fd, buf)
-    return bytes(buf)
-
-
-def _read_into(fd: int, buf: bytearray) -> None:
-    view, pos = memoryview(buf), 0
-    while pos < len(buf):
-        got = os.preadv(fd, [view[pos:]], pos)
-        if got <= 0:
-            raise ServiceError("a shared value is shorter than recorded")
-        pos += got
-
-
 def _raw(blob: Blob) -> bytes:
     if isinstance(blob.enc, bytes):
         return blob.enc
-    return _read_bytes(blob.fd, blob.enc[2])
-
-
-def _sealed_memfd(parts: Sequence[Any]) -> int:
-    fd = os.memfd_create("executor-value", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        views = [memoryview(part).cast("B") for part in parts]
-        while views:
-            written = os.writev(fd, views)
-            while views and written >= views[0].nbytes:
-                written -= views.pop(0).nbytes
-            if views:
-                views[0] = views[0][written:]
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return memfd_values.read_bytes(blob.fd, blob.enc[2])

@@ -32,7 +32,7 @@ from collections.abc import Hashable
 from pathlib import Path
 from types import FrameType
 
-from executor import board
+from executor import board, memfd_values
 from executor._wire import (
     Blob,
     Connection,
@@ -178,7 +178,7 @@ def _child_env() -> dict[str, str]:
 class _Peer:
     """One client connection inside the services process."""
 
-    __slots__ = ("sock", "fd", "reader", "out", "writing", "slot")
+    __slots__ = ("sock", "fd", "reader", "out", "writing", "slot", "spares")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -187,6 +187,7 @@ class _Peer:
         self.reader = FrameReader()
         self.out: deque[tuple[memoryview, list[int]]] = deque()
         self.writing = False  # also polled for EPOLLOUT: the socket was full
+        self.spares: list[Blob] = []  # to go out with the next frame sent to this client
 
 
 _IN = select.EPOLLIN
@@ -305,7 +306,9 @@ class _Server:
             return
         try:
             if op in STORE_OPS:
-                self._deliver(peer, *self._store.apply(msg, fds))
+                reply = self._store.apply(msg, fds)
+                self._give_spares(peer)
+                self._deliver(peer, *reply)
             elif op in EVENT_OPS:
                 for delivery in self._board.apply(peer, msg, fds, time.monotonic()):
                     self._deliver(*delivery)
@@ -357,17 +360,33 @@ class _Server:
         client loses its connection and its next call fails instead."""
         try:
             self._store.apply(msg, fds)
+            self._give_spares(peer)
         except Exception:
             self._drop(peer)
         finally:
             if fds:
                 close_all(fds)
 
+    def _give_spares(self, peer: _Peer) -> None:
+        """The memfds of store values the request replaced go back to its sender, who
+        writes its next big values into them (executor/memfd_values.py)."""
+        freed = self._store.freed
+        if freed:
+            peer.spares += freed
+            freed.clear()
+            for blob in memfd_values.over_limit(peer.spares, lambda blob: blob.enc[2]):
+                self._store.release_later(blob)
+
     def _deliver(self, peer: Hashable, msg: Message, blobs: list[Blob]) -> None:
         if not isinstance(peer, _Peer) or self._peers.get(peer.fd) is not peer:
             return  # dropped meanwhile
         fds = [os.dup(blob.fd) for blob in blobs if blob.fd >= 0] if blobs else []
         data = pack(msg, len(fds))
+        if peer.spares:  # they go ahead of the frame; the descriptors go with them
+            spares = [blob.fd for blob in peer.spares]
+            peer.spares.clear()
+            data = pack(("spare",), len(spares)) + data
+            fds = spares + fds
         if peer.out:
             peer.out.append((memoryview(data), fds))
             return
@@ -421,6 +440,9 @@ class _Server:
             for fd in fds:
                 os.close(fd)
         peer.out.clear()
+        for blob in peer.spares:
+            blob.close()
+        peer.spares.clear()
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

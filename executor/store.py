@@ -5,7 +5,8 @@ so values written by earlier tasks are visible to later ones. Each worker proces
 to it through its own `Store`. The services process applies requests one at a time, in
 the order each connection sent them: `incr` and `cas` are atomic across all workers.
 Values are kept encoded (the services process unpickles only for `incr` and `cas`); big
-ones stay in sealed shared memory (see `executor._wire`).
+ones stay in shared memory that is recycled: a replaced value's memfd goes back to the
+process that replaced it, for its next big write (see `executor.memfd_values`).
 
 `store[k] = v` does not wait for an answer (a round trip costs 70-150 us on a virtual
 machine; sending costs a few). Because one connection's requests are applied in order,
@@ -43,6 +44,7 @@ from typing import Any
 from executor._wire import Blob, Connection, Message, decode, encode, load, same_value, take
 from executor.counters import COUNTERS_SIZE, Counters, fits
 from executor.counters import available as counters_available
+from executor.memfd_values import HEADER, SPARES_MAX_BYTES, Recycled
 from executor.sharedmem import digest
 
 Reply = tuple[Message, list[Blob]]
@@ -112,7 +114,7 @@ class Store:
 
     def __setitem__(self, key: str, value: Any) -> None:
         key = _check_key(key)
-        blob = encode(value)
+        blob = encode(value, self._conn.spares)
         self._forget(key)  # the next read asks the services, behind this write
         self._entries.pop(key, None)  # and so does the next incr
         if self._conn.congested:
@@ -183,8 +185,8 @@ class Store:
         """
         key = _check_key(key)
         self._entries.pop(key, None)
-        old = None if expected is None else encode(expected)
-        blob = encode(new)
+        old = None if expected is None else encode(expected, self._conn.spares)
+        blob = encode(new, self._conn.spares)
         blobs = [blob] if old is None else [old, blob]
         reply, _ = self._conn.call(("cas", key, old and old.enc, blob.enc), blobs)
         return bool(reply[1])
@@ -202,11 +204,17 @@ class Store:
         if hit is not None and hit[0] == self._versions[_bucket(key)]:
             enc = hit[1]
             return (False, None) if enc is None else (True, pickle.loads(enc))
-        reply, fds = self._conn.call(("get", key))
-        _, enc, version, cacheable = reply
-        if cacheable and (enc is None or isinstance(enc, bytes)):
-            self._remember(key, version, enc)
-        return (False, None) if enc is None else (True, load(enc, fds))
+        while True:
+            reply, fds = self._conn.call(("get", key))
+            _, enc, version, cacheable = reply
+            if cacheable and (enc is None or isinstance(enc, bytes)):
+                self._remember(key, version, enc)
+            if enc is None:
+                return False, None
+            try:
+                return True, load(enc, fds)
+            except Recycled:
+                continue  # replaced since the services answered: ask for the new value
 
     def _forget(self, key: str) -> None:
         hit = self._cache.pop(key, None)
@@ -237,6 +245,8 @@ class StoreTable:
             self._counters_fd, self._counters = Counters.create()
         self._counter_of: dict[str, int] = {}  # key -> its entry in the counter table
         self._retired: list[Blob] = []  # replaced big values, released when the loop is idle
+        self.freed: list[Blob] = []
+        """Recyclable memfds the current request replaced: spares for its sender."""
         size = _BUCKETS * 8
         self._versions_fd = os.memfd_create("executor-store-versions", os.MFD_CLOEXEC)
         os.ftruncate(self._versions_fd, size)
@@ -272,6 +282,8 @@ class StoreTable:
 
     def close(self) -> None:
         self.release_retired()
+        for blob in self.freed:
+            blob.close()
         for blob in self._data.values():
             blob.close()
         self._data.clear()
@@ -285,11 +297,20 @@ class StoreTable:
         """Bump the version of `key`'s bucket: cached copies of it are stale now."""
         self._versions[_bucket(key)] += 1
 
+    def release_later(self, blob: Blob) -> None:
+        """Free a big value's memory once the loop is idle."""
+        self._retired.append(blob)
+        if len(self._retired) > _RETIRED_MAX:
+            self.release_retired()
+
     def _retire(self, blob: Blob | None) -> None:
-        if blob is not None and blob.fd >= 0:
-            self._retired.append(blob)
-            if len(self._retired) > _RETIRED_MAX:
-                self.release_retired()
+        if blob is None or blob.fd < 0:
+            return
+        _, _, size, _, generation = blob.enc
+        if generation and HEADER + size <= SPARES_MAX_BYTES:
+            self.freed.append(blob)
+        else:
+            self.release_later(blob)
 
     def _put(self, key: str, blob: Blob) -> None:
         self._end_counter(key)

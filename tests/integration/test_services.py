@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from executor import sharedmem
-from executor._wire import ServiceError
+from executor._wire import ServiceError, close_all, load
 from executor.events import Events
+from executor.memfd_values import Recycled
 from executor.services import RunServices, connect
 from executor.store import Store
 
@@ -286,6 +287,84 @@ def test_big_values_round_trip(client: tuple[Store, Events], value: Any) -> None
     assert type(got) is type(value) and got == value
     assert store.cas("big", value, "replaced")
     assert store["big"] == "replaced"
+
+
+def inode_of(store: Store, key: str) -> int:
+    """The inode of the memfd the services answer `key` with (closed again at once)."""
+    reply, fds = store._conn.call(("get", key))
+    try:
+        return os.fstat(fds[0]).st_ino
+    finally:
+        close_all(fds)
+
+
+def test_a_writer_gets_its_replaced_values_memory_back(client: tuple[Store, Events]) -> None:
+    store, _ = client
+    store["big"] = os.urandom(1 << 20)
+    first = inode_of(store, "big")
+    store["big"] = os.urandom(1 << 20)  # replaces the first: its memfd comes back as a spare
+    store.settle()  # the spare arrives with this answer
+    third = os.urandom(1 << 20)
+    store["big"] = third
+    assert inode_of(store, "big") == first, "the third value went into the first's memfd"
+    assert store["big"] == third
+
+
+def test_a_reader_whose_memfd_was_reused_meanwhile_asks_again(services: RunServices) -> None:
+    writer, _ = connect(services.address)
+    reader, _ = connect(services.address)
+    try:
+        writer["big"] = b"1" * (1 << 20)
+        stale, fds = reader._conn.call(("get", "big"))  # answered, not read yet
+        writer["big"] = b"2" * (1 << 20)  # the first memfd is a spare of the writer's now
+        writer.settle()
+        writer["big"] = b"3" * (1 << 20)  # written into it
+        writer.settle()
+        with pytest.raises(Recycled):
+            load(stale[1], fds)
+        assert reader["big"] == b"3" * (1 << 20)
+    finally:
+        writer.close()
+        reader.close()
+
+
+def write_uniform_values(address: str, seconds: float) -> None:
+    """Replace one key with values of one repeated byte each, as fast as possible; settle
+    each time, so the memfds of replaced values come back at once to be written into."""
+    store, _ = connect(address)
+    deadline, n = time.monotonic() + seconds, 0
+    while time.monotonic() < deadline:
+        n += 1
+        store["torn?"] = bytes([n % 256]) * (256 << 10)
+        store.settle()
+
+
+def read_uniform_values(address: str, seconds: float) -> None:
+    """Read the key over and over; exit 1 on a value that mixes two writes."""
+    store, _ = connect(address)
+    deadline, reads = time.monotonic() + seconds, 0
+    while time.monotonic() < deadline:
+        value = store.get("torn?")
+        if value is not None:
+            reads += 1
+            if value.count(value[:1]) != len(value):
+                os._exit(1)
+    os._exit(0 if reads else 2)
+
+
+def test_readers_never_see_a_value_torn_by_a_writer_reusing_its_memfd(
+    services: RunServices,
+) -> None:
+    seconds = 3.0
+    run_in_processes(
+        "fork",
+        lambda role: (write_uniform_values if role == "w" else read_uniform_values)(
+            services.address, seconds
+        ),
+        ("w",),
+        ("r",),
+        ("r",),
+    )
 
 
 def test_values_written_by_an_earlier_process_are_visible_later(

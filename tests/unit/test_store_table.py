@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from executor._wire import BIG_VALUE, Blob, decode, encode, same_value
+from executor.memfd_values import HEADER, SPARES_MAX_BYTES, Spares
 from executor.store import StoreTable
 
 
@@ -178,6 +179,31 @@ def test_same_value_falls_back_to_bytes_when_a_value_cannot_load() -> None:
         decode(Blob(UNLOADABLE))
     assert same_value(Blob(UNLOADABLE), Blob(UNLOADABLE))
     assert not same_value(Blob(UNLOADABLE), Blob(pickle.dumps(1)))
+
+
+def put_recyclable(table: StoreTable, key: str, value: bytes, spares: Spares) -> None:
+    blob = encode(value, spares)
+    request(table, "set", key, blob.enc, blobs=(blob,))
+
+
+@pytest.mark.parametrize(
+    ("size", "spare"),
+    [(BIG_VALUE, True), (SPARES_MAX_BYTES - HEADER, True), (SPARES_MAX_BYTES, False)],
+    ids=["small", "largest recycled", "too big to recycle"],
+)
+def test_a_replaced_store_value_becomes_a_spare_for_its_sender(
+    table: StoreTable, size: int, spare: bool
+) -> None:
+    spares = Spares()
+    try:
+        put_recyclable(table, "k", b"a" * size, spares)
+        inode = os.fstat(table._data["k"].fd).st_ino
+        put_recyclable(table, "k", b"b" * BIG_VALUE, spares)
+        assert [os.fstat(blob.fd).st_ino for blob in table.freed] == ([inode] if spare else [])
+        assert table.has_retired is not spare
+    finally:
+        spares.close()
+        table.close()
 
 
 def test_replaced_big_values_are_released_when_the_loop_is_idle(table: StoreTable) -> None:
