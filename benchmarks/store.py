@@ -11,7 +11,11 @@ The Manager dict has no atomic incr: it is measured as `d[k] = d.get(k, 0) + 1` 
 atomic, two round trips), which flatters the peer. A bare Python echo over AF_UNIX (one
 send, one recv, no work) runs alongside as the floor: what one round trip costs here now.
 Then the set-then-get round trip of a 1 MiB and a 16 MiB bytes value, median over
-many repetitions, for the executor and the Manager dict.
+many repetitions, for the executor and the Manager dict. The clients stand in for task
+code, so this process runs with a worker's malloc settings (executor/malloc.py), which
+the Manager dict's client, in the same process, gets as well. The executor answers a
+process's read of its own write from that process's memory; so the same size is also
+handed over: set here, get in another process (a round trip through the services).
 
     .venv/bin/python benchmarks/store.py               # 5 rounds x 1 s per cell
     .venv/bin/python benchmarks/store.py --rounds 3 --seconds 0.5 --json
@@ -39,6 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from executor.malloc import keep_freed_memory  # noqa: E402
 from executor.services import RunServices, connect  # noqa: E402
 
 VALUE = {"id": 12345, "name": "x" * 64, "tags": ["a", "b"]}
@@ -116,6 +121,38 @@ def round_trip_us(
             times[name].append((time.perf_counter() - began) * 1e6)
             assert len(got) == size
     return {name: statistics.median(spans) for name, spans in times.items()}
+
+
+def handover_us(address: str, size: int, repeat: int) -> float:
+    """Median microseconds of a set in this process plus a get of it in another one.
+
+    The reader has no copy of the value, so its get asks the services process. The
+    time it takes the reader to wake up and start is not counted.
+    """
+    value = os.urandom(size)
+    to_reader, from_writer = CTX.Pipe()
+    reader = CTX.Process(target=read_on_request, args=(address, from_writer), daemon=True)
+    reader.start()
+    store, _ = connect(address)
+    spans: list[float] = []
+    for _ in range(repeat):
+        began = time.perf_counter()
+        store["handover"] = value
+        set_s = time.perf_counter() - began
+        to_reader.send(None)
+        spans.append((set_s + to_reader.recv()) * 1e6)
+    to_reader.send("stop")
+    reader.join()
+    store.close()
+    return statistics.median(spans)
+
+
+def read_on_request(address: str, requests: Any) -> None:
+    store, _ = connect(address)
+    while requests.recv() is None:
+        began = time.perf_counter()
+        store["handover"]
+        requests.send(time.perf_counter() - began)
 
 
 class ExecutorStore:
@@ -206,6 +243,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=1.0, help="duration of one round")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
+    keep_freed_memory()
 
     results: dict[str, Any] = {"ops_per_client": {}, "round_trip_us": {}}
     with RunServices("bench-store") as services, multiprocessing.Manager() as manager:
@@ -243,12 +281,15 @@ def main() -> int:
         for size, label in ((1 << 20, "1 MiB"), (16 << 20, "16 MiB")):
             repeat = 200 if size == 1 << 20 else 20
             cell = round_trip_us(stores, size, repeat)
+            cell["executor, get in another process"] = handover_us(services.address, size, repeat)
             results["round_trip_us"][label] = cell
             if not args.json:
                 print(
                     f"{label:>6} set+get round trip: executor {cell['executor']:>8,.0f} µs,"
                     f" Manager dict {cell['manager']:>8,.0f} µs,"
-                    f" ratio {cell['manager'] / cell['executor']:.1f}x faster",
+                    f" ratio {cell['manager'] / cell['executor']:.1f}x faster;"
+                    f" executor with the get in another process"
+                    f" {cell['executor, get in another process']:>8,.0f} µs",
                     flush=True,
                 )
         local.close()

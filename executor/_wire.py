@@ -161,9 +161,17 @@ def load(enc: Any, fds: deque[int]) -> Any:
         return pickle.loads(enc)
     blob = take(enc, fds)
     try:
-        data = memfd_values.read(blob.fd, enc[4], functools.partial(_copy, blob))
+        return load_held(blob)
     finally:
         blob.close()
+
+
+def load_held(blob: Blob) -> Any:
+    """Decode a value from a reply, keeping its memfd open (raises Recycled)."""
+    enc = blob.enc
+    if isinstance(enc, bytes):
+        return pickle.loads(enc)
+    data = memfd_values.read(blob.fd, enc[4], functools.partial(_copy, blob))
     return _rebuild(enc, data)
 
 
@@ -308,7 +316,7 @@ class Connection:
         apply each connection's requests in order, so an answer settles all before it."""
         self._closed = False
         self._contention = Contention()
-        self.spares = Spares()
+        self.spares = Spares(self._read_arrived)
         """Memfds of store values this connection's requests replaced, to write into."""
 
     def __reduce__(self) -> Any:
@@ -568,6 +576,25 @@ class Connection:
         except BaseException:
             parked.unpark()  # interrupted: no publisher may fill the slot from now on
             raise
+
+    def _read_arrived(self) -> None:
+        """Take in the frames that have arrived between calls (spares, subscription
+        payloads), without waiting; nothing if another thread holds the connection."""
+        if self._fork != _forks or self._closed or not self._calls.acquire(blocking=False):
+            return
+        try:
+            while True:
+                frame = self._reader.next()
+                if frame is not None:
+                    self._route(*frame)
+                elif self._poll.poll(0):
+                    self._receive()
+                else:
+                    return
+        except ServiceError:
+            return  # gone: the next call says so
+        finally:
+            self._calls.release()
 
     def _route(self, msg: Message, fds: deque[int]) -> None:
         if msg[0] == "spare":

@@ -124,9 +124,14 @@ def read_into(fd: int, buf: bytearray) -> None:
 
 
 class Spares:
-    """Memfds of replaced store values that the services gave back to this process."""
+    """Memfds of replaced store values that the services gave back to this process.
 
-    def __init__(self) -> None:
+    The services send them when they replace the value; ``refill`` reads what has
+    arrived on the connection without waiting.
+    """
+
+    def __init__(self, refill: Callable[[], None]) -> None:
+        self._refill = refill
         self._lock = threading.Lock()
         self._pool: list[tuple[int, int]] = []  # (fd, file size), the newest last
 
@@ -140,6 +145,7 @@ class Spares:
 
     def take(self, need: int) -> int | None:
         """A spare of at least ``need`` bytes and not twice as big, or None."""
+        self._refill()
         with self._lock:
             for index in range(len(self._pool) - 1, -1, -1):
                 fd, size = self._pool[index]

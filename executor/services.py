@@ -32,7 +32,7 @@ from collections.abc import Hashable
 from pathlib import Path
 from types import FrameType
 
-from executor import board, memfd_values
+from executor import board
 from executor._wire import (
     Blob,
     Connection,
@@ -178,7 +178,7 @@ def _child_env() -> dict[str, str]:
 class _Peer:
     """One client connection inside the services process."""
 
-    __slots__ = ("sock", "fd", "reader", "out", "writing", "slot", "spares")
+    __slots__ = ("sock", "fd", "reader", "out", "writing", "slot")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -187,7 +187,6 @@ class _Peer:
         self.reader = FrameReader()
         self.out: deque[tuple[memoryview, list[int]]] = deque()
         self.writing = False  # also polled for EPOLLOUT: the socket was full
-        self.spares: list[Blob] = []  # to go out with the next frame sent to this client
 
 
 _IN = select.EPOLLIN
@@ -372,21 +371,16 @@ class _Server:
         writes its next big values into them (executor/memfd_values.py)."""
         freed = self._store.freed
         if freed:
-            peer.spares += freed
+            self._deliver(peer, ("spare",), freed)
+            for blob in freed:
+                self._store.release_later(blob)  # the client holds them now, or is gone
             freed.clear()
-            for blob in memfd_values.over_limit(peer.spares, lambda blob: blob.enc[2]):
-                self._store.release_later(blob)
 
     def _deliver(self, peer: Hashable, msg: Message, blobs: list[Blob]) -> None:
         if not isinstance(peer, _Peer) or self._peers.get(peer.fd) is not peer:
             return  # dropped meanwhile
         fds = [os.dup(blob.fd) for blob in blobs if blob.fd >= 0] if blobs else []
         data = pack(msg, len(fds))
-        if peer.spares:  # they go ahead of the frame; the descriptors go with them
-            spares = [blob.fd for blob in peer.spares]
-            peer.spares.clear()
-            data = pack(("spare",), len(spares)) + data
-            fds = spares + fds
         if peer.out:
             peer.out.append((memoryview(data), fds))
             return
@@ -440,9 +434,6 @@ class _Server:
             for fd in fds:
                 os.close(fd)
         peer.out.clear()
-        for blob in peer.spares:
-            blob.close()
-        peer.spares.clear()
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -16,11 +16,10 @@ finished, so every later task sees them. A task running at the same time may see
 old value for the moment the write is in flight. When the socket is full, a write waits
 for its answer, so a writer never runs ahead of the services process by more than that.
 
-Reads of unchanged keys need no round trip. The services process keeps a table of
-version counters in shared memory, one per hash bucket of keys, and bumps a key's
-bucket on every change before it answers. A `Store` remembers the small values it
-read with their bucket's version; while that version is unchanged, `store[k]`,
-`store.get(k)` and `k in store` answer from memory (a fresh unpickled copy each time).
+Reads of unchanged keys need no round trip: a `Store` remembers the values it read and
+wrote with the versions of their keys' buckets in a table the services process keeps in
+shared memory (executor/value_cache.py); while a key's bucket is unchanged, `store[k]`,
+`store.get(k)` and `k in store` answer from memory (a fresh copy each time).
 
 `incr` needs no round trip either once a key is a counter: the first `incr` of a key
 moves its int into the counter table in shared memory (executor/counters.py), and every
@@ -41,11 +40,12 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from executor._wire import Blob, Connection, Message, decode, encode, load, same_value, take
+from executor._wire import Blob, Connection, Message, decode, encode, load_held, same_value, take
 from executor.counters import COUNTERS_SIZE, Counters, fits
 from executor.counters import available as counters_available
 from executor.memfd_values import HEADER, SPARES_MAX_BYTES, Recycled
 from executor.sharedmem import digest
+from executor.value_cache import MISS, Cached, ValueCache
 
 Reply = tuple[Message, list[Blob]]
 
@@ -55,9 +55,7 @@ UNANSWERED_OPS = frozenset({"put"})
 """Requests the client does not wait for: no reply is sent, not even an error."""
 
 _BUCKETS = 1 << 16
-_CACHE_MAX_BYTES = 16 << 20  # a Store forgets everything when its cache grows past this
 _RETIRED_MAX = 32  # replaced big values kept for release while the services are idle
-_ENTRY_OVERHEAD = 100  # bytes counted per cached key besides the key and value
 _SETTLE_LOCK_S = 0.5  # how long settle() waits for a connection another thread holds
 
 
@@ -98,8 +96,7 @@ class Store:
         self._entries: dict[str, tuple[int, bytes]] = {}
         """Keys this process incremented that are counters: (entry, key digest)."""
         self._versions = memoryview(self._map).cast("Q")
-        self._cache: dict[str, tuple[int, bytes | None]] = {}
-        self._cached_bytes = 0
+        self._cache = ValueCache()
         self._unsettled = False
         """Writes were sent since the last settle()."""
 
@@ -115,13 +112,23 @@ class Store:
     def __setitem__(self, key: str, value: Any) -> None:
         key = _check_key(key)
         blob = encode(value, self._conn.spares)
-        self._forget(key)  # the next read asks the services, behind this write
-        self._entries.pop(key, None)  # and so does the next incr
-        if self._conn.congested:
-            self._conn.call(("set", key, blob.enc), [blob])
-        else:
-            self._conn.cast(("put", key, blob.enc), [blob])
-            self._unsettled = True
+        self._cache.forget(key)
+        self._entries.pop(key, None)  # the next incr asks the services, behind this write
+        version = self._versions[_bucket(key)]
+        enc = blob.enc
+        kept: Cached = enc if isinstance(enc, bytes) else Blob(enc, os.dup(blob.fd))
+        try:
+            if self._conn.congested:
+                self._conn.call(("set", key, enc), [blob])
+            else:
+                self._conn.cast(("put", key, enc), [blob])
+                self._unsettled = True
+        except BaseException:
+            if isinstance(kept, Blob):
+                kept.close()
+            raise
+        # the latest value until the bucket changes again after this write is applied
+        self._cache.remember(key, version, version + 1, kept)
 
     def settle(self) -> None:
         """Wait until the services process has applied every write sent from here.
@@ -135,14 +142,16 @@ class Store:
             self._unsettled = False
 
     def __delitem__(self, key: str) -> None:
+        key = _check_key(key)
         self._entries.pop(key, None)
-        self._conn.call(("del", _check_key(key)))
+        self._cache.forget(key)
+        self._conn.call(("del", key))
 
     def __contains__(self, key: object) -> bool:
         key = _check_key(key)
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] == self._versions[_bucket(key)]:
-            return hit[1] is not None
+        hit = self._cache.lookup(key, self._versions[_bucket(key)])
+        if hit is not MISS:
+            return hit is not None
         reply, _ = self._conn.call(("has", key))
         return bool(reply[1])
 
@@ -185,6 +194,7 @@ class Store:
         """
         key = _check_key(key)
         self._entries.pop(key, None)
+        self._cache.forget(key)
         old = None if expected is None else encode(expected, self._conn.spares)
         blob = encode(new, self._conn.spares)
         blobs = [blob] if old is None else [old, blob]
@@ -200,34 +210,34 @@ class Store:
 
     def _read(self, key: str) -> tuple[bool, Any]:
         """(found, value) of `key`: from the cache while its bucket is unchanged."""
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] == self._versions[_bucket(key)]:
-            enc = hit[1]
-            return (False, None) if enc is None else (True, pickle.loads(enc))
+        hit = self._cache.lookup(key, self._versions[_bucket(key)])
+        if hit is None:
+            return False, None
+        if isinstance(hit, bytes):
+            return True, pickle.loads(hit)
+        if isinstance(hit, Blob):
+            try:
+                return True, load_held(hit)
+            except Recycled:  # replaced, and its memfd reused, since the version check
+                self._cache.forget(key)
         while True:
             reply, fds = self._conn.call(("get", key))
             _, enc, version, cacheable = reply
-            if cacheable and (enc is None or isinstance(enc, bytes)):
-                self._remember(key, version, enc)
-            if enc is None:
-                return False, None
+            if enc is None or isinstance(enc, bytes):
+                if cacheable:
+                    self._cache.remember(key, version, version, enc)
+                return (False, None) if enc is None else (True, pickle.loads(enc))
+            blob = take(enc, fds)
             try:
-                return True, load(enc, fds)
+                value = load_held(blob)
             except Recycled:
+                blob.close()
                 continue  # replaced since the services answered: ask for the new value
-
-    def _forget(self, key: str) -> None:
-        hit = self._cache.pop(key, None)
-        if hit is not None:
-            self._cached_bytes -= _ENTRY_OVERHEAD + len(key) + len(hit[1] or b"")
-
-    def _remember(self, key: str, version: int, enc: bytes | None) -> None:
-        if key not in self._cache:
-            self._cached_bytes += _ENTRY_OVERHEAD + len(key) + len(enc or b"")
-            if self._cached_bytes > _CACHE_MAX_BYTES:
-                self._cache.clear()
-                self._cached_bytes = _ENTRY_OVERHEAD + len(key) + len(enc or b"")
-        self._cache[key] = (version, enc)
+            except BaseException:
+                blob.close()
+                raise
+            self._cache.remember(key, version, version, blob)
+            return True, value
 
 
 _COUNTER = Blob(b"")

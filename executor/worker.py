@@ -45,6 +45,7 @@ from executor.contention import SPIN_S, spin_poll
 from executor.context import TaskContext
 from executor.events import Events, Subscription
 from executor.framing import FrameReader, frame, read_message, write_frame
+from executor.malloc import keep_freed_memory
 from executor.pipeline import import_call
 from executor.store import Store
 
@@ -78,6 +79,7 @@ class WorkerBoot:
 def worker_main(boot: WorkerBoot) -> None:
     """Entry point of a worker process."""
     _become_group_leader()
+    keep_freed_memory()
     slots = CaptureSlots(
         tuple((out.fileno(), err.fileno(), log.fileno()) for out, err, log in boot.capture)
     )

@@ -148,6 +148,21 @@ def publish_event(ctx, topic, payload):
     return payload
 
 
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd",
+        "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def freed_heap_after(ctx, size):
+    """Free bytes glibc's heap keeps after a block of `size` bytes is freed."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    block = bytearray(size)
+    del block
+    return libc.mallinfo2().fordblks
+
+
 def lifecycle_watcher(ctx, task_id):
     return ctx.events.wait("executor.task.finished", timeout=60)
 '''

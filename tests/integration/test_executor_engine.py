@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from executor.engine import RunConfig, run
+from executor.malloc import MMAP_THRESHOLD
 from executor.pack import pack
 from executor.pipeline import load_pipeline
 from tests.integration.executor_pipelines import (
@@ -228,6 +229,14 @@ def test_forkserver_start_method(tmp_path: Path) -> None:
     results, _ = run_pipeline(path, tmp_path, start_method="forkserver")
     assert results["tasks"]["b"]["result"] == 2
     assert "exited with code 7" in results["tasks"]["c"]["error"]["message"]
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_workers_keep_freed_memory_of_big_blocks_for_reuse(tmp_path: Path, method: str) -> None:
+    size = MMAP_THRESHOLD - (1 << 20)  # by default glibc maps (and unmaps) such a block
+    path = make_pipeline(tmp_path / "p", [task("t", "freed_heap_after", args={"size": size})])
+    results, _ = run_pipeline(path, tmp_path, start_method=method)
+    assert results["tasks"]["t"]["result"] >= size
 
 
 def test_store_is_shared_by_all_workers(tmp_path: Path) -> None:

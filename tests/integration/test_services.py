@@ -195,6 +195,10 @@ def test_cached_reads_see_every_change_made_elsewhere(
         assert "k" not in reader
         with pytest.raises(KeyError):
             reader["k"]
+        for n in range(3):  # big values too: the reader keeps their memfd, not a copy
+            writer["big"] = bytes([n]) * (1 << 20)
+            writer.settle()
+            assert reader["big"] == reader["big"] == bytes([n]) * (1 << 20)
     finally:
         writer.close()
 
@@ -233,24 +237,36 @@ def test_a_writer_that_fills_the_socket_waits_and_loses_nothing(
         writer.close()
 
 
+@pytest.mark.parametrize(
+    "value", [{"cached": True}, bytearray(os.urandom(1 << 20))], ids=["small", "1MiB"]
+)
+@pytest.mark.parametrize("source", ["read", "own write"])
 def test_cached_reads_need_no_round_trip(
-    services: RunServices, client: tuple[Store, Events]
+    services: RunServices, client: tuple[Store, Events], value: Any, source: str
 ) -> None:
     store, _ = client
-    store["k"] = {"cached": True}
-    assert store["k"] == {"cached": True}
     pid = services.pid
     assert pid is not None
+    if source == "read":
+        writer, _ = connect(services.address)
+        writer["k"] = value
+        writer.settle()
+        writer.close()
+        assert store["k"] == value  # a round trip, remembered
     results: list[Any] = []
     os.kill(pid, signal.SIGSTOP)
     try:
+        if source == "own write":
+            store["k"] = value  # sent, not applied: the services are frozen
         reader = threading.Thread(target=lambda: results.append((store["k"], "k" in store)))
         reader.start()
         reader.join(60)  # generous: a read that needed the frozen server would never end
         assert not reader.is_alive()
     finally:
         os.kill(pid, signal.SIGCONT)
-    assert results == [({"cached": True}, True)]
+    assert results == [(value, True)]
+    results[0][0].clear()  # each read hands out a fresh copy
+    assert store["k"] == value
 
 
 def test_incr_type_errors(client: tuple[Store, Events]) -> None:
@@ -303,7 +319,7 @@ def test_a_writer_gets_its_replaced_values_memory_back(client: tuple[Store, Even
     store["big"] = os.urandom(1 << 20)
     first = inode_of(store, "big")
     store["big"] = os.urandom(1 << 20)  # replaces the first: its memfd comes back as a spare
-    store.settle()  # the spare arrives with this answer
+    store.settle()  # applied: the spare is on its way back
     third = os.urandom(1 << 20)
     store["big"] = third
     assert inode_of(store, "big") == first, "the third value went into the first's memfd"

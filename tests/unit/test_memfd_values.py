@@ -11,13 +11,14 @@ import pytest
 
 from executor import memfd_values
 from executor.memfd_values import HEADER, SPARES_MAX, SPARES_MAX_BYTES, Recycled, Spares
+from tests.descriptors import is_open
 
 MIB = 1 << 20
 
 
 @pytest.fixture
 def spares() -> Iterator[Spares]:
-    pool = Spares()
+    pool = Spares(refill=lambda: None)
     yield pool
     pool.close()
 
@@ -105,14 +106,6 @@ def memfd_of(size: int) -> int:
     fd = os.memfd_create("test-spare")
     os.ftruncate(fd, size)
     return fd
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 @pytest.mark.parametrize(

@@ -194,7 +194,7 @@ def put_recyclable(table: StoreTable, key: str, value: bytes, spares: Spares) ->
 def test_a_replaced_store_value_becomes_a_spare_for_its_sender(
     table: StoreTable, size: int, spare: bool
 ) -> None:
-    spares = Spares()
+    spares = Spares(refill=lambda: None)
     try:
         put_recyclable(table, "k", b"a" * size, spares)
         inode = os.fstat(table._data["k"].fd).st_ino
