@@ -54,7 +54,7 @@ Hook = Callable[[], None]
 
 @dataclass(slots=True)
 class Blob:
-    """One encoded value: an inline pickle, or a descriptor of a sealed memfd."""
+    """One encoded value: an inline pickle, or a descriptor of a memfd."""
 
     enc: bytes | tuple[Any, ...]
     """Inline pickle bytes, or `("fd", kind, size, layout, generation)` for a memfd value

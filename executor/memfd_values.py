@@ -137,10 +137,15 @@ class Spares:
 
     def add(self, fd: int) -> None:
         size = os.fstat(fd).st_size
+        dropped = []
         with self._lock:
             self._pool.append((fd, size))
-            dropped = over_limit(self._pool, lambda spare: spare[1])
-        for old, _ in dropped:
+            total = sum(size for _, size in self._pool)
+            while len(self._pool) > SPARES_MAX or total > SPARES_MAX_BYTES:
+                old, old_size = self._pool.pop(0)
+                total -= old_size
+                dropped.append(old)
+        for old in dropped:
             os.close(old)
 
     def take(self, need: int) -> int | None:
@@ -159,17 +164,6 @@ class Spares:
             pool, self._pool = self._pool, []
         for fd, _ in pool:
             os.close(fd)
-
-
-def over_limit(pool: list[T], size_of: Callable[[T], int]) -> list[T]:
-    """Remove and return the oldest entries of ``pool`` beyond SPARES_MAX / _BYTES."""
-    total = sum(size_of(entry) for entry in pool)
-    dropped: list[T] = []
-    while pool and (len(pool) > SPARES_MAX or total > SPARES_MAX_BYTES):
-        entry = pool.pop(0)
-        total -= size_of(entry)
-        dropped.append(entry)
-    return dropped
 
 
 def _new() -> int:
