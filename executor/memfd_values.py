@@ -19,6 +19,7 @@ out of another thread's read.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
@@ -55,11 +56,22 @@ def sealed(parts: Sequence[Any]) -> int:
     fd = _new()
     try:
         _write(fd, parts)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        _seal(fd)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _seal(fd: int) -> None:
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except OSError as exc:
+        # EBUSY: the kernel waited ~150 ms for passing references to the pages to go
+        # (seen while a profiler sampled the process); the seals only guard against a
+        # write that nothing makes, so the value goes unsealed rather than failing.
+        if exc.errno != errno.EBUSY:
+            raise
 
 
 def recyclable(parts: Sequence[Any], size: int, spares: Spares) -> tuple[int, int]:

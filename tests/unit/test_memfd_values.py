@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import os
@@ -126,5 +127,20 @@ def test_sealed_values_need_no_generation() -> None:
         assert read(fd, 0, MIB) == b"a" * MIB
         with pytest.raises(PermissionError):
             os.pwrite(fd, b"!", HEADER)
+    finally:
+        os.close(fd)
+
+
+def test_a_value_the_kernel_refuses_to_seal_goes_unsealed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def busy(fd: int, command: int, arg: int = 0) -> int:
+        if command == fcntl.F_ADD_SEALS:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        return real(fd, command, arg)
+
+    real = fcntl.fcntl
+    monkeypatch.setattr(fcntl, "fcntl", busy)
+    fd = memfd_values.sealed([b"a" * MIB])
+    try:
+        assert read(fd, 0, MIB) == b"a" * MIB
     finally:
         os.close(fd)
