@@ -108,11 +108,19 @@ def read(fd: int, generation: int, copy: Callable[[], T]) -> T:
     with _local:
         fcntl.lockf(fd, fcntl.LOCK_SH)
         try:
-            if _GEN.unpack(os.pread(fd, _GEN.size, 0))[0] != generation:
-                raise Recycled
-            return copy()
+            _check(fd, generation)
+            data = copy()
+            # again after the copy: closing any other descriptor of this memfd in this
+            # process drops the lock (POSIX), and a writer bumps the generation first
+            _check(fd, generation)
+            return data
         finally:
             fcntl.lockf(fd, fcntl.LOCK_UN)
+
+
+def _check(fd: int, generation: int) -> None:
+    if _GEN.unpack(os.pread(fd, _GEN.size, 0))[0] != generation:
+        raise Recycled
 
 
 def read_bytes(fd: int, size: int) -> bytes:
@@ -190,7 +198,7 @@ def _rewrite(fd: int, parts: Sequence[Any]) -> int:
         return 0
     try:
         generation: int = _GEN.unpack(os.pread(fd, _GEN.size, 0))[0] + 1
-        os.pwrite(fd, _GEN.pack(generation), 0)
+        os.pwrite(fd, _GEN.pack(generation), 0)  # before the value: see read()
         _write(fd, parts)
     finally:
         fcntl.lockf(fd, fcntl.LOCK_UN)

@@ -144,3 +144,20 @@ def test_a_value_the_kernel_refuses_to_seal_goes_unsealed(monkeypatch: pytest.Mo
         assert read(fd, 0, MIB) == b"a" * MIB
     finally:
         os.close(fd)
+
+
+def test_a_value_rewritten_while_it_is_copied_is_not_returned(spares: Spares) -> None:
+    """A reader's lock is gone once its process closes another descriptor of the memfd
+    (POSIX): a writer may then strike mid-copy, and its generation bump tells."""
+    fd, generation = written(b"a" * MIB, spares)
+
+    def copy_during_a_write() -> bytes:
+        data = memfd_values.read_bytes(fd, MIB)
+        os.pwrite(fd, (generation + 1).to_bytes(8, "little"), 0)
+        return data
+
+    try:
+        with pytest.raises(Recycled):
+            memfd_values.read(fd, generation, copy_during_a_write)
+    finally:
+        os.close(fd)
