@@ -12,9 +12,9 @@ spare (`Spares`), and that process's next big write goes into its pages.
 A reader may still hold a recycled memfd: the services sent it before the value was
 replaced. The header holds a generation that a writer bumps under an exclusive POSIX
 lock on the file; a reply names the generation it sent, and `read` copies under a
-shared lock once the generation matches, or raises `Recycled` (ask again). POSIX locks
-belong to a process, not to a thread, so a process-wide lock keeps one thread's write
-out of another thread's read.
+shared lock, checking the generation before and after, or raises `Recycled` (ask
+again). POSIX locks belong to a process, not to a thread, so a process-wide lock keeps
+one thread's write out of another thread's read.
 """
 
 from __future__ import annotations
