@@ -26,7 +26,7 @@ HEARTBEAT_S = 2
 
 TARGETS = [
     pytest.param("x86_64-linux", id="x86_64"),
-    # its first test may build the arm64 base under qemu-user (~45 min here) before the
+    # its first test may build the arm64 base under qemu-user (10-45 min here) before the
     # bake and two boots under TCG
     pytest.param(
         "aarch64-linux", id="aarch64", marks=[pytest.mark.slow, pytest.mark.timeout(3 * 3600)]
