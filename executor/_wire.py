@@ -583,14 +583,8 @@ class Connection:
         if self._fork != _forks or self._closed or not self._calls.acquire(blocking=False):
             return
         try:
-            while True:
-                frame = self._reader.next()
-                if frame is not None:
-                    self._route(*frame)
-                elif self._poll.poll(0):
-                    self._receive()
-                else:
-                    return
+            while (frame := self._read_frame(0)) is not None:
+                self._route(*frame)
         except ServiceError:
             return  # gone: the next call says so
         finally:
