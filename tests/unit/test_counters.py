@@ -14,18 +14,14 @@ from executor import counters
 from executor.counters import Counters
 from executor.sharedmem import digest as key_digest
 from executor.store import StoreTable
+from tests.shared_tables import second_mapping
 
 pytestmark = pytest.mark.skipif(not counters.available(), reason="needs glibc robust mutexes")
 
 
 @pytest.fixture
 def table() -> Iterator[Counters]:
-    fd, owner = Counters.create()
-    try:
-        yield Counters(fd)  # a second mapping, as a worker process has
-    finally:
-        os.close(fd)
-    del owner
+    yield from second_mapping(Counters.create, Counters)
 
 
 def test_entries_count_and_retire(table: Counters) -> None:

@@ -10,18 +10,14 @@ import pytest
 from executor import board
 from executor.board import Board, ParkedWait
 from executor.sharedmem import digest
+from tests.shared_tables import second_mapping
 
 pytestmark = pytest.mark.skipif(not board.available(), reason="needs glibc semaphores")
 
 
 @pytest.fixture
 def wait_board() -> Iterator[Board]:
-    fd, owner = board.create()
-    try:
-        yield Board(fd)  # a second mapping, as a client process has
-    finally:
-        os.close(fd)
-    del owner
+    yield from second_mapping(board.create, Board)
 
 
 def parked(wait_board: Board, topic: str) -> ParkedWait:
