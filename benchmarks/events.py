@@ -36,8 +36,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from executor.events import Events, Subscription  # noqa: E402
-from executor.services import RunServices, connect  # noqa: E402
+from executor.services.events import Events, Subscription  # noqa: E402
+from executor.services.server import RunServices, connect  # noqa: E402
 
 CTX = multiprocessing.get_context("fork")
 WARMUP = 20

@@ -11,7 +11,7 @@ flatter its figure:
 - wide: N independent tasks on 2 workers; tasks/s = N / (last end - first start).
 - pipe: the physical floor, a 1-byte round trip between two processes over os.pipe.
 
-Systems: this executor (executor.engine.run, 2 workers, log capture and lifecycle
+Systems: this executor (executor.engine.manager.run, 2 workers, log capture and lifecycle
 events on), concurrent.futures.ProcessPoolExecutor, multiprocessing.Pool and, when it
 is installed, Dask's local multiprocessing scheduler. Rounds interleave the systems;
 the summary prints medians over rounds and ratios.
@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from executor.engine import RunConfig, run  # noqa: E402
+from executor.engine.manager import RunConfig, run  # noqa: E402
 from executor.pipeline import load_pipeline  # noqa: E402
 
 WORKERS = 2

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from executor.engine import RunConfig, run  # noqa: E402
+from executor.engine.manager import RunConfig, run  # noqa: E402
 from executor.pipeline import load_pipeline  # noqa: E402
 
 TASK_SOURCE = """

@@ -12,7 +12,7 @@ atomic, two round trips), which flatters the peer. A bare Python echo over AF_UN
 send, one recv, no work) runs alongside as the floor: what one round trip costs here now.
 Then the set-then-get round trip of a 1 MiB and a 16 MiB bytes value, median over
 many repetitions, for the executor and the Manager dict. The clients stand in for task
-code, so this process runs with a worker's malloc settings (executor/malloc.py), which
+code, so this process runs with a worker's malloc settings (executor/engine/malloc.py), which
 the Manager dict's client, in the same process, gets as well. The executor answers a
 process's read of its own write from that process's memory; so the same size is also
 handed over: set here, get in another process (a round trip through the services).
@@ -43,8 +43,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from executor.malloc import keep_freed_memory  # noqa: E402
-from executor.services import RunServices, connect  # noqa: E402
+from executor.engine.malloc import keep_freed_memory  # noqa: E402
+from executor.services.server import RunServices, connect  # noqa: E402
 
 VALUE = {"id": 12345, "name": "x" * 64, "tags": ["a", "b"]}
 """A small, typical value (~120 bytes pickled)."""

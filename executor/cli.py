@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from executor import __version__
-from executor._wire import ServiceError
 from executor.pipeline import PipelineError, load_pipeline
+from executor.services.wire import ServiceError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from executor import settings
-    from executor.engine import RunConfig, run
+    from executor.engine.manager import RunConfig, run
 
     try:
         node_id = settings.check_id("--node-id", args.node_id or settings.node_id())

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from executor.events import Events
-from executor.store import Store
+from executor.services.events import Events
+from executor.services.store import Store
 
 
 @dataclass(slots=True)  # built for every task: keep it cheap

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import pytest
 
 from executor.pipeline import load_pipeline
-from imagefactory.bake import BakeOptions, bake
+from imagefactory.bake.vm import BakeOptions, bake
 from imagefactory.stages import Stages
 from imagefactory.targets import get_target
 

@@ -33,7 +33,7 @@ from executor.agent.heartbeat import Heartbeats
 from executor.agent.master import Master, Refused
 from executor.agent.reportlog import log_for_report
 from executor.agent.runner import run_pipeline
-from executor.combined_log import CombinedLog
+from executor.engine.combined_log import CombinedLog
 from executor.pipeline import PipelineError
 from executor.timefmt import now
 

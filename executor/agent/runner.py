@@ -8,16 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from executor import engine
 from executor.agent.config import AgentConfig
-from executor.combined_log import CombinedLog
+from executor.engine import manager
+from executor.engine.combined_log import CombinedLog
 from executor.pipeline import load_pipeline
 
 GRACE_S = 5.0
 
 
 def run_pipeline(
-    config: AgentConfig, source: Path, log_path: Path, on_progress: engine.ProgressCallback
+    config: AgentConfig, source: Path, log_path: Path, on_progress: manager.ProgressCallback
 ) -> dict[str, Any]:
     """Run the pipeline at `source`; raises PipelineError if it is invalid."""
     run = config.run
@@ -25,7 +25,7 @@ def run_pipeline(
         combined.executor(f"agent: node {run.node_id} run {run.run_id} pipeline {source}")
     pipeline = load_pipeline(source)
     on_progress(0, len(pipeline.tasks))
-    run_config = engine.RunConfig(
+    run_config = manager.RunConfig(
         workers=run.workers,
         run_id=run.run_id,
         node_id=run.node_id,
@@ -33,5 +33,5 @@ def run_pipeline(
         results_path=config.run_dir / "results.json",
         grace_s=GRACE_S,
     )
-    results: dict[str, Any] = engine.run(pipeline, run_config, on_progress)
+    results: dict[str, Any] = manager.run(pipeline, run_config, on_progress)
     return results

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_PORT = 8750
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-
-
-def default_state_dir() -> Path:
-    """Where the default database and secret files live: $XDG_STATE_HOME/imagefactory."""
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "imagefactory"
 
 
 def database_url(db: str) -> str:

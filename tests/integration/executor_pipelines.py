@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from executor.engine import RunConfig, run
+from executor.engine.manager import RunConfig, run
 from executor.pipeline import load_pipeline
 
 TASK_CODE = r'''
@@ -185,7 +185,7 @@ def make_pipeline(root: Path, tasks: list[dict[str, Any]], name: str = "test") -
 def run_pipeline(
     path: Path, workdir: Path, workers: int = 2, **config: Any
 ) -> tuple[dict[str, Any], str]:
-    """Run in this process through executor.engine; return the results and the log text."""
+    """Run in this process through executor.engine.manager; return the results and the log text."""
     log_path = workdir / "combined.log"
     run_config = RunConfig(
         workers=workers,

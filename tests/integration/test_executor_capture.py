@@ -6,7 +6,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from executor.combined_log import CombinedLog
+from executor.engine.combined_log import CombinedLog
 from tests.integration.executor_pipelines import make_pipeline, run_pipeline, task
 
 LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z (executor|task:\S+) (out|err|log) (.*)")

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from executor.engine import RunConfig, run
-from executor.malloc import MMAP_THRESHOLD
+from executor.engine.malloc import MMAP_THRESHOLD
+from executor.engine.manager import RunConfig, run
 from executor.pack import pack
 from executor.pipeline import load_pipeline
 from tests.integration.executor_pipelines import (

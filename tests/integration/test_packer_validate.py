@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from imagefactory import packer
-from imagefactory.cli import main
+from imagefactory.bake import packer
+from imagefactory.cli.main import main
 from imagefactory.run import CommandError
 from imagefactory.targets import target_names
 

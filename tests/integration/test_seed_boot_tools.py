@@ -16,14 +16,14 @@ from pathlib import Path
 import click
 import pytest
 
-from imagefactory import libvirt_backend, qemu
+from imagefactory.boot import libvirt_backend, qemu
 from imagefactory.targets import get_target
 
 
 def vm_config(tmp_path: Path, target: str) -> qemu.VmConfig:
     fw = None
     if target == "aarch64-linux":
-        fw = qemu.Firmware(code=tmp_path / "CODE.fd", vars=tmp_path / "vars.fd")
+        fw = qemu.PflashPair(code=tmp_path / "CODE.fd", vars=tmp_path / "vars.fd")
     return qemu.VmConfig(
         name=f"fleetbake-test-{target}",
         target=get_target(target),
@@ -126,7 +126,7 @@ def relay_exchange(port: int, payload: bytes) -> tuple[bytes, int]:
     guest, relay_end = socket.socketpair()
     with guest, relay_end:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "imagefactory.relay", "127.0.0.1", str(port)],
+            [sys.executable, "-m", "imagefactory.boot.relay", "127.0.0.1", str(port)],
             stdin=relay_end.fileno(),
             stdout=relay_end.fileno(),
         )

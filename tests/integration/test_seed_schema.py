@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imagefactory import seed
+from imagefactory.boot import seed
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJzR7LL/Ue0FjAugj3CGe8cgKqg4LrDTq1GCTlDzTOAB me@host"
 

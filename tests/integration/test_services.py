@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from executor import sharedmem
-from executor._wire import ServiceError, close_all, load
-from executor.events import Events
-from executor.memfd_values import Recycled
-from executor.services import RunServices, connect
-from executor.store import Store
+from executor.services import sharedmem
+from executor.services.events import Events
+from executor.services.memfd_values import Recycled
+from executor.services.server import RunServices, connect
+from executor.services.store import Store
+from executor.services.wire import ServiceError, close_all, load
 
 START_METHODS = ["fork", "forkserver"]
 """The multiprocessing start methods the worker-side tests run under."""
@@ -673,7 +673,7 @@ def _wait_forever(address: str) -> None:
 
 MANAGER = """
 import sys, time
-from executor.services import RunServices
+from executor.services.server import RunServices
 svc = RunServices("orphan")
 svc.start()
 print(svc.pid, svc.address, flush=True)

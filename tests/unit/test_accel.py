@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from imagefactory import accel
+from imagefactory.host import accel
 from imagefactory.targets import get_target
 
 X86 = get_target("x86_64-linux")

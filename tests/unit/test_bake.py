@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from imagefactory import bake as bake_mod
-from imagefactory import doctor, packer
-from imagefactory.cli import main
-from imagefactory.cmd_bake import resolve_targets
+from imagefactory.bake import packer
+from imagefactory.bake import vm as bake_mod
+from imagefactory.cli.bake import resolve_targets
+from imagefactory.cli.main import main
 from imagefactory.errors import UserError
+from imagefactory.host import doctor
 from imagefactory.targets import target_names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,8 +95,8 @@ def test_missing_host_tools_give_the_doctor_hint(
 
 
 def test_given_base_must_match_its_sha256(tmp_path: Path) -> None:
-    from imagefactory.base import given_base
-    from imagefactory.cache import BaseCache
+    from imagefactory.bake.base import given_base
+    from imagefactory.bake.cache import BaseCache
     from imagefactory.stages import Stages
 
     image = tmp_path / "cloud.qcow2"
@@ -148,7 +149,7 @@ def test_compress_argv(fmt: str, argv: list[str]) -> None:
 @pytest.fixture
 def offline_bake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """bake() with the host checks, base and Packer replaced; qemu-img stays real."""
-    from imagefactory.base import BaseImage
+    from imagefactory.bake.base import BaseImage
 
     base = tmp_path / "base.qcow2"
     subprocess.run(["qemu-img", "create", "-f", "qcow2", base, "16M"], check=True,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from imagefactory import base, bootdisk, guestconfig
-from imagefactory.cache import BaseCache
+from imagefactory.bake import base, bootdisk, guestconfig
+from imagefactory.bake.cache import BaseCache
 from imagefactory.errors import UserError
 from imagefactory.targets import TARGETS, Target, get_target
 
@@ -163,7 +163,7 @@ def test_prune_keeps_the_most_recently_used(tmp_path: Path) -> None:
 def test_cache_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    from imagefactory.cli import main
+    from imagefactory.cli.main import main
 
     monkeypatch.setenv("IMAGEFACTORY_CACHE", str(tmp_path))
     runner = CliRunner()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imagefactory import bootdisk
+from imagefactory.bake import bootdisk
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("sfdisk", "mkfs.ext4", "mkfs.fat", "mcopy", "debugfs")),

@@ -10,7 +10,7 @@ import click
 import httpx
 import pytest
 
-from imagefactory import console, nodestate, waiting
+from imagefactory.boot import console, nodestate, waiting
 
 
 def test_status_is_found_inside_noisy_lines() -> None:

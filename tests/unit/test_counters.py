@@ -1,4 +1,4 @@
-"""The shared-memory counter table (executor/counters.py) and how StoreTable uses it."""
+"""The shared-memory counter table (executor/services/counters.py) and how StoreTable uses it."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from executor import counters
-from executor.counters import Counters
-from executor.sharedmem import digest as key_digest
-from executor.store import StoreTable
+from executor.services import counters
+from executor.services.counters import Counters
+from executor.services.sharedmem import digest as key_digest
+from executor.services.store import StoreTable
 from tests.shared_tables import second_mapping
 
 pytestmark = pytest.mark.skipif(not counters.available(), reason="needs glibc robust mutexes")

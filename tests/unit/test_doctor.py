@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from imagefactory import doctor
-from imagefactory.cli import main
+from imagefactory.cli.main import main
 from imagefactory.errors import UserError
+from imagefactory.host import doctor
 from imagefactory.targets import get_target
 
 X86 = get_target("x86_64-linux")
@@ -76,7 +76,7 @@ def test_doctor_on_this_host_lists_every_check(no_kvm_probe: None) -> None:
 def test_targets_command_reports_build_boot_and_accelerator(
     monkeypatch: pytest.MonkeyPatch, no_kvm_probe: None
 ) -> None:
-    from imagefactory import accel
+    from imagefactory.host import accel
 
     monkeypatch.setattr(accel, "kvm_status", lambda t: (False, "test: no KVM"))
     result = CliRunner().invoke(main, ["targets", "--json"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from imagefactory import libvirt_backend, qemu
+from imagefactory.boot import libvirt_backend, qemu
 from imagefactory.targets import get_target
 
 Q = {"qemu": libvirt_backend.QEMU_NS}
@@ -83,7 +83,7 @@ def test_kvm_passes_the_host_cpu_through() -> None:
 
 
 def test_aarch64_uefi_and_cpu_properties() -> None:
-    fw = qemu.Firmware(code=Path("/fw/CODE.fd"), vars=Path("/s/n-1/vars.fd"))
+    fw = qemu.PflashPair(code=Path("/fw/CODE.fd"), vars=Path("/s/n-1/vars.fd"))
     root = parse(config("aarch64-linux", firmware=fw))
     loader = root.find("os/loader")
     assert loader is not None and loader.text == "/fw/CODE.fd"

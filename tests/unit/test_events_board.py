@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from executor._wire import encode
-from executor.events import Delivery, TopicBoard
+from executor.services.events import Delivery, TopicBoard
+from executor.services.wire import encode
 
 
 def publish(

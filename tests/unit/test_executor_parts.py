@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from executor import contention, settings
-from executor.combined_log import MAX_LINE, CombinedLog, LineSplitter
-from executor.framing import FrameReader, frame
+from executor.engine.combined_log import MAX_LINE, CombinedLog, LineSplitter
+from executor.engine.framing import PipeFrameReader, frame
+from executor.engine.results import write_results
+from executor.engine.worker import _Inbox
 from executor.pack import pack
 from executor.pipeline import PipelineError, load_pipeline
-from executor.results import write_results
 from executor.timefmt import rfc3339, rfc3339_or_none
-from executor.worker import _Inbox
 
 
 @pytest.mark.parametrize(
@@ -131,7 +131,7 @@ def test_write_results_is_atomic_json(tmp_path: Path) -> None:
 
 def test_frame_reader_reassembles_split_and_joined_frames() -> None:
     data = frame(("a", 1)) + frame(None) + frame({"big": "x" * 100_000})
-    reader = FrameReader()
+    reader = PipeFrameReader()
     messages = []
     for start in range(0, len(data), 7_000):
         messages += reader.feed(data[start : start + 7_000])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from executor.engine.scheduler import DagState
 from executor.pipeline import Pipeline, Task
-from executor.scheduler import DagState
 
 
 def _pipeline(*specs: tuple[str, tuple[str, ...], int, str]) -> Pipeline:

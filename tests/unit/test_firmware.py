@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imagefactory.firmware import find_uefi
+from imagefactory.host.firmware import find_uefi
 
 
 def descriptor(d: Path, name: str, arch: str, code: Path, features: list[str] | None = None,

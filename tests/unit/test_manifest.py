@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from imagefactory import manifest
-from imagefactory.artifacts import Artifacts
-from imagefactory.base import BaseImage
+from imagefactory.bake import manifest
+from imagefactory.bake.artifacts import Artifacts
+from imagefactory.bake.base import BaseImage
 from imagefactory.errors import UserError
 from imagefactory.targets import get_target
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from executor import memfd_values
-from executor.memfd_values import HEADER, SPARES_MAX, SPARES_MAX_BYTES, Recycled, Spares
+from executor.services import memfd_values
+from executor.services.memfd_values import HEADER, SPARES_MAX, SPARES_MAX_BYTES, Recycled, Spares
 from tests.descriptors import is_open
 
 MIB = 1 << 20

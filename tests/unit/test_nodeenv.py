@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import pytest
 
-from imagefactory import nodeenv
+from imagefactory.boot import nodeenv
 
 HOSTILE = [
     "plain",

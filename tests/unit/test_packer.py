@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from imagefactory import packer
+from imagefactory.bake import packer
 from imagefactory.errors import UserError
 from imagefactory.stages import Stages
 from tests.processes import process_alive
@@ -116,7 +116,7 @@ wait
         # Ctrl-C as in a terminal: a test run started in the background (`... &`)
         # passes SIGINT down ignored, and Python then installs no handler for it.
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-        "from imagefactory import packer\n"
+        "from imagefactory.bake import packer\n"
         "from imagefactory.stages import Stages\n"
         f"packer.build(pathlib.Path({str(tmp_path / 'hcl')!r}), "
         f"pathlib.Path({str(tmp_path / 'packer.log')!r}), Stages(sys.stderr))\n"

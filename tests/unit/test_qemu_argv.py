@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import pytest
 
-from imagefactory import qemu
+from imagefactory.boot import qemu
 from imagefactory.targets import get_target
 
 
@@ -65,7 +65,7 @@ def test_kvm_uses_the_host_cpu() -> None:
 
 
 def test_aarch64_gets_uefi_pflash_and_its_extra_args() -> None:
-    fw = qemu.Firmware(code=Path("/fw/CODE.fd"), vars=Path("/s/n-1/vars.fd"))
+    fw = qemu.PflashPair(code=Path("/fw/CODE.fd"), vars=Path("/s/n-1/vars.fd"))
     argv = qemu.qemu_argv(config("aarch64-linux", firmware=fw))
     assert argv[0] == "qemu-system-aarch64"
     assert values(argv, "-machine") == ["virt"]
@@ -120,7 +120,7 @@ def test_guestfwd_runs_the_relay_per_connection() -> None:
     assert shlex.split(rules[4][len(prefix) :]) == [
         sys.executable,
         "-m",
-        "imagefactory.relay",
+        "imagefactory.boot.relay",
         "127.0.0.1",
         "8080",
     ]

@@ -10,8 +10,8 @@ import hcl2
 import pytest
 from hcl2.utils import SerializationOptions
 
-from imagefactory import render as r
-from imagefactory.firmware import Firmware
+from imagefactory.bake import render as r
+from imagefactory.host.firmware import Firmware
 from imagefactory.targets import TARGETS, Target, get_target
 
 X86 = get_target("x86_64-linux")

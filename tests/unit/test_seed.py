@@ -10,8 +10,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from imagefactory import nodeenv, seed
-from imagefactory.cli import main
+from imagefactory.boot import nodeenv, seed
+from imagefactory.cli.main import main
 from imagefactory.tokens import node_token
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJzR7LL/Ue0FjAugj3CGe8cgKqg4LrDTq1GCTlDzTOAB me@host"

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from imagefactory import boot, cmd_boot, nodestate
-from imagefactory.cli import main
+from imagefactory.boot import launch, nodestate
+from imagefactory.cli import boot as cmd_boot
+from imagefactory.cli.main import main
 
 
 @pytest.fixture(autouse=True)
@@ -19,8 +20,8 @@ def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_count_fans_out_node_and_run_ids() -> None:
-    assert boot.node_ids("n", 1) == ["n"]
-    assert boot.node_ids("n", 3) == ["n-1", "n-2", "n-3"]
+    assert launch.node_ids("n", 1) == ["n"]
+    assert launch.node_ids("n", 3) == ["n-1", "n-2", "n-3"]
     assert cmd_boot.run_ids("R", 1) == ["R"]
     assert cmd_boot.run_ids("R", 2) == ["R-1", "R-2"]
     generated = cmd_boot.run_ids(None, 2)
@@ -28,7 +29,7 @@ def test_count_fans_out_node_and_run_ids() -> None:
 
 
 def test_free_ports_are_distinct() -> None:
-    ports = boot.free_ports(5)
+    ports = launch.free_ports(5)
     assert len(set(ports)) == 5 and all(p > 0 for p in ports)
 
 
@@ -42,7 +43,7 @@ def test_image_target_comes_from_the_manifest(tmp_path: Path) -> None:
 
 def test_find_image_accepts_a_bake_output_directory(tmp_path: Path) -> None:
     (tmp_path / "x.qcow2").touch()
-    assert boot.find_image(tmp_path) == tmp_path / "x.qcow2"
+    assert launch.find_image(tmp_path) == tmp_path / "x.qcow2"
 
 
 def invoke(*args: str) -> tuple[int, str]:
@@ -92,7 +93,7 @@ def test_a_stale_record_of_a_dead_node_is_cleared(state_home: Path) -> None:
             pid=1,  # alive, but not QEMU: treated as gone
         )
     )
-    assert boot.claim_workdir("n") == workdir  # a stale record is cleared
+    assert launch.claim_workdir("n") == workdir  # a stale record is cleared
     assert not (workdir / nodestate.RECORD).exists()
 
 

@@ -13,7 +13,7 @@ import paramiko
 import pytest
 from paramiko.common import AUTH_FAILED, AUTH_SUCCESSFUL, OPEN_SUCCEEDED
 
-from imagefactory import nodestate, ssh
+from imagefactory.boot import nodestate, ssh
 
 HOST_KEY = paramiko.ECDSAKey.generate(bits=256)
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from executor._wire import BIG_VALUE, Blob, decode, encode, same_value
-from executor.memfd_values import HEADER, SPARES_MAX_BYTES, Spares
-from executor.store import StoreTable
+from executor.services.memfd_values import HEADER, SPARES_MAX_BYTES, Spares
+from executor.services.store import StoreTable
+from executor.services.wire import BIG_VALUE, Blob, decode, encode, same_value
 
 
 def request(table: StoreTable, op: str, *args: Any, blobs: tuple[Blob, ...] = ()) -> Any:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from executor._wire import Blob
-from executor.value_cache import MAX_BYTES, MISS, ValueCache
+from executor.services.value_cache import MAX_BYTES, MISS, ValueCache
+from executor.services.wire import Blob
 from tests.descriptors import is_open
 
 

@@ -1,4 +1,4 @@
-"""The wait board (executor/board.py) in one process: parking, hand-off, token rules."""
+"""The wait board (executor/services/board.py) in one process: parking, hand-off, token rules."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from executor import board
-from executor.board import Board, ParkedWait
-from executor.sharedmem import digest
+from executor.services import board
+from executor.services.board import Board, ParkedWait
+from executor.services.sharedmem import digest
 from tests.shared_tables import second_mapping
 
 pytestmark = pytest.mark.skipif(not board.available(), reason="needs glibc semaphores")
@@ -76,8 +76,8 @@ def test_the_bell_wakes_a_sleeper_and_park_drops_old_rings(wait_board: Board) ->
 
 
 def test_slots_run_out_instead_of_being_reused(wait_board: Board) -> None:
-    slots = [wait_board.assign() for _ in range(board.SLOTS - 1)]
-    assert slots == list(range(1, board.SLOTS))
+    slots = [wait_board.assign() for _ in range(board.BOARD_SLOTS - 1)]
+    assert slots == list(range(1, board.BOARD_SLOTS))
     assert wait_board.assign() == -1
 
 

@@ -15,10 +15,10 @@ import pytest
 
 from executor.pack import pack
 from executor.pipeline import load_pipeline
-from imagefactory.artifacts import GUEST_PIPELINE
-from imagefactory.bootdisk import SECTOR, Layout
-from imagefactory.cache import sha256_file
-from imagefactory.firmware import find_uefi
+from imagefactory.bake.artifacts import GUEST_PIPELINE
+from imagefactory.bake.bootdisk import SECTOR, Layout
+from imagefactory.bake.cache import sha256_file
+from imagefactory.host.firmware import find_uefi
 from tests.baking import BakedImage
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from imagefactory import nodestate, ssh
+from imagefactory.boot import nodestate, ssh
 from tests.baking import BakedImage
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]

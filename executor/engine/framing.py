@@ -1,0 +1,74 @@
+"""Length-prefixed pickles on raw pipes: the manager-worker wire, one write per message.
+
+A frame is a 4-byte big-endian length and a pickle (protocol 5). Reading goes through
+PipeFrameReader, which takes whatever one os.read() returned and yields the complete
+messages in it, so a reader needs one system call per batch of messages, not two per
+message as with multiprocessing.Connection.recv_bytes().
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+from typing import Any
+
+_HEADER = struct.Struct("!I")
+_READ_SIZE = 64 * 1024
+
+
+def frame(message: Any) -> bytes:
+    """``message`` as one frame."""
+    payload = pickle.dumps(message, protocol=5)
+    return _HEADER.pack(len(payload)) + payload
+
+
+def write_frame(fd: int, data: bytes) -> None:
+    """Write a whole frame to a blocking pipe."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class PipeFrameReader:
+    """Cuts a byte stream into messages."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    @property
+    def empty(self) -> bool:
+        """No partial frame is waiting for more bytes."""
+        return not self._buffer
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Add ``data``; return the messages completed by it, in order."""
+        buffer = self._buffer
+        buffer += data
+        messages = []
+        start = 0
+        while len(buffer) - start >= 4:
+            (size,) = _HEADER.unpack_from(buffer, start)
+            end = start + 4 + size
+            if len(buffer) < end:
+                break
+            messages.append(pickle.loads(memoryview(buffer)[start + 4 : end]))
+            start = end
+        if start:
+            del buffer[:start]
+        return messages
+
+
+def read_message(fd: int, reader: PipeFrameReader, pending: list[Any]) -> Any:
+    """The next message from a blocking pipe (``pending`` holds ones read ahead).
+
+    Raises EOFError when the writer has closed the pipe.
+    """
+    while not pending:
+        data = os.read(fd, _READ_SIZE)
+        if not data:
+            raise EOFError("the pipe was closed")
+        pending.extend(reader.feed(data))
+    return pending.pop(0)

@@ -1,0 +1,125 @@
+"""`imagefactory bake`, as a script of steps:
+
+    check_host ─► build_artifacts (validates the pipeline first) ─► base (cached) ─► render
+      ─► packer build ─► compress ─► manifest + SHA256SUMS ─► publish (atomic rename)
+
+Everything happens in a scratch directory next to the output (same filesystem), which
+becomes OUTPUT/TARGET only when every step has succeeded. An interruption or failure
+kills the build VM (via Packer's process group) and removes the scratch directory;
+only Packer's log is kept, as OUTPUT/TARGET.packer.log, when the build failed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imagefactory.bake import manifest, packer
+from imagefactory.bake.artifacts import build_artifacts
+from imagefactory.bake.base import BaseSpec, build_base, given_base
+from imagefactory.bake.cache import BaseCache, sha256_file
+from imagefactory.bake.render import RenderConfig, render
+from imagefactory.host.accel import pick_accelerator
+from imagefactory.host.doctor import require
+from imagefactory.host.firmware import find_uefi
+from imagefactory.run import run
+from imagefactory.stages import Stages
+from imagefactory.targets import Target
+
+
+@dataclass(frozen=True)
+class BakeOptions:
+    target: Target
+    pipeline: Path
+    output: Path
+    """The image goes to `output/<target>/`."""
+    image_format: str = "qcow2"
+    """qcow2 (compressed) or raw."""
+    disk_size: str | None = None
+    """Virtual disk size; None: the target's default."""
+    mirror: str | None = None
+    """Debian mirror for the base; None: the host's apt sources."""
+    base_image: str | None = None
+    """Path or URL of a ready base qcow2 (e.g. Debian genericcloud) instead of building one."""
+    base_sha256: str | None = None
+    """Required with base_image."""
+    cache_dir: Path | None = None
+    """Base image cache root; None: the default (see paths.cache_root)."""
+
+
+@dataclass(frozen=True)
+class BakeResult:
+    dir: Path
+    image: Path
+    manifest: dict[str, Any]
+
+
+def compress_argv(source: Path, dest: Path, image_format: str) -> list[str]:
+    """qcow2 output is compressed with zstd (QEMU >= 5.1 reads it; faster and smaller
+    than zlib), dropping zeros and unused clusters; raw is sparse."""
+    compress = ["-c", "-o", "compression_type=zstd"] if image_format == "qcow2" else []
+    return ["qemu-img", "convert", *compress, "-O", image_format, str(source), str(dest)]
+
+
+def publish(scratch: Path, final: Path) -> None:
+    """Replace `final` by `scratch` with renames only, so readers never see a mix."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{time.time_ns()}")
+        final.rename(old)
+    scratch.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def bake(opts: BakeOptions, stages: Stages) -> BakeResult:
+    target = opts.target
+    started = time.monotonic()
+    require(target)
+    opts.output.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-build-", dir=opts.output))
+    # Outside the scratch directory, so that it survives a failed build.
+    packer_log = opts.output / f"{target.name}.packer.log"
+    packer_log.unlink(missing_ok=True)
+    try:
+        with stages.stage("artifacts", "executor bundle and pipeline archive"):
+            arts = build_artifacts(opts.pipeline, work / "artifacts")
+        cache = BaseCache(opts.cache_dir)
+        if opts.base_image:
+            base = given_base(opts.base_image, opts.base_sha256, cache, stages)
+        else:
+            base = build_base(BaseSpec(target, mirror=opts.mirror), cache, stages)
+        accel = pick_accelerator(target)
+        cfg = RenderConfig(
+            target, base.image, base.sha256, work, accel, find_uefi(target.arch),
+            image_format=opts.image_format, disk_size=opts.disk_size,
+        )  # fmt: skip
+        version = packer.packer_version()
+        hcl = render(cfg, version)
+        packer.build(hcl, packer_log, stages)
+        result = work / "result"
+        result.mkdir()
+        image = result / cfg.vm_name
+        with stages.stage("compress", f"{opts.image_format} image"):
+            run(compress_argv(cfg.output_directory / cfg.vm_name, image, opts.image_format))
+            shutil.rmtree(cfg.output_directory)
+        with stages.stage("manifest", "manifest.json and SHA256SUMS"):
+            sha = sha256_file(image)
+            stages.times["total"] = round(time.monotonic() - started, 1)
+            doc = manifest.build_manifest(
+                target, image, sha, arts, base, accel, version, work / "report", stages.times
+            )
+            manifest.write(result, doc, image, sha)
+        (result / "logs").mkdir()
+        shutil.move(packer_log, result / "logs" / "packer.log")
+        if cfg.console_log.exists():
+            shutil.move(cfg.console_log, result / "logs" / "console.log")
+        final = opts.output / target.name
+        publish(result, final)
+        return BakeResult(final, final / image.name, doc)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

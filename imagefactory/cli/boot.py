@@ -1,0 +1,188 @@
+"""`imagefactory boot` and `imagefactory stop`: run nodes from an image, end kept ones."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+
+from imagefactory.boot import launch, nodestate, seed
+from imagefactory.boot.waiting import check_runs
+from imagefactory.cli.node_options import NodeOptions, collect, node_options
+from imagefactory.errors import die
+from imagefactory.targets import Target, get_target, host_arch, target_names
+
+
+def image_target(image: Path, name: str | None) -> Target:
+    """--target, else the `target` in the manifest.json next to the image, else the host's."""
+    if name is not None:
+        return get_target(name)
+    manifest = image.parent / "manifest.json"
+    try:
+        recorded = json.loads(manifest.read_text(encoding="utf-8")).get("target")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    return get_target(recorded if isinstance(recorded, str) else f"{host_arch()}-linux")
+
+
+def run_ids(run_id: str | None, count: int) -> list[str]:
+    """One run per node (a run holds one report): R or R-1..R-K, else fresh UUIDs."""
+    if run_id is None:
+        return [str(uuid.uuid4()) for _ in range(count)]
+    return [run_id] if count == 1 else [f"{run_id}-{i}" for i in range(1, count + 1)]
+
+
+def fleet(node: NodeOptions, count: int, guest_master: str | None) -> list[seed.NodeVars]:
+    if node.token is not None and count > 1:
+        raise die("a --token belongs to one node", hint="with --count, give --secret-file")
+    ids = launch.node_ids(node.node_id, count)
+    return [
+        node.node_vars(i, r, guest_master)
+        for i, r in zip(ids, run_ids(node.run_id, count), strict=True)
+    ]
+
+
+def progress(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.command("boot")
+@click.argument("image", type=click.Path(path_type=Path))
+@node_options("The master's URL as the HOST sees it, e.g. http://127.0.0.1:8080.")
+@click.option(
+    "--target",
+    type=click.Choice(target_names()),
+    help="Default: from manifest.json next to the image, else the host's architecture.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(launch.BACKENDS),
+    default="qemu",
+    show_default=True,
+    help="Plain QEMU processes, or domains on libvirtd (qemu:///system).",
+)
+@click.option(
+    "--accel",
+    type=click.Choice(["auto", "kvm", "tcg"]),
+    default="auto",
+    show_default=True,
+    help="auto: KVM if a probe boot works, else TCG.",
+)
+@click.option(
+    "--wait",
+    type=click.Choice(launch.WAITS),
+    default="poweroff",
+    show_default=True,
+    help="What to wait for on every node (see docs/boot.md); with 'report', exit 1 "
+    "when a node's run did not succeed.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=1),
+    default=900.0,
+    show_default=True,
+    help="Seconds to wait; then exit 1 with the last console lines.",
+)
+@click.option("--keep", is_flag=True, help="Leave the nodes running and their files in place.")
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Boot K nodes NODE-ID-1..NODE-ID-K at once.",
+)
+@click.option("--memory", "memory_mib", type=click.IntRange(min=128), help="MiB per node.")
+@click.option("--cpus", type=click.IntRange(min=1), default=2, show_default=True, help="Per node.")
+@click.option(
+    "--admin-token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Ask the master's admin API for heartbeats and reports instead of the console.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def boot_command(
+    image: Path,
+    target: str | None,
+    backend: str,
+    accel: str,
+    wait: str,
+    timeout_s: float,
+    keep: bool,
+    count: int,
+    memory_mib: int | None,
+    cpus: int,
+    admin_token_file: Path | None,
+    as_json: bool,
+    **kwargs: Any,
+) -> None:
+    """Boot IMAGE as node(s) and wait until they are ready, report, or power off.
+
+    Each node boots from its own qcow2 overlay (the image is never modified), with a
+    NoCloud seed, isolated user-mode networking (SSH forwarded from 127.0.0.1, the
+    master forwarded into the guest), and its serial console in a log file. With
+    --count K the nodes are NODE-ID-1..NODE-ID-K. Unless --keep (or --wait none), the
+    VMs are killed and their overlays deleted on exit, Ctrl-C and timeout.
+    """
+    node = collect(kwargs)
+    image = launch.find_image(image)
+    the_target = image_target(image, target)
+    guest_master = None
+    if node.master is not None:
+        from imagefactory.boot.qemu import master_forward
+
+        guest_master = master_forward(node.master).guest_url
+    admin_token = None
+    if admin_token_file is not None:
+        from imagefactory.tokens import read_secret
+
+        admin_token = read_secret(admin_token_file)
+    nodes = fleet(node, count, guest_master)
+    if accel == "auto":
+        from imagefactory.host.accel import pick_accelerator
+
+        accel = pick_accelerator(the_target)
+    plan = launch.BootPlan(
+        image=image,
+        target=the_target,
+        backend=backend,
+        accel=accel,
+        wait=wait,
+        timeout_s=timeout_s,
+        keep=keep,
+        master_url=node.master,
+        admin_token=admin_token,
+        memory_mib=memory_mib or the_target.memory_mib,
+        cpus=cpus,
+    )
+    try:
+        booted = launch.boot(plan, nodes, progress)
+    except KeyboardInterrupt:
+        kept = plan.keeps_nodes
+        after = "the nodes keep running" if kept else "the nodes were stopped and removed"
+        raise die(f"interrupted; {after}") from None
+    summary = [n.summary() for n in booted]
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    if plan.keeps_nodes:
+        ids = " ".join(n.record.node_id for n in booted)
+        progress(f"running: imagefactory ssh NODE -- CMD; stop with: imagefactory stop {ids}")
+    if plan.wait == "report":
+        check_runs(booted)
+
+
+@click.command("stop")
+@click.argument("node_ids", nargs=-1)
+@click.option("--all", "stop_all", is_flag=True, help="Stop every node booted with --keep.")
+def stop_command(node_ids: tuple[str, ...], stop_all: bool) -> None:
+    """Stop kept nodes: kill their VMs and delete their overlays."""
+    if stop_all:
+        node_ids = tuple(nodestate.booted_nodes())
+    elif not node_ids:
+        raise die("name the nodes to stop, or give --all")
+    for node_id in node_ids:
+        record = nodestate.load(node_id)
+        launch.cleanup(record, launch.machine_of(record))
+        click.echo(f"stopped {node_id}")

@@ -1,0 +1,249 @@
+"""Commands for the core services: `serve`, and the admin CLI around it (`token`, `nodes`,
+`runs`, `report`, `logs`, `publish`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from imagefactory.client import AdminClient
+from imagefactory.paths import state_root
+from imagefactory.server.config import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_PORT,
+    LOOPBACK_HOSTS,
+    ServerConfig,
+    database_url,
+)
+from imagefactory.tokens import ensure_secret, node_token, read_secret
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+STATE = state_root()
+DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
+
+
+def file_option(name: str, default: Path, envvar: str, help: str) -> Callable[[F], F]:
+    return click.option(
+        name,
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=default,
+        show_default=True,
+        envvar=envvar,
+        help=help,
+    )
+
+
+secret_option = file_option(
+    "--secret-file",
+    STATE / "secret",
+    "IMAGEFACTORY_SECRET_FILE",
+    "Fleet secret: node tokens are HMAC-SHA256(secret, node_id).",
+)
+admin_token_option = file_option(
+    "--admin-token-file",
+    STATE / "admin-token",
+    "IMAGEFACTORY_ADMIN_TOKEN_FILE",
+    "File holding the admin token.",
+)
+
+
+def admin_options(f: F) -> F:
+    f = admin_token_option(f)
+    return click.option(
+        "--url",
+        default=DEFAULT_URL,
+        show_default=True,
+        envvar="IMAGEFACTORY_URL",
+        help="Base URL of the core services.",
+    )(f)
+
+
+def admin_client(url: str, admin_token_file: Path) -> AdminClient:
+    return AdminClient(url, read_secret(admin_token_file))
+
+
+def print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    cells = [[("-" if r.get(c) is None else str(r[c])) for c in columns] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+    for line in [[c.upper() for c in columns], *cells]:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="Port to listen on; 0 picks a free one (printed).",
+)
+@click.option(
+    "--db",
+    default=str(STATE / "core-services.db"),
+    show_default=True,
+    help="SQLite file, or a SQLAlchemy URL such as postgresql+psycopg://user@host/db.",
+)
+@secret_option
+@admin_token_option
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_BODY_BYTES,
+    show_default=True,
+    help="Larger request bodies get 413.",
+)
+def serve(
+    host: str,
+    port: int,
+    db: str,
+    secret_file: Path,
+    admin_token_file: Path,
+    max_body_bytes: int,
+) -> None:
+    """Serve the core services API (heartbeats, reports, pipelines) until Ctrl-C.
+
+    Missing secret and admin token files are created with random content (mode 0600).
+    Prints one line `listening on URL` once it accepts connections.
+    """
+    from imagefactory.server.listen import serve as run_server
+
+    for path, what in ((secret_file, "fleet secret"), (admin_token_file, "admin token")):
+        if ensure_secret(path):
+            click.echo(f"created {what} file {path}", err=True)
+    if "://" not in db:
+        Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    if host not in LOOPBACK_HOSTS:
+        click.echo(f"warning: listening on non-loopback address {host}", err=True)
+    config = ServerConfig(
+        db_url=database_url(db),
+        secret=read_secret(secret_file),
+        admin_token=read_secret(admin_token_file),
+        max_body_bytes=max_body_bytes,
+    )
+
+    def announce(url: str) -> None:
+        click.echo(f"imagefactory serve: listening on {url}", nl=True)
+
+    run_server(config, host, port, announce)
+
+
+@click.command()
+@click.argument("node_id")
+@secret_option
+@json_option
+def token(node_id: str, secret_file: Path, as_json: bool) -> None:
+    """Print the bearer token of NODE_ID (HMAC-SHA256 of the fleet secret)."""
+    value = node_token(read_secret(secret_file), node_id)
+    if as_json:
+        print_json({"node_id": node_id, "token": value})
+    else:
+        click.echo(value)
+
+
+@click.command()
+@admin_options
+@json_option
+def nodes(url: str, admin_token_file: Path, as_json: bool) -> None:
+    """List the nodes that sent heartbeats: run, state, last seen, alive."""
+    with admin_client(url, admin_token_file) as client:
+        rows = client.get_json("/v1/nodes")
+    if as_json:
+        print_json(rows)
+        return
+    for row in rows:
+        row["alive"] = "yes" if row["alive"] else "NO"
+        row["progress"] = f"{row['tasks_done']}/{row['tasks_total']}"
+    print_table(rows, ["node_id", "run_id", "state", "progress", "last_seen", "alive"])
+
+
+@click.command()
+@admin_options
+@click.option("--node", help="Only the runs of this node.")
+@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@json_option
+def runs(url: str, admin_token_file: Path, node: str | None, limit: int, as_json: bool) -> None:
+    """List the reported runs, newest first."""
+    with admin_client(url, admin_token_file) as client:
+        rows = client.get_json("/v1/runs", node=node, limit=limit)
+    if as_json:
+        print_json(rows)
+    else:
+        print_table(rows, ["run_id", "node_id", "pipeline", "status", "finished_at"])
+
+
+def _error_text(error: dict[str, Any] | None) -> str | None:
+    if not error:
+        return None
+    message = str(error.get("message", "")).splitlines()
+    return f"{error.get('type')}: {message[0] if message else ''}"[:80]
+
+
+def run_command(f: F) -> F:
+    """The options of a command about one run: RUN_ID, --url, --admin-token-file, --json."""
+    return click.command()(click.argument("run_id")(admin_options(json_option(f))))  # type: ignore[return-value]
+
+
+def fetch_report(run_id: str, url: str, admin_token_file: Path) -> dict[str, Any]:
+    with admin_client(url, admin_token_file) as client:
+        data: dict[str, Any] = client.get_json(f"/v1/runs/{run_id}")
+    return data
+
+
+@run_command
+def report(run_id: str, url: str, admin_token_file: Path, as_json: bool) -> None:
+    """Show the report of RUN_ID: run status and the status of each task."""
+    data = fetch_report(run_id, url, admin_token_file)
+    if as_json:
+        print_json({k: v for k, v in data.items() if k != "log"})
+        return
+    click.echo(
+        f"run {data['run_id']}  node {data['node_id']}  pipeline {data['pipeline']}  "
+        f"status {data['status']}  {data['started_at']} .. {data['finished_at']}"
+    )
+    rows = [
+        {"task": task_id, **task, "error": _error_text(task.get("error"))}
+        for task_id, task in data["tasks"].items()
+    ]
+    print_table(rows, ["task", "status", "attempts", "duration_s", "error"])
+
+
+@run_command
+def logs(run_id: str, url: str, admin_token_file: Path, as_json: bool) -> None:
+    """Print the combined log of RUN_ID."""
+    data = fetch_report(run_id, url, admin_token_file)
+    if as_json:
+        print_json({"run_id": run_id, "log": data["log"]})
+    else:
+        click.echo(data["log"], nl=False)
+
+
+@click.command()
+@click.argument("name")
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@admin_options
+@json_option
+def publish(name: str, archive: Path, url: str, admin_token_file: Path, as_json: bool) -> None:
+    """Publish ARCHIVE (a pipeline .tar.gz from `executor pack`) as NAME on the gateway.
+
+    Nodes with EXECUTOR_PIPELINE=gateway:NAME download it.
+    """
+    with admin_client(url, admin_token_file) as client:
+        ack = client.put_bytes(f"/v1/pipelines/{name}", archive.read_bytes())
+    if as_json:
+        print_json(ack)
+    else:
+        click.echo(f"published {ack['name']}: sha256 {ack['sha256']} ({ack['size']} bytes)")

@@ -1,0 +1,112 @@
+"""Host checks: every tool a bake needs, and the exact Debian package that provides it.
+
+`checks()` is the data behind `imagefactory doctor`, `imagefactory targets` and the
+pre-flight of `imagefactory bake`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagefactory.errors import die
+from imagefactory.host.accel import kvm_status
+from imagefactory.host.firmware import find_uefi
+from imagefactory.run import run, which
+from imagefactory.targets import TARGETS, Target
+
+BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    package: str | None = None
+    """The Debian package that fixes a failed check (None: nothing to install)."""
+    required: bool = True
+    """False for checks that only change speed (KVM)."""
+
+
+# program -> Debian package, needed to build any image.
+BUILD_TOOLS = (
+    ("packer", "packer"),
+    ("qemu-img", "qemu-utils"),
+    ("mmdebstrap", "mmdebstrap"),
+    ("xorriso", "xorriso"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("mkfs.fat", "dosfstools"),
+    ("mcopy", "mtools"),
+    ("sfdisk", "fdisk"),
+    ("ssh-keygen", "openssh-client"),
+)
+
+
+def tool_check(program: str, package: str) -> Check:
+    path = which(program)
+    if path is None:
+        return Check(program, False, "not found on PATH", package)
+    if program == "packer":
+        out = run(["packer", "version"], check=False, env={"CHECKPOINT_DISABLE": "1"}).stdout
+        return Check(program, True, (out.splitlines() or ["?"])[0], package)
+    return Check(program, True, str(path), package)
+
+
+def binfmt_check(target: Target) -> Check:
+    name = f"binfmt {target.arch}"
+    if target.is_native:
+        return Check(name, True, "native architecture", None)
+    entry = BINFMT_DIR / f"qemu-{target.arch}"
+    if which("arch-test") is None:  # mmdebstrap needs it for foreign architectures
+        return Check(name, False, "arch-test not found", "arch-test")
+    if entry.is_file() and entry.read_text().startswith("enabled"):
+        return Check(name, True, str(entry), "qemu-user-static")
+    detail = "binfmt_misc not mounted" if not BINFMT_DIR.joinpath("status").exists() else "no entry"
+    return Check(name, False, f"{detail} (run scripts/setup-host.sh)", "qemu-user-static")
+
+
+def firmware_check(target: Target) -> Check:
+    name = f"uefi {target.arch}"
+    fw = find_uefi(target.arch)
+    if fw is None:
+        return Check(
+            name, target.firmware != "uefi", "no firmware descriptor", target.firmware_package
+        )
+    return Check(name, True, f"{fw.code} ({fw.descriptor.name})", target.firmware_package)
+
+
+def target_checks(target: Target) -> list[Check]:
+    qemu = which(target.qemu_binary)
+    kvm, reason = kvm_status(target)
+    return [
+        Check(target.qemu_binary, qemu is not None, str(qemu or "not found"), target.qemu_package),
+        firmware_check(target),
+        binfmt_check(target),
+        Check(f"kvm {target.arch}", kvm, reason + ("" if kvm else "; using TCG"), None, False),
+    ]
+
+
+def checks(targets: tuple[Target, ...] = TARGETS) -> list[Check]:
+    found = [tool_check(program, package) for program, package in BUILD_TOOLS]
+    for target in targets:
+        found.extend(target_checks(target))
+    return found
+
+
+def problems(found: list[Check]) -> list[Check]:
+    return [c for c in found if c.required and not c.ok]
+
+
+def can_build(target: Target) -> bool:
+    return not problems(checks((target,)))
+
+
+def require(target: Target) -> None:
+    """Stop with the doctor's hint if a tool the bake of `target` needs is missing."""
+    missing = problems(checks((target,)))
+    if missing:
+        names = ", ".join(f"{c.name} (apt install {c.package})" for c in missing)
+        raise die(
+            f"missing host tools for {target.name}: {names}", hint="run `imagefactory doctor`"
+        )
