@@ -15,15 +15,15 @@ import os
 import re
 import shutil
 import sys
-import tarfile
 import tempfile
 import weakref
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
+
+from executor.archive import ArchiveError, ArchiveLimits, extract
 
 FORMAT = 1
 MANIFEST = "pipeline.json"
@@ -77,8 +77,11 @@ class Pipeline:
     """The directory or archive it was loaded from (for messages)."""
 
 
-def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
-    """Load and fully validate a pipeline directory, its pipeline.json, or a ``.tar.gz``."""
+def load_pipeline(path: str | os.PathLike[str], limits: ArchiveLimits | None = None) -> Pipeline:
+    """Load and fully validate a pipeline directory, its pipeline.json, or a ``.tar.gz``.
+
+    An archive is unpacked within ``limits``, by default those of the environment
+    (EXECUTOR_PIPELINE_MAX_*)."""
     source = Path(path)
     if not source.exists():
         raise PipelineError(source, "no such file or directory")
@@ -86,7 +89,12 @@ def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
         return _load_root(source, source / MANIFEST, source)
     if source.name == MANIFEST:
         return _load_root(source.parent, source, source)
-    root = _extract_archive(source)
+    if limits is None:
+        try:
+            limits = ArchiveLimits.from_env(os.environ)
+        except ValueError as exc:
+            raise PipelineError(source, str(exc)) from None
+    root = _extract_archive(source, limits)
     try:
         pipeline = _load_root(root, root / MANIFEST, source)
     except BaseException:
@@ -110,36 +118,22 @@ def import_call(call: str) -> Callable[..., Any]:
     return target  # type: ignore[no-any-return]
 
 
-def _extract_archive(archive: Path) -> Path:
+def _extract_archive(archive: Path, limits: ArchiveLimits) -> Path:
     if not archive.is_file():
         raise PipelineError(archive, "not a directory, pipeline.json or .tar.gz archive")
     root = Path(tempfile.mkdtemp(prefix="executor-pipeline-"))
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            _extract_plain(tar, root)
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        extract(archive, root, limits)
+    except ArchiveError as exc:
         shutil.rmtree(root, ignore_errors=True)
-        raise PipelineError(archive, f"not a valid .tar.gz archive ({exc})") from None
+        raise PipelineError(archive, str(exc)) from None
+    except OSError as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        raise PipelineError(archive, f"cannot unpack: {exc.strerror or exc}") from None
     if not (root / MANIFEST).is_file():
         shutil.rmtree(root, ignore_errors=True)
         raise PipelineError(archive, f"{MANIFEST} is missing at the archive root")
     return root
-
-
-def _extract_plain(tar: tarfile.TarFile, root: Path) -> None:
-    """Extract only plain files and directories, all inside root.
-
-    Python before 3.11.4 (Debian 12's 3.11.2, which the images run) has no extraction
-    filters, so the members are checked here whatever the version.
-    """
-    for member in tar.getmembers():
-        name = PurePosixPath(member.name)
-        if name.is_absolute() or ".." in name.parts or not (member.isfile() or member.isdir()):
-            raise tarfile.TarError(f"refusing member {member.name!r}: not a plain file inside")
-    if hasattr(tarfile, "data_filter"):
-        tar.extractall(root, filter="data")
-    else:
-        tar.extractall(root)  # members checked above
 
 
 def _load_root(root: Path, manifest: Path, source: Path) -> Pipeline:

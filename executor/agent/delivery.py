@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping
@@ -22,7 +21,9 @@ from typing import Any
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_any, stop_when_event_set
 from tenacity.stop import stop_after_delay, stop_base, stop_never
 
+from executor import jsontext
 from executor.agent.master import Master, Refused, Transient, backoff
+from executor.files import write_output
 from executor.timefmt import now
 
 log = logging.getLogger("executor.agent.delivery")
@@ -30,22 +31,6 @@ log = logging.getLogger("executor.agent.delivery")
 
 class Undelivered(Exception):
     """Delivery was given up (grace period over, or stopped); the report stays spooled."""
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` so that `path` holds either nothing or all of it, also after a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 class Spool:
@@ -57,7 +42,7 @@ class Spool:
 
     def save(self, report: Mapping[str, Any]) -> Path:
         path = self.pending_dir / f"{report['run_id']}.json"
-        write_atomically(path, json.dumps(report, ensure_ascii=False).encode())
+        write_output(path, jsontext.dumps(report).encode(), mode=0o600)
         return path
 
     def pending(self) -> list[Path]:
@@ -88,7 +73,7 @@ class Spool:
             "http_status": http_status,
             "acknowledged_at": now(),
         }
-        write_atomically(self.delivered_dir / path.name, json.dumps(receipt).encode())
+        write_output(self.delivered_dir / path.name, json.dumps(receipt).encode(), mode=0o600)
         path.unlink(missing_ok=True)
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from tenacity import Retrying, retry_if_exception_type
 
-from executor.agent.config import AgentConfig
-from executor.agent.delivery import write_atomically
-from executor.agent.master import Master, Transient, backoff
+from executor.agent.config import GATEWAY_PREFIX, AgentConfig
+from executor.agent.master import Master, TooLarge, Transient, backoff
+from executor.files import output_file
+from executor.pipeline import PipelineError
 
 log = logging.getLogger("executor.agent.gateway")
 
@@ -28,19 +29,23 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download(master: Master, name: str, target: Path) -> Path:
+def download(master: Master, name: str, target: Path, max_bytes: int) -> Path:
     """Fetch pipeline `name` into `target`, retrying transient failures with backoff.
 
-    A body that does not match the X-Pipeline-SHA256 header (a broken transfer) is
-    transient too. Raises Refused for a 4xx (unknown pipeline, bad token).
+    The body streams to disk, hashed as it arrives, and replaces `target` only when it
+    matches the X-Pipeline-SHA256 header (a mismatch is a broken transfer: transient).
+    Raises Refused for a 4xx (unknown pipeline, bad token), and PipelineError for a
+    download over `max_bytes` (EXECUTOR_PIPELINE_MAX_DOWNLOAD_BYTES).
     """
+    where = f"{GATEWAY_PREFIX}{name}"
 
-    def fetch() -> bytes:
-        answer = master.request("GET", f"/v1/pipelines/{name}", timeout_s=120)
-        announced = answer.headers.get("x-pipeline-sha256", "")
-        if hashlib.sha256(answer.body).hexdigest() != announced.lower():
-            raise Transient(f"pipeline {name}: body does not match X-Pipeline-SHA256")
-        return answer.body
+    def fetch() -> None:
+        with output_file(target, mode=0o600) as out:
+            headers, actual = master.download(
+                f"/v1/pipelines/{name}", out, max_bytes, timeout_s=120
+            )
+            if actual != headers.get("x-pipeline-sha256", "").lower():
+                raise Transient(f"pipeline {name}: body does not match X-Pipeline-SHA256")
 
     retrying = Retrying(
         retry=retry_if_exception_type(Transient),
@@ -53,7 +58,10 @@ def download(master: Master, name: str, target: Path) -> Path:
             state.outcome.exception() if state.outcome else "?",
         ),
     )
-    write_atomically(target, retrying(fetch))
+    try:
+        retrying(fetch)
+    except TooLarge as exc:
+        raise PipelineError(where, f"{exc} (EXECUTOR_PIPELINE_MAX_DOWNLOAD_BYTES)") from None
     return target
 
 
@@ -65,7 +73,8 @@ def obtain_pipeline(config: AgentConfig, master: Master | None) -> Path:
     name = config.gateway_name
     if name is not None:
         assert master is not None, "config requires a master URL for gateway pipelines"
-        path = download(master, name, config.run_dir / f"{name}.tar.gz")
+        limit = config.archive_limits.max_download_bytes
+        path = download(master, name, config.run_dir / f"{name}.tar.gz", limit)
     else:
         path = Path(config.pipeline)
         if not path.exists():

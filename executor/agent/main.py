@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from executor.agent.config import AgentConfig, AgentConfigError, load_config
-from executor.agent.delivery import Deliverer, Spool, Undelivered, write_atomically
+from executor.agent.delivery import Deliverer, Spool, Undelivered
 from executor.agent.gateway import Sha256Mismatch, obtain_pipeline
 from executor.agent.heartbeat import Heartbeats
 from executor.agent.master import Master, Refused
 from executor.agent.reportlog import log_for_report
 from executor.agent.runner import run_pipeline
 from executor.engine.combined_log import CombinedLog
+from executor.files import write_output
 from executor.pipeline import PipelineError
 from executor.timefmt import now
 
@@ -148,7 +149,7 @@ class Agent:
         if self.master is not None:
             self.spool.save(report)  # durable before the first send attempt
         outcome = {"exit": code, "state": state, "status": results["status"]}
-        write_atomically(config.run_dir / OUTCOME_FILE, json.dumps(outcome).encode())
+        write_output(config.run_dir / OUTCOME_FILE, json.dumps(outcome).encode(), mode=0o600)
         return code, state
 
     def _progress(self, done: int, total: int) -> None:
@@ -170,7 +171,7 @@ class Agent:
             "tasks": {},
             "log_path": str(log_path),
         }
-        write_atomically(self.config.run_dir / "results.json", json.dumps(results).encode())
+        write_output(self.config.run_dir / "results.json", json.dumps(results).encode(), 0o600)
         return results
 
     # -- delivery -------------------------------------------------------------------------------

@@ -4,13 +4,16 @@ every other 4xx is a refusal that retrying cannot fix."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import logging
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from tenacity import wait_random_exponential
 
@@ -18,6 +21,7 @@ TRANSIENT_STATUS = frozenset({408, 425, 429})
 # Straight to the master: never through an http_proxy from the environment.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 log = logging.getLogger("executor.agent.master")
+_CHUNK = 1 << 20
 
 
 def backoff() -> wait_random_exponential:
@@ -27,6 +31,10 @@ def backoff() -> wait_random_exponential:
 
 class Transient(Exception):
     """The master could not be reached or had a passing problem; try again later."""
+
+
+class TooLarge(Exception):
+    """The master sent, or announced, more than the caller accepts."""
 
 
 class Refused(Exception):
@@ -58,6 +66,36 @@ class Master:
         self, method: str, path: str, body: bytes | None = None, *, timeout_s: float | None = None
     ) -> Answer:
         """One attempt; returns a 2xx Answer or raises Transient / Refused."""
+        with self._exchange(method, path, body, timeout_s) as resp:
+            return Answer(resp.status, _headers(resp), _read(resp, method, path))
+
+    def download(
+        self, path: str, out: BinaryIO, max_bytes: int, *, timeout_s: float | None = None
+    ) -> tuple[dict[str, str], str]:
+        """GET `path` into `out` as it arrives; returns the headers and the body's sha256.
+
+        One attempt: raises Transient / Refused as `request` does, and TooLarge as soon as
+        the announced or received body passes `max_bytes` (nothing beyond it is kept)."""
+        digest = hashlib.sha256()
+        with self._exchange("GET", path, None, timeout_s) as resp:
+            headers = _headers(resp)
+            announced = headers.get("content-length", "")
+            if announced.isdigit() and int(announced) > max_bytes:
+                raise TooLarge(f"GET {path}: {announced} bytes announced, over {max_bytes}")
+            received = 0
+            while chunk := _read(resp, "GET", path, _CHUNK):
+                received += len(chunk)
+                if received > max_bytes:
+                    raise TooLarge(f"GET {path}: more than {max_bytes} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+        return headers, digest.hexdigest()
+
+    @contextmanager
+    def _exchange(
+        self, method: str, path: str, body: bytes | None, timeout_s: float | None
+    ) -> Iterator[http.client.HTTPResponse]:
+        """The open response to one request; a non-2xx raises Transient / Refused."""
         headers = {
             "Authorization": f"Bearer {self.token}",
             "X-Node-ID": self.node_id,
@@ -68,19 +106,33 @@ class Master:
         req = urllib.request.Request(self.url.rstrip("/") + path, body, headers, method=method)
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
-            with _DIRECT.open(req, timeout=timeout) as resp:
-                headers = {k.lower(): v for k, v in resp.headers.items()}
-                log.debug("%s %s: %d", method, path, resp.status)
-                return Answer(resp.status, headers, resp.read())
+            resp = _DIRECT.open(req, timeout=timeout)
         except urllib.error.HTTPError as exc:
             status, message = exc.code, _error_message(exc)
         except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets
             log.debug("%s %s: %s", method, path, _reason(exc))
             raise Transient(f"{method} {path}: {_reason(exc)}") from None
+        else:
+            log.debug("%s %s: %d", method, path, resp.status)
+            with resp:
+                yield resp
+            return
         log.debug("%s %s: %d %s", method, path, status, message)
         if status >= 500 or status in TRANSIENT_STATUS:
             raise Transient(f"{method} {path}: {status} {message}")
         raise Refused(status, f"{method} {path}: {status} {message}")
+
+
+def _headers(resp: http.client.HTTPResponse) -> dict[str, str]:
+    return {k.lower(): v for k, v in resp.headers.items()}
+
+
+def _read(resp: http.client.HTTPResponse, method: str, path: str, size: int = -1) -> bytes:
+    """Read the body (`size` bytes at most); a broken transfer is Transient."""
+    try:
+        return resp.read(size)
+    except (OSError, http.client.HTTPException) as exc:
+        raise Transient(f"{method} {path}: {_reason(exc)}") from None
 
 
 def _reason(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ def run_pipeline(
     run = config.run
     with CombinedLog(log_path) as combined:
         combined.executor(f"agent: node {run.node_id} run {run.run_id} pipeline {source}")
-    pipeline = load_pipeline(source)
+    pipeline = load_pipeline(source, config.archive_limits)
     on_progress(0, len(pipeline.tasks))
     run_config = manager.RunConfig(
         workers=run.workers,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,32 @@ def test_defaults(base: dict[str, str]) -> None:
     assert config.heartbeat_s == 10.0 and config.on_complete == "none"
     assert config.poweroff_command == ("systemctl", "poweroff")
     assert config.pipeline_sha256 is None and config.gateway_name is None
+
+
+@pytest.mark.parametrize("stored", [b"", b"not an id!\n", b"\xff\xfe", b"../../etc\n"])
+def test_a_corrupt_stored_run_id_counts_as_missing(
+    base: dict[str, str], stored: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = Path(base["EXECUTOR_STATE_DIR"])
+    state.mkdir()
+    (state / "run-id").write_bytes(stored)
+    run_id = load_config(base).run.run_id
+    assert (state / "run-id").read_text() == f"{run_id}\n"
+    assert stat.S_IMODE((state / "run-id").stat().st_mode) == 0o600
+    assert load_config(base).run.run_id == run_id
+    assert "unreadable or corrupt" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("EXECUTOR_PIPELINE_MAX_BYTES", "0"), ("EXECUTOR_PIPELINE_MAX_DOWNLOAD_BYTES", "big")],
+)
+def test_archive_limits_are_checked_with_the_rest(
+    base: dict[str, str], name: str, value: str
+) -> None:
+    assert load_config(base).archive_limits.max_files == 20_000
+    with pytest.raises(AgentConfigError, match=f"^{name}: '{value}' is not an integer >= 1$"):
+        load_config({**base, name: value})
 
 
 def test_generated_run_id_is_persisted(base: dict[str, str]) -> None:

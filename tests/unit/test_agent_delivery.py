@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 import threading
 import time
 from collections import deque
@@ -20,6 +21,7 @@ from executor.agent.delivery import Deliverer, Spool, Undelivered
 from executor.agent.gateway import Sha256Mismatch, download, obtain_pipeline, sha256_of
 from executor.agent.heartbeat import Heartbeats
 from executor.agent.master import Master, Refused, Transient
+from executor.pipeline import PipelineError
 
 Reply = tuple[int, dict[str, str], bytes]
 
@@ -93,6 +95,14 @@ def test_spool_save_pending_acknowledge(tmp_path: Path) -> None:
     assert spool.status_of("run-1") == "failed" and spool.is_delivered("run-1")
     receipt = json.loads((tmp_path / "delivered" / "run-1.json").read_text())
     assert receipt["http_status"] == 201 and receipt["acknowledged_at"].endswith("Z")
+
+
+def test_spooled_reports_are_private_utf8_json_whatever_the_strings(tmp_path: Path) -> None:
+    """Lone surrogates (a task's result, a log line) cannot crash spooling."""
+    path = Spool(tmp_path).save({**report(), "result": "bad \ud800 end", "log": "x\udcff\n"})
+    saved = json.loads(path.read_bytes().decode("utf-8"))  # strict UTF-8
+    assert saved["result"] == "bad \ufffd end" and saved["log"] == "x\ufffd\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_delivery_retries_transient_failures_and_sends_the_same_bytes(
@@ -189,15 +199,27 @@ def test_gateway_download_checks_the_announced_sha(scripted: Scripted, tmp_path:
         (200, {"X-Pipeline-SHA256": "0" * 64}, data),  # a broken transfer: retried
         (200, {"X-Pipeline-SHA256": good}, data),
     )
-    target = download(master(scripted.url), "etl", tmp_path / "etl.tar.gz")
+    target = download(master(scripted.url), "etl", tmp_path / "etl.tar.gz", 1 << 20)
     assert target.read_bytes() == data and len(scripted.requests) == 2
     assert scripted.requests[0][2]["x-node-id"] == "node-a"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["etl.tar.gz"]  # no partial file left
+
+
+def test_gateway_download_over_the_limit_is_refused_and_leaves_nothing(
+    scripted: Scripted, tmp_path: Path
+) -> None:
+    data = b"x" * 5000
+    scripted.script((200, {"X-Pipeline-SHA256": hashlib.sha256(data).hexdigest()}, data))
+    with pytest.raises(PipelineError, match="gateway:etl: .*over 4096.*MAX_DOWNLOAD_BYTES"):
+        download(master(scripted.url), "etl", tmp_path / "etl.tar.gz", 4096)
+    assert list(tmp_path.iterdir()) == [] and len(scripted.requests) == 1  # not retried
 
 
 def test_gateway_refusal(scripted: Scripted, tmp_path: Path) -> None:
     scripted.script((404, {}, b'{"error":"no pipeline named etl"}'))
     with pytest.raises(Refused, match="404 no pipeline named etl"):
-        download(master(scripted.url), "etl", tmp_path / "etl.tar.gz")
+        download(master(scripted.url), "etl", tmp_path / "etl.tar.gz", 1 << 20)
 
 
 def test_local_archive_sha256(tmp_path: Path) -> None:
