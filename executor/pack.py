@@ -13,6 +13,7 @@ import os
 import tarfile
 from pathlib import Path
 
+from executor.files import write_output
 from executor.pipeline import MANIFEST, PipelineError, load_pipeline
 
 # Build leftovers that must not change the archive's hash.
@@ -27,10 +28,8 @@ def pack(directory: str | os.PathLike[str], output: str | os.PathLike[str]) -> s
     load_pipeline(root)
     target = Path(output)
     data = _archive_bytes(root, skip=target)
-    temporary = target.with_name(f".{target.name}.tmp")
     try:
-        temporary.write_bytes(data)
-        temporary.replace(target)
+        write_output(target, data)
     except OSError as exc:
         raise PipelineError(target, f"cannot write the archive: {exc.strerror}") from None
     return hashlib.sha256(data).hexdigest()

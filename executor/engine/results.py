@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from executor.engine.scheduler import FAILED, SUCCEEDED, UPSTREAM_FAILED, DagState, TaskRecord
+from executor.files import write_output
 from executor.pipeline import Pipeline
 from executor.timefmt import rfc3339, rfc3339_or_none
 
@@ -72,9 +73,5 @@ def _error(record: TaskRecord) -> dict[str, Any] | None:
 
 
 def write_results(path: str | os.PathLike[str], results: dict[str, Any]) -> None:
-    """Write ``results`` as JSON; readers never see a half-written file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp")
-    temporary.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    temporary.replace(target)
+    """Write ``results`` as JSON; readers never see a half-written file (executor/files.py)."""
+    write_output(path, (json.dumps(results, indent=2) + "\n").encode("utf-8"))
