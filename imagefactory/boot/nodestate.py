@@ -14,6 +14,7 @@ from pathlib import Path
 
 import paramiko
 
+from executor.files import write_output
 from imagefactory.errors import die
 from imagefactory.paths import state_root
 
@@ -57,9 +58,7 @@ def node_dir(node_id: str) -> Path:
 
 def save(record: NodeRecord) -> None:
     path = Path(record.workdir) / RECORD
-    tmp = path.with_name(RECORD + ".part")
-    tmp.write_text(json.dumps(asdict(record), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_output(path, (json.dumps(asdict(record), indent=2) + "\n").encode("utf-8"), 0o600)
 
 
 def load(node_id: str) -> NodeRecord:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pycdlib
 
+from executor.files import write_output
 from imagefactory.boot import nodeenv
 from imagefactory.errors import die
 
@@ -175,14 +176,12 @@ def iso_bytes(seed: Seed) -> bytes:
 
 
 def write_iso(seed: Seed, path: Path) -> None:
-    """Write the seed ISO atomically (a partial file never carries the final name)."""
+    """Write the seed ISO atomically (a partial file never carries the final name), readable
+    by its owner only: it holds the node's token."""
     data = iso_bytes(seed)
-    tmp = path.with_name(path.name + ".part")
     try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        write_output(path, data, mode=0o600)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise die(f"cannot write {path}: {exc.strerror}") from None
 
 

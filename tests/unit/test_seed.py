@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +115,16 @@ def test_iso_holds_the_three_files(tmp_path: Path) -> None:
     # The primary volume descriptor at sector 16 carries the NoCloud label.
     pvd = iso.read_bytes()[16 * 2048 : 17 * 2048]
     assert pvd[1:6] == b"CD001" and pvd[40:72].rstrip() == b"cidata"
+    assert stat.S_IMODE(iso.stat().st_mode) == 0o600  # it carries the node's token
+
+
+def test_a_seed_written_into_a_device_leaves_the_device(tmp_path: Path) -> None:
+    null = tmp_path / "null"
+    os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a private /dev/null
+    before = null.lstat()
+    seed.write_iso(seed.render_seed(seed.NodeVars(node_id="n")), null)
+    after = null.lstat()
+    assert stat.S_ISCHR(after.st_mode) and after.st_ino == before.st_ino
 
 
 def run_seed(tmp_path: Path, *args: str) -> tuple[int, str, Path]:
