@@ -13,7 +13,7 @@ from executor.services.store import Store
 
 @dataclass(slots=True)  # built for every task: keep it cheap
 class TaskContext:
-    """What a task knows about its run (DESIGN.md section 4)."""
+    """What a task knows about its run (docs/reference/task-context.md)."""
 
     task_id: str
     attempt: int

@@ -1,4 +1,4 @@
-"""Node tokens: `hex(HMAC-SHA256(secret, node_id))` (DESIGN.md section 6).
+"""Node tokens: `hex(HMAC-SHA256(secret, node_id))` (docs/reference/http-api.md).
 
 The server keeps no token table: it derives the token of the node a request names
 and compares. The seed maker uses the same derivation to give each node its token.

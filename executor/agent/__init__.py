@@ -1,4 +1,4 @@
-"""`executor agent`: the service mode inside images (DESIGN.md sections 5 and 6).
+"""`executor agent`: the service mode inside images (docs/reference/README.md).
 
     main.py      lifecycle: config -> pipeline -> run -> spool -> deliver -> poweroff
     config.py    EXECUTOR_* environment -> frozen AgentConfig

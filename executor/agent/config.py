@@ -1,4 +1,4 @@
-"""The agent's settings: the EXECUTOR_* environment (DESIGN.md section 5), checked all at
+"""The agent's settings: the EXECUTOR_* environment (docs/reference/environment.md), checked all at
 once into a frozen AgentConfig. Any problem is an AgentConfigError with one clear line."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`executor agent`: the lifecycle of a node's run (DESIGN.md section 6, "Agent lifecycle").
+"""`executor agent`: the lifecycle of a node's run (docs/reference/cli-exit-codes.md).
 
     config ─► EXECUTOR-STATUS starting ─► heartbeats (thread)
            ─► report already in the state dir? ──yes──────────────────────┐

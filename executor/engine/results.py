@@ -1,4 +1,4 @@
-"""The results document (DESIGN.md section 5) and writing it to disk atomically."""
+"""The results document (docs/reference/results.md) and writing it to disk atomically."""
 
 from __future__ import annotations
 

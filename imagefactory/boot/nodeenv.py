@@ -1,4 +1,5 @@
-"""Render `/etc/executor/node.env`: one `KEY="value"` line per variable (DESIGN.md section 6).
+"""Render `/etc/executor/node.env`: one `KEY="value"` line per variable
+(docs/reference/environment.md).
 
 Inside double quotes, `\\`, `"`, `$` and `` ` `` are escaped with a backslash, which is
 exactly what both `sh` (`. node.env`) and systemd's `EnvironmentFile=` undo, so the two

@@ -1,4 +1,4 @@
-"""The v1 HTTP API of the core services (DESIGN.md section 6), as a FastAPI app.
+"""The v1 HTTP API of the core services (docs/reference/http-api.md), as a FastAPI app.
 
 Every error is `{"error": "..."}`. Validation failures are 400 (not FastAPI's 422). A
 request that is rejected changes nothing: all checks run before the one write it makes.
