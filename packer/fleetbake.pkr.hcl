@@ -55,7 +55,8 @@ build {
   }
 
   provisioner "shell" {
-    script = "${var.scripts_dir}/provision.sh"
+    script           = "${var.scripts_dir}/provision.sh"
+    environment_vars = var.provision_env
   }
 
   provisioner "file" {

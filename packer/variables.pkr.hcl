@@ -96,3 +96,8 @@ variable "report_dir" {
   type        = string
   description = "Host directory that receives the guest's package list and versions."
 }
+
+variable "provision_env" {
+  type        = list(string)
+  description = "KEY=value environment of provision.sh: the guest paths it installs to (imagefactory/bake/artifacts.py)."
+}

@@ -2,10 +2,15 @@
 
 artifacts/
   executor-lib.tar.gz   the `executor` package and its pure-Python dependencies,
-                        unpacked to /opt/executor/lib (a .pth file puts it on sys.path)
-  executor              launcher, installed as /usr/local/bin/executor
-  pipeline.tar.gz       the pipeline archive (`executor pack` format), /opt/executor/
-  executor.service      the systemd unit that runs `executor agent` at boot
+                        unpacked to GUEST_LIB (a .pth file puts it on sys.path)
+  executor              launcher, installed as GUEST_LAUNCHER
+  pipeline.tar.gz       the pipeline archive (`executor pack` format), GUEST_PIPELINE
+  executor.service      the systemd unit that runs `executor agent` at boot, GUEST_UNIT
+
+The GUEST_* paths below are the one place these guest paths are written down: the unit
+and the launcher name them, and `provision_env()` hands them to packer/scripts/provision.sh
+as environment variables (through the Packer template that bake/render.py writes), so the
+script installs to the same paths.
 """
 
 from __future__ import annotations
@@ -16,22 +21,26 @@ import io
 import shutil
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import ModuleType
 
 import executor
 from executor.pack import pack
 from executor.pipeline import PipelineError, load_pipeline
+from executor.settings import SYSTEM_STATE_DIR
 from imagefactory.errors import die
 
 GUEST_LIB = "/opt/executor/lib"
 GUEST_PIPELINE = "/opt/executor/pipeline.tar.gz"
 GUEST_LAUNCHER = "/usr/local/bin/executor"
+GUEST_UNIT = "/etc/systemd/system/executor.service"
 GUEST_NODE_ENV = "/etc/executor/node.env"
+GUEST_STATE_DIR = str(SYSTEM_STATE_DIR)
+"""The agent's state directory: the executor's own default, created mode 0700."""
 
-LAUNCHER = """\
+LAUNCHER = f"""\
 #!/usr/bin/python3
-# fleetbake: the executor agent (library in /opt/executor/lib).
+# fleetbake: the executor agent (library in {GUEST_LIB}).
 import sys
 
 from executor.cli import main
@@ -69,6 +78,18 @@ StandardError=journal+console
 [Install]
 WantedBy=multi-user.target
 """
+
+
+def provision_env() -> dict[str, str]:
+    """The environment of packer/scripts/provision.sh: where it installs each artifact."""
+    return {
+        "FLEETBAKE_LIB": GUEST_LIB,
+        "FLEETBAKE_LAUNCHER": GUEST_LAUNCHER,
+        "FLEETBAKE_PIPELINE": GUEST_PIPELINE,
+        "FLEETBAKE_UNIT": GUEST_UNIT,
+        "FLEETBAKE_CONFIG_DIR": str(PurePosixPath(GUEST_NODE_ENV).parent),
+        "FLEETBAKE_STATE_DIR": GUEST_STATE_DIR,
+    }
 
 
 def _package_dir(module: ModuleType) -> Path:

@@ -3,7 +3,8 @@
 The HCL in packer/ is the same for every target; what differs is data, written as
 `fleetbake.auto.pkrvars.hcl` next to a copy of the sources (Packer loads `*.auto.pkrvars.hcl`
 by itself). Packer 1.7+ also gets `plugins.pkr.hcl` with `required_plugins`, which
-Packer 1.6.6 would reject.
+Packer 1.6.6 would reject. The guest paths that scripts/provision.sh installs to come from
+bake/artifacts.py, as the script's environment (`provision_env`).
 
     RenderConfig ──► qemuargs() + pkrvars() ──► DIR/{*.pkr.hcl, fleetbake.auto.pkrvars.hcl,
                                                      scripts/, [plugins.pkr.hcl]}
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagefactory.bake.artifacts import provision_env
 from imagefactory.host.firmware import Firmware
 from imagefactory.run import run
 from imagefactory.targets import Target
@@ -125,6 +127,7 @@ def pkrvars(cfg: RenderConfig) -> dict[str, object]:
         "artifacts_dir": str(cfg.build_dir / "artifacts"),
         "scripts_dir": str(cfg.build_dir / "packer" / "scripts"),
         "report_dir": str(cfg.build_dir / "report"),
+        "provision_env": [f"{k}={v}" for k, v in provision_env().items()],
     }
 
 

@@ -1,22 +1,26 @@
 #!/bin/sh
 # Install the executor, the pipeline and executor.service from the uploaded artifacts
 # (/var/tmp/fleetbake). Runs as root inside the build VM, which has no network.
+# Where each goes comes from the environment, set by the Packer template from
+# imagefactory/bake/artifacts.py (provision_env), the one place the guest paths are named.
 set -eu
 A=/var/tmp/fleetbake
 OUT=/var/tmp/fleetbake-out
+: "${FLEETBAKE_LIB:?}" "${FLEETBAKE_LAUNCHER:?}" "${FLEETBAKE_PIPELINE:?}" "${FLEETBAKE_UNIT:?}"
+: "${FLEETBAKE_CONFIG_DIR:?}" "${FLEETBAKE_STATE_DIR:?}"
 
-install -d -m 0755 /opt/executor/lib /etc/executor
-install -d -m 0700 /var/lib/executor
-tar -xzf "$A/executor-lib.tar.gz" -C /opt/executor/lib
+install -d -m 0755 "$FLEETBAKE_LIB" "$FLEETBAKE_CONFIG_DIR"
+install -d -m 0700 "$FLEETBAKE_STATE_DIR"
+tar -xzf "$A/executor-lib.tar.gz" -C "$FLEETBAKE_LIB"
 # Importable as `executor` by every python3 on the system, workers included.
-echo /opt/executor/lib > /usr/lib/python3/dist-packages/fleetbake-executor.pth
-install -m 0755 "$A/executor" /usr/local/bin/executor
-install -m 0644 "$A/pipeline.tar.gz" /opt/executor/pipeline.tar.gz
-install -m 0644 "$A/executor.service" /etc/systemd/system/executor.service
-systemctl enable executor.service
+echo "$FLEETBAKE_LIB" > /usr/lib/python3/dist-packages/fleetbake-executor.pth
+install -m 0755 "$A/executor" "$FLEETBAKE_LAUNCHER"
+install -m 0644 "$A/pipeline.tar.gz" "$FLEETBAKE_PIPELINE"
+install -m 0644 "$A/executor.service" "$FLEETBAKE_UNIT"
+systemctl enable "$(basename "$FLEETBAKE_UNIT")"
 
 # The image must be able to run what it carries (this also writes the executor's .pyc).
-/usr/local/bin/executor validate /opt/executor/pipeline.tar.gz
+"$FLEETBAKE_LAUNCHER" validate "$FLEETBAKE_PIPELINE"
 
 # Facts for the manifest, fetched by Packer before sealing.
 install -d -m 0755 "$OUT"

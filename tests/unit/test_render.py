@@ -3,6 +3,8 @@ files parsed back with python-hcl2."""
 
 from __future__ import annotations
 
+import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import hcl2
 import pytest
 from hcl2.utils import SerializationOptions
 
+from imagefactory.bake import artifacts
 from imagefactory.bake import render as r
 from imagefactory.host.firmware import Firmware
 from imagefactory.targets import TARGETS, Target, get_target
@@ -126,6 +129,38 @@ def test_rendered_build_block(rendered: Path) -> None:
     kinds = [next(iter(p)) for p in build["provisioner"]]
     assert kinds == ["shell", "file", "file", "shell", "file", "file"]
     assert build["provisioner"][-1]["file"]["direction"] == "download"
+
+
+def test_provision_gets_the_guest_paths_of_artifacts(rendered: Path) -> None:
+    build = _load(rendered / "fleetbake.pkr.hcl")["build"][0]
+    (provision,) = [p["shell"] for p in build["provisioner"] if "script" in p.get("shell", {})]
+    assert provision["script"].endswith("/provision.sh")
+    assert provision["environment_vars"] == "${var.provision_env}"
+    values = _load(rendered / r.VARS_FILE)["provision_env"]
+    assert values == [f"{k}={v}" for k, v in artifacts.provision_env().items()]
+    assert "FLEETBAKE_LIB=" + artifacts.GUEST_LIB in values
+    assert f"FLEETBAKE_STATE_DIR={artifacts.GUEST_STATE_DIR}" in values
+
+
+def test_provision_script_names_no_guest_path_itself() -> None:
+    """One source of truth: the script uses exactly the variables it is given, and spells
+    none of the paths they carry."""
+    script = (r.PACKER_SOURCES / "scripts" / "provision.sh").read_text()
+    used = set(re.findall(r"\$\{?(FLEETBAKE_[A-Z_]+)", script))
+    assert used == set(artifacts.provision_env())
+    for path in artifacts.provision_env().values():
+        assert path not in script
+    syntax = subprocess.run(["sh", "-n", str(r.PACKER_SOURCES / "scripts" / "provision.sh")])
+    assert syntax.returncode == 0
+
+
+def test_unit_and_launcher_name_the_same_guest_paths() -> None:
+    unit = artifacts.executor_unit("ab" * 32)
+    assert f"EXECUTOR_PIPELINE={artifacts.GUEST_PIPELINE}\n" in unit
+    assert f"ExecStart={artifacts.GUEST_LAUNCHER} agent\n" in unit
+    assert f"EnvironmentFile=-{artifacts.GUEST_NODE_ENV}\n" in unit
+    assert f"(library in {artifacts.GUEST_LIB})" in artifacts.LAUNCHER
+    assert str(Path(artifacts.GUEST_NODE_ENV).parent) in artifacts.provision_env().values()
 
 
 def test_rendered_variables_are_all_declared_and_set(rendered: Path) -> None:
