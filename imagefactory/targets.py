@@ -1,7 +1,12 @@
 """The table of build targets: one frozen row per target, and lookups derived from it.
 
-Adding a target (say riscv64-linux) means adding one row here, plus its firmware
-package on the host. Nothing else in the code branches on the architecture.
+Every per-architecture fact is a field of the row, and the rest of the code reads those
+fields rather than testing the architecture's name (the KVM probe, for one, runs only
+where `kvm_probe` is set). The GRUB platforms in `grub_platforms` are keys of two small
+tables: `bake/bootdisk.py` names each EFI platform's loader file, `bake/guestconfig.py`
+adds per-platform GRUB modules. So adding a target (say riscv64-linux) means adding one
+row here, its firmware package on the host, and, for an EFI platform not in
+`bootdisk.EFI_LOADER_NAMES` yet, its loader's file name there.
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ class Target:
     """GRUB platforms written onto the disk (`i386-pc` = BIOS, `*-efi` = UEFI removable path)."""
     initramfs_modules: tuple[str, ...] = ()
     """Kernel modules for the trimmed (`MODULES=list`) initramfs, beyond the common list."""
+    kvm_probe: bool = False
+    """Whether `host/accel.py`'s probe guest runs on this target's machine: it is a BIOS
+    boot sector on an IDE disk that exits through the isa-debug-exit device, so x86 only.
+    Without it, the target never uses KVM (`imagefactory doctor` says why)."""
 
     @property
     def is_native(self) -> bool:
@@ -77,6 +86,7 @@ TARGETS: tuple[Target, ...] = (
         bootloader_packages=("grub-pc-bin", "grub-efi-amd64-bin"),
         grub_platforms=("i386-pc", "x86_64-efi"),
         initramfs_modules=("ata_piix", "ahci"),
+        kvm_probe=True,
     ),
     Target(
         name="aarch64-linux",

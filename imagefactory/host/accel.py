@@ -4,7 +4,9 @@ otherwise TCG.
 /dev/kvm can exist and open fine while guests cannot run (nested virtualization), so
 the probe boots a one-sector guest under SeaBIOS that writes to QEMU's isa-debug-exit
 port; QEMU then exits with (value << 1) | 1. Anything else (an error, a hang) means
-KVM does not work. The answer is cached per process and on disk for PROBE_TTL_S.
+KVM does not work. That guest is x86 only: a target runs the probe only if its row in
+the target table sets `kvm_probe`, and any other target (or a foreign architecture) gets
+TCG. The answer is cached per process and on disk for PROBE_TTL_S.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def kvm_works(target: Target) -> tuple[bool, str]:
         return False, f"host is not {target.arch}"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is missing or not accessible"
-    if target.arch != "x86_64":
+    if not target.kvm_probe:
         return False, f"no KVM probe guest for {target.arch} yet"
     qemu = which(target.qemu_binary)
     if qemu is None:
