@@ -1,5 +1,5 @@
 """Requests to the master with urllib, each outcome classified for the retry policy:
-2xx is an answer, network errors / 5xx / 408 / 429 are transient (retry with backoff),
+2xx is an answer, network errors / 5xx / 408 / 425 / 429 are transient (retry with backoff),
 every other 4xx is a refusal that retrying cannot fix."""
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """The heartbeat hot path as plain ASGI.
 
 A fleet sends far more heartbeats than anything else, and FastAPI's per-request machinery
-(dependency solving, parameter models, response classes) costs about twice the request
-itself. This wrapper answers `POST /v1/nodes/{valid id}/heartbeats` directly, with the same
-checks in the same order (size limit outside it, token, pydantic schema) and the same
-group commit; every other request, including heartbeats for an invalid node id (which the
-FastAPI route rejects), goes on to the FastAPI app, which also documents the endpoint.
+(dependency solving, parameter models, response classes) costs more than the request
+itself (docs/performance.md). This wrapper answers `POST /v1/nodes/{valid id}/heartbeats`
+directly, with the same checks in the same order (size limit outside it, token, pydantic
+schema) and the same group commit; every other request, including heartbeats for an
+invalid node id (which the FastAPI route rejects), goes on to the FastAPI app, which also
+documents the endpoint.
 """
 
 from __future__ import annotations

@@ -1,10 +1,24 @@
 """Group commit for heartbeats.
 
 Every heartbeat must be committed before its 204, but one transaction per heartbeat would
-cap a fleet at the disk's fsync rate. Requests queue their row and wait; one task takes
-everything queued, commits it in one transaction (in a thread), and wakes them all.
+cap a fleet at the disk's fsync rate. Requests queue their row and wait; one writer task
+takes everything queued (up to MAX_BATCH rows), commits it in one transaction, and wakes
+them all.
 
-    request ─► queue ─► writer task ─► Storage.record_heartbeats (thread) ─► futures done
+    request ─► queue ─► writer task ─► Storage.record_heartbeats ─► futures done
+
+Where the commit runs depends on the database:
+
+- SQLite: on the event loop itself. The writer calls `record_heartbeats` directly, so the
+  loop serves nothing else until the commit returns: a local WAL commit at
+  `synchronous=NORMAL` (no fsync, except when an automatic WAL checkpoint falls due),
+  plus any wait for SQLite's write lock while a report or pipeline commit holds it
+  (SQLite's busy_timeout, 30 s at most). Requests that arrive meanwhile wait, unread,
+  until the loop is free; their rows form the next batch. This is cheaper than handing
+  the commit to a thread and back (docs/performance.md).
+- PostgreSQL: in a worker thread (`asyncio.to_thread`). The loop keeps serving requests
+  while the commit crosses the network, their rows queue up, and the writer takes them
+  as the next batch once the commit has returned: one heartbeat commit at a time.
 """
 
 from __future__ import annotations
@@ -22,9 +36,7 @@ class HeartbeatWriter:
         self._storage = storage
         self._queue: asyncio.Queue[tuple[HeartbeatRow, asyncio.Future[None]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        # A local SQLite commit without fsync takes well under a millisecond: done on the
-        # loop it beats handing it to a thread (a GIL hand-over can take 5 ms). A database
-        # across the network is written from a thread, so the loop never waits on it.
+        # SQLite commits on the loop, PostgreSQL from a thread (see the module docstring).
         self._inline = storage.engine.dialect.name == "sqlite"
 
     def start(self) -> None:

@@ -101,7 +101,8 @@ def create_db_engine(url: str) -> Engine:
 
 
 class Storage:
-    """All reads and writes of the server. Methods are synchronous: call them off the loop."""
+    """All reads and writes of the server. Methods are synchronous: app.py calls them from
+    a thread, except heartbeat commits on SQLite, which run on the loop (heartbeats.py)."""
 
     def __init__(self, url: str) -> None:
         self.engine = create_db_engine(url)
