@@ -73,7 +73,10 @@ class Spool:
             "http_status": http_status,
             "acknowledged_at": now(),
         }
-        write_output(self.delivered_dir / path.name, json.dumps(receipt).encode(), mode=0o600)
+        try:
+            write_output(self.delivered_dir / path.name, json.dumps(receipt).encode(), 0o600)
+        except OSError as exc:  # delivered all the same: only the receipt is missing
+            log.error("no receipt kept for report %s: %s", path.stem, exc)
         path.unlink(missing_ok=True)
 
 
@@ -88,8 +91,17 @@ class Deliverer:
 
         Raises Refused (kept on disk) or Undelivered (time is up; kept on disk).
         """
-        body = path.read_bytes()
-        run_id = path.stem
+        try:
+            status = self.send(path.stem, path.read_bytes(), give_up_after_s)
+        except Refused as exc:
+            log.error("report %s refused by the master, kept in %s: %s", path.stem, path, exc)
+            raise
+        self._spool.acknowledge(path, status)
+        return status
+
+    def send(self, run_id: str, body: bytes, give_up_after_s: float | None = None) -> int:
+        """Send one report until acknowledged; returns 200 or 201. Raises Refused or
+        Undelivered."""
         deadline: stop_base = stop_never
         if give_up_after_s is not None:
             deadline = stop_after_delay(give_up_after_s)
@@ -111,10 +123,6 @@ class Deliverer:
         except RetryError as exc:
             waited = time.monotonic() - started
             raise Undelivered(f"report {run_id} not delivered after {waited:.0f} s") from exc
-        except Refused as exc:
-            log.error("report %s refused by the master, kept in %s: %s", run_id, path, exc)
-            raise
-        self._spool.acknowledge(path, answer.status)
         log.info("report %s delivered (%d)", run_id, answer.status)
         return answer.status
 

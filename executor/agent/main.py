@@ -8,7 +8,9 @@
 
 Exit codes (EXECUTOR_ON_COMPLETE=none, once the report is acknowledged): 0 succeeded,
 1 failed or cancelled, 2 configuration error / invalid pipeline / sha256 mismatch,
-3 report refused by the server (kept on disk) or given up after the poweroff grace period.
+3 report refused by the server (kept on disk) or given up after the poweroff grace period,
+4 the state directory could not be written (full or read-only disk): the report was
+  delivered from memory, with its log marked truncated.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from executor import jsontext
 from executor.agent.config import AgentConfig, AgentConfigError, load_config
 from executor.agent.delivery import Deliverer, Spool, Undelivered
 from executor.agent.gateway import Sha256Mismatch, obtain_pipeline
@@ -40,7 +43,7 @@ from executor.timefmt import now
 
 log = logging.getLogger("executor.agent")
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_UNDELIVERED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_UNDELIVERED, EXIT_STATE_LOST = 0, 1, 2, 3, 4
 STATUS_EXIT = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_FAILED}
 OUTCOME_FILE = "outcome.json"
 
@@ -94,6 +97,10 @@ class Agent:
         self.spool = Spool(config.run.state_dir)
         self.master: Master | None = None
         self.beats: Heartbeats | None = None
+        self.unwritten: list[str] = []
+        """What could not be written to the state directory (full disk, read-only)."""
+        self.unspooled: bytes | None = None
+        """This run's report, when the spool could not keep it: delivered from memory."""
         if config.master_url is not None and config.token is not None:
             self.master = Master(config.master_url, config.token, config.run.node_id)
             self.beats = Heartbeats(self.master, config.run.run_id, config.heartbeat_s)
@@ -102,11 +109,16 @@ class Agent:
         """Run (or resume) this node's run; returns (exit code, end state)."""
         if self.beats is not None:
             self.beats.start()
-        code, state = self._previous_outcome() or self._produce_report()
-        if self.master is not None:
-            code, state = self._deliver_all(code, state)
-        if self.beats is not None:
-            self.beats.stop(final_state="done" if code == EXIT_OK else "failed")
+        code, state = EXIT_FAILED, "failed"
+        try:
+            code, state = self._previous_outcome() or self._produce_report()
+            if self.master is not None:
+                code, state = self._deliver_all(code, state)
+            if self.unwritten and code in (EXIT_OK, EXIT_FAILED):
+                code = EXIT_STATE_LOST
+        finally:  # the master hears the end, whatever broke
+            if self.beats is not None:
+                self.beats.stop(final_state="done" if code == EXIT_OK else "failed")
         return code, state
 
     # -- producing the report -----------------------------------------------------------------
@@ -135,6 +147,7 @@ class Agent:
                 self.beats.update(state="running")
             results = run_pipeline(config, pipeline, log_path, self._progress)
             code, state = STATUS_EXIT.get(results["status"], EXIT_FAILED), results["status"]
+            self._keep("results.json", json.dumps(results).encode())
         except (Sha256Mismatch, Refused, FileNotFoundError, PipelineError) as exc:
             reason = f"pipeline not run: {exc}"
             log.error("%s", reason)
@@ -145,12 +158,40 @@ class Agent:
             results, code, state = self._not_run(log_path, reason), EXIT_FAILED, "failed"
         if self.beats is not None:
             self.beats.update(state="reporting")
-        report = {**results, "log": log_for_report(log_path)}
+        report = {**results, "log": self._report_log(log_path)}
         if self.master is not None:
-            self.spool.save(report)  # durable before the first send attempt
+            try:
+                self.spool.save(report)  # durable before the first send attempt
+            except OSError as exc:
+                self._unwritable("the report spool", exc)
+                self.unspooled = jsontext.dumps(report).encode()
         outcome = {"exit": code, "state": state, "status": results["status"]}
-        write_output(config.run_dir / OUTCOME_FILE, json.dumps(outcome).encode(), mode=0o600)
+        self._keep(OUTCOME_FILE, json.dumps(outcome).encode())
         return code, state
+
+    def _keep(self, name: str, data: bytes) -> None:
+        """Write a state file of this run; a failure is noted, not fatal."""
+        try:
+            write_output(self.config.run_dir / name, data, mode=0o600)
+        except OSError as exc:
+            self._unwritable(name, exc)
+
+    def _unwritable(self, what: str, exc: OSError) -> None:
+        log.error("cannot write %s in the state directory: %s", what, exc)
+        self.unwritten.append(f"{what}: {exc.strerror or exc}")
+
+    def _report_log(self, log_path: Path) -> str:
+        """The combined log for the report, marked truncated if the state directory failed."""
+        try:
+            text = log_for_report(log_path)
+        except OSError as exc:
+            text = ""
+            self._unwritable("the combined log", exc)
+        marks = "".join(
+            f"{now()} executor err [the combined log is truncated: cannot write {what}]\n"
+            for what in self.unwritten
+        )
+        return text + marks
 
     def _progress(self, done: int, total: int) -> None:
         if self.beats is not None:
@@ -158,8 +199,11 @@ class Agent:
 
     def _not_run(self, log_path: Path, reason: str) -> dict[str, Any]:
         """The report of a run that never started: status failed, no tasks, reason in log."""
-        with CombinedLog(log_path) as combined:
-            combined.executor(reason, stream="err")
+        try:
+            with CombinedLog(log_path) as combined:
+                combined.executor(reason, stream="err")
+        except OSError as exc:
+            self._unwritable("the combined log", exc)
         stamp = now()
         results: dict[str, Any] = {
             "run_id": self.config.run.run_id,
@@ -171,7 +215,7 @@ class Agent:
             "tasks": {},
             "log_path": str(log_path),
         }
-        write_output(self.config.run_dir / "results.json", json.dumps(results).encode(), 0o600)
+        self._keep("results.json", json.dumps(results).encode())
         return results
 
     # -- delivery -------------------------------------------------------------------------------
@@ -196,6 +240,16 @@ class Agent:
                 log.error("%s; kept in %s for the next start", exc, path)
                 if path.name == mine:
                     return EXIT_UNDELIVERED, "undelivered"
+        if self.unspooled is not None:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                deliverer.send(self.config.run.run_id, self.unspooled, give_up_after_s=left)
+            except Refused as exc:
+                log.error("report refused and lost (the spool could not keep it): %s", exc)
+                return EXIT_UNDELIVERED, f"refused-{exc.status}"
+            except Undelivered as exc:
+                log.error("%s; lost: the spool could not keep it", exc)
+                return EXIT_UNDELIVERED, "undelivered"
         return code, state
 
 
@@ -233,7 +287,9 @@ console: one line at start and one at the end,
   EXECUTOR-STATUS node=<id> run=<id> state=<state>
 
 exit codes: 0 succeeded, 1 failed or cancelled, 2 configuration error, invalid
-pipeline or sha256 mismatch, 3 report refused (kept on disk) or not delivered in time.
+pipeline or sha256 mismatch, 3 report refused (kept on disk) or not delivered in time,
+4 the state directory could not be written (full disk?): the report was delivered from
+memory, its log marked truncated.
 """
 
 OPTION_VARIABLES: Mapping[str, str] = {

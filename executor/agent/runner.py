@@ -30,7 +30,6 @@ def run_pipeline(
         run_id=run.run_id,
         node_id=run.node_id,
         log_path=log_path,
-        results_path=config.run_dir / "results.json",
         grace_s=GRACE_S,
     )
     results: dict[str, Any] = manager.run(pipeline, run_config, on_progress)

@@ -3,9 +3,11 @@ master is down, crashes of the server and of the agent, refusals, the gateway, p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -309,3 +311,41 @@ def test_sigterm_cancels_the_run_and_the_report_says_so(
     assert stored["status"] == "cancelled"
     assert stored["tasks"]["first"]["status"] == "cancelled"
     assert statuses(proc)[-1].endswith("run=r-term state=cancelled")
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a tmpfs of 16 KiB, filled up; needs root (mount)."""
+    mountpoint = tmp_path / "full"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16k,mode=0755", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        with contextlib.suppress(OSError), (mountpoint / "filler").open("wb") as filler:
+            while True:
+                filler.write(bytes(4096))
+                filler.flush()
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_full_state_disk_still_reports_from_memory(
+    server: ServerProcess, agent: AgentFactory, tmp_path: Path, full_disk: Path
+) -> None:
+    proc = agent(server, write_pipeline(tmp_path / "p"), EXECUTOR_STATE_DIR=str(full_disk))
+    assert proc.start().wait() == 4, proc.tail()  # the documented "state lost" code
+    [stored] = reports(server)
+    assert stored["status"] == "failed"
+    assert "No space left on device" in stored["log"]
+    truncated = "[the combined log is truncated: cannot write the combined log: No space"
+    assert truncated in stored["log"]
+    assert not list(full_disk.glob("spool/*.json")), "delivered from memory, not from the spool"
+    [node] = server.rows("nodes")
+    assert (node[1], node[3]) == (stored["run_id"], "failed"), "a final heartbeat arrived"
+    assert "Traceback" not in "\n".join(proc.console())
