@@ -1,8 +1,11 @@
 """The ``executor`` command (argparse: the executor's only runtime dependencies are the
 standard library and tenacity).
 
-Exit codes: 0 success; 1 a task failed or the run was cancelled; 2 invalid pipeline,
-setting or usage, reported as one ``Error: ...`` line on stderr.
+Exit codes (every error is one ``Error: ...`` line on stderr; ``--debug`` adds the traceback
+of an OS error or an interrupt): 0 success; 1 a task failed, the run was cancelled, or its
+store and events failed; 2 invalid pipeline, setting or usage; 3 only ``agent``: report
+refused or not delivered; 4 a file could not be read or written (an OS error), the same
+code as ``imagefactory``'s for a failing host; 130 interrupted outside a run.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -19,6 +23,7 @@ from executor.pipeline import PipelineError, load_pipeline
 from executor.services.wire import ServiceError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OS, EXIT_INTERRUPTED = 4, 130  # 3 is the agent's (executor/agent/main.py)
 
 
 class UsageError(Exception):
@@ -34,8 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="executor",
         description="Load, validate, pack and run pipeline DAGs (pipeline format 1).",
+        epilog="exit status: 0 success, 1 a task failed or the run was cancelled, 2 invalid "
+        "pipeline, setting or usage, 3 (agent) report not delivered, 4 a file could not be "
+        "read or written, 130 interrupted",
     )
     parser.add_argument("--version", action="version", version=f"executor {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the traceback of an OS error or an interrupt (other errors stay one line)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -103,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    debug = False
     try:
         args = build_parser().parse_args(argv)
+        debug = args.debug
         code: int = args.handler(args)
         return code
     except (UsageError, PipelineError) as exc:
@@ -114,8 +129,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Error: the run's store and events failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("Error: interrupted", file=sys.stderr)
-        return EXIT_FAILED
+        return _unexpected("interrupted", EXIT_INTERRUPTED, debug)
+    except OSError as exc:
+        where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+        text = f"{where}: {exc.strerror}" if where is not None and exc.strerror else str(exc)
+        return _unexpected(text, EXIT_OS, debug)
+
+
+def _unexpected(message: str, code: int, debug: bool) -> int:
+    """An error that is no bug of the caller's: the traceback only on request."""
+    if debug:
+        traceback.print_exc()
+    print(f"Error: {message}", file=sys.stderr)
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -143,10 +169,7 @@ def _run(args: argparse.Namespace) -> int:
         start_method=args.start_method,
         prefetch=args.prefetch,
     )
-    try:
-        results = run(pipeline, config, on_progress=_progress_printer())
-    except OSError as exc:
-        raise UsageError(f"{exc.filename or 'run'}: {exc.strerror or exc}") from None
+    results = run(pipeline, config, on_progress=_progress_printer())
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -23,6 +23,11 @@ Argv = Sequence[str | os.PathLike[str]]
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+TAIL_LINES = 5
+"""How many of a failed command's last output lines its error shows."""
+_TAIL_WIDTH = 200
+
+
 @dataclass
 class CommandError(Exception):
     argv: list[str]
@@ -31,9 +36,33 @@ class CommandError(Exception):
     stderr: str
 
     def __str__(self) -> str:
-        tail = (self.stderr or self.stdout).strip().splitlines()[-5:]
-        detail = ("; " + " | ".join(tail)) if tail else ""
-        return f"command failed with exit code {self.returncode}: {shlex.join(self.argv)}{detail}"
+        """One line, for logs and for steps that wrap the failure in their own message."""
+        tail = self.tail()
+        return self.headline() + (("; " + " | ".join(tail)) if tail else "")
+
+    def headline(self) -> str:
+        """`command failed with exit code 3: mkfs.fat -F 16 ...` (or `killed by SIGKILL`)."""
+        if self.returncode < 0:
+            try:
+                how = f"killed by {signal.Signals(-self.returncode).name}"
+            except ValueError:
+                how = f"killed by signal {-self.returncode}"
+        else:
+            how = f"failed with exit code {self.returncode}"
+        return f"command {how}: {shlex.join(self.argv)}"
+
+    def tail(self, lines: int = TAIL_LINES) -> list[str]:
+        """The last non-blank lines of its stderr, or of its stdout if stderr has none."""
+        text = self.stderr if self.stderr.strip() else self.stdout
+        kept = [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
+        return [
+            line if len(line) <= _TAIL_WIDTH else line[: _TAIL_WIDTH - 3] + "..." for line in kept
+        ]
+
+    def message(self) -> str:
+        """What a command line tool prints after `Error: `: the headline, then the tail of
+        the command's output, one indented line each."""
+        return "\n".join([self.headline(), *(f"  {line}" for line in self.tail())])
 
 
 def _argv(argv: Argv) -> list[str]:

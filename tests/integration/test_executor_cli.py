@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.integration.executor_pipelines import make_pipeline, task
+from tests.integration.test_error_boundary import signal_when
 from tests.processes import process_alive
 
 EXECUTOR = [sys.executable, "-m", "executor"]
@@ -101,23 +101,9 @@ def test_sigterm_from_outside_cancels_and_writes_results(tmp_path: Path) -> None
         ],
     )
     results_path = tmp_path / "results.json"
-    process = subprocess.Popen(
-        [*EXECUTOR, "run", str(source), "--log", str(tmp_path / "log"), "--results",
-         str(results_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not pidfile.exists():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 1, stderr
+    argv = [*EXECUTOR, "run", str(source), "--log", str(tmp_path / "log")]
+    code, stderr = signal_when([*argv, "--results", str(results_path)], signal.SIGTERM, pidfile)
+    assert code == 1, stderr
     results = json.loads(results_path.read_text())
     assert results["status"] == "cancelled"
     assert {t: e["status"] for t, e in results["tasks"].items()} == {
