@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -205,12 +206,34 @@ def _without_telemetry() -> dict[str, Any]:
     return {"telemetry": off}
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def strict_json(body: bytes) -> Any:
+    """JSON as RFC 8259 has it, or a 400: no NaN or Infinity, no lone surrogates (which no
+    reader could store or send on), and nothing nested deeper than the parser can go."""
+    try:
+        value = json.loads(body, parse_constant=_refuse_constant)
+        if _SURROGATE_ESCAPE.search(body):  # pairs are fine, lone ones fail to encode
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise HTTPException(400, "body is not valid JSON: nested too deeply") from None
+    except (UnicodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise HTTPException(400, f"body is not valid JSON: {_first_line(exc)}") from None
+    return value
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
 def _parse_report(body: bytes) -> dict[str, Any]:
     """The report as the node sent it (stored verbatim), after schema validation."""
-    try:
-        report = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HTTPException(400, f"body is not valid JSON: {exc}") from None
+    report = strict_json(body)
     try:
         Report.model_validate(report)
     except ValidationError as exc:

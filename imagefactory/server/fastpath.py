@@ -3,7 +3,7 @@
 A fleet sends far more heartbeats than anything else, and FastAPI's per-request machinery
 (dependency solving, parameter models, response classes) costs more than the request
 itself (docs/performance.md). This wrapper answers `POST /v1/nodes/{valid id}/heartbeats`
-directly, with the same checks in the same order (size limit outside it, token, pydantic
+directly, with the same checks (size limit outside it, then the token, then the pydantic
 schema) and the same group commit; every other request, including heartbeats for an
 invalid node id (which the FastAPI route rejects), goes on to the FastAPI app, which also
 documents the endpoint.
@@ -46,7 +46,11 @@ async def record_heartbeat(
 ) -> None:
     """Check the node's token, then commit the heartbeat (returns after the commit)."""
     authority.require_node(bearer_token(authorization), node_id)
-    await writer.record(HeartbeatRow(node_id=node_id, last_seen=time.time(), **beat.model_dump()))
+    await writer.record(_row(node_id, beat))
+
+
+def _row(node_id: str, beat: Heartbeat) -> HeartbeatRow:
+    return HeartbeatRow(node_id=node_id, last_seen=time.time(), **beat.model_dump())
 
 
 class HeartbeatFastPath:
@@ -65,13 +69,14 @@ class HeartbeatFastPath:
 
     async def _heartbeat(self, node_id: str, scope: Scope, receive: Receive, send: Send) -> None:
         try:
+            # The token first: an unauthenticated caller learns nothing about the body.
+            self.authority.require_node(bearer_token(_header(scope, b"authorization")), node_id)
             body = await _read_body(receive)
             try:
                 beat = Heartbeat.model_validate_json(body)
             except ValidationError as exc:
                 raise HTTPException(400, validation_message(list(exc.errors()))) from None
-            authorization = _header(scope, b"authorization")
-            await record_heartbeat(self.authority, self.writer, node_id, authorization, beat)
+            await self.writer.record(_row(node_id, beat))
         except HTTPException as exc:
             await JSONResponse({"error": exc.detail}, exc.status_code)(scope, receive, send)
             return

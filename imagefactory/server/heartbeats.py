@@ -3,7 +3,8 @@
 Every heartbeat must be committed before its 204, but one transaction per heartbeat would
 cap a fleet at the disk's fsync rate. Requests queue their row and wait; one writer task
 takes everything queued (up to MAX_BATCH rows), commits it in one transaction, and wakes
-them all.
+them all. If that commit fails, the rows are committed one by one, so one bad row fails
+only its own request.
 
     request ─► queue ─► writer task ─► Storage.record_heartbeats ─► futures done
 
@@ -60,16 +61,35 @@ class HeartbeatWriter:
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                rows = [r for r, _ in batch]
-                if self._inline:
-                    self._storage.record_heartbeats(rows)
-                else:
-                    await asyncio.to_thread(self._storage.record_heartbeats, rows)
-            except Exception as exc:  # every waiter gets the failure, the writer carries on
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                await self._commit([r for r, _ in batch])
+            except Exception as exc:
+                if len(batch) == 1:
+                    _settle(batch[0][1], exc)
+                    continue
+                # One bad row must not fail the others: commit them one by one.
+                for row, future in batch:
+                    try:
+                        await self._commit([row])
+                    except Exception as row_exc:
+                        _settle(future, row_exc)
+                    else:
+                        _settle(future, None)
             else:
                 for _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
+                    _settle(future, None)
+
+    async def _commit(self, rows: list[HeartbeatRow]) -> None:
+        if self._inline:
+            self._storage.record_heartbeats(rows)
+        else:
+            await asyncio.to_thread(self._storage.record_heartbeats, rows)
+
+
+def _settle(future: asyncio.Future[None], error: Exception | None) -> None:
+    """Wake one waiting request (unless it gave up): with its row committed, or the error."""
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

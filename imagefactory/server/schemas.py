@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+INT64_MAX = 2**63 - 1
+"""Counters are stored as 64-bit integers; a larger one is a bad request, not a failed commit."""
 TIME_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$"
 
 Ident = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
@@ -25,10 +27,10 @@ class Heartbeat(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     run_id: Ident
-    seq: int = Field(ge=0, description="Increases with every heartbeat of a run.")
+    seq: int = Field(ge=0, le=INT64_MAX, description="Increases with every heartbeat of a run.")
     state: NodeState
-    tasks_done: int = Field(ge=0)
-    tasks_total: int = Field(ge=0)
+    tasks_done: int = Field(ge=0, le=INT64_MAX)
+    tasks_total: int = Field(ge=0, le=INT64_MAX)
     interval_s: float = Field(gt=0, le=86400, description="The node's heartbeat interval.")
     sent_at: Timestamp
 

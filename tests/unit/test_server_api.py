@@ -6,6 +6,7 @@ import copy
 import gzip
 import json
 import sqlite3
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,18 @@ def test_openapi_document_describes_the_api(client: TestClient) -> None:
     assert "Report" in doc["components"]["schemas"]
 
 
+def report_text(**replace: str) -> str:
+    """The report as JSON text, with some values swapped for raw JSON text."""
+    text = json.dumps(report())
+    for old, raw in replace.items():
+        text = text.replace(old, raw, 1)
+    return text
+
+
+REPORT_NAN = report_text(**{"[1, 2, 3]": "[1, NaN, 3]"})
+REPORT_INF = report_text(**{'"duration_s": 0.5': '"duration_s": -Infinity'})
+REPORT_LONE = report_text(**{"run started": "run \\ud800 started"})
+REPORT_DEEP = report_text(**{"[1, 2, 3]": "[" * 1400 + "]" * 1400})
 BASIC = {"Authorization": "Basic eDp5"}
 REJECTIONS: list[tuple[str, str, dict[str, str], Any, int, str]] = [
     # (method, url, headers, body, status, error fragment)
@@ -215,6 +228,22 @@ REJECTIONS: list[tuple[str, str, dict[str, str], Any, int, str]] = [
     ("GET", "/v1/pipelines/etl", auth("bad", "node-a"), None, 401, "invalid token"),
     ("PUT", "/v1/pipelines/etl", auth(node_token(SECRET, "n"), "n"), b"\x1f\x8b", 403, "admin"),
     ("PUT", "/v1/pipelines/etl", auth(ADMIN), b"not gzip", 400, "gzip"),
+    ("POST", "/v1/nodes/node-a/heartbeats", node_auth("node-a"), beat(seq=2**64), 400, "seq"),
+    (
+        "POST",
+        "/v1/nodes/node-a/heartbeats",
+        node_auth("node-a"),
+        beat(tasks_done=2**63),
+        400,
+        "tasks_done",
+    ),
+    # The token is checked before the body: no schema for an unauthenticated caller.
+    ("POST", "/v1/nodes/node-a/heartbeats", {}, "{", 401, "missing bearer"),
+    ("POST", "/v1/nodes/node-a/heartbeats", node_auth("node-b"), beat(seq=-1), 401, "invalid"),
+    ("PUT", "/v1/runs/run-1/report", node_auth("node-a"), REPORT_NAN, 400, "NaN is not a JSON"),
+    ("PUT", "/v1/runs/run-1/report", node_auth("node-a"), REPORT_INF, 400, "Infinity is not"),
+    ("PUT", "/v1/runs/run-1/report", node_auth("node-a"), REPORT_LONE, 400, "surrogates"),
+    ("PUT", "/v1/runs/run-1/report", node_auth("node-a"), REPORT_DEEP, 400, "nested too deeply"),
     ("GET", "/v1/nowhere", auth(ADMIN), None, 404, "Not Found"),
     ("DELETE", "/v1/nodes", auth(ADMIN), None, 405, "Not Allowed"),
 ]
@@ -241,6 +270,20 @@ def test_rejected_requests_change_nothing(
     assert r.status_code == status, r.text
     assert fragment in r.json()["error"]
     assert dump_db(db) == before
+
+
+def test_report_strings_with_surrogate_pairs_are_kept(client: TestClient) -> None:
+    body = report_text(**{"run started": "run \\ud83d\\ude00 started"})
+    r = client.put("/v1/runs/run-1/report", content=body, headers=node_auth("node-a"))
+    assert r.status_code == 201, r.text
+    stored = client.get("/v1/runs/run-1", headers=auth(ADMIN)).json()
+    assert "run \U0001f600 started" in stored["log"]
+
+
+def test_the_database_file_is_private(client: TestClient, db: Path) -> None:
+    client.post("/v1/nodes/node-a/heartbeats", json=beat(), headers=node_auth("node-a"))
+    for path in [db, *db.parent.glob(db.name + "-*")]:  # with the -wal and -shm files
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
 def test_chunked_body_over_the_limit_is_413(client: TestClient, db: Path) -> None:
