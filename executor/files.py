@@ -46,20 +46,32 @@ def output_file(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[Bin
             yield direct
         return
     target = Path(os.path.realpath(path))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    with _named(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     temporary = Path(name)
     try:
         with os.fdopen(fd, "wb") as out:
             os.fchmod(out.fileno(), mode)
             yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, target)
+            with _named(target):
+                out.flush()
+                os.fsync(out.fileno())
+        with _named(target):
+            os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     _fsync_directory(target.parent)
+
+
+@contextmanager
+def _named(target: Path) -> Iterator[None]:
+    """An OSError about the temporary file names the file the user asked for."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(target)) from exc
 
 
 def write_output(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:

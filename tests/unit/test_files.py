@@ -79,3 +79,11 @@ def test_a_directory_or_socket_is_refused_with_its_name(tmp_path: Path) -> None:
         with pytest.raises(OSError, match="not a regular file"):
             write_output(path, b"x")
     assert stat.S_ISSOCK(path.stat().st_mode)
+
+
+def test_an_error_names_the_file_asked_for_not_the_temporary(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    with pytest.raises(OSError) as caught:
+        write_output(blocker / "results.json", b"x")  # a path below a regular file
+    assert caught.value.filename == str(blocker / "results.json")
