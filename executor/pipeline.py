@@ -9,21 +9,19 @@ the file and the problem.
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from executor.archive import ArchiveError, ArchiveLimits, extract
+from executor.importcheck import check_calls, timeout_from_env
 
 FORMAT = 1
 MANIFEST = "pipeline.json"
@@ -294,53 +292,11 @@ def find_cycle(tasks: Mapping[str, Task]) -> list[str]:
 
 
 def _check_calls(tasks: Mapping[str, Task], root: Path, where: Path) -> None:
-    # Whatever the pipeline's modules print while they are imported is not the
-    # executor's output (which may be JSON): it goes to stderr.
-    with pipeline_imports(root), redirect_stdout(sys.stderr):
-        signatures: dict[str, inspect.Signature | None] = {}
-        for task in tasks.values():
-            label = f"task {task.id!r}: {task.call}"
-            if task.call not in signatures:
-                try:
-                    signatures[task.call] = _signature(import_call(task.call))
-                except (Exception, SystemExit) as exc:
-                    problem = f"cannot import: {type(exc).__name__}: {exc}"
-                    raise PipelineError(where, f"{label}: {problem}") from None
-            signature = signatures[task.call]
-            try:
-                if signature is not None:
-                    signature.bind(None, **task.args)
-            except TypeError as exc:
-                problem = f"does not accept fn(ctx, **args): {exc}"
-                raise PipelineError(where, f"{label}: {problem}") from None
-
-
-def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
     try:
-        return inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None  # Some C callables have no signature to check against.
-
-
-@contextmanager
-def pipeline_imports(root: Path) -> Iterator[None]:
-    """Import from ``root`` for a check, then forget those modules again.
-
-    Workers must import the pipeline code themselves (once each, after they start),
-    so the validating process keeps neither the path entry nor the modules.
-    """
-    before = set(sys.modules)
-    sys.path.insert(0, str(root))
-    importlib.invalidate_caches()
-    try:
-        yield
-    finally:
-        sys.path.remove(str(root))
-        for name in set(sys.modules) - before:
-            if _is_under(sys.modules[name], str(root) + os.sep):
-                del sys.modules[name]
-
-
-def _is_under(module: Any, prefix: str) -> bool:
-    locations = [getattr(module, "__file__", None) or "", *getattr(module, "__path__", [])]
-    return any(str(location).startswith(prefix) for location in locations)
+        timeout_s = timeout_from_env(os.environ)
+    except ValueError as exc:
+        raise PipelineError(where, str(exc)) from None
+    calls = [(task.id, task.call, task.args) for task in tasks.values()]
+    problem = check_calls(root, calls, timeout_s)
+    if problem is not None:
+        raise PipelineError(where, problem)

@@ -21,6 +21,8 @@ from executor.settings import RunSettings, SettingsError
 GATEWAY_PREFIX = "gateway:"
 RUN_ID_FILE = "run-id"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+MASTER_URL = re.compile(r"https?://[^\s/]+(/\S*)?")
+"""What EXECUTOR_MASTER_URL must look like (tools that write node.env check it too)."""
 log = logging.getLogger("executor.agent.config")
 
 
@@ -111,7 +113,7 @@ def _master_url(env: Mapping[str, str]) -> str | None:
     url = env.get("EXECUTOR_MASTER_URL", "").strip()
     if not url:
         return None
-    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+    if not MASTER_URL.fullmatch(url):
         raise AgentConfigError(f"EXECUTOR_MASTER_URL: {url!r} is not an http(s):// URL")
     return url.rstrip("/")
 

@@ -32,6 +32,11 @@ def check_key(key: str) -> str:
 
 def check_value(key: str, value: str) -> str:
     """A value that fits on one node.env line, or a user error naming the variable."""
+    if not _is_text(value):
+        raise die(
+            f"the value of {key} is not UTF-8 text",
+            hint="node.env is UTF-8; pass the value in a UTF-8 locale, without raw bytes",
+        )
     for char, name in _FORBIDDEN.items():
         if char in value:
             raise die(
@@ -39,6 +44,16 @@ def check_value(key: str, value: str) -> str:
                 hint="node.env holds one line per variable; pass the value without line breaks",
             )
     return value
+
+
+def _is_text(value: str) -> bool:
+    """False for strings holding lone surrogates: bytes that were not UTF-8 on the command
+    line (Python decodes them with surrogateescape)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def quote(value: str) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pycdlib
 
+from executor.agent.config import MASTER_URL
 from executor.files import write_output
 from imagefactory.boot import nodeenv
 from imagefactory.errors import die
@@ -65,6 +66,12 @@ class NodeVars:
         check_node_id(self.node_id)
         if self.on_complete not in ON_COMPLETE:
             raise die(f"invalid on-complete action {self.on_complete!r}", hint="poweroff or none")
+        if self.master_url is not None and not MASTER_URL.fullmatch(self.master_url):
+            raise die(
+                f"invalid master URL {self.master_url!r}",
+                hint="an http:// or https:// URL as the guest reaches it, e.g. "
+                "http://10.0.2.100:8750",
+            )
         pairs = [("EXECUTOR_NODE_ID", self.node_id)]
         optional = (
             ("EXECUTOR_RUN_ID", self.run_id),

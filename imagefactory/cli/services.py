@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from executor.pipeline import PipelineError, load_pipeline
 from imagefactory.client import AdminClient
+from imagefactory.errors import die
 from imagefactory.paths import state_root
 from imagefactory.server.config import (
     DEFAULT_MAX_BODY_BYTES,
@@ -19,6 +22,7 @@ from imagefactory.server.config import (
     ServerConfig,
     database_url,
 )
+from imagefactory.server.schemas import ID_PATTERN
 from imagefactory.tokens import ensure_secret, node_token, read_secret
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -69,6 +73,16 @@ def admin_options(f: F) -> F:
 
 def admin_client(url: str, admin_token_file: Path) -> AdminClient:
     return AdminClient(url, read_secret(admin_token_file))
+
+
+def check_ident(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Ids and names go into URL paths: the server's pattern, checked before any request."""
+    if value is not None and not re.fullmatch(ID_PATTERN, value):
+        raise click.BadParameter(
+            f"{value!r} is not 1-128 of [A-Za-z0-9_.-], starting with a letter or digit",
+            param=param,
+        )
+    return value
 
 
 def print_json(value: Any) -> None:
@@ -142,7 +156,7 @@ def serve(
 
 
 @click.command()
-@click.argument("node_id")
+@click.argument("node_id", callback=check_ident)
 @secret_option
 @json_option
 def token(node_id: str, secret_file: Path, as_json: bool) -> None:
@@ -172,7 +186,7 @@ def nodes(url: str, admin_token_file: Path, as_json: bool) -> None:
 
 @click.command()
 @admin_options
-@click.option("--node", help="Only the runs of this node.")
+@click.option("--node", callback=check_ident, help="Only the runs of this node.")
 @click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
 @json_option
 def runs(url: str, admin_token_file: Path, node: str | None, limit: int, as_json: bool) -> None:
@@ -194,7 +208,8 @@ def _error_text(error: dict[str, Any] | None) -> str | None:
 
 def run_command(f: F) -> F:
     """The options of a command about one run: RUN_ID, --url, --admin-token-file, --json."""
-    return click.command()(click.argument("run_id")(admin_options(json_option(f))))  # type: ignore[return-value]
+    argument = click.argument("run_id", callback=check_ident)
+    return click.command()(argument(admin_options(json_option(f))))  # type: ignore[return-value]
 
 
 def fetch_report(run_id: str, url: str, admin_token_file: Path) -> dict[str, Any]:
@@ -232,15 +247,20 @@ def logs(run_id: str, url: str, admin_token_file: Path, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", callback=check_ident)
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @admin_options
 @json_option
 def publish(name: str, archive: Path, url: str, admin_token_file: Path, as_json: bool) -> None:
     """Publish ARCHIVE (a pipeline .tar.gz from `executor pack`) as NAME on the gateway.
 
-    Nodes with EXECUTOR_PIPELINE=gateway:NAME download it.
+    Nodes with EXECUTOR_PIPELINE=gateway:NAME download it. The archive is validated
+    first, as `executor validate` does; an invalid one is not published.
     """
+    try:
+        load_pipeline(archive)  # what `executor validate` would refuse, nodes would too
+    except PipelineError as exc:
+        raise die(f"not published: {exc}") from None
     with admin_client(url, admin_token_file) as client:
         ack = client.put_bytes(f"/v1/pipelines/{name}", archive.read_bytes())
     if as_json:

@@ -46,7 +46,7 @@ NodeId = Annotated[str, Path(pattern=ID_PATTERN)]
 RunId = Annotated[str, Path(pattern=ID_PATTERN)]
 PipelineName = Annotated[str, Path(pattern=ID_PATTERN)]
 Authorization = Annotated[str | None, Header()]
-XNodeId = Annotated[str | None, Header(alias="X-Node-ID")]
+XNodeId = Annotated[str | None, Header(alias="X-Node-ID", pattern=ID_PATTERN)]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413)

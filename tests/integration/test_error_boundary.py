@@ -201,8 +201,7 @@ def read_only(tmp_path: Path) -> Iterator[tuple[Path, Callable[[list[str]], list
         ([IMAGEFACTORY, *RENDER, "-o", "{ro}/build"], "{ro}/build", EXIT_HOST),
         # seed and pack stop with their own user error: "cannot write FILE: ..." (exit 2).
         ([IMAGEFACTORY, "seed", "--node-id", "n-1", "-o", "{ro}/seed.iso"], "{ro}/seed.iso", 2),
-        # The engine writes the results to a temporary file first, and names that.
-        ([EXECUTOR, "run", "{p}", "--results", "{ro}/r.json"], "{ro}/.r.json", EXIT_HOST),
+        ([EXECUTOR, "run", "{p}", "--results", "{ro}/r.json"], "{ro}/r.json:", EXIT_HOST),
         ([EXECUTOR, "run", "{p}", "--log", "{ro}/run.log"], "{ro}/run.log", EXIT_HOST),
         ([EXECUTOR, "pack", "{p}", "-o", "{ro}/p.tar.gz"], "{ro}/p.tar.gz", 2),
     ],

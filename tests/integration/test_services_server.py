@@ -7,6 +7,7 @@ import gzip
 import json
 import socket
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.services_harness import BIN, ServerProcess
+from executor.pack import pack
+from tests.integration.services_harness import BIN, ServerProcess, write_pipeline
 
 TIME = "2026-01-02T03:04:05.123456Z"
 
@@ -129,7 +131,7 @@ def test_admin_commands_against_a_real_server(server: ServerProcess, tmp_path: P
     assert admin(server, "logs", "run-1").stdout == report("run-1", "node-a")["log"]
 
     archive = tmp_path / "etl.tar.gz"
-    archive.write_bytes(gzip.compress(b"pipeline"))
+    pack(write_pipeline(tmp_path / "etl"), archive)
     published = json.loads(admin(server, "publish", "etl", str(archive), "--json").stdout)
     download = httpx.get(
         f"{server.url}/v1/pipelines/etl", headers={**headers, "X-Node-ID": "node-a"}
@@ -142,7 +144,9 @@ def test_admin_commands_against_a_real_server(server: ServerProcess, tmp_path: P
     ("args", "message"),
     [
         (("report", "nope"), "404 no report for run nope"),
-        (("logs", "bad id!"), "400"),
+        (("logs", "bad id!"), "Invalid value for 'RUN_ID'"),
+        (("report", "../x"), "Invalid value for 'RUN_ID'"),
+        (("runs", "--node", "a/b"), "Invalid value for '--node'"),
         (("publish", "etl", "/nonexistent.tar.gz"), "does not exist"),
     ],
 )
@@ -154,6 +158,47 @@ def test_admin_command_errors_end_in_one_error_line(
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: ") and message in last
+
+
+def test_token_refuses_a_node_id_the_server_would_refuse(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    argv = [str(BIN / "imagefactory"), "token", "../x", "--secret-file", str(secret)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Invalid value for 'NODE_ID'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (gzip.compress(b"not a tar"), "not a valid .tar.gz archive"),
+        (b"plain text", "not a valid .tar.gz archive"),
+    ],
+)
+def test_publish_refuses_what_validate_refuses(
+    server: ServerProcess, tmp_path: Path, content: bytes, message: str
+) -> None:
+    archive = tmp_path / "bad.tar.gz"
+    archive.write_bytes(content)
+    result = admin(server, "publish", "etl", str(archive))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("Error: not published: ") and message in result.stderr
+    assert server.rows("pipelines") == []
+
+
+def test_publish_refuses_a_pipeline_whose_module_breaks(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    source = write_pipeline(tmp_path / "p")
+    (source / "h3tasks.py").write_text("import os\nos._exit(7)\n")
+    archive = tmp_path / "p.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(source.iterdir()):
+            tar.add(path, arcname=path.name)
+    result = admin(server, "publish", "etl", str(archive))
+    assert result.returncode == 2 and "exit code 7" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert server.rows("pipelines") == []
 
 
 def test_admin_command_with_a_node_token_is_refused(server: ServerProcess, tmp_path: Path) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -132,13 +134,70 @@ def test_module_that_fails_to_import_is_reported(tmp_path: Path) -> None:
 
 
 def test_module_exiting_or_printing_at_import(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     root = _write(tmp_path, _doc(_t("a")), code="print('noise')\nraise SystemExit(3)\n")
     with pytest.raises(PipelineError, match="cannot import: SystemExit: 3"):
         load_pipeline(root)
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()
     assert captured.out == "" and "noise" in captured.err
+
+
+def test_imports_happen_in_a_child_the_caller_keeps_nothing(tmp_path: Path) -> None:
+    code = "import os\nos.environ['IMPORTED_IN'] = str(os.getpid())\ndef f(ctx):\n    pass\n"
+    root = _write(tmp_path, _doc(_t("a")), code=code)
+    load_pipeline(root)
+    assert "IMPORTED_IN" not in os.environ and "mod" not in sys.modules
+    assert str(root) not in sys.path
+
+
+@pytest.mark.parametrize(
+    ("code", "problem"),
+    [
+        ("import os\nos._exit(7)\n", "ended (exit code 7) while importing mod:f"),
+        ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", "killed by signal 9"),
+        (
+            "raise ValueError('first line\\nsecond line\\nthird')\n",
+            "cannot import: ValueError: first line",
+        ),
+    ],
+    ids=["os._exit", "SIGKILL", "multi-line error"],
+)
+def test_a_module_that_ends_the_process_is_one_line(
+    tmp_path: Path, code: str, problem: str
+) -> None:
+    root = _write(tmp_path, _doc(_t("a")), code=code)
+    with pytest.raises(PipelineError) as caught:
+        load_pipeline(root)
+    assert problem in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_module_that_hangs_is_stopped_at_the_time_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "still-running"
+    code = (
+        "import os, subprocess, time\n"  # a leftover process, and a hang
+        f"subprocess.Popen(['sh', '-c', 'sleep 3; touch {marker}'])\n"
+        "time.sleep(600)\n"
+    )
+    root = _write(tmp_path / "p", _doc(_t("a")), code=code)
+    monkeypatch.setenv("EXECUTOR_IMPORT_TIMEOUT_S", "1")
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match=r"did not import within 1 s .* \(importing mod:f\)"):
+        load_pipeline(root)
+    assert time.monotonic() - started < 30
+    time.sleep(4)
+    assert not marker.exists(), "what the import started was killed with it"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "inf"])
+def test_a_bad_import_time_limit_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("EXECUTOR_IMPORT_TIMEOUT_S", value)
+    with pytest.raises(PipelineError, match="EXECUTOR_IMPORT_TIMEOUT_S: .* not a positive"):
+        load_pipeline(_write(tmp_path, _doc(_t("a"))))
 
 
 def test_not_utf8(tmp_path: Path) -> None:

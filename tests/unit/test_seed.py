@@ -151,6 +151,10 @@ def test_seed_command_derives_the_token_from_the_secret(tmp_path: Path) -> None:
         (["--node-id", "n", "--secret-file", "/nonexistent/secret"], "does not exist"),
         (["--node-id", "n", "--ssh-key", "/nonexistent.pub"], "cannot read SSH public key"),
         (["--node-id", "a/b"], "invalid node ID"),
+        (["--node-id", "n", "--env", "A=x\udcffy"], "the value of A is not UTF-8 text"),
+        (["--node-id", "n", "--master", "not a url"], "invalid master URL 'not a url'"),
+        (["--node-id", "n", "--master", "ftp://h/"], "invalid master URL"),
+        (["--node-id", "n", "--master", "http://h/ x"], "invalid master URL"),
     ],
 )
 def test_seed_command_rejects_bad_input_in_one_line(

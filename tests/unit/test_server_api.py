@@ -244,6 +244,7 @@ REJECTIONS: list[tuple[str, str, dict[str, str], Any, int, str]] = [
     ("PUT", "/v1/runs/run-1/report", node_auth("node-a"), REPORT_INF, 400, "Infinity is not"),
     ("PUT", "/v1/runs/run-1/report", node_auth("node-a"), REPORT_LONE, 400, "surrogates"),
     ("PUT", "/v1/runs/run-1/report", node_auth("node-a"), REPORT_DEEP, 400, "nested too deeply"),
+    ("GET", "/v1/nodes", auth(ADMIN, "../x"), None, 400, "X-Node-ID: String should match"),
     ("GET", "/v1/nowhere", auth(ADMIN), None, 404, "Not Found"),
     ("DELETE", "/v1/nodes", auth(ADMIN), None, 405, "Not Allowed"),
 ]
