@@ -1,15 +1,15 @@
 """Whether this machine's CPUs are contended: spinning for the next message only pays
-when they are not.
+when they are not; and `spin_poll`, the one place every process spins.
 
 On an idle machine, a process that polls for a few hundred microseconds instead of
-sleeping saves the 50-100 us a wake-up costs on a virtual machine. On a busy one the
-spinner holds a CPU the other side is waiting for, and the chain gap gets several times
-worse (measured: 79 us idle with spinning, 542 us with spinning while two QEMU guests
-booted, 106 us without). Linux's pressure stall information counts the time runnable
-tasks waited for a CPU; its total, read every 100 ms, gives the share of the last 100 ms
-(its own averages span 10 s and more: far too slow after a burst of the run's own wide
-DAG). Until the first window has passed the answer is yes: 100 ms of spinning on a busy
-machine costs little. Without that file, the load average stands in.
+sleeping saves the wake-up, which is slow on a virtual machine. On a busy one the
+spinner holds a CPU the other side is waiting for, and a chain of short exchanges gets
+several times slower than without spinning. Linux's pressure stall information counts
+the time runnable tasks waited for a CPU; its total, read every 100 ms, gives the share
+of the last 100 ms (its own averages span 10 s and more: far too slow after a burst of
+the run's own wide DAG). Until the first window has passed the answer is yes: 100 ms of
+spinning on a busy machine costs little. Without that file, the load average stands in.
+With EXECUTOR_FASTPATHS=off (executor.settings) no process spins at all.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+
+from executor.settings import fastpaths_on
 
 CPUS = os.cpu_count() or 1
 PSI_CPU = "/proc/pressure/cpu"
@@ -26,9 +28,8 @@ _WINDOW_S = 0.1
 
 SPIN_S = 200e-6
 """How long a process looks for its next message before it sleeps, while spinning pays:
-waking a sleeping process costs 50-100 us of CPU on a virtual machine, and the next
-message of a short exchange (a task's successor, a store request's answer) usually
-comes sooner."""
+waking a sleeping process costs CPU time on a virtual machine, and the next message of
+a short exchange (a task's successor, a store request's answer) usually comes sooner."""
 
 Ready = list[tuple[int, int]]
 """What poll(0) of a poll or epoll object returns: (fd, events) pairs."""
@@ -36,7 +37,10 @@ Ready = list[tuple[int, int]]
 
 def spin_poll(poll: Callable[[float], Ready], seconds: float) -> Ready:
     """Call ``poll(0)`` until it reports something or ``seconds`` pass, without
-    sleeping; its last answer."""
+    sleeping; its last answer. With EXECUTOR_FASTPATHS=off: nothing, at once (the
+    caller goes to sleep)."""
+    if not fastpaths_on():
+        return []
     deadline = time.perf_counter() + seconds
     while not (ready := poll(0)) and time.perf_counter() < deadline:
         pass

@@ -2,10 +2,12 @@
 
 Each reader takes the environment as a mapping (tests pass a dict) and raises
 SettingsError, whose str() is one line naming the variable and the problem.
+`fastpaths_on()` is the one process-wide reading of EXECUTOR_FASTPATHS.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -81,6 +83,29 @@ def state_dir(env: Mapping[str, str] = os.environ) -> Path:
         if _writable_dir(path):
             return path
     raise SettingsError(f"no writable state directory ({SYSTEM_STATE_DIR}, {USER_STATE_DIR})")
+
+
+def fastpaths(env: Mapping[str, str] = os.environ) -> bool:
+    """EXECUTOR_FASTPATHS: ``on`` (also when unset or empty) or ``off``.
+
+    Off, the run's services use none of their shared-memory fast paths (counters, the
+    wait board, recycled memfds) and no process spins for its next message.
+    """
+    raw = env.get("EXECUTOR_FASTPATHS") or "on"
+    if raw not in ("on", "off"):
+        raise SettingsError(f"EXECUTOR_FASTPATHS: {raw!r} is neither 'on' nor 'off'")
+    return raw == "on"
+
+
+@functools.cache
+def fastpaths_on() -> bool:
+    """`fastpaths()` of this process's environment, read at the first call.
+
+    A forked worker inherits the answer; the services process and a forkserver are
+    fresh interpreters that read the environment they inherited. RunServices.start()
+    asks first, so an invalid value fails the run at its start.
+    """
+    return fastpaths(os.environ)
 
 
 def check_id(name: str, value: str) -> str:

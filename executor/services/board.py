@@ -1,7 +1,7 @@
 """The wait board: a publisher hands a payload straight to the waits parked on its topic.
 
 Through the services process an event costs two wake-ups, publisher -> services ->
-waiter, each 50-100 us on a virtual machine. The board is a shared-memory table with one
+waiter, each slow on a virtual machine. The board is a shared-memory table with one
 slot per connection, made by the services process: a `wait` that had to park (the
 services answered "pending") writes its topic's digest into its slot and puts a token in
 the slot's ``claim`` semaphore; a task's `publish` looks for slots parked on its topic,
@@ -20,7 +20,8 @@ the slot is used again.
 
 Only inline payloads of up to MAX_PAYLOAD bytes are handed off, and only by a publisher
 whose earlier store writes were applied (the waiter may read them when it wakes). Slots
-are never reused within a run; connections beyond the board's size use the long way.
+are never reused within a run; connections beyond the board's size use the long way,
+as every connection does with EXECUTOR_FASTPATHS=off (the services make no board).
 Everything here is best effort: whatever fails falls back to the services' answer.
 """
 

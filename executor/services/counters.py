@@ -3,14 +3,15 @@
 The first `incr` of a key goes to the services process, which turns the key into a
 counter: an entry of this table (a memfd every Store maps) holding the key's digest, its
 int value and a process-shared robust mutex. The reply names the entry, and from then on
-each process increments it in place under the mutex: a few microseconds instead of a
-round trip. The services process stays the authority over the key: it reads the entry
+each process increments it in place under the mutex, without a round trip. The
+services process stays the authority over the key: it reads the entry
 for `get` (answered as not cacheable) and retires it, under the same mutex, before a
 `set`, `del` or `cas` replaces the value; an `incr` that finds its entry retired asks
 the services again. The mutex is robust: when a process dies holding it, the next one
 takes it over (the value is written in one 8-byte store, so it is never half-updated).
 Entries are never reused within a run; when the table is full, counters stay in the
-services process (an `incr` is then a round trip, as before).
+services process (an `incr` is then a round trip, as before), as they do with
+EXECUTOR_FASTPATHS=off (the services make no table then).
 """
 
 from __future__ import annotations

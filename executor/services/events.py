@@ -7,7 +7,8 @@ Topics starting with `executor.` are the engine's lifecycle events
 (`executor.task.started|finished|failed|retried`): tasks may wait on and subscribe to
 them, but not publish them. A parked wait gets a task's small payloads straight from the
 publisher through the wait board (executor/services/board.py); the services process still
-answers it as well, and stays the authority.
+answers it as well, and stays the authority. With EXECUTOR_FASTPATHS=off the services
+make no wait board, so every payload goes through them.
 
 A task blocked in `wait` (or in a subscription) still holds its worker. Before it
 blocks, the client calls the `on_block(topic)` hook and afterwards `on_unblock()`, so
@@ -25,14 +26,29 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 from executor.services.board import MAX_PAYLOAD, Board, ParkedWait
+from executor.services.protocol import (
+    ASK_BOARD,
+    DONE,
+    PENDING,
+    TIMEOUT,
+    Event,
+    Message,
+    Ok,
+    Publish,
+    Subscribe,
+    Timeout,
+    Unsubscribe,
+    Unwait,
+    Wait,
+)
 from executor.services.sharedmem import digest
 from executor.services.wire import (
     Blob,
     Connection,
-    Message,
     ServiceError,
     decode,
     encode,
+    expect,
     load,
     take,
 )
@@ -40,7 +56,9 @@ from executor.services.wire import (
 RESERVED_PREFIX = "executor."
 """Topics of the engine's lifecycle events; only the engine's publisher may publish them."""
 
-EVENT_OPS = frozenset({"pub", "wait", "unwait", "sub", "unsub"})
+EVENT_REQUESTS: frozenset[type[Message]] = frozenset(
+    {Publish, Wait, Unwait, Subscribe, Unsubscribe}
+)
 """The requests a TopicBoard applies."""
 
 Delivery = tuple[Hashable, Message, list[Blob]]
@@ -103,7 +121,7 @@ class Events:
             )
         blob = encode(payload)
         if self._engine:
-            self._conn.cast(("pub", topic, blob.enc, False), [blob])
+            self._conn.cast(Publish(topic, blob.enc, False), [blob])
             return
         enc = blob.enc
         # Not after unanswered store writes: a waiter must see them when it wakes.
@@ -112,7 +130,7 @@ class Events:
             if board is not None:
                 board.hand_off(digest(topic), enc)
         # Sleep until the answer: a spinning publisher holds a CPU a woken waiter needs.
-        self._conn.call(("pub", topic, enc, True), [blob], spin=False)
+        self._conn.call(Publish(topic, enc, True), [blob], spin=False)
 
     def wait(self, topic: str, timeout: float | None = None) -> Any:
         """The latest payload on `topic`, blocking until there is one.
@@ -121,24 +139,25 @@ class Events:
         """
         _check_topic(topic)
         reply, fds = self._conn.call(
-            ("wait", topic, _check_timeout(timeout)),
+            Wait(topic, _check_timeout(timeout)),
             on_block=lambda: self._on_block(topic),
             on_unblock=self._on_unblock,
             parked=self._parking(topic),
         )
-        if reply[0] == "timeout":
+        if type(reply) is Timeout:
             raise TimeoutError(f"no event on topic {topic!r} within {timeout} s")
-        return load(reply[1], fds)
+        return load(expect(Ok, reply).value, fds)
 
     def _wait_board(self) -> Board | None:
         """The run's wait board (executor/services/board.py), asked for once; None without one."""
         if not self._board_asked:
             self._board_asked = True
-            reply, fds = self._conn.call(("board",))
-            if reply[1] >= 0:
+            reply, fds = self._conn.call(ASK_BOARD)
+            slot = int(expect(Ok, reply).value)
+            if slot >= 0:
                 fd = fds.popleft()
                 try:
-                    self._board, self._slot = Board(fd), int(reply[1])
+                    self._board, self._slot = Board(fd), slot
                 except OSError:
                     pass  # cannot map it: every event goes the long way
                 finally:
@@ -154,8 +173,8 @@ class Events:
 
     def subscribe(self, topic: str) -> Subscription:
         """A subscription to the payloads published on `topic` from now on."""
-        reply, _ = self._conn.call(("sub", _check_topic(topic)))
-        sid = int(reply[1])
+        reply, _ = self._conn.call(Subscribe(_check_topic(topic)))
+        sid = int(expect(Ok, reply).value)
         self._conn.open_queue(sid)
         return Subscription(self, topic, sid)
 
@@ -223,7 +242,7 @@ class Subscription:
         conn = self._events._conn
         conn.close_queue(self._sid)
         try:
-            conn.cast(("unsub", self._sid))
+            conn.cast(Unsubscribe(self._sid))
         except ServiceError:
             pass  # the services (or this client) are gone: nothing to unsubscribe from
 
@@ -246,16 +265,18 @@ class TopicBoard:
         """Waiters whose parked wait was answered since the caller last cleared this."""
 
     def apply(self, peer: Hashable, msg: Message, fds: deque[int], now: float) -> list[Delivery]:
-        op = msg[0]
-        if op == "pub":
-            return self._publish(peer, _check_topic(msg[1]), take(msg[2], fds), msg[3])
-        if op == "wait":
-            return self._wait(peer, _check_topic(msg[1]), msg[2], now)
-        if op == "unwait":
+        """Apply one request of EVENT_REQUESTS; the deliveries it causes."""
+        if type(msg) is Publish:
+            return self._publish(peer, _check_topic(msg.topic), take(msg.enc, fds), msg.ack)
+        if type(msg) is Wait:
+            return self._wait(peer, _check_topic(msg.topic), msg.timeout, now)
+        if type(msg) is Unwait:
             return self._unpark(peer)
-        if op == "sub":
-            return self._subscribe(peer, _check_topic(msg[1]))
-        return self._unsubscribe(peer, msg[1])
+        if type(msg) is Subscribe:
+            return self._subscribe(peer, _check_topic(msg.topic))
+        if type(msg) is Unsubscribe:
+            return self._unsubscribe(peer, msg.sid)
+        raise ValueError(f"not an events request: {msg.tag!r}")
 
     def parked(self, peer: Hashable) -> bool:
         """Whether ``peer`` has a wait parked."""
@@ -292,12 +313,12 @@ class TopicBoard:
         out: list[Delivery] = []
         for waiter in self._parked.pop(topic, {}):
             del self._waiting[waiter]
-            out.append((waiter, ("ok", blob.enc), [blob]))
+            out.append((waiter, Ok(blob.enc), [blob]))
             self.ended.append(waiter)
         for sid, subscriber in self._subs.get(topic, {}).items():
-            out.append((subscriber, ("ev", sid, blob.enc), [blob]))
+            out.append((subscriber, Event(sid, blob.enc), [blob]))
         if ack:
-            out.append((peer, ("ok", None), []))
+            out.append((peer, DONE, []))
         return out
 
     def _wait(
@@ -305,16 +326,16 @@ class TopicBoard:
     ) -> list[Delivery]:
         blob = self._latest.get(topic)
         if blob is not None:
-            return [(peer, ("ok", blob.enc), [blob])]
+            return [(peer, Ok(blob.enc), [blob])]
         if timeout is not None and timeout <= 0:
-            return [(peer, ("timeout",), [])]
+            return [(peer, TIMEOUT, [])]
         out = self._unpark(peer)  # a client has one wait at a time: end a stale one
         wait_id = next(self._ids)
         self._parked.setdefault(topic, {})[peer] = wait_id
         self._waiting[peer] = (topic, wait_id)
         if timeout is not None:
             heapq.heappush(self._deadlines, (now + timeout, wait_id, peer))
-        return [*out, (peer, ("pending",), [])]
+        return [*out, (peer, PENDING, [])]
 
     def _unpark(self, peer: Hashable) -> list[Delivery]:
         if peer not in self._waiting:
@@ -324,13 +345,13 @@ class TopicBoard:
         if not self._parked[topic]:
             del self._parked[topic]
         self.ended.append(peer)
-        return [(peer, ("timeout",), [])]
+        return [(peer, TIMEOUT, [])]
 
     def _subscribe(self, peer: Hashable, topic: str) -> list[Delivery]:
         sid = next(self._ids)
         self._subs.setdefault(topic, {})[sid] = peer
         self._sub_topic[sid] = (topic, peer)
-        return [(peer, ("ok", sid), [])]
+        return [(peer, Ok(sid), [])]
 
     def _unsubscribe(self, peer: Hashable, sid: int) -> list[Delivery]:
         topic, owner = self._sub_topic.get(sid, ("", None))
@@ -340,4 +361,4 @@ class TopicBoard:
         del self._subs[topic][sid]
         if not self._subs[topic]:
             del self._subs[topic]
-        return [(peer, ("ev", sid, None), [])]  # wakes a reader blocked on it in another thread
+        return [(peer, Event(sid, None), [])]  # wakes a reader blocked on it in another thread

@@ -2,12 +2,13 @@
 
 A value whose pickle reaches BIG_VALUE bytes travels as a memfd (executor.services.wire): a
 HEADER-byte header, then the value's bytes. Event payloads are sealed: a subscriber may
-read one long after it was published. Store values are recycled instead. Writing 1 MiB
-into a new memfd costs 0.5-0.7 ms on a virtual machine, most of it the kernel finding
-fresh pages (into pages a memfd already has: ~0.1 ms), and freeing them costs the
-services process ~0.2 ms more. So when the services process replaces or deletes a store
+read one long after it was published. Store values are recycled instead: writing into a
+new memfd is mostly the kernel finding fresh pages, several times slower on a virtual
+machine than writing into pages a memfd already has, and freeing them costs the
+services process time too. So when the services process replaces or deletes a store
 value, it gives the value's memfd back to the connection whose request did that, as a
-spare (`Spares`), and that process's next big write goes into its pages.
+spare (`Spares`), and that process's next big write goes into its pages. With
+EXECUTOR_FASTPATHS=off they do not, and every big store value is a new, sealed memfd.
 
 A reader may still hold a recycled memfd: the services sent it before the value was
 replaced. The header holds a generation that a writer bumps under an exclusive POSIX

@@ -11,7 +11,9 @@ The manager binds the listening socket before it starts the server, so clients c
 connect at once. The server is a fresh interpreter (not a fork), so it works with
 every multiprocessing start method, and it exits when its stdin (a pipe from the
 manager) hits EOF, when it is re-parented (the manager died), or on SIGTERM; on exit
-it removes the socket directory.
+it removes the socket directory. It reads EXECUTOR_FASTPATHS (executor.settings) for
+the run: off, it makes no counter table and no wait board and recycles no memfds, and
+its clients, which learn of that when they connect, go the long way.
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ from types import FrameType
 
 from executor.contention import SPIN_S, Contention, spin_poll
 from executor.services import board
-from executor.services.events import EVENT_OPS, Events, TopicBoard
-from executor.services.store import STORE_OPS, UNANSWERED_OPS, Store, StoreTable
+from executor.services.events import EVENT_REQUESTS, Events, TopicBoard
+from executor.services.protocol import PING, SPARE, AskBoard, Err, Message, Ok, Ping, Put
+from executor.services.store import STORE_REQUESTS, Store, StoreTable
 from executor.services.wire import (
     Blob,
     Connection,
-    Message,
     ServiceError,
     SocketFrameReader,
     close_all,
@@ -47,6 +49,7 @@ from executor.services.wire import (
     pack,
     send_now,
 )
+from executor.settings import SettingsError, fastpaths_on
 
 _SOCKET_NAME = "services.sock"
 _PARENT_CHECK_S = 1.0
@@ -90,15 +93,22 @@ class RunServices:
         return None if self._proc is None else self._proc.pid
 
     def start(self) -> None:
-        """Start the services process; returns once it answers."""
+        """Start the services process; returns once it answers.
+
+        Raises ServiceError, also for an invalid EXECUTOR_FASTPATHS (one line).
+        """
         if self._proc is not None:
             raise ServiceError("the run's services are already started")
+        try:
+            fastpaths_on()  # the services process reads the same environment
+        except SettingsError as exc:
+            raise ServiceError(str(exc)) from None
         self._dir = tempfile.mkdtemp(prefix=f"executor-{_slug(self.run_id)}-", dir=_socket_base())
         try:
             self._spawn()
             probe = Connection(self.address)
             try:
-                probe.call(("ping",))
+                probe.call(PING)
             finally:
                 probe.close()
         except ServiceError:
@@ -210,11 +220,12 @@ class _Server:
         self._signalled = signalled
         self._listener = listener
         self._parent = parent
-        self._store = StoreTable()
+        fastpaths = fastpaths_on()
+        self._store = StoreTable(fastpaths=fastpaths)
         self._board = TopicBoard()
         self._wait_board: board.Board | None = None
         self._wait_board_fd = -1
-        if board.available():
+        if fastpaths and board.available():
             self._wait_board_fd, self._wait_board = board.create()
         self._peers: dict[int, _Peer] = {}
         self._contention = Contention()
@@ -305,29 +316,29 @@ class _Server:
             self._drop(peer)  # a client that breaks the protocol loses its connection
 
     def _handle(self, peer: _Peer, msg: Message, fds: deque[int]) -> None:
-        op = msg[0]
-        if op in UNANSWERED_OPS:
+        kind = type(msg)
+        if kind is Put:
             self._apply_unanswered(peer, msg, fds)
             return
         try:
-            if op in STORE_OPS:
+            if kind in STORE_REQUESTS:
                 reply = self._store.apply(msg, fds)
                 self._give_spares(peer)
                 self._deliver(peer, *reply)
-            elif op in EVENT_OPS:
+            elif kind in EVENT_REQUESTS:
                 for delivery in self._board.apply(peer, msg, fds, time.monotonic()):
                     self._deliver(*delivery)
                 self._ring_ended()
-            elif op == "board":
+            elif kind is AskBoard:
                 self._share_wait_board(peer)
-            elif op == "ping":
-                self._deliver(peer, ("ok", os.getpid()), [])
+            elif kind is Ping:
+                self._deliver(peer, Ok(os.getpid()), [])
             else:
-                raise ValueError(f"unknown request {op!r}")
+                raise ValueError(f"unknown request {msg.tag!r}")
         except (KeyError, TypeError, ValueError) as exc:
             self._deliver(peer, error_reply(exc), [])
         except Exception as exc:  # a bug or a value that cannot load: the client gets it
-            self._deliver(peer, ("err", type(exc).__name__, str(exc)), [])
+            self._deliver(peer, Err(type(exc).__name__, str(exc)), [])
         finally:
             if fds:
                 close_all(fds)
@@ -337,9 +348,9 @@ class _Server:
         if self._wait_board is not None and peer.slot < 0:
             peer.slot = self._wait_board.assign()
         if peer.slot < 0:
-            self._deliver(peer, ("ok", -1), [])
+            self._deliver(peer, Ok(-1), [])
         else:
-            self._deliver(peer, ("ok", peer.slot), [Blob(b"", self._wait_board_fd)])
+            self._deliver(peer, Ok(peer.slot), [Blob(b"", self._wait_board_fd)])
 
     def _ring_if_parked(self, peer: _Peer) -> None:
         """A waiter parked in the wait board sleeps on its bell, not on its socket: ring
@@ -377,7 +388,7 @@ class _Server:
         writes its next big values into them (executor/services/memfd_values.py)."""
         freed = self._store.freed
         if freed:
-            self._deliver(peer, ("spare",), freed)
+            self._deliver(peer, SPARE, freed)
             for blob in freed:
                 self._store.release_later(blob)  # the client holds them now, or is gone
             freed.clear()

@@ -8,13 +8,13 @@ Values are kept encoded (the services process unpickles only for `incr` and `cas
 ones stay in shared memory that is recycled: a replaced value's memfd goes back to the
 process that replaced it, for its next big write (see `executor.services.memfd_values`).
 
-`store[k] = v` does not wait for an answer (a round trip costs 70-150 us on a virtual
-machine; sending costs a few). Because one connection's requests are applied in order,
-the writer reads its own writes, and an event it publishes after the write is seen after
-it. The worker waits until its writes are applied (`settle`) before it reports a task
-finished, so every later task sees them. A task running at the same time may see the
-old value for the moment the write is in flight. When the socket is full, a write waits
-for its answer, so a writer never runs ahead of the services process by more than that.
+`store[k] = v` does not wait for an answer (sending costs far less than a round trip).
+Because one connection's requests are applied in order, the writer reads its own
+writes, and an event it publishes after the write is seen after it. The worker waits
+until its writes are applied (`settle`) before it reports a task finished, so every
+later task sees them. A task running at the same time may see the old value for the
+moment the write is in flight. When the socket is full, a write waits for its answer,
+so a writer never runs ahead of the services process by more than that.
 
 Reads of unchanged keys need no round trip: a `Store` remembers the values it read and
 wrote with the versions of their keys' buckets in a table the services process keeps in
@@ -28,6 +28,10 @@ the entry for `get` (an answer never cached, since the value changes without a v
 bump) and retires it before a `set`, `del` or `cas` of the key; a process drops its
 knowledge of a counter when it writes the key itself, so its own write and a later
 `incr` keep their order.
+
+With EXECUTOR_FASTPATHS=off the services make no counter table and recycle no memfds
+(`Tables` tells each `Store`), so every `incr` is a round trip and every big value gets
+a new, sealed memfd. The read cache stays: it only reuses what the services answered.
 """
 
 from __future__ import annotations
@@ -42,26 +46,49 @@ from typing import Any
 
 from executor.services.counters import COUNTERS_SIZE, Counters, fits
 from executor.services.counters import available as counters_available
-from executor.services.memfd_values import HEADER, SPARES_MAX_BYTES, Recycled
+from executor.services.memfd_values import HEADER, SPARES_MAX_BYTES, Recycled, Spares
+from executor.services.protocol import (
+    DONE,
+    KEYS,
+    PING,
+    SHARE_TABLES,
+    Cas,
+    Counted,
+    Delete,
+    Get,
+    Got,
+    Has,
+    Incr,
+    Keys,
+    MemfdRef,
+    Message,
+    Ok,
+    Put,
+    Reply,
+    Set,
+    ShareTables,
+    Tables,
+)
 from executor.services.sharedmem import digest
 from executor.services.value_cache import MISS, Cached, ValueCache
 from executor.services.wire import (
     Blob,
     Connection,
-    Message,
     decode,
     encode,
+    expect,
     load_held,
     same_value,
     take,
 )
 
-Reply = tuple[Message, list[Blob]]
+Answer = tuple[Reply, list[Blob]]
+"""A reply of the services and the stored values it sends along."""
 
-STORE_OPS = frozenset({"get", "set", "put", "del", "has", "keys", "incr", "cas", "versions"})
-"""The requests a StoreTable applies."""
-UNANSWERED_OPS = frozenset({"put"})
-"""Requests the client does not wait for: no reply is sent, not even an error."""
+STORE_REQUESTS: frozenset[type[Message]] = frozenset(
+    {ShareTables, Get, Set, Put, Delete, Has, Keys, Incr, Cas}
+)
+"""The requests a StoreTable applies (`Put` is not answered, not even with an error)."""
 
 _BUCKETS = 1 << 16
 _RETIRED_MAX = 32  # replaced big values kept for release while the services are idle
@@ -89,14 +116,17 @@ class Store:
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
-        reply, fds = conn.call(("versions",))
+        reply, fds = conn.call(SHARE_TABLES)
+        tables = expect(Tables, reply)
         fd = fds.popleft()
         try:
-            self._map = mmap.mmap(fd, reply[1], prot=mmap.PROT_READ)
+            self._map = mmap.mmap(fd, tables.versions_size, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
+        self._spares: Spares | None = conn.spares if tables.recycling else None
+        """Where big values may be written (None: a new sealed memfd each)."""
         self._counters: Counters | None = None
-        if reply[2]:
+        if tables.counters_size:
             fd = fds.popleft()
             try:
                 self._counters = Counters(fd)
@@ -120,7 +150,7 @@ class Store:
 
     def __setitem__(self, key: str, value: Any) -> None:
         key = _check_key(key)
-        blob = encode(value, self._conn.spares)
+        blob = encode(value, self._spares)
         self._cache.forget(key)
         self._entries.pop(key, None)  # the next incr asks the services, behind this write
         version = self._versions[_bucket(key)]
@@ -128,9 +158,9 @@ class Store:
         kept: Cached = enc if isinstance(enc, bytes) else Blob(enc, os.dup(blob.fd))
         try:
             if self._conn.congested:
-                self._conn.call(("set", key, enc), [blob])
+                self._conn.call(Set(key, enc), [blob])
             else:
-                self._conn.cast(("put", key, enc), [blob])
+                self._conn.cast(Put(key, enc), [blob])
                 self._unsettled = True
         except BaseException:
             if isinstance(kept, Blob):
@@ -147,22 +177,22 @@ class Store:
         the writes a moment late).
         """
         if self._unsettled:
-            self._conn.call(("ping",), lock_timeout=_SETTLE_LOCK_S)
+            self._conn.call(PING, lock_timeout=_SETTLE_LOCK_S)
             self._unsettled = False
 
     def __delitem__(self, key: str) -> None:
         key = _check_key(key)
         self._entries.pop(key, None)
         self._cache.forget(key)
-        self._conn.call(("del", key))
+        self._conn.call(Delete(key))
 
     def __contains__(self, key: object) -> bool:
         key = _check_key(key)
         hit = self._cache.lookup(key, self._versions[_bucket(key)])
         if hit is not MISS:
             return hit is not None
-        reply, _ = self._conn.call(("has", key))
-        return bool(reply[1])
+        reply, _ = self._conn.call(Has(key))
+        return bool(expect(Ok, reply).value)
 
     def get(self, key: str, default: Any = None) -> Any:
         found, value = self._read(_check_key(key))
@@ -170,8 +200,8 @@ class Store:
 
     def keys(self) -> list[str]:
         """A snapshot of the keys, in insertion order."""
-        reply, _ = self._conn.call(("keys",))
-        return list(reply[1])
+        reply, _ = self._conn.call(KEYS)
+        return list(expect(Ok, reply).value)
 
     def __iter__(self) -> Iterator[str]:
         """Iterates a snapshot of the keys (see `keys`)."""
@@ -191,10 +221,11 @@ class Store:
             if value is not None:
                 return value
             del self._entries[key]  # no longer a counter: ask the services
-        reply, _ = self._conn.call(("incr", key, n))
-        if reply[2] >= 0:
-            self._entries[key] = (reply[2], digest(key))
-        return int(reply[1])
+        reply, _ = self._conn.call(Incr(key, n))
+        counted = expect(Counted, reply)
+        if counted.entry >= 0:
+            self._entries[key] = (counted.entry, digest(key))
+        return int(counted.value)
 
     def cas(self, key: str, expected: Any, new: Any) -> bool:
         """Atomically set `key` to `new` if it holds a value equal to `expected`.
@@ -204,11 +235,11 @@ class Store:
         key = _check_key(key)
         self._entries.pop(key, None)
         self._cache.forget(key)
-        old = None if expected is None else encode(expected, self._conn.spares)
-        blob = encode(new, self._conn.spares)
+        old = None if expected is None else encode(expected, self._spares)
+        blob = encode(new, self._spares)
         blobs = [blob] if old is None else [old, blob]
-        reply, _ = self._conn.call(("cas", key, old and old.enc, blob.enc), blobs)
-        return bool(reply[1])
+        reply, _ = self._conn.call(Cas(key, None if old is None else old.enc, blob.enc), blobs)
+        return bool(expect(Ok, reply).value)
 
     def close(self) -> None:
         """Close the connection (shared with this process's Events)."""
@@ -230,8 +261,8 @@ class Store:
             except Recycled:  # replaced, and its memfd reused, since the version check
                 self._cache.forget(key)
         while True:
-            reply, fds = self._conn.call(("get", key))
-            _, enc, version, cacheable = reply
+            reply, fds = self._conn.call(Get(key))
+            enc, version, cacheable, _ = expect(Got, reply)
             if enc is None or isinstance(enc, bytes):
                 if cacheable:
                     self._cache.remember(key, version, version, enc)
@@ -254,13 +285,18 @@ _COUNTER = Blob(b"")
 
 
 class StoreTable:
-    """The data of one run's store, inside the services process."""
+    """The data of one run's store, inside the services process.
 
-    def __init__(self) -> None:
+    With ``fastpaths`` False (EXECUTOR_FASTPATHS=off) it makes no counter table and
+    gives no replaced memfd back as a spare, and its `Tables` answer says so.
+    """
+
+    def __init__(self, *, fastpaths: bool) -> None:
         self._data: dict[str, Blob] = {}
+        self._recycling = fastpaths
         self._counters: Counters | None = None
         self._counters_fd = -1
-        if counters_available():
+        if fastpaths and counters_available():
             self._counters_fd, self._counters = Counters.create()
         self._counter_of: dict[str, int] = {}  # key -> its entry in the counter table
         self._retired: list[Blob] = []  # replaced big values, released when the loop is idle
@@ -271,23 +307,22 @@ class StoreTable:
         os.ftruncate(self._versions_fd, size)
         self._map = mmap.mmap(self._versions_fd, size)
         self._versions = memoryview(self._map).cast("Q")
-        self._ops: dict[str, Callable[..., Reply]] = {
-            "versions": self._share_versions,
-            "get": self._get,
-            "set": self._set,
-            "put": self._set,
-            "del": self._del,
-            "has": self._has,
-            "keys": self._keys,
-            "incr": self._incr,
-            "cas": self._cas,
+        self._ops: dict[type[Message], Callable[[Any, deque[int]], Answer]] = {
+            ShareTables: self._share_tables,
+            Get: self._get,
+            Set: self._set,
+            Put: self._set,
+            Delete: self._del,
+            Has: self._has,
+            Keys: self._keys,
+            Incr: self._incr,
+            Cas: self._cas,
         }
 
-    def apply(self, msg: Message, fds: deque[int]) -> Reply:
-        """Apply one request; the reply and the stored values it sends back."""
-        if len(msg) > 1 and type(msg[1]) is not str:
-            _check_key(msg[1])
-        return self._ops[msg[0]](fds, *msg[1:])
+    def apply(self, msg: Message, fds: deque[int]) -> Answer:
+        """Apply one request (of STORE_REQUESTS); the reply and the stored values it
+        sends back. A key that is not a str raises TypeError."""
+        return self._ops[type(msg)](msg, fds)
 
     @property
     def has_retired(self) -> bool:
@@ -325,8 +360,13 @@ class StoreTable:
     def _retire(self, blob: Blob | None) -> None:
         if blob is None or blob.fd < 0:
             return
-        _, _, size, _, generation = blob.enc
-        if generation and HEADER + size <= SPARES_MAX_BYTES:
+        ref = blob.enc
+        if (
+            self._recycling
+            and isinstance(ref, MemfdRef)
+            and ref.generation
+            and HEADER + ref.size <= SPARES_MAX_BYTES
+        ):
             self.freed.append(blob)
         else:
             self.release_later(blob)
@@ -356,45 +396,49 @@ class StoreTable:
             self._changed(key)
         return entry
 
-    def _share_versions(self, fds: deque[int]) -> Reply:
+    def _share_tables(self, msg: ShareTables, fds: deque[int]) -> Answer:
         blobs = [Blob(b"", self._versions_fd)]
         if self._counters_fd >= 0:
             blobs.append(Blob(b"", self._counters_fd))
-        return ("ok", len(self._map), COUNTERS_SIZE if self._counters_fd >= 0 else 0), blobs
+        counters_size = COUNTERS_SIZE if self._counters_fd >= 0 else 0
+        return Tables(len(self._map), counters_size, self._recycling), blobs
 
-    def _get(self, fds: deque[int], key: str) -> Reply:
+    def _get(self, msg: Get, fds: deque[int]) -> Answer:
+        key = _check_key(msg.key)
         blob = self._data.get(key)
         version = self._versions[_bucket(key)]
         if blob is None:
-            return ("ok", None, version, True), []
+            return Got(None, version, True), []
         if blob is _COUNTER and self._counters is not None:  # changes without a version bump
             value = self._counters.read(self._counter_of[key])
-            return ("ok", pickle.dumps(value, protocol=5), version, False), []
-        return ("ok", blob.enc, version, True), [blob]
+            return Got(pickle.dumps(value, protocol=5), version, False), []
+        return Got(blob.enc, version, True), [blob]
 
-    def _set(self, fds: deque[int], key: str, enc: Any) -> Reply:
-        self._put(key, take(enc, fds))
-        return ("ok", None), []
+    def _set(self, msg: Set | Put, fds: deque[int]) -> Answer:
+        self._put(_check_key(msg.key), take(msg.enc, fds))
+        return DONE, []
 
-    def _del(self, fds: deque[int], key: str) -> Reply:
+    def _del(self, msg: Delete, fds: deque[int]) -> Answer:
+        key = _check_key(msg.key)
         self._end_counter(key)
         self._retire(self._data.pop(key))
         self._changed(key)
-        return ("ok", None), []
+        return DONE, []
 
-    def _has(self, fds: deque[int], key: str) -> Reply:
-        return ("ok", key in self._data), []
+    def _has(self, msg: Has, fds: deque[int]) -> Answer:
+        return Ok(_check_key(msg.key) in self._data), []
 
-    def _keys(self, fds: deque[int]) -> Reply:
-        return ("ok", list(self._data)), []
+    def _keys(self, msg: Keys, fds: deque[int]) -> Answer:
+        return Ok(list(self._data)), []
 
-    def _incr(self, fds: deque[int], key: str, n: int) -> Reply:
+    def _incr(self, msg: Incr, fds: deque[int]) -> Answer:
         """Add ``n``; the reply also names the key's counter entry (-1: none)."""
+        key, n = _check_key(msg.key), msg.n
         entry = self._counter_of.get(key)
         if entry is not None and self._counters is not None:
             value = self._counters.add(entry, digest(key), n)
             if value is not None:
-                return ("ok", value, entry), []
+                return Counted(value, entry), []
             self._end_counter(key)  # leaving the 64-bit range: an ordinary value again
         old = self._data.get(key)
         current = 0 if old is None else decode(old)
@@ -404,13 +448,14 @@ class StoreTable:
         entry = self._new_counter(key, value)
         if entry < 0:
             self._put(key, Blob(pickle.dumps(value, protocol=5)))
-        return ("ok", value, entry), []
+        return Counted(value, entry), []
 
-    def _cas(self, fds: deque[int], key: str, expected: Any, new: Any) -> Reply:
+    def _cas(self, msg: Cas, fds: deque[int]) -> Answer:
+        key = _check_key(msg.key)
         self._end_counter(key)  # compare and swap a value no process changes meanwhile
         old = self._data.get(key)
-        want = None if expected is None else take(expected, fds)
-        blob = take(new, fds)
+        want = None if msg.expected is None else take(msg.expected, fds)
+        blob = take(msg.new, fds)
         if want is None:
             swap = old is None
         else:
@@ -420,4 +465,4 @@ class StoreTable:
             self._put(key, blob)
         else:
             self._retire(blob)
-        return ("ok", swap), []
+        return Ok(swap), []

@@ -9,6 +9,7 @@ to the bucket). Small values are kept as their pickle, big ones as their memfd, 
 open. The services process recycles a memfd (executor/services/memfd_values.py) only after it
 replaced or deleted its value, which bumps the key's bucket first; but that can happen
 between a reader's version check and its copy, which the memfd's generation catches.
+The cache uses none of the fast paths EXECUTOR_FASTPATHS turns off, and stays on.
 """
 
 from __future__ import annotations
@@ -68,5 +69,5 @@ class ValueCache:
 
 def _size(key: str, value: Cached) -> int:
     if isinstance(value, Blob):
-        return _ENTRY_OVERHEAD + len(key) + value.enc[2]
+        return _ENTRY_OVERHEAD + len(key) + value.size
     return _ENTRY_OVERHEAD + len(key) + len(value or b"")

@@ -2,18 +2,18 @@
 
     worker or manager process                    services process (one per run)
     -------------------------                    ------------------------------
-    Store / Events ──call(msg, blobs)──► Connection ══AF_UNIX══► epoll loop
-                   ◄──reply ("ok"|"err"|"pending"|"timeout")══     ├─ StoreTable
-                   ◄──("ev", sid, value|None=ended)═══════      └─ TopicBoard
-                   ◄──("spare",) + memfds of replaced store values═
+    Store / Events ──call(request, blobs)──► Connection ══AF_UNIX══► epoll loop
+                   ◄──reply (Ok|Got|Counted|Tables|Err|Pending|Timeout)══ ├─ StoreTable
+                   ◄──Event(sid, value|None=ended)═══════════════════     └─ TopicBoard
+                   ◄──Spare() + memfds of replaced store values═══
 
-A frame is `<u32 length><u8 fd count>` followed by a pickled tuple (protocol 5).
-Values travel as `Blob`s: a small value as its inline pickle; a value whose pickle
-reaches BIG_VALUE bytes as a memfd passed with SCM_RIGHTS (executor/services/memfd_values.py:
-sealed for event payloads, recycled for store values). A 16 MiB value is thus copied
-once into shared memory and once out of it; the services process holds only the file
-descriptor and never touches the bytes. The socket lives in a private 0700 directory,
-so only the run's own processes can reach it.
+A frame is `<u32 length><u8 fd count>` followed by a pickled message (protocol.py: a
+typed message travels as a plain tuple). Values travel as `Blob`s: a small value as its
+inline pickle; a value whose pickle reaches BIG_VALUE bytes as a memfd passed with
+SCM_RIGHTS (memfd_values.py: sealed for event payloads, recycled for store values), so
+it is copied once into shared memory and once out of it, and the services process holds
+only the file descriptor. A connection's reply bookkeeping is replies.py. The socket
+lives in a private 0700 directory, so only the run's own processes can reach it.
 """
 
 from __future__ import annotations
@@ -30,12 +30,27 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast, get_args
 
 from executor.contention import SPIN_S, Contention, spin_poll
 from executor.services import memfd_values
 from executor.services.board import ParkedWait
 from executor.services.memfd_values import Spares
+from executor.services.protocol import (
+    UNWAIT,
+    Enc,
+    Err,
+    Event,
+    MemfdRef,
+    Message,
+    Ok,
+    Pending,
+    Reply,
+    Request,
+    Spare,
+    typed,
+)
+from executor.services.replies import ReplyLedger
 
 BIG_VALUE = 64 * 1024
 """Pickles of at least this many bytes travel in a memfd instead of the socket."""
@@ -48,19 +63,24 @@ _SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 _CTRUNC = int(socket.MSG_CTRUNC)
 
-Message = tuple[Any, ...]
 Hook = Callable[[], None]
+R = TypeVar("R")
 
 
 @dataclass(slots=True)
 class Blob:
     """One encoded value: an inline pickle, or a descriptor of a memfd."""
 
-    enc: bytes | tuple[Any, ...]
-    """Inline pickle bytes, or `("fd", kind, size, layout, generation)` for a memfd value
-    (generation 0: sealed; see executor/services/memfd_values.py)."""
+    enc: Enc
+    """Inline pickle bytes, or where a memfd value lies in its memfd."""
     fd: int = -1
     """The memfd holding the value (only for memfd values), owned by this Blob."""
+
+    @property
+    def size(self) -> int:
+        """The value's encoded bytes."""
+        enc = self.enc
+        return len(enc) if isinstance(enc, bytes) else enc.size
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -99,32 +119,32 @@ def _in_memfd(
     kind: str, size: int, layout: tuple[int, ...], parts: list[Any], spares: Spares | None
 ) -> Blob:
     if spares is None:
-        return Blob(("fd", kind, size, layout, 0), memfd_values.sealed(parts))
+        return Blob(MemfdRef(kind, size, layout, 0), memfd_values.sealed(parts))
     fd, generation = memfd_values.recyclable(parts, size, spares)
-    return Blob(("fd", kind, size, layout, generation), fd)
+    return Blob(MemfdRef(kind, size, layout, generation), fd)
 
 
 def decode(blob: Blob) -> Any:
     """Rebuild the value of `blob` (its memfd stays open)."""
-    if isinstance(blob.enc, bytes):
-        return pickle.loads(blob.enc)
-    return _rebuild(blob.enc, _copy(blob))
+    enc = blob.enc
+    if isinstance(enc, bytes):
+        return pickle.loads(enc)
+    return _rebuild(enc, _copy(enc, blob.fd))
 
 
-def _copy(blob: Blob) -> bytes | bytearray:
+def _copy(ref: MemfdRef, fd: int) -> bytes | bytearray:
     """The bytes of a memfd value."""
-    _, kind, size, _, _ = blob.enc
-    if kind == "bytes":
-        return memfd_values.read_bytes(blob.fd, size)
-    buf = bytearray(size)
-    memfd_values.read_into(blob.fd, buf)
+    if ref.kind == "bytes":
+        return memfd_values.read_bytes(fd, ref.size)
+    buf = bytearray(ref.size)
+    memfd_values.read_into(fd, buf)
     return buf
 
 
-def _rebuild(enc: tuple[Any, ...], data: bytes | bytearray) -> Any:
-    _, kind, _, layout, _ = enc
-    if kind in ("bytes", "bytearray"):
+def _rebuild(ref: MemfdRef, data: bytes | bytearray) -> Any:
+    if ref.kind in ("bytes", "bytearray"):
         return data
+    layout = ref.layout
     view = memoryview(data)
     head, pos, buffers = layout[0], layout[0], []
     for length in layout[1:]:
@@ -143,7 +163,7 @@ def same_value(a: Blob, b: Blob) -> bool:
         return a.enc == b.enc and _raw(a) == _raw(b)
 
 
-def take(enc: Any, fds: deque[int]) -> Blob:
+def take(enc: Enc, fds: deque[int]) -> Blob:
     """Pair an encoding from a message with its memfd from the frame's descriptors."""
     if isinstance(enc, bytes):
         return Blob(enc)
@@ -152,7 +172,7 @@ def take(enc: Any, fds: deque[int]) -> Blob:
     return Blob(enc, fds.popleft())
 
 
-def load(enc: Any, fds: deque[int]) -> Any:
+def load(enc: Enc, fds: deque[int]) -> Any:
     """Decode an encoding from a reply and release its memfd.
 
     Raises Recycled when a store value's memfd holds a newer value by now (ask again).
@@ -171,13 +191,22 @@ def load_held(blob: Blob) -> Any:
     enc = blob.enc
     if isinstance(enc, bytes):
         return pickle.loads(enc)
-    data = memfd_values.read(blob.fd, enc[4], functools.partial(_copy, blob))
+    data = memfd_values.read(blob.fd, enc.generation, functools.partial(_copy, enc, blob.fd))
     return _rebuild(enc, data)
 
 
 def pack(msg: Message, nfds: int) -> bytes:
-    body = pickle.dumps(msg, protocol=5)
+    """A frame of ``msg`` (as a plain tuple, see protocol.py) for ``nfds`` descriptors."""
+    body = pickle.dumps(msg[:], protocol=5)  # [:] of a NamedTuple: a plain tuple
     return _HEADER.pack(len(body), nfds) + body
+
+
+def expect(kind: type[R], reply: Message) -> R:
+    """``reply`` as the answer of class ``kind`` a request has (ServiceError if not)."""
+    if type(reply) is not kind:
+        raise ServiceError(f"protocol error: {type(reply).__name__} instead of {kind.__name__}")
+    answer: R = reply
+    return answer
 
 
 def rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
@@ -234,7 +263,7 @@ class SocketFrameReader:
         if len(buf) < end:
             return None
         try:
-            msg = pickle.loads(buf[_HEADER.size : end])
+            msg = typed(pickle.loads(buf[_HEADER.size : end]))
         except Exception as exc:
             raise ServiceError(f"protocol error: an unreadable frame ({exc})") from None
         del buf[:end]
@@ -250,8 +279,9 @@ class SocketFrameReader:
             os.close(self._fds.popleft())
 
 
-_ASIDES = ("ev", "spare")
-"""Frames that come between replies: subscription payloads, spares (memfd_values)."""
+_REPLIES: frozenset[type[Message]] = frozenset(get_args(Reply))
+"""The frames that answer a request; the others come between replies: subscription
+payloads (Event) and spares (Spare, see memfd_values.py)."""
 
 
 def close_all(fds: deque[int]) -> None:
@@ -266,9 +296,9 @@ _ERRORS: dict[str, type[Exception]] = {
 }
 
 
-def error_reply(exc: Exception) -> Message:
+def error_reply(exc: Exception) -> Err:
     arg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    return ("err", type(exc).__name__, arg)
+    return Err(type(exc).__name__, arg)
 
 
 _forks = 0  # bumped in every forked child: a client made before the fork is not its own
@@ -309,8 +339,7 @@ class Connection:
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
         self._queues: dict[int, deque[Blob]] = {}
-        self._owed = 0  # final replies still due to calls that were interrupted
-        self._unwait_due = False  # a wait ended by a hand-off may still be parked
+        self._ledger = ReplyLedger()
         self.unsettled = False
         """Requests without an answer were sent since the last answer: the services
         apply each connection's requests in order, so an answer settles all before it."""
@@ -324,22 +353,23 @@ class Connection:
 
     def call(
         self,
-        msg: Message,
+        msg: Request,
         blobs: Sequence[Blob] = (),
         on_block: Hook | None = None,
         on_unblock: Hook | None = None,
         lock_timeout: float = -1,
         parked: ParkedWait | None = None,
         spin: bool = True,
-    ) -> tuple[Message, deque[int]]:
+    ) -> tuple[Reply, deque[int]]:
         """Send a request and return its final reply (and the reply's descriptors).
 
-        A "pending" reply means the server parked the request: `on_block` runs, the
+        A `Pending` reply means the server parked the request: `on_block` runs, the
         final reply is awaited, then `on_unblock` runs. With `parked` (for a wait), a
-        payload a publisher hands off through the wait board (executor/services/board.py) that
-        comes first is the reply, ``("ok", pickle)``. Without `spin` the caller sleeps
-        until the first reply (see `_next_reply`). Raises ServiceError when another
-        thread keeps the connection for longer than `lock_timeout` seconds (if given).
+        payload a publisher hands off through the wait board (board.py) that comes
+        first is the reply, ``Ok(pickle)``. An `Err` reply is raised. Without `spin`
+        the caller sleeps until the first reply (see `_next_reply`). Raises
+        ServiceError when another thread keeps the connection for longer than
+        `lock_timeout` seconds (if given).
         """
         if self._fork != _forks or self._closed:
             self._refuse(blobs)
@@ -347,46 +377,45 @@ class Connection:
             for blob in blobs:
                 blob.close()
             raise ServiceError("the services connection is held by another thread")
+        ledger = self._ledger
         try:
-            if self._unwait_due:
-                self._unwait_due = False
+            if ledger.unwait_first():
                 self._abandon()  # the services answer it now if it is still parked
-            if self._owed:
+            if ledger.owed:
                 self._settle()
             self._send(msg, blobs)
-            self._owed += 1
-            answered = False
+            ledger.sent()
             try:
                 reply, fds = self._next_reply(spin)
-                if reply[0] != "pending":
-                    answered = True
+                if type(reply) is not Pending:
+                    ledger.answered()
                 else:
+                    ledger.parked()
                     if on_block is not None:
                         on_block()
                     try:
                         got = self._next_reply() if parked is None else self._either(parked)
                         if isinstance(got, bytes):
-                            self._unwait_due = True  # its answer is skipped at the next call
-                            reply, fds = ("ok", got), deque()
+                            ledger.handed_off()  # its answer is skipped at the next call
+                            reply, fds = Ok(got), deque()
                         else:
                             reply, fds = got
-                            answered = True
+                            ledger.answered()
                     finally:
                         if on_unblock is not None:
                             on_unblock()
             except BaseException:
-                if not answered:
+                if ledger.abandoned():
                     self._abandon()
                 raise
             finally:
-                if answered:
-                    self._owed -= 1
+                if ledger.end():
                     self.unsettled = False
         finally:
             self._calls.release()
-        if reply[0] == "err":
+        if type(reply) is Err:
             close_all(fds)
-            raise _ERRORS.get(reply[1], ServiceError)(reply[2])
+            raise _ERRORS.get(reply.error, ServiceError)(reply.message)
         return reply, fds
 
     @property
@@ -394,7 +423,7 @@ class Connection:
         """The socket is full: sent requests wait in the backlog."""
         return bool(self._backlog)
 
-    def cast(self, msg: Message, blobs: Sequence[Blob] = ()) -> None:
+    def cast(self, msg: Request, blobs: Sequence[Blob] = ()) -> None:
         """Send a request that has no reply; never blocks."""
         if self._fork != _forks or self._closed:
             self._refuse(blobs)
@@ -520,19 +549,19 @@ class Connection:
     def _abandon(self) -> None:
         """After an interrupted call: free a parked wait; its reply is skipped later."""
         try:
-            self._send(("unwait",), ())
+            self._send(UNWAIT, ())
         except ServiceError:
             pass
 
     def _settle(self) -> None:
         """Skip the replies still due to interrupted calls."""
-        while self._owed:
+        ledger = self._ledger
+        while ledger.owed:
             reply, fds = self._next_reply()
             close_all(fds)
-            if reply[0] != "pending":
-                self._owed -= 1
+            ledger.skipped(reply)
 
-    def _next_reply(self, spin: bool = False) -> tuple[Message, deque[int]]:
+    def _next_reply(self, spin: bool = False) -> tuple[Reply, deque[int]]:
         """The next message that is not a subscription payload (those are queued).
 
         With ``spin``, look for it without sleeping first, while the CPUs are quiet:
@@ -546,12 +575,12 @@ class Connection:
                     spin_poll(self._poll.poll, SPIN_S)
                     spin = False
                 self._receive()
-            elif frame[0][0] not in _ASIDES:
-                return frame
+            elif type(frame[0]) in _REPLIES:
+                return cast(Reply, frame[0]), frame[1]
             else:
                 self._route(*frame)
 
-    def _either(self, parked: ParkedWait) -> tuple[Message, deque[int]] | bytes:
+    def _either(self, parked: ParkedWait) -> tuple[Reply, deque[int]] | bytes:
         """The services' answer to a parked wait, or a payload handed off through the
         wait board if that comes first. The services ring the slot's bell when they
         send this connection anything, so sleeping on the bell misses neither."""
@@ -568,11 +597,11 @@ class Connection:
                         self._receive()  # the rest of a frame may come without a bell
                     else:
                         parked.sleep()
-                elif frame[0][0] in _ASIDES:
-                    self._route(*frame)
-                else:
+                elif type(frame[0]) in _REPLIES:
                     parked.unpark()
-                    return frame
+                    return cast(Reply, frame[0]), frame[1]
+                else:
+                    self._route(*frame)
         except BaseException:
             parked.unpark()  # interrupted: no publisher may fill the slot from now on
             raise
@@ -591,19 +620,21 @@ class Connection:
             self._calls.release()
 
     def _route(self, msg: Message, fds: deque[int]) -> None:
-        if msg[0] == "spare":
+        """Take in a frame that is no reply to the current call."""
+        if type(msg) is Spare:
             while fds:
                 self.spares.add(fds.popleft())
             return
-        if msg[0] != "ev":  # a reply due to an interrupted call
+        if type(msg) is not Event:
             close_all(fds)
-            if msg[0] != "pending":
-                self._owed -= 1
+            if type(msg) not in _REPLIES:
+                raise ServiceError(f"protocol error: a {type(msg).__name__} from the services")
+            self._ledger.skipped(msg)  # a reply due to an interrupted call
             return
-        if msg[2] is None:
+        if msg.enc is None:
             return  # the end of an unsubscribed subscription: it only wakes its reader
-        blob = take(msg[2], fds)
-        queue = self._queues.get(msg[1])
+        blob = take(msg.enc, fds)
+        queue = self._queues.get(msg.sid)
         if queue is None:
             blob.close()  # a payload for a subscription closed meanwhile
         else:
@@ -629,4 +660,4 @@ class Connection:
 def _raw(blob: Blob) -> bytes:
     if isinstance(blob.enc, bytes):
         return blob.enc
-    return memfd_values.read_bytes(blob.fd, blob.enc[2])
+    return memfd_values.read_bytes(blob.fd, blob.enc.size)

@@ -1,4 +1,8 @@
-"""The run's services with real processes: store, events, lifecycle of the server."""
+"""The run's services with real processes: store, events, lifecycle of the server.
+
+Every test runs with the fast paths on and off (tests/fastpaths.py); the tests of a fast
+path itself run only with them on, and their counterparts show that off turns it off.
+"""
 
 from __future__ import annotations
 
@@ -21,9 +25,11 @@ import pytest
 from executor.services import sharedmem
 from executor.services.events import Events
 from executor.services.memfd_values import Recycled
+from executor.services.protocol import Get, Got
 from executor.services.server import RunServices, connect
 from executor.services.store import Store
-from executor.services.wire import ServiceError, close_all, load
+from executor.services.wire import ServiceError, close_all, expect, load
+from tests.fastpaths import OFF_ONLY, ON_ONLY, fastpaths  # noqa: F401 (an autouse fixture)
 
 START_METHODS = ["fork", "forkserver"]
 """The multiprocessing start methods the worker-side tests run under."""
@@ -307,37 +313,58 @@ def test_big_values_round_trip(client: tuple[Store, Events], value: Any) -> None
 
 def inode_of(store: Store, key: str) -> int:
     """The inode of the memfd the services answer `key` with (closed again at once)."""
-    reply, fds = store._conn.call(("get", key))
+    _, fds = store._conn.call(Get(key))
     try:
         return os.fstat(fds[0]).st_ino
     finally:
         close_all(fds)
 
 
-def test_a_writer_gets_its_replaced_values_memory_back(client: tuple[Store, Events]) -> None:
-    store, _ = client
+def write_three_values(store: Store) -> tuple[int, int, bytes]:
+    """Write a big value, replace it, write a third: the inodes of the first and the
+    third value's memfds, and the third value."""
     store["big"] = os.urandom(1 << 20)
     first = inode_of(store, "big")
     store["big"] = os.urandom(1 << 20)  # replaces the first: its memfd comes back as a spare
     store.settle()  # applied: the spare is on its way back
     third = os.urandom(1 << 20)
     store["big"] = third
-    assert inode_of(store, "big") == first, "the third value went into the first's memfd"
+    return first, inode_of(store, "big"), third
+
+
+@ON_ONLY
+def test_a_writer_gets_its_replaced_values_memory_back(client: tuple[Store, Events]) -> None:
+    store, _ = client
+    first, third_inode, third = write_three_values(store)
+    assert third_inode == first, "the third value went into the first's memfd"
     assert store["big"] == third
 
 
+@OFF_ONLY
+def test_without_fast_paths_no_memfd_is_recycled(client: tuple[Store, Events]) -> None:
+    store, _ = client
+    first, third_inode, third = write_three_values(store)
+    assert third_inode != first, "a new memfd for every big value"
+    assert store["big"] == third
+    assert store._spares is None and store._conn.spares.take(0) is None, "no spare came"
+
+
+@ON_ONLY
 def test_a_reader_whose_memfd_was_reused_meanwhile_asks_again(services: RunServices) -> None:
     writer, _ = connect(services.address)
     reader, _ = connect(services.address)
     try:
         writer["big"] = b"1" * (1 << 20)
-        stale, fds = reader._conn.call(("get", "big"))  # answered, not read yet
+        writer.settle()  # else the reader's request may be served first
+        stale, fds = reader._conn.call(Get("big"))  # answered, not read yet
         writer["big"] = b"2" * (1 << 20)  # the first memfd is a spare of the writer's now
         writer.settle()
         writer["big"] = b"3" * (1 << 20)  # written into it
         writer.settle()
+        stale_enc = expect(Got, stale).enc
+        assert stale_enc is not None
         with pytest.raises(Recycled):
-            load(stale[1], fds)
+            load(stale_enc, fds)
         assert reader["big"] == b"3" * (1 << 20)
     finally:
         writer.close()
@@ -728,6 +755,7 @@ def _wait_in_thread(events: Events, topic: str) -> tuple[threading.Thread, list[
     return thread, got
 
 
+@ON_ONLY
 @pytest.mark.parametrize(
     ("payload", "write_first", "handed_off"),
     [
@@ -775,6 +803,62 @@ def test_a_parked_wait_gets_small_payloads_without_the_services(
         events.wait("never", timeout=0.1)
 
 
+@OFF_ONLY
+def test_without_fast_paths_a_parked_wait_gets_payloads_only_from_the_services(
+    services: RunServices, client: tuple[Store, Events]
+) -> None:
+    _, events = client
+    their_store, their_events = connect(services.address)
+    parked = threading.Event()
+    events.set_block_hooks(lambda topic: parked.set(), lambda: None)
+    their_events.publish("warm", 0)  # a publisher asks for the board once (and gets none)
+    waiter, got = _wait_in_thread(events, "topic")
+    pid = services.pid
+    assert pid is not None
+    assert parked.wait(60), "the wait never parked in the services"
+    os.kill(pid, signal.SIGSTOP)
+    publisher = threading.Thread(target=their_events.publish, args=("topic", {"n": 1}))
+    try:
+        publisher.start()
+        waiter.join(1.0)
+        assert got == [], "a payload reached the waiter without the services"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        publisher.join(60)
+        waiter.join(60)
+        their_store.close()
+    assert got == [{"n": 1}]
+    assert events._board is None and their_events._board is None, "no wait board"
+
+
+@OFF_ONLY
+def test_without_fast_paths_a_client_sleeps_for_its_answer_at_once(
+    client: tuple[Store, Events],
+) -> None:
+    store, _ = client
+    conn = store._conn
+    looks: list[float] = []
+    real_poll = conn._poll
+
+    class CountingPoll:
+        def poll(self, timeout: float) -> list[tuple[int, int]]:
+            looks.append(timeout)
+            return real_poll.poll(timeout)
+
+    class Quiet:
+        def quiet(self) -> bool:
+            return True  # spinning would pay, were it allowed
+
+    conn._poll = CountingPoll()  # type: ignore[assignment]
+    conn._contention = Quiet()  # type: ignore[assignment]
+    try:
+        for i in range(50):
+            assert store.incr("k") == i + 1  # round trips: a client spins for these if it may
+    finally:
+        conn._poll = real_poll
+    assert looks == [], "the client spun for its answer"
+
+
 class _Interrupted(Exception):
     pass
 
@@ -783,6 +867,7 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise _Interrupted
 
 
+@ON_ONLY
 def test_a_wait_interrupted_in_the_board_takes_no_later_payload(
     services: RunServices, client: tuple[Store, Events]
 ) -> None:
@@ -850,6 +935,47 @@ def test_a_writer_that_sets_a_counter_then_increments_it_sees_its_order(
     store["n"] = "text"
     with pytest.raises(TypeError, match="holds str"):
         store.incr("n")
+
+
+def incr_while_frozen(services: RunServices, store: Store, within: float) -> bool:
+    """Whether a key's second incr ends within ``within`` s while the services sleep."""
+    assert store.incr("n") == 1  # the first incr is a round trip either way
+    pid = services.pid
+    assert pid is not None
+    ended = threading.Event()
+
+    def second_incr() -> None:
+        store.incr("n")
+        ended.set()
+
+    second = threading.Thread(target=second_incr)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        second.start()
+        in_time = ended.wait(within)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        second.join(60)
+    assert ended.is_set() and store["n"] == 2
+    return in_time
+
+
+@ON_ONLY
+def test_incr_of_a_counter_happens_in_shared_memory(
+    services: RunServices, client: tuple[Store, Events]
+) -> None:
+    store, _ = client
+    assert incr_while_frozen(services, store, within=60), "the incr needed the services"
+    assert store._counters is not None
+
+
+@OFF_ONLY
+def test_without_fast_paths_every_incr_goes_to_the_services(
+    services: RunServices, client: tuple[Store, Events]
+) -> None:
+    store, _ = client
+    assert not incr_while_frozen(services, store, within=1.0), "an incr without the services"
+    assert store._counters is None and store._entries == {}
 
 
 def test_a_counter_that_leaves_64_bits_goes_on_in_the_services(

@@ -12,8 +12,10 @@ import pytest
 
 from executor.services import counters
 from executor.services.counters import Counters
+from executor.services.protocol import KEYS, Cas, Counted, Delete, Get, Got, Has, Incr, Ok, Set
 from executor.services.sharedmem import digest as key_digest
 from executor.services.store import StoreTable
+from executor.services.wire import expect
 from tests.shared_tables import second_mapping
 
 pytestmark = pytest.mark.skipif(not counters.available(), reason="needs glibc robust mutexes")
@@ -68,43 +70,45 @@ def test_a_holder_that_dies_does_not_wedge_the_counter(table: Counters) -> None:
 
 def get(store: StoreTable, key: str) -> tuple[object, bool]:
     """(value, cacheable) of a get, as the services answer it."""
-    reply, blobs = store.apply(("get", key), deque())
-    enc = blobs[0].enc if blobs else reply[1]
+    reply, blobs = store.apply(Get(key), deque())
+    got = expect(Got, reply)
+    enc = blobs[0].enc if blobs else got.enc
     assert isinstance(enc, bytes)
-    return pickle.loads(enc), reply[3]
+    return pickle.loads(enc), got.cacheable
 
 
 def test_incr_makes_a_counter_that_workers_change_in_place() -> None:
-    store = StoreTable()
-    reply, _ = store.apply(("incr", "n", 2), deque())
-    assert reply[:2] == ("ok", 2) and reply[2] >= 0
+    store = StoreTable(fastpaths=True)
+    reply, _ = store.apply(Incr("n", 2), deque())
+    counted = expect(Counted, reply)
+    assert counted.value == 2 and counted.entry >= 0
     assert store._counters is not None
     fd = store._counters_fd
-    assert Counters(fd).add(reply[2], key_digest("n"), 40) == 42  # a worker, no request
+    assert Counters(fd).add(counted.entry, key_digest("n"), 40) == 42  # a worker, no request
     assert get(store, "n") == (42, False), "a counter's value is never cached"
-    assert store.apply(("incr", "n", 1), deque())[0][:2] == ("ok", 43)
-    assert store.apply(("keys",), deque())[0][1] == ["n"]
-    assert store.apply(("has", "n"), deque())[0][1] is True
+    assert expect(Counted, store.apply(Incr("n", 1), deque())[0]).value == 43
+    assert expect(Ok, store.apply(KEYS, deque())[0]).value == ["n"]
+    assert expect(Ok, store.apply(Has("n"), deque())[0]).value is True
 
 
 @pytest.mark.parametrize(
     ("request_", "then"),
     [
-        (("set", "n", pickle.dumps("text")), "text"),
-        (("cas", "n", pickle.dumps(42), pickle.dumps(100)), 100),
-        (("del", "n"), None),
+        (Set("n", pickle.dumps("text")), "text"),
+        (Cas("n", pickle.dumps(42), pickle.dumps(100)), 100),
+        (Delete("n"), None),
     ],
 )
-def test_writes_end_the_counter_first(request_: tuple[object, ...], then: object) -> None:
-    store = StoreTable()
-    entry = store.apply(("incr", "n", 2), deque())[0][2]
+def test_writes_end_the_counter_first(request_: Set | Cas | Delete, then: object) -> None:
+    store = StoreTable(fastpaths=True)
+    entry = expect(Counted, store.apply(Incr("n", 2), deque())[0]).entry
     assert store._counters is not None
     worker = Counters(store._counters_fd)
     worker.add(entry, key_digest("n"), 40)
     reply, _ = store.apply(request_, deque())
-    assert reply[0] == "ok"
+    assert type(reply) is Ok
     assert worker.add(entry, key_digest("n"), 1) is None, "the worker must ask the services"
     if then is None:
-        assert store.apply(("has", "n"), deque())[0][1] is False
+        assert expect(Ok, store.apply(Has("n"), deque())[0]).value is False
     else:
         assert get(store, "n") == (then, True)

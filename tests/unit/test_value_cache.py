@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from executor.services.protocol import MemfdRef
 from executor.services.value_cache import MAX_BYTES, MISS, ValueCache
 from executor.services.wire import Blob
 from tests.descriptors import is_open
@@ -20,7 +21,7 @@ def test_an_entry_answers_only_inside_its_version_range() -> None:
 
 def held(size: int) -> Blob:
     fd = os.memfd_create("test-held")
-    return Blob(("fd", "bytes", size, (), 1), fd)
+    return Blob(MemfdRef("bytes", size, (), 1), fd)
 
 
 def test_held_memfds_are_closed_when_forgotten_replaced_or_dropped() -> None:
