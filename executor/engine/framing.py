@@ -14,20 +14,25 @@ import struct
 from typing import Any
 
 _HEADER = struct.Struct("!I")
+_PROTOCOL = 5  # passed positionally: parsing a keyword argument costs more, on every message
 _READ_SIZE = 64 * 1024
 
 
 def frame(message: Any) -> bytes:
     """``message`` as one frame."""
-    payload = pickle.dumps(message, protocol=5)
+    payload = pickle.dumps(message, _PROTOCOL)
     return _HEADER.pack(len(payload)) + payload
 
 
 def write_frame(fd: int, data: bytes) -> None:
-    """Write a whole frame to a blocking pipe."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    """Write all of ``data`` to a blocking pipe: one os.write, unless a signal cuts it short."""
+    if not data:
+        return
+    written = os.write(fd, data)
+    if written < len(data):
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 class PipeFrameReader:
@@ -46,18 +51,23 @@ class PipeFrameReader:
     def feed(self, data: bytes) -> list[Any]:
         """Add ``data``; return the messages completed by it, in order."""
         buffer = self._buffer
-        buffer += data
+        chunk: bytes | bytearray = data
+        if buffer:  # a frame was cut short: join the pieces (else read ``data`` in place)
+            buffer += data
+            chunk = buffer
         messages = []
-        start = 0
-        while len(buffer) - start >= 4:
-            (size,) = _HEADER.unpack_from(buffer, start)
+        start, stop = 0, len(chunk)
+        while stop - start >= 4:
+            (size,) = _HEADER.unpack_from(chunk, start)
             end = start + 4 + size
-            if len(buffer) < end:
+            if stop < end:
                 break
-            messages.append(pickle.loads(memoryview(buffer)[start + 4 : end]))
+            messages.append(pickle.loads(memoryview(chunk)[start + 4 : end]))
             start = end
-        if start:
+        if buffer:
             del buffer[:start]
+        elif start < stop:
+            buffer += memoryview(chunk)[start:]
         return messages
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from executor import contention, settings
 from executor.engine.combined_log import MAX_LINE, CombinedLog, LineSplitter
-from executor.engine.framing import PipeFrameReader, frame
+from executor.engine.framing import PipeFrameReader, frame, write_frame
 from executor.engine.results import write_results
 from executor.engine.worker import _Inbox
 from executor.pack import pack
@@ -137,6 +137,39 @@ def test_frame_reader_reassembles_split_and_joined_frames() -> None:
         messages += reader.feed(data[start : start + 7_000])
     assert messages == [("a", 1), None, {"big": "x" * 100_000}]
     assert reader.feed(b"") == []
+
+
+def test_frame_reader_takes_frames_cut_anywhere() -> None:
+    frames = [frame([1]), frame("two"), frame(None)]
+    data = b"".join(frames)
+    boundaries = {len(b"".join(frames[:i])) for i in range(len(frames) + 1)}
+    for cut in range(len(data) + 1):  # inside a header, inside a pickle, between frames
+        reader = PipeFrameReader()
+        first = reader.feed(data[:cut])
+        assert reader.empty == (cut in boundaries)
+        assert first + reader.feed(data[cut:]) == [[1], "two", None]
+        assert reader.empty
+
+
+def test_write_frame_writes_all_of_a_frame_larger_than_the_pipe() -> None:
+    read_end, write_end = os.pipe()
+    data = frame(b"x" * 1_000_000)
+    received = bytearray()
+
+    def drain() -> None:
+        while chunk := os.read(read_end, 65536):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        write_frame(write_end, data)
+        write_frame(write_end, b"")
+    finally:
+        os.close(write_end)
+        reader.join()
+        os.close(read_end)
+    assert bytes(received) == data
 
 
 @pytest.mark.parametrize("delay_s", [0.0, 0.001, 0.05])
