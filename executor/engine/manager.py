@@ -35,7 +35,18 @@ from typing import Any
 
 from executor.contention import CPUS, SPIN_S, Contention, spin_poll
 from executor.engine.combined_log import CombinedLog
-from executor.engine.framing import frame
+from executor.engine.messages import (
+    Blocked,
+    Done,
+    EventsUsed,
+    FromWorker,
+    Returned,
+    Unblocked,
+    frame_ack,
+    frame_run_task,
+    frame_stop,
+    from_worker,
+)
 from executor.engine.pool import (
     CAPTURE_SLOTS,
     QUEUE_DEPTH,
@@ -46,7 +57,6 @@ from executor.engine.pool import (
 )
 from executor.engine.results import build_results, run_status, write_results
 from executor.engine.scheduler import DagState
-from executor.engine.worker import ACK, BLOCKED, DONE, EVENTS_USED, RETURNED, UNBLOCKED
 from executor.pipeline import Pipeline
 from executor.services.events import Events
 from executor.services.server import RunServices
@@ -57,8 +67,8 @@ ProgressCallback = Callable[[int, int], None]
 # Selector priorities: a batch is handled output first, then results, then deaths.
 _STREAM, _RESULT, _SENTINEL, _WAKEUP = 0, 1, 2, 3
 _READ_SIZE = 64 * 1024
-_STOP = frame(None)
-_ACK = frame(ACK)
+_STOP = frame_stop()
+_ACK = frame_ack()
 # A worker that dies this many times in a row before running a task is not replaced.
 _MAX_STARTUP_DEATHS = 3
 _TOPIC = "executor.task."
@@ -304,7 +314,9 @@ class _Manager:
             text = f"started (queued behind {worker.task[0]})"
         upstream = self.state.upstream_json(task_id)
         spin = self._results_due_soon()  # then the worker may look for its next task too
-        worker.outbox.append(frame((task_id, attempt, task.call, task.args, upstream, slot, spin)))
+        worker.outbox.append(
+            frame_run_task(task_id, attempt, task.call, task.args, upstream, slot, spin)
+        )
         self.notes.append(("started", task_id, attempt, "running", text))
 
     def _begin(
@@ -384,43 +396,40 @@ class _Manager:
         # read earlier in this batch (streams go first). Later ones may be newer.
         settled = worker.reader.empty
         for message in worker.reader.feed(data):
-            self._on_message(worker, message, settled)
+            self._on_message(worker, from_worker(message), settled)
             settled = False
 
     def _drain_results(self, worker: WorkerHandle) -> None:
         for data in _available(worker.results):
             for message in worker.reader.feed(data):
-                self._on_message(worker, message)
+                self._on_message(worker, from_worker(message))
 
-    def _on_message(
-        self, worker: WorkerHandle, message: tuple[Any, ...], settled: bool = False
-    ) -> None:
+    def _on_message(self, worker: WorkerHandle, message: FromWorker, settled: bool = False) -> None:
         """Handle one message from ``worker``; ``settled``: its task's output is all read."""
-        kind = message[0]
-        if kind == DONE:
-            if settled or not message[1]:  # all the task wrote was read already
+        if isinstance(message, Done):
+            if settled or not message.unread:  # all the task wrote was read already
                 self._flush_partial_lines(worker, worker.slot)
             else:
                 self._drain_slot(worker, worker.slot)
-            self._task_done(worker, *message[2:])
-        elif kind == BLOCKED:
+            self._task_done(worker, message)
+        elif isinstance(message, Blocked):
             worker.waits += 1
             self.waited = True
-            if not message[2]:  # a timed wait ends by itself: it cannot deadlock
-                worker.blocked_topic = message[1]
+            if not message.timed:  # a timed wait ends by itself: it cannot deadlock
+                worker.blocked_topic = message.topic
                 self.blocked += 1
             self.generation += 1
             with suppress(OSError):
                 worker.send_task(_ACK)  # the worker gives back what is queued behind
-        elif kind == UNBLOCKED:
+        elif isinstance(message, Unblocked):
             worker.waits = max(0, worker.waits - 1)
             if worker.blocked_topic is not None:
                 worker.blocked_topic = None
                 self.blocked -= 1
             self.generation += 1
-        elif kind == RETURNED:
-            self._give_back(worker, message[1])
-        elif kind == EVENTS_USED:
+        elif isinstance(message, Returned):
+            self._give_back(worker, message.task_ids)
+        elif isinstance(message, EventsUsed):
             self.waited = True  # tasks that coordinate through events keep their order
             if not self.lifecycle_on:
                 self._start_lifecycle()
@@ -450,32 +459,25 @@ class _Manager:
         worker.queued.extend(kept)
         self.generation += 1
 
-    def _task_done(
-        self,
-        worker: WorkerHandle,
-        task_id: str,
-        attempt: int,
-        ok: bool,
-        payload: Any,
-        started: float,
-        finished: float,
-    ) -> None:
+    def _task_done(self, worker: WorkerHandle, done: Done) -> None:
         self._release(worker)
         if worker.queued:
             self._begin(worker, *worker.queued.popleft(), time.time())
         else:
             self.idle.append(worker)
         self.startup_deaths = 0
+        task_id, attempt = done.task_id, done.attempt
+        started, finished = done.started, done.finished
         duration = finished - started
         average = self.task_seconds
         self.task_seconds = duration if average is None else 0.9 * average + 0.1 * duration
         if self.cancelling:
             return  # the task is already recorded as cancelled
-        if ok:
-            self.state.succeeded(task_id, payload, started, finished)
-            self._ended(task_id, attempt, "finished", "succeeded", f"{finished - started:.6f} s")
+        if done.ok:
+            self.state.succeeded(task_id, done.payload, started, finished)
+            self._ended(task_id, attempt, "finished", "succeeded", f"{duration:.6f} s")
         else:
-            self._attempt_failed(task_id, attempt, payload, started, finished)
+            self._attempt_failed(task_id, attempt, done.payload, started, finished)
 
     def _release(self, worker: WorkerHandle) -> None:
         """``worker`` no longer runs its task."""

@@ -7,9 +7,11 @@ ends of the others; its copies of the worker's ends are closed right after the s
 so a dead worker's pipes report end-of-file and nothing it wrote before dying is lost.
 
     manager                                   worker (own process group)
-    tasks    ──(task_id, ..., slot) | ACK──►  fn(ctx, **args)
-    results  ◄──(DONE | BLOCKED | ...)─────   send
+    tasks    ──RunTask | Ack | Stop────────►  fn(ctx, **args)
+    results  ◄──Done | Blocked | ...───────   send
     slot 0..7 ◄── out, err, log bytes ──────  fd 1, fd 2, logging handler
+
+The messages on the first two are in executor/engine/messages.py.
 """
 
 from __future__ import annotations

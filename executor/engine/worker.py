@@ -1,24 +1,13 @@
-"""The worker process: started once per run, imports the pipeline code once, then runs
-one task at a time as the manager sends them. The manager may queue up to three more
-behind the running one (executor/engine/manager.py, "prefetch"); each goes to a capture slot of
-its own (executor/engine/capture.py, CaptureSlots).
+"""The worker process: started once per run, it imports the pipeline code once (not once
+per task), then runs the tasks the manager sends it (executor/engine/messages.py) one at a
+time, and never lets a task's exception escape. The manager may queue up to QUEUE_DEPTH
+more behind the running one (executor/engine/pool.py; "prefetch" in executor/engine/manager.py),
+each with a capture slot of its own (executor/engine/capture.py, CaptureSlots), so the
+worker starts the next task without waiting for the manager.
 
-Messages (executor/engine/framing.py: pickle protocol 5 on raw pipes, one hop each way):
-
-    manager -> worker   (task_id, attempt, call, args, upstream_json, slot, spin)
-                        ACK (answers BLOCKED and EVENTS_USED) | None (stop)
-    worker -> manager   (DONE, unread, task_id, attempt, ok, payload, started, finished)
-                        (BLOCKED, topic, timed) | (UNBLOCKED,)   from ctx.events
-                        (RETURNED, [task_id, ...])   queued tasks given back
-                        (EVENTS_USED,)   a task uses ctx.events for the first time here
-
-Before a task blocks in ctx.events, the worker reports BLOCKED and reads its pipe up to
-the manager's ACK: tasks queued behind the blocked one are given back (RETURNED), since
+Before a task blocks in ctx.events, the worker reports Blocked and reads its pipe up to
+the manager's Ack: tasks queued behind the blocked one are given back (Returned), since
 they may be the very tasks that would publish the awaited event.
-
-On success ``payload`` is the result as JSON text (checked here, so a result that is not
-JSON-serializable fails the attempt with a TypeError); on failure it is the error dict
-``{type, message, traceback}``. A worker never lets a task's exception escape.
 """
 
 from __future__ import annotations
@@ -32,7 +21,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -42,21 +31,31 @@ from typing import Any
 from executor.contention import SPIN_S, spin_poll
 from executor.context import TaskContext
 from executor.engine.capture import CaptureSlots, flush_std_streams
-from executor.engine.framing import PipeFrameReader, frame, read_message, write_frame
+from executor.engine.framing import PipeFrameReader, read_message, write_frame
 from executor.engine.malloc import keep_freed_memory
+from executor.engine.messages import (
+    Ack,
+    FromManager,
+    RunTask,
+    Stop,
+    frame_blocked,
+    frame_done,
+    frame_events_used,
+    frame_returned,
+    frame_unblocked,
+    from_manager,
+)
 from executor.pipeline import import_call
 from executor.services import wire
 from executor.services.events import Events, Subscription
 from executor.services.store import Store
 
-DONE, BLOCKED, UNBLOCKED, RETURNED, EVENTS_USED = 0, 1, 2, 3, 4
-ACK = "ack"
 HIDDEN_VARIABLES = ("EXECUTOR_TOKEN",)
 _PR_SET_PDEATHSIG = 1
 # json.dumps(allow_nan=False) would build a new encoder for every result.
 _RESULT_ENCODER = json.JSONEncoder(allow_nan=False)
-
-TaskMessage = tuple[str, int, str, dict[str, Any], dict[str, str | None], int]
+_UNBLOCKED = frame_unblocked()
+_EVENTS_USED = frame_events_used()
 
 
 @dataclass(frozen=True)
@@ -95,35 +94,35 @@ def worker_main(boot: WorkerBoot) -> None:
     logger = slots.logger
     spin_s = 0.0
     while True:
-        message = inbox.next(spin_s)
-        if message is None:
-            return
-        if message == ACK:
-            continue  # answers a block notice from a thread that outlived its task
-        task_id, attempt, call, args, upstream, slot, spin = message
-        spin_s = SPIN_S if spin else 0.0
+        task = inbox.next(spin_s)
+        if not isinstance(task, RunTask):
+            if isinstance(task, Stop):
+                return
+            continue  # an Ack that answers a block notice from a thread that outlived its task
+        spin_s = SPIN_S if task.spin else 0.0
+        slot = task.slot
         slots.use(slot)
         ctx = TaskContext(
-            task_id=task_id,
-            attempt=attempt,
+            task_id=task.task_id,
+            attempt=task.attempt,
             run_id=boot.run_id,
             node_id=boot.node_id,
-            upstream={k: None if v is None else json.loads(v) for k, v in upstream.items()},
+            upstream={k: None if v is None else json.loads(v) for k, v in task.upstream.items()},
             store=store,
             events=events,
             log=logger,
         )
         inbox.in_task = True
-        outcome = run_task(functions[call], ctx, args)
+        outcome = run_task(functions[task.call], ctx, task.args)
         inbox.in_task = False
         sys.stdout, sys.stderr = stdout, stderr  # a task that swapped them is undone
         with suppress(wire.ServiceError):  # gone or busy: see Store.settle
             store.settle()  # later tasks must see this one's writes
-        send((DONE, slots.unread(slot), task_id, attempt, *outcome))
+        send(frame_done(slots.unread(slot), task.task_id, task.attempt, *outcome))
 
 
 def run_task(
-    fn: Callable[..., Any] | BaseException, ctx: TaskContext, args: dict[str, Any]
+    fn: Callable[..., Any] | BaseException, ctx: TaskContext, args: Mapping[str, Any]
 ) -> tuple[bool, Any, float, float]:
     """Call ``fn(ctx, **args)``; return ``(ok, payload, started, finished)``, never raise."""
     started = time.time()
@@ -194,13 +193,13 @@ def _become_group_leader() -> None:
         pass
 
 
-def _sender(results: Connection) -> Callable[[tuple[Any, ...]], None]:
+def _sender(results: Connection) -> Callable[[bytes], None]:
+    """Writes framed messages (executor/engine/messages.py) to the results pipe."""
     # Block notices may come from a task's own threads: one message at a time on the pipe.
     lock = threading.Lock()
     fd = results.fileno()
 
-    def send(message: tuple[Any, ...]) -> None:
-        data = frame(message)
+    def send(data: bytes) -> None:
         with lock:
             write_frame(fd, data)
 
@@ -254,50 +253,52 @@ class _Inbox:
         self._fd = fd
         self._reader = PipeFrameReader()
         self._pending: list[Any] = []
+        """Messages read ahead, as they came off the pipe (plain tuples)."""
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
         self.in_task = False
         """True while a task runs: only then may a hook read the pipe."""
 
-    def next(self, spin_s: float = 0.0) -> Any:
+    def next(self, spin_s: float = 0.0) -> FromManager:
         """The next message; when none is here, look without sleeping for up to
         ``spin_s`` seconds first (see SPIN_S)."""
         if spin_s and not self._pending:
             spin_poll(self._poll.poll, spin_s)
-        return read_message(self._fd, self._reader, self._pending)
+        return from_manager(read_message(self._fd, self._reader, self._pending))
 
-    def until_ack(self) -> list[Any]:
-        """The task messages that arrive before the manager's ACK (which is consumed)."""
+    def until_ack(self) -> list[RunTask | Stop]:
+        """The messages that arrive before the manager's Ack (which is consumed)."""
         messages = []
-        while (message := self.next()) != ACK:
+        while not isinstance(message := self.next(), Ack):
             messages.append(message)
         return messages
 
-    def put_back(self, messages: list[Any]) -> None:
-        self._pending[:0] = messages
+    def put_back(self, messages: Iterable[FromManager]) -> None:
+        """Make ``messages`` the next ones again, in their order."""
+        self._pending[:0] = [tuple(message) for message in messages]
 
 
 def _connect_services(
-    address: str, send: Callable[[tuple[Any, ...]], None], inbox: _Inbox
+    address: str, send: Callable[[bytes], None], inbox: _Inbox
 ) -> tuple[Store, _TaskEvents]:
     # As executor.services.server.connect(), with the events client above on the connection.
     connection = wire.Connection(address)
 
     def announce() -> None:
-        send((EVENTS_USED,))
-        if inbox.in_task:  # (else the main loop skips the ACK)
+        send(_EVENTS_USED)
+        if inbox.in_task:  # (else the main loop skips the Ack)
             inbox.put_back(inbox.until_ack())  # queued tasks stay queued
 
     events = _TaskEvents(connection, announce)
 
     def on_block(topic: str) -> None:
-        send((BLOCKED, topic, events.timed))
+        send(frame_blocked(topic, events.timed))
         if inbox.in_task:
             returned = inbox.until_ack()  # tasks queued behind a blocked one go back
             if returned:
-                send((RETURNED, [message[0] for message in returned]))
+                send(frame_returned([m.task_id for m in returned if isinstance(m, RunTask)]))
 
-    events.set_block_hooks(on_block, lambda: send((UNBLOCKED,)))
+    events.set_block_hooks(on_block, lambda: send(_UNBLOCKED))
     return Store(connection), events
 
 

@@ -14,6 +14,7 @@ import pytest
 from executor import contention, settings
 from executor.engine.combined_log import MAX_LINE, CombinedLog, LineSplitter
 from executor.engine.framing import PipeFrameReader, frame, write_frame
+from executor.engine.messages import RunTask, frame_run_task
 from executor.engine.results import write_results
 from executor.engine.worker import _Inbox
 from executor.pack import pack
@@ -179,11 +180,13 @@ def test_a_worker_inbox_gets_each_message_whether_it_spins_or_sleeps(
 ) -> None:
     # A message may come before, during or after the spin; none may be lost or doubled.
     read_end, write_end = os.pipe()
+    a, b = (RunTask(task_id, 1, "pkg.tasks:f", {}, {}, 0, True) for task_id in "ab")
     try:
         inbox = _Inbox(read_end)
-        sender = threading.Timer(delay_s, os.write, (write_end, frame("a") + frame("b")))
+        data = frame_run_task(*a) + frame_run_task(*b)
+        sender = threading.Timer(delay_s, os.write, (write_end, data))
         sender.start()
-        assert [inbox.next(spin_s), inbox.next(spin_s)] == ["a", "b"]
+        assert [inbox.next(spin_s), inbox.next(spin_s)] == [a, b]
         sender.join()
     finally:
         os.close(read_end)
