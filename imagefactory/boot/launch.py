@@ -120,7 +120,9 @@ def _prepare_files(
     plan: BootPlan, node: seed.NodeVars, ssh_port: int, workdir: Path
 ) -> tuple[qemu.VmConfig, nodestate.NodeRecord]:
     key_file, public_key = nodestate.make_ssh_key(workdir, f"fleetbake-{node.node_id}")
-    node = dataclasses.replace(node, ssh_keys=(public_key, *node.ssh_keys))
+    host_key = seed.HostKey.generate()
+    node = dataclasses.replace(node, ssh_keys=(public_key, *node.ssh_keys), host_key=host_key)
+    nodestate.pin_host_key(workdir, ssh_port, host_key.public)
     made = seed.render_seed(node)
     seed.write_iso(made, workdir / "seed.iso")
     qemu.create_overlay(plan.image, workdir / "overlay.qcow2")

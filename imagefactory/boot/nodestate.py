@@ -91,6 +91,12 @@ def make_ssh_key(workdir: Path, comment: str) -> tuple[Path, str]:
     return path, f"{key.get_name()} {key.get_base64()} {comment}"
 
 
+def pin_host_key(workdir: Path, ssh_port: int, public_key: str) -> None:
+    """Trust exactly this host key for the node's forwarded SSH port (no first-use trust)."""
+    line = f"[127.0.0.1]:{ssh_port} {public_key}\n"
+    write_output(workdir / "known_hosts", line.encode("ascii"), mode=0o600)
+
+
 def qemu_alive(pid: int, name: str) -> bool:
     """True if `pid` is still the QEMU of this node (not a reused process ID)."""
     try:

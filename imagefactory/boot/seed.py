@@ -19,6 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pycdlib
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
 
 from executor.agent.config import MASTER_URL
 from executor.files import write_output
@@ -43,6 +50,23 @@ _RESERVED = (
 
 
 @dataclass(frozen=True)
+class HostKey:
+    """An Ed25519 SSH host key made on the host, so that its public half can be pinned."""
+
+    private: str
+    """OpenSSH private key text."""
+    public: str
+    """`ssh-ed25519 AAAA...` line."""
+
+    @classmethod
+    def generate(cls) -> HostKey:
+        key = Ed25519PrivateKey.generate()
+        private = key.private_bytes(Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption())
+        public = key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
+        return cls(private=private.decode("ascii"), public=public.decode("ascii"))
+
+
+@dataclass(frozen=True)
 class NodeVars:
     """Everything that makes a booted image one particular node."""
 
@@ -60,6 +84,8 @@ class NodeVars:
     """Further node.env lines from `--env K=V`, in order."""
     ssh_keys: tuple[str, ...] = ()
     """Public keys authorized for the `ops` user; no key, no `ops` user."""
+    host_key: HostKey | None = None
+    """The node's SSH host key; None lets cloud-init generate the usual ones."""
 
     def env(self) -> list[tuple[str, str]]:
         """The node.env pairs, validated, in a stable order."""
@@ -140,8 +166,21 @@ def render_seed(node: NodeVars, instance_id: str | None = None) -> Seed:
     # `users: [default]`, so no distro default account is created either.
     users: list[object] | dict[str, object] = [ops] if node.ssh_keys else {}
     public = {"node_id": node.node_id, "run_id": node.run_id, "master_url": node.master_url}
+    host_keys: dict[str, str] = {}
+    generate = ["rsa", "ecdsa", "ed25519"]  # cloud-init's default
+    if node.host_key is not None:
+        host_keys = {
+            "ed25519_private": node.host_key.private,
+            "ed25519_public": node.host_key.public,
+        }
+        generate = []  # the pinned key is the only one sshd offers
     values = {
-        "user-data": {"node_env": _json(env_text), "users": _json(users)},
+        "user-data": {
+            "node_env": _json(env_text),
+            "users": _json(users),
+            "ssh_keys": _json(host_keys),
+            "ssh_genkeytypes": _json(generate),
+        },
         "meta-data": {
             "instance_id": _json(iid),
             "hostname": _json(hostname),

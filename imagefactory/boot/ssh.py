@@ -1,8 +1,8 @@
 """SSH into a booted node with paramiko, retrying while its sshd comes up.
 
-Host keys are trusted on first use and kept in the node's own known_hosts file: the
-node is a VM this tool just booted behind a loopback port forward, and every later
-connection must see the same key.
+Host keys are never trusted on first use: `imagefactory boot` makes each node's host key,
+hands it to the node in its seed, and pins its public half in the node's own known_hosts
+file before the node starts; a connection that sees any other key is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +27,17 @@ _TRANSIENT = (
 )
 
 
+class _UnknownHostKey(Exception):
+    """No key is pinned for the address that answered (not retried, unlike SSHException)."""
+
+
+class _PinnedOnly(paramiko.MissingHostKeyPolicy):
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
+        raise _UnknownHostKey(hostname)
+
+
 def _transient(exc: BaseException) -> bool:
     return isinstance(exc, _TRANSIENT) and not isinstance(exc, paramiko.BadHostKeyException)
 
@@ -40,11 +51,12 @@ class Result:
 
 def _connect_once(node: NodeRecord, timeout: float) -> paramiko.SSHClient:
     client = paramiko.SSHClient()
-    # A key already recorded must match (BadHostKeyException); the first one seen is
-    # added and saved, since load_host_keys() also names the file to save to.
-    node.known_hosts.touch(mode=0o600)
-    client.load_host_keys(str(node.known_hosts))
-    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    # `boot` pinned the node's host key before it started: any other key is refused.
+    try:
+        client.load_host_keys(str(node.known_hosts))
+    except OSError as exc:
+        raise die(f"no pinned host key for node {node.node_id}: {exc}") from None
+    client.set_missing_host_key_policy(_PinnedOnly())
     try:
         client.connect(
             "127.0.0.1",
@@ -75,10 +87,10 @@ def connect(node: NodeRecord, wait_s: float = 120.0) -> paramiko.SSHClient:
         for attempt in retrying:
             with attempt:
                 return _connect_once(node, timeout=15)
-    except paramiko.BadHostKeyException:
+    except (paramiko.BadHostKeyException, _UnknownHostKey):
         raise die(
-            f"node {node.node_id} presents a different SSH host key than before",
-            hint=f"if the node was re-created, delete {node.known_hosts}",
+            f"node {node.node_id} presents an SSH host key other than the one pinned at boot",
+            hint=f"someone else answers on 127.0.0.1:{node.ssh_port}; see {node.known_hosts}",
         ) from None
     except _TRANSIENT as exc:
         raise die(
@@ -138,6 +150,6 @@ def openssh_command(node: NodeRecord) -> list[str]:
         "-o",
         f"UserKnownHostsFile={Path(node.known_hosts)}",
         "-o",
-        "StrictHostKeyChecking=accept-new",
+        "StrictHostKeyChecking=yes",
         f"{node.ssh_user}@127.0.0.1",
     ]

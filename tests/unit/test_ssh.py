@@ -80,12 +80,14 @@ def serve(listener: socket.socket, allowed: paramiko.PKey, stop: threading.Event
 @pytest.fixture
 def node(tmp_path: Path) -> nodestate.NodeRecord:
     key_file, _ = nodestate.make_ssh_key(tmp_path, "test")
+    port = free_port()
+    nodestate.pin_host_key(tmp_path, port, f"{HOST_KEY.get_name()} {HOST_KEY.get_base64()}")
     return nodestate.NodeRecord(
         node_id="n-1",
         run_id="r",
         instance_id="iid",
         backend="qemu",
-        ssh_port=free_port(),
+        ssh_port=port,
         ssh_user="ops",
         ssh_key=str(key_file),
         workdir=str(tmp_path),
@@ -135,13 +137,13 @@ def test_command_runs_and_returns_status_and_output(
         assert ssh.execute(client, "echo hello") == ssh.Result(0, b"hello\n", b"")
     finally:
         client.close()
-    # The host key was recorded on first use.
-    assert HOST_KEY.get_base64() in node.known_hosts.read_text()
+    pinned = node.known_hosts.read_text()
     client = ssh.connect(node, wait_s=20)
     try:
         assert ssh.execute(client, "false") == ssh.Result(3, b"", b"nope\n")
     finally:
         client.close()
+    assert node.known_hosts.read_text() == pinned, "nothing learned on use"
 
 
 def test_connect_retries_until_sshd_comes_up(
@@ -163,8 +165,20 @@ def test_changed_host_key_is_refused(node: nodestate.NodeRecord, start_guest: ob
         f"[127.0.0.1]:{node.ssh_port} {other.get_name()} {other.get_base64()}\n"
     )
     start_guest()  # type: ignore[operator]
-    with pytest.raises(click.ClickException, match="different SSH host key"):
+    with pytest.raises(click.ClickException, match="other than the one pinned at boot"):
         ssh.connect(node, wait_s=20)
+
+
+def test_a_host_key_nobody_pinned_is_refused_at_once(
+    node: nodestate.NodeRecord, start_guest: object
+) -> None:
+    node.known_hosts.write_text("")  # as if no key were pinned for this port
+    start_guest()  # type: ignore[operator]
+    started = time.monotonic()
+    with pytest.raises(click.ClickException, match="other than the one pinned at boot"):
+        ssh.connect(node, wait_s=60)
+    assert time.monotonic() - started < 30, "refused, not retried until the deadline"
+    assert node.known_hosts.read_text() == "", "and not learned either"
 
 
 def test_password_login_is_refused(node: nodestate.NodeRecord, start_guest: object) -> None:
