@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Protocol
 
+from executor.settings import check_count
+
 MiB = 1024 * 1024
 _CHUNK = MiB
 
@@ -42,7 +44,8 @@ class ArchiveLimits:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ArchiveLimits:
-        """The limits, each overridable by its variable; a bad value raises ValueError."""
+        """The limits, each overridable by its variable; a bad value raises SettingsError
+        (a ValueError)."""
         return cls(
             max_bytes=_positive(env, "EXECUTOR_PIPELINE_MAX_BYTES", cls.max_bytes),
             max_files=_positive(env, "EXECUTOR_PIPELINE_MAX_FILES", cls.max_files),
@@ -54,15 +57,7 @@ class ArchiveLimits:
 
 def _positive(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"{name}: {raw!r} is not an integer >= 1")
-    return value
+    return check_count(name, raw) if raw else default
 
 
 class _Readable(Protocol):

@@ -152,11 +152,12 @@ def _run(args: argparse.Namespace) -> int:
         node_id = settings.check_id("--node-id", args.node_id or settings.node_id())
         run_id = settings.check_id("--run-id", args.run_id or settings.run_id())
         workers = (
-            settings.check_workers("--workers", args.workers)
+            settings.check_count("--workers", args.workers)
             if args.workers is not None
             else settings.workers()
         )
         log_path = (args.log or settings.state_dir() / "logs" / f"{run_id}.log").absolute()
+        settings.fastpaths()  # checked with the other settings: a bad value is a usage error
     except settings.SettingsError as exc:
         raise UsageError(str(exc)) from None
     pipeline = load_pipeline(args.pipeline)

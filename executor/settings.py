@@ -19,8 +19,9 @@ from pathlib import Path
 SYSTEM_STATE_DIR = Path("/var/lib/executor")
 USER_STATE_DIR = Path("~/.local/state/executor")
 
-# Ids end up in file names and URL paths: keep them to a safe alphabet.
-_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+# Ids end up in file names and URL paths: keep them to a safe alphabet, and to what the
+# core services accept (imagefactory/server/schemas.py ID_PATTERN).
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 class SettingsError(ValueError):
@@ -68,7 +69,7 @@ def workers(env: Mapping[str, str] = os.environ) -> int:
     raw = env.get("EXECUTOR_WORKERS")
     if not raw:
         return os.cpu_count() or 1
-    return check_workers("EXECUTOR_WORKERS", raw)
+    return check_count("EXECUTOR_WORKERS", raw)
 
 
 def state_dir(env: Mapping[str, str] = os.environ) -> Path:
@@ -111,12 +112,15 @@ def fastpaths_on() -> bool:
 def check_id(name: str, value: str) -> str:
     """Accept ``value`` as an id or raise SettingsError naming ``name``."""
     if not _ID.fullmatch(value):
-        raise SettingsError(f"{name}: {value!r} is not 1-128 characters of [A-Za-z0-9_.-]")
+        raise SettingsError(
+            f"{name}: {value!r} is not 1-128 characters of [A-Za-z0-9_.-] "
+            "starting with a letter or digit"
+        )
     return value
 
 
-def check_workers(name: str, raw: str) -> int:
-    """Parse a worker count (an integer >= 1) or raise SettingsError naming ``name``."""
+def check_count(name: str, raw: str) -> int:
+    """Parse a count (an integer >= 1) or raise SettingsError naming ``name``."""
     try:
         count = int(raw)
     except ValueError:

@@ -81,6 +81,7 @@ def load_config(env: Mapping[str, str] = os.environ) -> AgentConfig:
 def _load(env: Mapping[str, str]) -> AgentConfig:
     node_id = settings.node_id(env)
     workers = settings.workers(env)
+    settings.fastpaths(env)  # a bad value is a configuration error at start, not a failed run
     state_dir = settings.state_dir(env)
     master_url = _master_url(env)
     token = env.get("EXECUTOR_TOKEN", "").strip() or None

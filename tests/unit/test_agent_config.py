@@ -42,6 +42,19 @@ def test_a_corrupt_stored_run_id_counts_as_missing(
     assert "unreadable or corrupt" in caplog.text
 
 
+def test_an_invalid_fastpaths_switch_is_a_configuration_error(base: dict[str, str]) -> None:
+    with pytest.raises(AgentConfigError, match="^EXECUTOR_FASTPATHS: 'fast' is neither"):
+        load_config({**base, "EXECUTOR_FASTPATHS": "fast"})
+
+
+@pytest.mark.parametrize("node_id", ["-n", ".n", "_n"])
+def test_ids_the_server_would_refuse_are_refused_at_start(
+    base: dict[str, str], node_id: str
+) -> None:
+    with pytest.raises(AgentConfigError, match="starting with a letter or digit"):
+        load_config({**base, "EXECUTOR_NODE_ID": node_id})
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [("EXECUTOR_PIPELINE_MAX_BYTES", "0"), ("EXECUTOR_PIPELINE_MAX_DOWNLOAD_BYTES", "big")],
