@@ -35,6 +35,7 @@ from typing import Any
 
 from executor.contention import CPUS, SPIN_S, Contention, spin_poll
 from executor.engine.combined_log import CombinedLog
+from executor.engine.leftovers import Leftovers
 from executor.engine.messages import (
     Blocked,
     Done,
@@ -114,7 +115,7 @@ def run(
     """
     if config.workers < 1:
         raise ValueError("workers must be at least 1")
-    with CombinedLog(config.log_path) as log:
+    with CombinedLog(config.log_path) as log, Leftovers(log.executor):
         results = _Manager(pipeline, config, log, on_progress).execute()
     if config.results_path is not None:
         write_results(config.results_path, results)
@@ -589,7 +590,7 @@ class _Manager:
         for index, connection in enumerate(worker.streams):
             register(connection.fileno(), (_STREAM, worker, index))
         register(worker.results.fileno(), (_RESULT, worker, 0))
-        register(worker.process.sentinel, (_SENTINEL, worker, 0))
+        register(worker.death_fd, (_SENTINEL, worker, 0))
         self.workers.append(worker)
         self.idle.append(worker)
 
@@ -603,7 +604,7 @@ class _Manager:
             self.idle.remove(worker)
         for connection in (*worker.streams, worker.results):
             self.poller.unregister(connection.fileno())
-        self.poller.unregister(worker.process.sentinel)
+        self.poller.unregister(worker.death_fd)
         worker.close()
         worker.signal_group(signal.SIGKILL)  # children a task left behind
 

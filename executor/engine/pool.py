@@ -67,6 +67,8 @@ class WorkerHandle:
     ) -> None:
         self.process = process
         self.pid: int = process.pid or 0
+        self.death_fd = _death_fd(process)
+        """Readable once the worker process has ended (a pidfd; else its sentinel)."""
         self.tasks = tasks
         self.results = results
         self.streams = streams
@@ -130,6 +132,18 @@ class WorkerHandle:
     def close(self) -> None:
         for connection in (self.tasks, self.results, *self.streams):
             connection.close()
+        if self.death_fd != self.process.sentinel:
+            os.close(self.death_fd)
+
+
+def _death_fd(process: BaseProcess) -> int:
+    """A descriptor that becomes readable when `process` ends. The sentinel is a pipe that
+    every child the task forks inherits, so it stays open while any of them lives; a pidfd
+    follows the worker alone (Linux 5.3 and later)."""
+    try:
+        return os.pidfd_open(process.pid or 0)
+    except (AttributeError, OSError):  # pragma: no cover - old kernel or Python
+        return process.sentinel
 
 
 def spawn_worker(context: BaseContext, boot_fields: dict[str, Any]) -> WorkerHandle:

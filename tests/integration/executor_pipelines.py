@@ -165,6 +165,39 @@ def freed_heap_after(ctx, size):
 
 def lifecycle_watcher(ctx, task_id):
     return ctx.events.wait("executor.task.finished", timeout=60)
+
+
+def _write_pid(pidfile, pid):
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(str(pid))
+    os.rename(pidfile + ".tmp", pidfile)
+
+
+def die_leaving_child(ctx, pidfile, how="exit"):
+    """Fork a child that keeps the worker's pipes open, then end the worker."""
+    child = os.fork()
+    if child == 0:
+        time.sleep(300)
+        os._exit(0)
+    _write_pid(pidfile, child)
+    if how == "exit":
+        os._exit(3)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def daemonize(ctx, pidfile):
+    """Start a daemon as daemons start: setsid and a double fork; return at once."""
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            _write_pid(pidfile, os.getpid())
+            time.sleep(300)
+            os._exit(0)
+        os._exit(0)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(pidfile) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return "started"
 '''
 
 
