@@ -55,7 +55,7 @@ PROBE_CODE = textwrap.dedent(
 
 GUEST_CHECK = textwrap.dedent(
     """
-    import json, os, socket, subprocess
+    import glob, json, os, socket, subprocess
     def reach(host, port):
         try:
             socket.create_connection((host, port), 5).close()
@@ -68,7 +68,9 @@ GUEST_CHECK = textwrap.dedent(
         "env_readable_by_ops": os.access("/etc/executor/node.env", os.R_OK),
         "machine_id": open("/etc/machine-id").read().strip(),
         "hostname": socket.gethostname(),
-        "host_key": open("/etc/ssh/ssh_host_ed25519_key.pub").read().split()[1],
+        "host_key": subprocess.run(["sudo", "-n", "cat", "/etc/ssh/ssh_host_ed25519_key.pub"],
+                                   capture_output=True, text=True).stdout.split()[1],
+        "host_keys": sorted(glob.glob("/etc/ssh/ssh_host_*_key.pub")),
         "instance_id": json.load(open("/run/cloud-init/instance-data.json"))["v1"]["instance_id"],
         "reach_master": reach("10.0.2.100", PORT),
         "reach_host_loopback": reach("10.0.2.2", PORT),
@@ -267,6 +269,16 @@ def test_clones_have_their_own_identities(fleet: Fleet, facts: dict[str, dict[st
         values = [f[key] for f in facts.values()]
         assert len(set(values)) == len(values), (key, values)
         assert all(values)
+
+
+def test_the_host_key_is_the_one_pinned_at_boot(
+    fleet: Fleet, facts: dict[str, dict[str, Any]]
+) -> None:
+    for node_id, node_facts in facts.items():
+        pinned = (Path(fleet.nodes[node_id]["workdir"]) / "known_hosts").read_text().split()
+        assert pinned[1:3] == ["ssh-ed25519", node_facts["host_key"]]
+        # No other key for a client to be offered and trust on first use.
+        assert node_facts["host_keys"] == ["/etc/ssh/ssh_host_ed25519_key.pub"]
 
 
 def test_guests_reach_the_master_and_nothing_else(facts: dict[str, dict[str, Any]]) -> None:
