@@ -205,7 +205,9 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _agent(args: argparse.Namespace) -> int:
     from executor.agent.main import main as agent_main
+    from executor.agent.secret import reexec_without_token
 
+    reexec_without_token()  # the token must not stay in /proc/PID/environ
     return agent_main(args.agent_args)
 
 

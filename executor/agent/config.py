@@ -44,7 +44,8 @@ class AgentConfig:
     master_url: str | None
     """EXECUTOR_MASTER_URL; unset means standalone: no heartbeats, no report delivery."""
     token: str | None
-    """EXECUTOR_TOKEN: this node's bearer token (required with a master URL)."""
+    """EXECUTOR_TOKEN, else the contents of EXECUTOR_TOKEN_FILE: this node's bearer token
+    (required with a master URL)."""
     heartbeat_s: float
     """EXECUTOR_HEARTBEAT_S: seconds between heartbeats (each jittered by +-20%)."""
     on_complete: Literal["none", "poweroff"]
@@ -84,9 +85,11 @@ def _load(env: Mapping[str, str]) -> AgentConfig:
     settings.fastpaths(env)  # a bad value is a configuration error at start, not a failed run
     state_dir = settings.state_dir(env)
     master_url = _master_url(env)
-    token = env.get("EXECUTOR_TOKEN", "").strip() or None
+    token = env.get("EXECUTOR_TOKEN", "").strip() or _token_file(env)
     if master_url and not token:
-        raise AgentConfigError("EXECUTOR_TOKEN is required when EXECUTOR_MASTER_URL is set")
+        raise AgentConfigError(
+            "EXECUTOR_TOKEN is required when EXECUTOR_MASTER_URL is set (or EXECUTOR_TOKEN_FILE)"
+        )
     pipeline = env.get("EXECUTOR_PIPELINE", "").strip()
     if not pipeline:
         raise AgentConfigError("EXECUTOR_PIPELINE is required (a path or gateway:NAME)")
@@ -140,6 +143,20 @@ def _run_id(env: Mapping[str, str], state_dir: Path) -> str:
     except OSError as exc:  # a full disk must not keep the node from running and reporting
         log.error("cannot keep the run id in %s (%s): a restart starts a new run", stored, exc)
     return run_id
+
+
+def _token_file(env: Mapping[str, str]) -> str | None:
+    """EXECUTOR_TOKEN_FILE: the token in a file (kept out of every environment)."""
+    path = env.get("EXECUTOR_TOKEN_FILE", "").strip()
+    if not path:
+        return None
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AgentConfigError(f"EXECUTOR_TOKEN_FILE: cannot read {path}: {exc}") from None
+    if not token:
+        raise AgentConfigError(f"EXECUTOR_TOKEN_FILE: {path} is empty")
+    return token
 
 
 def _archive_limits(env: Mapping[str, str]) -> ArchiveLimits:

@@ -36,6 +36,7 @@ from executor.agent.heartbeat import Heartbeats
 from executor.agent.master import Master, Refused
 from executor.agent.reportlog import log_for_report
 from executor.agent.runner import run_pipeline
+from executor.agent.secret import TOKEN, make_undumpable, take_token
 from executor.engine.combined_log import CombinedLog
 from executor.files import write_output
 from executor.pipeline import PipelineError
@@ -61,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="executor-agent: %(levelname)s %(message)s",
     )
     env = {**os.environ, **_overrides(args)}
+    token = take_token()
+    if token is not None:
+        env[TOKEN] = token  # in memory only, never in any environment again
+    make_undumpable()
     try:
         config = load_config(env)
     except AgentConfigError as exc:

@@ -31,6 +31,9 @@ def run_pipeline(
         node_id=run.node_id,
         log_path=log_path,
         grace_s=GRACE_S,
+        # Workers fork from a fresh interpreter, not from the agent: no task's memory
+        # holds the node token (executor/agent/secret.py).
+        start_method="forkserver",
     )
     results: dict[str, Any] = manager.run(pipeline, run_config, on_progress)
     return results

@@ -45,7 +45,8 @@ import sys
 
 from executor.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # a forkserver imports this file again: it must not run main
+    sys.exit(main())
 """
 
 

@@ -349,3 +349,72 @@ def test_full_state_disk_still_reports_from_memory(
     [node] = server.rows("nodes")
     assert (node[1], node[3]) == (stored["run_id"], "failed"), "a final heartbeat arrived"
     assert "Traceback" not in "\n".join(proc.console())
+
+
+SNOOP_TASK = '''
+import gc, os, re
+
+HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def environs():
+    """The environment of this process and of every ancestor it can read."""
+    seen, pid = {}, os.getpid()
+    while pid > 1:
+        try:
+            seen[pid] = open(f"/proc/{pid}/environ", "rb").read().decode(errors="replace")
+            stat = open(f"/proc/{pid}/stat").read()
+        except OSError as exc:
+            seen[pid] = f"unreadable: {exc.strerror}"
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return seen
+
+
+def snoop(ctx):
+    strings = {o for o in gc.get_objects() if isinstance(o, str) and HEX64.fullmatch(o)}
+    for o in gc.get_objects():  # strings inside containers are not tracked themselves
+        values = o.values() if isinstance(o, dict) else vars(o).values() if hasattr(
+            o, "__dict__") else o if isinstance(o, (list, tuple)) else ()
+        strings |= {v for v in values if isinstance(v, str) and HEX64.fullmatch(v)}
+    return {"env_token": os.environ.get("EXECUTOR_TOKEN"), "environs": environs(),
+            "hex64": sorted(strings)}
+'''
+
+
+def test_tasks_cannot_find_the_node_token(
+    server: ServerProcess, agent: AgentFactory, tmp_path: Path
+) -> None:
+    source = tmp_path / "snoop"
+    source.mkdir()
+    (source / "pipeline.json").write_text(
+        json.dumps({"format": 1, "name": "snoop", "tasks": [{"id": "s", "call": "snoop:snoop"}]})
+    )
+    (source / "snoop.py").write_text(SNOOP_TASK)
+    proc = agent(server, source, EXECUTOR_RUN_ID="run-snoop").start()
+    assert proc.wait() == 0, proc.tail()
+    token = server.node_token("node-a")
+    [stored] = reports(server)
+    seen = stored["tasks"]["s"]["result"]
+    assert seen["env_token"] is None
+    assert len(seen["environs"]) >= 3, "the worker, the forkserver, the agent and up"
+    assert not [pid for pid, env in seen["environs"].items() if token in env]
+    assert token not in seen["hex64"]
+    agent_environ = Path(f"/proc/{proc.proc.pid}/environ") if proc.proc else None
+    assert agent_environ is None or not agent_environ.exists(), "the agent has exited"
+
+
+def test_the_token_can_come_from_a_file(
+    server: ServerProcess, agent: AgentFactory, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(server.node_token("node-a") + "\n")
+    proc = agent(
+        server,
+        write_pipeline(tmp_path / "p"),
+        EXECUTOR_TOKEN="",
+        EXECUTOR_TOKEN_FILE=str(token_file),
+        EXECUTOR_RUN_ID="run-file",
+    )
+    assert proc.start().wait() == 0, proc.tail()
+    assert [r["run_id"] for r in reports(server)] == ["run-file"]
