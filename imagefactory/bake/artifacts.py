@@ -36,7 +36,8 @@ GUEST_LAUNCHER = "/usr/local/bin/executor"
 GUEST_UNIT = "/etc/systemd/system/executor.service"
 GUEST_NODE_ENV = "/etc/executor/node.env"
 GUEST_STATE_DIR = str(SYSTEM_STATE_DIR)
-"""The agent's state directory: the executor's own default, created mode 0700."""
+"""The agent's state directory: the executor's own default, made by systemd
+(StateDirectory=, mode 0700) for the agent's transient user."""
 
 LAUNCHER = f"""\
 #!/usr/bin/python3
@@ -58,9 +59,23 @@ class Artifacts:
     executor_version: str
 
 
+# `$$` is a `$` for the shell once systemd has read the line.
+_POWER_OFF_IF_ASKED = (
+    "/bin/sh -c '[ \"$$EXECUTOR_ON_COMPLETE\" != poweroff ] || exec systemctl --no-block poweroff'"
+)
+
+
 def executor_unit(pipeline_sha256: str) -> str:
     """The agent's unit. node.env (written by cloud-init from the seed) comes after the
-    defaults, so a seed can point the agent at another pipeline or a gateway."""
+    defaults, so a seed can point the agent at another pipeline or a gateway.
+
+    The agent and its tasks run as a transient unprivileged user (DynamicUser=) that
+    cannot gain privileges, sees the system read-only and home directories not at all,
+    and may write only its state directory and a private /tmp. node.env stays root's:
+    systemd reads it. Powering off needs root, so systemd does it once the agent has ended
+    (ExecStopPost with `+`, run with full privileges), if node.env asks for it; the
+    agent's own power-off command is a no-op here."""
+    state = PurePosixPath(GUEST_STATE_DIR).relative_to("/var/lib")
     return f"""\
 [Unit]
 Description=fleetbake executor agent
@@ -71,10 +86,26 @@ After=cloud-config.service network-online.target
 Type=exec
 Environment=EXECUTOR_PIPELINE={GUEST_PIPELINE}
 Environment=EXECUTOR_PIPELINE_SHA256={pipeline_sha256}
+Environment=EXECUTOR_POWEROFF_COMMAND=true
 EnvironmentFile=-{GUEST_NODE_ENV}
 ExecStart={GUEST_LAUNCHER} agent
+ExecStopPost=+{_POWER_OFF_IF_ASKED}
 StandardOutput=journal+console
 StandardError=journal+console
+DynamicUser=yes
+StateDirectory={state}
+StateDirectoryMode=0700
+UMask=0077
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
 
 [Install]
 WantedBy=multi-user.target
@@ -89,7 +120,6 @@ def provision_env() -> dict[str, str]:
         "FLEETBAKE_PIPELINE": GUEST_PIPELINE,
         "FLEETBAKE_UNIT": GUEST_UNIT,
         "FLEETBAKE_CONFIG_DIR": str(PurePosixPath(GUEST_NODE_ENV).parent),
-        "FLEETBAKE_STATE_DIR": GUEST_STATE_DIR,
     }
 
 

@@ -7,10 +7,11 @@ set -eu
 A=/var/tmp/fleetbake
 OUT=/var/tmp/fleetbake-out
 : "${FLEETBAKE_LIB:?}" "${FLEETBAKE_LAUNCHER:?}" "${FLEETBAKE_PIPELINE:?}" "${FLEETBAKE_UNIT:?}"
-: "${FLEETBAKE_CONFIG_DIR:?}" "${FLEETBAKE_STATE_DIR:?}"
+: "${FLEETBAKE_CONFIG_DIR:?}"
 
 install -d -m 0755 "$FLEETBAKE_LIB" "$FLEETBAKE_CONFIG_DIR"
-install -d -m 0700 "$FLEETBAKE_STATE_DIR"
+# The state directory is systemd's to make (StateDirectory= in the unit), for the agent's
+# transient user.
 tar -xzf "$A/executor-lib.tar.gz" -C "$FLEETBAKE_LIB"
 # Importable as `executor` by every python3 on the system, workers included.
 echo "$FLEETBAKE_LIB" > /usr/lib/python3/dist-packages/fleetbake-executor.pth

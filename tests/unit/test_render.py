@@ -139,7 +139,6 @@ def test_provision_gets_the_guest_paths_of_artifacts(rendered: Path) -> None:
     values = _load(rendered / r.VARS_FILE)["provision_env"]
     assert values == [f"{k}={v}" for k, v in artifacts.provision_env().items()]
     assert "FLEETBAKE_LIB=" + artifacts.GUEST_LIB in values
-    assert f"FLEETBAKE_STATE_DIR={artifacts.GUEST_STATE_DIR}" in values
 
 
 def test_provision_script_names_no_guest_path_itself() -> None:
@@ -152,6 +151,25 @@ def test_provision_script_names_no_guest_path_itself() -> None:
         assert path not in script
     syntax = subprocess.run(["sh", "-n", str(r.PACKER_SOURCES / "scripts" / "provision.sh")])
     assert syntax.returncode == 0
+
+
+def test_the_unit_runs_the_agent_unprivileged_and_sandboxed() -> None:
+    unit = artifacts.executor_unit("ab" * 32).splitlines()
+    for setting in (
+        "DynamicUser=yes",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "StateDirectory=executor",  # /var/lib/executor, the agent's default state directory
+    ):
+        assert setting in unit
+    assert artifacts.GUEST_STATE_DIR == "/var/lib/executor"
+    # Power-off is systemd's (as root), not the unprivileged agent's.
+    assert "Environment=EXECUTOR_POWEROFF_COMMAND=true" in unit
+    [stop] = [line for line in unit if line.startswith("ExecStopPost=")]
+    assert stop.startswith("ExecStopPost=+/bin/sh -c ")
+    assert "$$EXECUTOR_ON_COMPLETE" in stop and "systemctl --no-block poweroff" in stop
 
 
 def test_unit_and_launcher_name_the_same_guest_paths() -> None:

@@ -48,8 +48,57 @@ PROBE_CODE = textwrap.dedent(
 
     KEYS = ("PROBE", "EXECUTOR_NODE_ID", "EXECUTOR_RUN_ID", "EXECUTOR_MASTER_URL")
 
+    def readable(path):
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+            return True
+        except OSError:
+            return False
+
+    def openable(path):  # /proc/PID/mem: opening it is the access check (offset 0 is unmapped)
+        try:
+            os.close(os.open(path, os.O_RDONLY))
+            return True
+        except OSError:
+            return False
+
+    def writable(path):
+        try:
+            with open(path, "w") as f:
+                f.write("x")
+            os.remove(path)
+            return True
+        except OSError:
+            return False
+
+    def agent_pid():
+        pid = os.getpid()
+        while pid > 1:
+            if b"agent" in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0"):
+                return pid
+            pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        return None
+
+    def isolation():
+        agent = agent_pid()
+        return {
+            "uid": os.getuid(),
+            "agent_found": agent is not None,
+            "agent_environ_readable": agent is not None and readable(f"/proc/{agent}/environ"),
+            "agent_memory_readable": agent is not None and openable(f"/proc/{agent}/mem"),
+            "secrets_readable": [p for p in SECRETS if readable(p)],
+            "writable": sorted(p for p in PLACES if writable(p)),
+        }
+
+    SECRETS = ("/etc/executor/node.env", "/dev/sr0", "/var/lib/cloud/instance/user-data.txt",
+               "/etc/ssh/ssh_host_ed25519_key")
+    PLACES = ("/etc/probe", "/opt/executor/probe", "/usr/local/bin/probe", "/root/probe",
+              "/home/probe", "/var/lib/executor/probe", "/tmp/probe")
+
     def probe(ctx):
-        return {"env": {k: os.environ.get(k) for k in KEYS}, "ctx_node_id": ctx.node_id}
+        return {"env": {k: os.environ.get(k) for k in KEYS}, "ctx_node_id": ctx.node_id,
+                "token_in_environ": "EXECUTOR_TOKEN" in os.environ, "isolation": isolation()}
     """
 )
 
@@ -238,7 +287,8 @@ def test_reports_show_the_variables_the_executor_read(fleet: Fleet) -> None:
         assert response.status_code == 200, response.text
         report = response.json()
         assert report["node_id"] == node_id and report["status"] == "succeeded", report
-        assert report["tasks"]["probe"]["result"] == {
+        result = report["tasks"]["probe"]["result"]
+        assert {k: result[k] for k in ("env", "ctx_node_id")} == {
             "env": {
                 "PROBE": HOSTILE,
                 "EXECUTOR_NODE_ID": node_id,
@@ -247,6 +297,19 @@ def test_reports_show_the_variables_the_executor_read(fleet: Fleet) -> None:
             },
             "ctx_node_id": node_id,
         }
+
+
+def test_tasks_run_unprivileged_and_see_no_secret(fleet: Fleet) -> None:
+    """The agent's unit: a transient user, read-only system, no token anywhere a task
+    can look, writes only to the state directory and a private /tmp."""
+    for node in fleet.nodes.values():
+        result = fleet.master.get(f"/v1/runs/{node['run_id']}").json()["tasks"]["probe"]
+        seen = result["result"]["isolation"]
+        assert result["result"]["token_in_environ"] is False
+        assert seen["uid"] != 0 and seen["agent_found"] is True
+        assert seen["agent_environ_readable"] is False and seen["agent_memory_readable"] is False
+        assert seen["secrets_readable"] == []
+        assert seen["writable"] == ["/tmp/probe", "/var/lib/executor/probe"]
 
 
 def test_console_carries_the_agents_status_lines(fleet: Fleet) -> None:
