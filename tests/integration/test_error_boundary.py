@@ -25,7 +25,7 @@ import pytest
 from imagefactory.run import CommandError
 from imagefactory.targets import TARGETS
 from tests.integration.executor_pipelines import make_pipeline, task
-from tests.processes import process_alive
+from tests.processes import process_alive, signal_when
 
 BIN = Path(sys.executable).parent
 IMAGEFACTORY = str(BIN / "imagefactory")
@@ -119,25 +119,6 @@ def test_the_error_shows_stdout_when_stderr_is_empty_and_clips_long_lines() -> N
 
 
 # -- Ctrl-C ---------------------------------------------------------------------------------
-
-
-def signal_when(
-    argv: Sequence[str], sig: int, started: Path, env: dict[str, str] | None = None
-) -> tuple[int, str]:
-    """Start argv, send it `sig` once the file `started` exists; (exit code, stderr)."""
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not started.exists():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
-        process.send_signal(sig)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    return process.returncode, stderr.decode()
 
 
 def test_ctrl_c_in_imagefactory_exits_130_and_stops_the_tool(

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.executor_pipelines import make_pipeline, task
-from tests.integration.test_error_boundary import signal_when
-from tests.processes import process_alive
+from tests.processes import process_alive, signal_when
 
 EXECUTOR = [sys.executable, "-m", "executor"]
 
