@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection
 from types import TracebackType
 from typing import Any
 
+from executor import jsontext
 from executor.contention import SPIN_S, spin_poll
 from executor.context import TaskContext
 from executor.engine.capture import CaptureSlots, flush_std_streams
@@ -175,9 +176,11 @@ def _skip_first_frame(tb: TracebackType | None) -> TracebackType | None:
 
 def _result_json(value: Any) -> str:
     try:
-        return _RESULT_ENCODER.encode(value)
+        text: str = _RESULT_ENCODER.encode(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"the task's return value is not JSON-serializable: {exc}") from None
+    # Surrogates are escaped as \udXXX: lone ones would break strict readers (executor.jsontext).
+    return jsontext.rescrub(text) if "\\ud" in text else text
 
 
 def _become_group_leader() -> None:

@@ -48,6 +48,14 @@ def not_json(ctx):
     return {1, 2}
 
 
+def not_a_number(ctx):
+    return [1.0, float("nan")]
+
+
+def odd_strings(ctx):
+    return {"lone \ud800": "a\udfffb", "pair": "\U0001F600"}
+
+
 def env(ctx, name):
     return os.environ.get(name)
 

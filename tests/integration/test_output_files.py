@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.executor_pipelines import make_pipeline, run_pipeline, task
+
 EXECUTOR = [sys.executable, "-m", "executor"]
 HELLO = Path(__file__).resolve().parents[2] / "examples" / "hello"
 
@@ -81,3 +83,15 @@ def test_results_to_a_directory_is_one_error_line(tmp_path: Path) -> None:
     errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and str(target) in errors[0], done.stderr
     assert target.is_dir() and list(target.iterdir()) == []
+
+
+def test_results_are_strict_utf8_json_whatever_a_task_returns(tmp_path: Path) -> None:
+    pipeline = make_pipeline(
+        tmp_path / "p", [task("odd", "odd_strings"), task("nan", "not_a_number")]
+    )
+    results, _ = run_pipeline(pipeline, tmp_path)
+    assert results["tasks"]["odd"]["result"] == {"lone \ufffd": "a\ufffdb", "pair": "\U0001f600"}
+    assert results["tasks"]["nan"]["status"] == "failed"  # NaN is not JSON
+    assert "not JSON-serializable" in results["tasks"]["nan"]["error"]["message"]
+    text = (tmp_path / "results.json").read_bytes().decode("utf-8", "strict")
+    assert "\\ud800" not in text and "\\udfff" not in text
