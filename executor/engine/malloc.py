@@ -2,10 +2,11 @@
 
 By default glibc hands a freed block of 128 KiB or more straight back to the kernel
 (raising that bound to the largest block freed so far) and trims the heap once 2x that
-bound is free at its top. On a virtual machine a first touch of a page costs ~2-3 µs,
-so a task that handles values of a few MiB keeps paying ~0.5 ms per MiB for pages it
-had a moment ago, more than copying the MiB itself. A worker therefore takes blocks
-below MMAP_THRESHOLD from the heap and keeps up to TRIM_THRESHOLD of freed heap memory.
+bound is free at its top. A task that handles values of a few MiB then pays, for every
+value, the first touch of pages it had a moment ago, which on a virtual machine costs
+more than copying the MiB itself (figures: docs/performance.md). A worker therefore
+takes blocks below MMAP_THRESHOLD from the heap and keeps up to TRIM_THRESHOLD of freed
+heap memory.
 """
 
 from __future__ import annotations
