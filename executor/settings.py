@@ -80,7 +80,11 @@ def state_dir(env: Mapping[str, str] = os.environ) -> Path:
         if not _writable_dir(path):
             raise SettingsError(f"EXECUTOR_STATE_DIR: {path} is not a writable directory")
         return path
-    for path in (SYSTEM_STATE_DIR, USER_STATE_DIR.expanduser()):
+    for path in (SYSTEM_STATE_DIR, USER_STATE_DIR):
+        try:
+            path = path.expanduser()
+        except RuntimeError:  # no home directory to expand
+            continue
         if _writable_dir(path):
             return path
     raise SettingsError(f"no writable state directory ({SYSTEM_STATE_DIR}, {USER_STATE_DIR})")

@@ -37,7 +37,9 @@ GUEST_UNIT = "/etc/systemd/system/executor.service"
 GUEST_NODE_ENV = "/etc/executor/node.env"
 GUEST_STATE_DIR = str(SYSTEM_STATE_DIR)
 """The agent's state directory: the executor's own default, made by systemd
-(StateDirectory=, mode 0700) for the agent's transient user."""
+(StateDirectory=, mode 0700) for GUEST_USER, whose home it is."""
+GUEST_USER = "executor"
+"""The unprivileged system user the agent and its tasks run as."""
 
 LAUNCHER = f"""\
 #!/usr/bin/python3
@@ -69,12 +71,12 @@ def executor_unit(pipeline_sha256: str) -> str:
     """The agent's unit. node.env (written by cloud-init from the seed) comes after the
     defaults, so a seed can point the agent at another pipeline or a gateway.
 
-    The agent and its tasks run as a transient unprivileged user (DynamicUser=) that
-    cannot gain privileges, sees the system read-only and home directories not at all,
-    and may write only its state directory and a private /tmp. node.env stays root's:
-    systemd reads it. Powering off needs root, so systemd does it once the agent has ended
-    (ExecStopPost with `+`, run with full privileges), if node.env asks for it; the
-    agent's own power-off command is a no-op here."""
+    The agent and its tasks run as the unprivileged system user GUEST_USER (made by
+    provision.sh), which cannot gain privileges, sees the system read-only and home
+    directories not at all, and may write only its state directory and a private /tmp.
+    node.env stays root's: systemd reads it. Powering off needs root, so systemd does it
+    once the agent has ended (ExecStopPost with `+`, run with full privileges), if
+    node.env asks for it; the agent's own power-off command is a no-op here."""
     state = PurePosixPath(GUEST_STATE_DIR).relative_to("/var/lib")
     return f"""\
 [Unit]
@@ -92,7 +94,8 @@ ExecStart={GUEST_LAUNCHER} agent
 ExecStopPost=+{_POWER_OFF_IF_ASKED}
 StandardOutput=journal+console
 StandardError=journal+console
-DynamicUser=yes
+User={GUEST_USER}
+Group={GUEST_USER}
 StateDirectory={state}
 StateDirectoryMode=0700
 UMask=0077
@@ -120,6 +123,8 @@ def provision_env() -> dict[str, str]:
         "FLEETBAKE_PIPELINE": GUEST_PIPELINE,
         "FLEETBAKE_UNIT": GUEST_UNIT,
         "FLEETBAKE_CONFIG_DIR": str(PurePosixPath(GUEST_NODE_ENV).parent),
+        "FLEETBAKE_USER": GUEST_USER,
+        "FLEETBAKE_STATE_DIR": GUEST_STATE_DIR,
     }
 
 

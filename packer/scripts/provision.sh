@@ -7,11 +7,13 @@ set -eu
 A=/var/tmp/fleetbake
 OUT=/var/tmp/fleetbake-out
 : "${FLEETBAKE_LIB:?}" "${FLEETBAKE_LAUNCHER:?}" "${FLEETBAKE_PIPELINE:?}" "${FLEETBAKE_UNIT:?}"
-: "${FLEETBAKE_CONFIG_DIR:?}"
+: "${FLEETBAKE_CONFIG_DIR:?}" "${FLEETBAKE_USER:?}" "${FLEETBAKE_STATE_DIR:?}"
 
 install -d -m 0755 "$FLEETBAKE_LIB" "$FLEETBAKE_CONFIG_DIR"
-# The state directory is systemd's to make (StateDirectory= in the unit), for the agent's
-# transient user.
+# The agent and its tasks run as this unprivileged system user; systemd makes its state
+# directory (StateDirectory= in the unit), which is also its home.
+useradd --system --user-group --no-create-home --home-dir "$FLEETBAKE_STATE_DIR" \
+  --shell /usr/sbin/nologin --comment "fleetbake executor agent" "$FLEETBAKE_USER"
 tar -xzf "$A/executor-lib.tar.gz" -C "$FLEETBAKE_LIB"
 # Importable as `executor` by every python3 on the system, workers included.
 echo "$FLEETBAKE_LIB" > /usr/lib/python3/dist-packages/fleetbake-executor.pth

@@ -300,7 +300,7 @@ def test_reports_show_the_variables_the_executor_read(fleet: Fleet) -> None:
 
 
 def test_tasks_run_unprivileged_and_see_no_secret(fleet: Fleet) -> None:
-    """The agent's unit: a transient user, read-only system, no token anywhere a task
+    """The agent's unit: an unprivileged user, read-only system, no token anywhere a task
     can look, writes only to the state directory and a private /tmp."""
     for node in fleet.nodes.values():
         result = fleet.master.get(f"/v1/runs/{node['run_id']}").json()["tasks"]["probe"]
