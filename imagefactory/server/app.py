@@ -108,10 +108,16 @@ def create_app(config: ServerConfig, storage: Storage | None = None) -> ASGIApp:
         openapi_extra=_request_body("application/json", {"$ref": "#/components/schemas/Report"}),
     )
     async def put_report(
-        run_id: RunId, request: Request, authorization: Authorization = None
+        run_id: RunId,
+        request: Request,
+        authorization: Authorization = None,
+        x_node_id: XNodeId = None,
     ) -> JSONResponse:
-        """Store a run's results and combined log: 201, 200 for an equal repeat, else 409."""
+        """Store a run's results and combined log: 201, 200 for an equal repeat, else 409.
+        With X-Node-ID (agents send it) the token is checked before the body is read."""
         token = bearer_token(authorization)
+        if x_node_id is not None:
+            authority.require_node(token, x_node_id)
         report = _parse_report(await request.body())
         authority.require_node(token, report["node_id"])
         if report["run_id"] != run_id:

@@ -217,6 +217,16 @@ REJECTIONS: list[tuple[str, str, dict[str, str], Any, int, str]] = [
     ("POST", "/v1/nodes/bad%20id/heartbeats", node_auth("bad id"), beat(), 400, "node_id"),
     ("PUT", "/v1/runs/run-1/report", node_auth("node-b"), report(), 401, "node-a"),
     ("PUT", "/v1/runs/run-1/report", auth(ADMIN), report(), 403, "admin"),
+    # With X-Node-ID, a bad token is refused before the body is looked at.
+    ("PUT", "/v1/runs/run-1/report", auth("bad", "node-a"), "{", 401, "invalid token"),
+    (
+        "PUT",
+        "/v1/runs/run-1/report",
+        auth(node_token(SECRET, "node-b"), "node-b"),
+        report(),
+        401,
+        "node-a",
+    ),
     ("PUT", "/v1/runs/run-2/report", node_auth("node-a"), report(), 400, "differs"),
     ("PUT", "/v1/runs/run-1/report", node_auth("node-a"), b"\xff{garbage", 400, "JSON"),
     ("PUT", "/v1/runs/run-1/report", node_auth("node-a"), [1], 400, "invalid"),
