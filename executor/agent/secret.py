@@ -28,13 +28,19 @@ def reexec_without_token(environ: MutableMapping[str, str] = os.environ) -> None
     token = environ.get(TOKEN)
     if not token:
         return
-    fd = os.memfd_create("executor-token", 0)  # no MFD_CLOEXEC: the new program needs it
-    os.write(fd, token.encode())
-    env = {k: v for k, v in environ.items() if k != TOKEN}
-    env[TOKEN_FD] = str(fd)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, env)
+    try:
+        fd = os.memfd_create("executor-token", 0)  # no MFD_CLOEXEC: the new program needs it
+        os.write(fd, token.encode())
+        env = {k: v for k, v in environ.items() if k != TOKEN}
+        env[TOKEN_FD] = str(fd)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, sys.orig_argv, env)
+    except OSError as exc:  # an old kernel, a vanished interpreter: run, but say so
+        print(
+            f"executor agent: warning: EXECUTOR_TOKEN stays in the environment ({exc})",
+            file=sys.stderr,
+        )
 
 
 def take_token(environ: MutableMapping[str, str] = os.environ) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,30 @@ def test_an_agent_error_during_the_run_still_produces_a_report(
     # A second start finds the outcome and does not run again.
     monkeypatch.setattr(agent_main, "run_pipeline", None)
     assert agent_main.Agent(config).run() == (1, "failed")
+
+
+def test_the_token_hand_over_survives_a_failed_reexec(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from executor.agent import secret
+
+    def refuse(*_args: object) -> None:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "memfd_create", refuse)
+    environ = {"EXECUTOR_TOKEN": "tok"}
+    secret.reexec_without_token(environ)  # returns instead of crashing the agent
+    assert environ == {"EXECUTOR_TOKEN": "tok"}
+    assert "EXECUTOR_TOKEN stays in the environment" in capsys.readouterr().err
+
+
+def test_take_token_reads_once_and_closes() -> None:
+    from executor.agent import secret
+
+    fd = os.memfd_create("t", 0)
+    os.write(fd, b"tok\n")
+    environ = {"EXECUTOR_TOKEN_FD": str(fd)}
+    assert secret.take_token(environ) == "tok"
+    assert environ == {} and secret.take_token(environ) is None
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed
