@@ -24,6 +24,9 @@ from contextlib import suppress
 from pathlib import Path
 from typing import IO, Any
 
+from executor.interpreter import child_env
+from executor.settings import check_seconds
+
 IMPORT_TIMEOUT_S = 60.0
 """Default of EXECUTOR_IMPORT_TIMEOUT_S: how long importing every task module may take."""
 
@@ -32,17 +35,10 @@ TaskCall = tuple[str, str, Mapping[str, Any]]
 
 
 def timeout_from_env(env: Mapping[str, str]) -> float:
-    """EXECUTOR_IMPORT_TIMEOUT_S, or the default; ValueError for a bad value."""
+    """EXECUTOR_IMPORT_TIMEOUT_S, or the default; SettingsError (a ValueError) for a bad
+    value."""
     raw = env.get("EXECUTOR_IMPORT_TIMEOUT_S", "").strip()
-    if not raw:
-        return IMPORT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise ValueError(f"EXECUTOR_IMPORT_TIMEOUT_S: {raw!r} is not a positive number")
-    return value
+    return check_seconds("EXECUTOR_IMPORT_TIMEOUT_S", raw) if raw else IMPORT_TIMEOUT_S
 
 
 def check_calls(root: Path, tasks: Sequence[TaskCall], timeout_s: float) -> str | None:
@@ -103,14 +99,6 @@ def _outcome(child: subprocess.Popen[bytes], reports: IO[bytes], timeout_s: floa
     ended = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
     where = f"importing {importing}" if importing else "starting"
     return f"the check ended ({ended}) while {where}: the module ends the process"
-
-
-def child_env() -> dict[str, str]:
-    """This environment, with the executor package importable in a fresh interpreter."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env
 
 
 # -- the child ------------------------------------------------------------------------------

@@ -123,6 +123,17 @@ def check_id(name: str, value: str) -> str:
     return value
 
 
+def check_seconds(name: str, raw: str) -> float:
+    """Parse a duration (a finite number > 0) or raise SettingsError naming ``name``."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise SettingsError(f"{name}: {raw!r} is not a positive number of seconds")
+    return value
+
+
 def check_count(name: str, raw: str) -> int:
     """Parse a count (an integer >= 1) or raise SettingsError naming ``name``."""
     try:

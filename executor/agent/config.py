@@ -175,15 +175,7 @@ def _sha256(env: Mapping[str, str]) -> str | None:
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise AgentConfigError(f"{name}: {raw!r} is not a positive number of seconds")
-    return value
+    return settings.check_seconds(name, raw) if raw else default
 
 
 def _on_complete(env: Mapping[str, str]) -> Literal["none", "poweroff"]:

@@ -31,10 +31,10 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Hashable
-from pathlib import Path
 from types import FrameType
 
 from executor.contention import SPIN_S, Contention, spin_poll
+from executor.interpreter import child_env
 from executor.services import board
 from executor.services.events import EVENT_REQUESTS, Events, TopicBoard
 from executor.services.protocol import PING, SPARE, AskBoard, Err, Message, Ok, Ping, Put
@@ -136,7 +136,7 @@ class RunServices:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 pass_fds=(listener.fileno(),),
-                env=_child_env(),
+                env=child_env(),
                 # Same session as the manager: a new one is a new scheduler autogroup, which
                 # measurably worsened wake-up tails. Terminal SIGINT is ignored by the server.
                 start_new_session=False,
@@ -181,14 +181,6 @@ def _socket_base() -> str:
     """A temp dir short enough for a Unix socket path (108 bytes at most)."""
     base = tempfile.gettempdir()
     return base if len(base) <= 48 else "/tmp"
-
-
-def _child_env() -> dict[str, str]:
-    """The manager's environment, with this package importable in the server."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env
 
 
 class _Peer:
