@@ -23,7 +23,8 @@ from typing import Any, Protocol
 import pytest
 
 from executor.pipeline import load_pipeline
-from imagefactory.bake.vm import BakeOptions, bake
+from imagefactory.bake.options import BakeOptions
+from imagefactory.bake.vm import bake
 from imagefactory.stages import Stages
 from imagefactory.targets import get_target
 

@@ -14,48 +14,19 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from imagefactory.bake import manifest, packer
 from imagefactory.bake.artifacts import build_artifacts
 from imagefactory.bake.base import BaseSpec, build_base, given_base
 from imagefactory.bake.cache import BaseCache, sha256_file
+from imagefactory.bake.options import BakeOptions, BakeResult, publish
 from imagefactory.bake.render import RenderConfig, render
 from imagefactory.host.accel import pick_accelerator
 from imagefactory.host.doctor import require
 from imagefactory.host.firmware import find_uefi
 from imagefactory.run import run
 from imagefactory.stages import Stages
-from imagefactory.targets import Target
-
-
-@dataclass(frozen=True)
-class BakeOptions:
-    target: Target
-    pipeline: Path
-    output: Path
-    """The image goes to `output/<target>/`."""
-    image_format: str = "qcow2"
-    """qcow2 (compressed) or raw."""
-    disk_size: str | None = None
-    """Virtual disk size; None: the target's default."""
-    mirror: str | None = None
-    """Debian mirror for the base; None: the host's apt sources."""
-    base_image: str | None = None
-    """Path or URL of a ready base qcow2 (e.g. Debian genericcloud) instead of building one."""
-    base_sha256: str | None = None
-    """Required with base_image."""
-    cache_dir: Path | None = None
-    """Base image cache root; None: the default (see paths.cache_root)."""
-
-
-@dataclass(frozen=True)
-class BakeResult:
-    dir: Path
-    image: Path
-    manifest: dict[str, Any]
 
 
 def compress_argv(source: Path, dest: Path, image_format: str) -> list[str]:
@@ -63,17 +34,6 @@ def compress_argv(source: Path, dest: Path, image_format: str) -> list[str]:
     than zlib), dropping zeros and unused clusters; raw is sparse."""
     compress = ["-c", "-o", "compression_type=zstd"] if image_format == "qcow2" else []
     return ["qemu-img", "convert", *compress, "-O", image_format, str(source), str(dest)]
-
-
-def publish(scratch: Path, final: Path) -> None:
-    """Replace `final` by `scratch` with renames only, so readers never see a mix."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{time.time_ns()}")
-        final.rename(old)
-    scratch.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def bake(opts: BakeOptions, stages: Stages) -> BakeResult:

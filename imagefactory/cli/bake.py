@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -12,12 +15,30 @@ from imagefactory.errors import die
 from imagefactory.stages import Stages
 from imagefactory.targets import TARGETS, Target, get_target, target_names
 
+if TYPE_CHECKING:
+    from imagefactory.bake.options import BakeOptions, BakeResult
+
 
 def check_disk_size(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """`8G`, `8192M`, `4096`: what Packer and qemu-img accept."""
     if value is not None and not re.fullmatch(r"[1-9][0-9]*[KMGT]?", value):
         raise click.BadParameter(f"{value!r} is not a size like 8G or 8192M")
     return value
+
+
+# --format -> "module:function" of its baker, `bake(BakeOptions, Stages) -> BakeResult`.
+FORMATS = {
+    "qcow2": "imagefactory.bake.vm:bake",
+    "raw": "imagefactory.bake.vm:bake",
+}
+
+
+def load_baker(image_format: str) -> Callable[[BakeOptions, Stages], BakeResult]:
+    module_name, attr = FORMATS[image_format].split(":")
+    baker: Callable[[BakeOptions, Stages], BakeResult] = getattr(
+        importlib.import_module(module_name), attr
+    )
+    return baker
 
 
 def resolve_targets(name: str) -> list[Target]:
@@ -62,10 +83,10 @@ def resolve_targets(name: str) -> list[Target]:
 @click.option(
     "--format",
     "image_format",
-    type=click.Choice(["qcow2", "raw"]),
+    type=click.Choice(list(FORMATS)),
     default="qcow2",
     show_default=True,
-    help="Image format (qcow2 is compressed).",
+    help="What to make: a VM image (qcow2 is compressed, raw is not).",
 )
 @click.option(
     "--disk-size",
@@ -95,7 +116,7 @@ def bake_command(
     Progress goes to stderr, stage by stage with elapsed times.
     """
     from imagefactory.bake.artifacts import check_pipeline
-    from imagefactory.bake.vm import BakeOptions, bake
+    from imagefactory.bake.options import BakeOptions
 
     check_pipeline(pipeline)  # the same message as `executor validate`, before anything slow
     if base_sha256 and not base_image:
@@ -106,7 +127,7 @@ def bake_command(
         opts = BakeOptions(
             target, pipeline, output, image_format, disk_size, mirror, base_image, base_sha256
         )
-        result = bake(opts, stages)
+        result = load_baker(image_format)(opts, stages)
         image = result.manifest["image"]
         stages.say(f"==> {target.name}: {result.image} ({image['size'] / 1e6:.0f} MB)")
         summaries.append(

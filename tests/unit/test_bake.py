@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from imagefactory.bake import packer
 from imagefactory.bake import vm as bake_mod
+from imagefactory.bake.options import BakeOptions, publish
 from imagefactory.cli.bake import resolve_targets
 from imagefactory.cli.main import main
 from imagefactory.errors import UserError
@@ -127,7 +128,7 @@ def test_publish_replaces_the_old_output_whole(tmp_path: Path) -> None:
     scratch = tmp_path / ".scratch"
     scratch.mkdir()
     (scratch / "new.qcow2").write_text("new")
-    bake_mod.publish(scratch, final)
+    publish(scratch, final)
     assert [p.name for p in final.iterdir()] == ["new.qcow2"]
     assert [p.name for p in tmp_path.iterdir()] == ["x86_64-linux"]
 
@@ -164,10 +165,10 @@ def offline_bake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return base
 
 
-def _bake_opts(tmp_path: Path) -> bake_mod.BakeOptions:
+def _bake_opts(tmp_path: Path) -> BakeOptions:
     from imagefactory.targets import get_target
 
-    return bake_mod.BakeOptions(get_target("x86_64-linux"), HELLO, tmp_path / "out")
+    return BakeOptions(get_target("x86_64-linux"), HELLO, tmp_path / "out")
 
 
 def test_failed_build_leaves_no_partial_output(
