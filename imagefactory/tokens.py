@@ -1,7 +1,9 @@
-"""Node tokens: `hex(HMAC-SHA256(secret, node_id))` (docs/reference/http-api.md).
+"""Node tokens: `hex(HMAC-SHA256(secret, node_id))` (docs/reference/http-api.md); builder
+tokens: `hex(HMAC-SHA256(secret, "builder:" + builder_id))`.
 
-The server keeps no token table: it derives the token of the node a request names
-and compares. The seed maker uses the same derivation to give each node its token.
+The server keeps no token table: it derives the token of the node (or builder) a request
+names and compares. The seed maker uses the same derivation to give each node its token.
+Ids never contain `:`, so no node token is ever a builder token, whatever the two ids.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from imagefactory.errors import die
 def node_token(secret: str, node_id: str) -> str:
     """The bearer token of `node_id` under `secret` (the secret file's stripped text)."""
     return hmac.new(secret.encode(), node_id.encode(), hashlib.sha256).hexdigest()
+
+
+def builder_token(secret: str, builder_id: str) -> str:
+    """The bearer token of build worker `builder_id`: the node scheme in its own namespace."""
+    return node_token(secret, f"builder:{builder_id}")
 
 
 def tokens_equal(given: str, expected: str) -> bool:

@@ -16,6 +16,8 @@ from imagefactory.client import AdminClient
 from imagefactory.errors import die
 from imagefactory.paths import state_root
 from imagefactory.server.config import (
+    DEFAULT_LEASE_S,
+    DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_PORT,
     LOOPBACK_HOSTS,
@@ -23,7 +25,7 @@ from imagefactory.server.config import (
     database_url,
 )
 from imagefactory.server.schemas import ID_PATTERN
-from imagefactory.tokens import ensure_secret, node_token, read_secret
+from imagefactory.tokens import builder_token, ensure_secret, node_token, read_secret
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -120,6 +122,27 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     show_default=True,
     help="Larger request bodies get 413.",
 )
+@click.option(
+    "--store-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Environment store (default: `environments` next to a SQLite --db, else under "
+    "the state directory).",
+)
+@click.option("--registry", help="OCI registry (host:port) builders push container builds to.")
+@click.option(
+    "--lease-seconds",
+    type=click.FloatRange(min=1, max=3600),
+    default=DEFAULT_LEASE_S,
+    show_default=True,
+    help="A build whose builder is silent this long goes back to the queue.",
+)
+@click.option(
+    "--build-attempts",
+    type=click.IntRange(1, 100),
+    default=DEFAULT_MAX_ATTEMPTS,
+    show_default=True,
+    help="Lease expiries after which a build fails instead of being requeued.",
+)
 def serve(
     host: str,
     port: int,
@@ -127,12 +150,18 @@ def serve(
     secret_file: Path,
     admin_token_file: Path,
     max_body_bytes: int,
+    store_dir: Path | None,
+    registry: str | None,
+    lease_seconds: float,
+    build_attempts: int,
 ) -> None:
-    """Serve the core services API (heartbeats, reports, pipelines) until Ctrl-C.
+    """Serve the core services API (heartbeats, reports, pipelines, builds and the
+    environment store) until Ctrl-C.
 
     Missing secret and admin token files are created with random content (mode 0600).
     Prints one line `listening on URL` once it accepts connections.
     """
+    from imagefactory.cli.bake import FORMATS
     from imagefactory.server.listen import serve as run_server
 
     for path, what in ((secret_file, "fleet secret"), (admin_token_file, "admin token")):
@@ -147,6 +176,11 @@ def serve(
         secret=read_secret(secret_file),
         admin_token=read_secret(admin_token_file),
         max_body_bytes=max_body_bytes,
+        store_dir=None if store_dir is None else store_dir.resolve(),
+        formats=tuple(FORMATS),
+        registry=registry,
+        lease_s=lease_seconds,
+        max_attempts=build_attempts,
     )
 
     def announce(url: str) -> None:
@@ -158,12 +192,17 @@ def serve(
 @click.command()
 @click.argument("node_id", callback=check_ident)
 @secret_option
+@click.option(
+    "--builder", is_flag=True, help="NODE_ID names a build worker: print its builder token."
+)
 @json_option
-def token(node_id: str, secret_file: Path, as_json: bool) -> None:
-    """Print the bearer token of NODE_ID (HMAC-SHA256 of the fleet secret)."""
-    value = node_token(read_secret(secret_file), node_id)
+def token(node_id: str, secret_file: Path, builder: bool, as_json: bool) -> None:
+    """Print the bearer token of NODE_ID (HMAC-SHA256 of the fleet secret), or with
+    --builder the token of build worker NODE_ID (a separate namespace)."""
+    secret = read_secret(secret_file)
+    value = builder_token(secret, node_id) if builder else node_token(secret, node_id)
     if as_json:
-        print_json({"node_id": node_id, "token": value})
+        print_json({"builder_id" if builder else "node_id": node_id, "token": value})
     else:
         click.echo(value)
 

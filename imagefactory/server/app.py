@@ -24,6 +24,9 @@ from starlette.types import ASGIApp
 
 from imagefactory import __version__
 from imagefactory.server.auth import Authority, bearer_token
+from imagefactory.server.blobs import BlobStore
+from imagefactory.server.build_routes import build_router
+from imagefactory.server.buildqueue import BuildQueue
 from imagefactory.server.config import ServerConfig
 from imagefactory.server.fastpath import HeartbeatFastPath, record_heartbeat, validation_message
 from imagefactory.server.heartbeats import HeartbeatWriter
@@ -59,6 +62,8 @@ def create_app(config: ServerConfig, storage: Storage | None = None) -> ASGIApp:
     store = storage if storage is not None else Storage(config.db_url)
     authority = Authority(config.secret, config.admin_token)
     writer = HeartbeatWriter(store)
+    queue = BuildQueue(store.engine, config.lease_s, config.max_attempts)
+    blobs = BlobStore(config.environment_store())
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -192,6 +197,8 @@ def create_app(config: ServerConfig, storage: Storage | None = None) -> ASGIApp:
             raise HTTPException(404, f"no pipeline named {name}")
         data, sha = found
         return Response(data, media_type="application/gzip", headers={"X-Pipeline-SHA256": sha})
+
+    app.include_router(build_router(config, authority, store, queue, blobs))
 
     # Outside in: the size limit, then the heartbeat fast path, then FastAPI.
     fast = HeartbeatFastPath(app, authority, writer)

@@ -1,4 +1,5 @@
-"""Who is asking: a node (its token is HMAC(secret, node_id)) or the admin.
+"""Who is asking: a node (its token is HMAC(secret, node_id)), a builder (HMAC(secret,
+"builder:" + builder_id)) or the admin.
 
 401: no token, or a token that is neither the admin's nor the named node's.
 403: a valid token that is not allowed here (the admin speaking for a node, or a node on an
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from starlette.exceptions import HTTPException
 
-from imagefactory.tokens import node_token, tokens_equal
+from imagefactory.tokens import builder_token, node_token, tokens_equal
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -30,6 +31,19 @@ class Authority:
 
     def is_node(self, token: str, node_id: str) -> bool:
         return tokens_equal(token, node_token(self._secret, node_id))
+
+    def is_builder(self, token: str, builder_id: str) -> bool:
+        return tokens_equal(token, builder_token(self._secret, builder_id))
+
+    def require_builder(self, token: str, builder_id: str | None) -> str:
+        """Only builder `builder_id` itself (named by X-Builder-ID); returns its id."""
+        if builder_id is None:
+            raise HTTPException(401, "X-Builder-ID header required with a builder token")
+        if self.is_builder(token, builder_id):
+            return builder_id
+        if self.is_admin(token):
+            raise HTTPException(403, "the admin token cannot speak for a builder")
+        raise HTTPException(401, f"invalid token for builder {builder_id}")
 
     def require_node(self, token: str, node_id: str) -> None:
         """Only node `node_id` itself may do this."""

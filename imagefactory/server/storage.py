@@ -102,6 +102,16 @@ def create_db_engine(url: str) -> Engine:
     return engine
 
 
+def dialect_insert(engine: Engine, table: sa.Table) -> Any:
+    """An INSERT with the dialect's upsert clauses (on_conflict_do_update/nothing)."""
+    dialect = engine.dialect.name
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    raise ValueError(f"unsupported database {dialect!r}: use SQLite or PostgreSQL")
+
+
 def _private_file(database: str | None) -> None:
     """Create a SQLite database file 0600 before SQLite does (it would follow the umask):
     it holds every node's reports. SQLite gives its -wal and -shm files the same mode."""
@@ -162,12 +172,7 @@ class Storage:
             conn.exec_driver_sql(f"PRAGMA synchronous={level}")
 
     def _insert(self, table: sa.Table) -> Any:
-        dialect = self.engine.dialect.name
-        if dialect == "sqlite":
-            return sqlite.insert(table)
-        if dialect == "postgresql":
-            return postgresql.insert(table)
-        raise ValueError(f"unsupported database {dialect!r}: use SQLite or PostgreSQL")
+        return dialect_insert(self.engine, table)
 
     def nodes(self, now: float | None = None) -> list[dict[str, Any]]:
         now = time.time() if now is None else now

@@ -3,11 +3,6 @@
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,48 +11,16 @@ import httpx
 import pytest
 
 from imagefactory.server.storage import HeartbeatRow, Storage
-from tests.integration.services_harness import ServerProcess, free_port
+from tests.integration.postgres_cluster import running_postgres
+from tests.integration.services_harness import ServerProcess
 
 TIME = "2026-01-02T03:04:05.123456Z"
 
 
-def _pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return Path(found[-1]).parent if found else None
-
-
-def _as_postgres(argv: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: use the `postgres` user then."""
-    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
-
-
-def _run(argv: list[str], timeout_s: float) -> None:
-    done = subprocess.run(_as_postgres(argv), capture_output=True, text=True, timeout=timeout_s)
-    assert done.returncode == 0, f"{argv[0]} failed: {done.stdout}{done.stderr}"
-
-
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
-    pg_bin = _pg_bin()
-    if pg_bin is None:
-        pytest.skip("PostgreSQL is not installed (scripts/setup-host.sh installs it)")
-    # Not under pytest's tmp_path: the postgres user must be able to reach the directory.
-    home = Path(tempfile.mkdtemp(prefix="fleetbake-pg-"))
-    data = home / "data"
-    data.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(home, "postgres")
-        shutil.chown(data, "postgres")
-    port = free_port()
-    ctl = [str(pg_bin / "pg_ctl"), "-D", str(data), "-w", "-t", "120"]
-    try:
-        _run([str(pg_bin / "initdb"), "-D", str(data), "-A", "trust", "-U", "fleet"], 300)
-        options = f"-c listen_addresses=127.0.0.1 -p {port} -k {home}"
-        _run([*ctl, "-o", options, "-l", str(home / "log"), "start"], 180)
-        yield f"postgresql+psycopg://fleet@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(_as_postgres([*ctl, "-m", "immediate", "stop"]), capture_output=True)
-        shutil.rmtree(home, ignore_errors=True)
+    with running_postgres() as url:
+        yield url
 
 
 @pytest.fixture
