@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from executor import __version__
-from executor.pipeline import PipelineError, load_pipeline
+from executor.pipeline import MissingRequirements, PipelineError, load_pipeline
 from executor.services.wire import ServiceError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -122,6 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         debug = args.debug
         code: int = args.handler(args)
         return code
+    except MissingRequirements as exc:
+        for line in exc.lines:
+            print(f"Error: {line}", file=sys.stderr)
+        print(f"(install them into {sys.executable}; executor installs nothing)", file=sys.stderr)
+        return EXIT_USAGE
     except (UsageError, PipelineError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -197,7 +202,13 @@ def _progress_printer() -> Callable[[int, int], None] | None:
 def _validate(args: argparse.Namespace) -> int:
     pipeline = load_pipeline(args.pipeline)
     if args.json:
-        print(json.dumps({"name": pipeline.name, "tasks": list(pipeline.tasks)}))
+        document = {
+            "name": pipeline.name,
+            "tasks": list(pipeline.tasks),
+            "requirements": [str(r) for r in pipeline.requirements],
+            "debian_packages": list(pipeline.debian_packages),
+        }
+        print(json.dumps(document))
     else:
         print(f"ok: pipeline {pipeline.name}, {len(pipeline.tasks)} tasks")
     return EXIT_OK

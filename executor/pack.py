@@ -25,7 +25,8 @@ def pack(directory: str | os.PathLike[str], output: str | os.PathLike[str]) -> s
     root = Path(directory)
     if not root.is_dir():
         raise PipelineError(root, "not a directory (pack takes a pipeline directory)")
-    load_pipeline(root)
+    # Packing needs no task imports when the packing Python lacks the declared requirements.
+    load_pipeline(root, imports="when-installed")
     target = Path(output)
     data = _archive_bytes(root, skip=target)
     try:

@@ -18,10 +18,18 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from executor.archive import ArchiveError, ArchiveLimits, extract
 from executor.importcheck import check_calls, timeout_from_env
+from executor.requirements import (
+    REQUIREMENTS_FILE,
+    Declared,
+    RequirementsError,
+    check_debian_packages,
+    parse_requirements,
+    unmet,
+)
 
 FORMAT = 1
 MANIFEST = "pipeline.json"
@@ -32,7 +40,13 @@ _ID = re.compile(r"[A-Za-z0-9_.-]+")
 _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
 _CALL = re.compile(rf"({_DOTTED}):({_DOTTED})")
 
-_TOP_KEYS = {"format": True, "name": True, "defaults": False, "tasks": True}
+_TOP_KEYS = {
+    "format": True,
+    "name": True,
+    "defaults": False,
+    "tasks": True,
+    "debian_packages": False,
+}
 _TASK_KEYS = {"id", "call", "args", "after", "retries", "retry_delay", "timeout", "trigger"}
 _DEFAULT_KEYS = {"retries", "retry_delay", "timeout", "trigger"}
 
@@ -42,6 +56,14 @@ class PipelineError(Exception):
 
     def __init__(self, where: str | os.PathLike[str], problem: str) -> None:
         super().__init__(f"{os.fspath(where)}: {problem}")
+
+
+class MissingRequirements(PipelineError):
+    """Declared requirements this Python lacks; ``lines`` has one line per package."""
+
+    def __init__(self, where: str | os.PathLike[str], problems: list[str]) -> None:
+        self.lines = [f"{os.fspath(where)}: {problem}" for problem in problems]
+        super().__init__(where, f"{len(problems)} declared requirement(s) missing in this Python")
 
 
 @dataclass(frozen=True)
@@ -73,20 +95,37 @@ class Pipeline:
     """Tasks by id, in file order."""
     source: Path
     """The directory or archive it was loaded from (for messages)."""
+    requirements: tuple[Declared, ...] = ()
+    """requirements.txt, parsed (empty without one)."""
+    debian_packages: tuple[str, ...] = ()
+    """Debian packages its environment must carry (pipeline.json `debian_packages`)."""
+    imports_checked: bool = True
+    """False when the task modules were not imported because this Python lacks
+    declared requirements (load_pipeline(..., imports="when-installed"))."""
 
 
-def load_pipeline(path: str | os.PathLike[str], limits: ArchiveLimits | None = None) -> Pipeline:
+Imports = Literal["check", "when-installed"]
+
+
+def load_pipeline(
+    path: str | os.PathLike[str],
+    limits: ArchiveLimits | None = None,
+    imports: Imports = "check",
+) -> Pipeline:
     """Load and fully validate a pipeline directory, its pipeline.json, or a ``.tar.gz``.
 
     An archive is unpacked within ``limits``, by default those of the environment
-    (EXECUTOR_PIPELINE_MAX_*)."""
+    (EXECUTOR_PIPELINE_MAX_*). Task modules are imported to check the calls; when this
+    Python lacks declared requirements, that raises MissingRequirements, or with
+    ``imports="when-installed"`` (a host that only packs or bakes the pipeline) skips
+    the import check and says so in ``imports_checked``."""
     source = Path(path)
     if not source.exists():
         raise PipelineError(source, "no such file or directory")
     if source.is_dir():
-        return _load_root(source, source / MANIFEST, source)
+        return _load_root(source, source / MANIFEST, source, imports)
     if source.name == MANIFEST:
-        return _load_root(source.parent, source, source)
+        return _load_root(source.parent, source, source, imports)
     if limits is None:
         try:
             limits = ArchiveLimits.from_env(os.environ)
@@ -94,7 +133,7 @@ def load_pipeline(path: str | os.PathLike[str], limits: ArchiveLimits | None = N
             raise PipelineError(source, str(exc)) from None
     root = _extract_archive(source, limits)
     try:
-        pipeline = _load_root(root, root / MANIFEST, source)
+        pipeline = _load_root(root, root / MANIFEST, source, imports)
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
@@ -134,13 +173,52 @@ def _extract_archive(archive: Path, limits: ArchiveLimits) -> Path:
     return root
 
 
-def _load_root(root: Path, manifest: Path, source: Path) -> Pipeline:
+def _load_root(root: Path, manifest: Path, source: Path, imports: Imports) -> Pipeline:
     where = source if source.suffix == ".gz" else manifest
     document = _read_json(manifest, where)
     name, tasks = _parse_document(document, where)
+    try:
+        debian = check_debian_packages(document.get("debian_packages", []))
+    except RequirementsError as exc:
+        raise PipelineError(where, str(exc)) from None
     _check_graph(tasks, where)
-    _check_calls(tasks, root.resolve(), where)
-    return Pipeline(name=name, root=root.resolve(), tasks=tasks, source=source)
+    requirements = _read_requirements(root / REQUIREMENTS_FILE, source)
+    missing = unmet(requirements)
+    if missing and imports == "check":
+        raise MissingRequirements(_requirements_where(root, source), missing)
+    if not missing:
+        _check_calls(tasks, root.resolve(), where)
+    return Pipeline(
+        name=name,
+        root=root.resolve(),
+        tasks=tasks,
+        source=source,
+        requirements=requirements,
+        debian_packages=debian,
+        imports_checked=not missing,
+    )
+
+
+def _requirements_where(root: Path, source: Path) -> Path:
+    """requirements.txt as the user knows it: in their directory, or in the archive."""
+    return source if source.suffix == ".gz" else root / REQUIREMENTS_FILE
+
+
+def _read_requirements(path: Path, source: Path) -> tuple[Declared, ...]:
+    where = _requirements_where(path.parent, source)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return ()
+    except OSError as exc:
+        raise PipelineError(where, f"cannot read {REQUIREMENTS_FILE}: {exc.strerror}") from None
+    try:
+        return parse_requirements(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise PipelineError(where, f"{REQUIREMENTS_FILE} is not UTF-8 text") from None
+    except RequirementsError as exc:
+        label = f"{REQUIREMENTS_FILE} " if source.suffix == ".gz" else ""
+        raise PipelineError(where, f"{label}{exc}") from None
 
 
 def _read_json(manifest: Path, where: Path) -> Any:

@@ -6,6 +6,9 @@ artifacts/
   executor              launcher, installed as GUEST_LAUNCHER
   pipeline.tar.gz       the pipeline archive (`executor pack` format), GUEST_PIPELINE
   executor.service      the systemd unit that runs `executor agent` at boot, GUEST_UNIT
+  wheels/               the pipeline's requirements (bake/wheels.py): wheels, their
+                        requirements.lock and pip's own wheel, installed offline into
+                        GUEST_VENV (VM images), whose python then runs the launcher
 
 The GUEST_* paths below are the one place these guest paths are written down: the unit
 and the launcher name them, and `provision_env()` hands them to packer/scripts/provision.sh
@@ -26,10 +29,12 @@ from types import ModuleType
 
 import executor
 from executor.pack import pack
-from executor.pipeline import PipelineError, load_pipeline
+from executor.pipeline import Pipeline, PipelineError, load_pipeline
 from executor.settings import SYSTEM_STATE_DIR
+from imagefactory.bake.wheels import Wheelhouse
 from imagefactory.errors import die
 
+WHEELS_DIR = "wheels"
 GUEST_LIB = "/opt/executor/lib"
 GUEST_PIPELINE = "/opt/executor/pipeline.tar.gz"
 GUEST_LAUNCHER = "/usr/local/bin/executor"
@@ -41,8 +46,16 @@ GUEST_STATE_DIR = str(SYSTEM_STATE_DIR)
 GUEST_USER = "executor"
 """The unprivileged system user the agent and its tasks run as."""
 
-LAUNCHER = f"""\
-#!/usr/bin/python3
+GUEST_VENV = "/opt/executor/venv"
+"""The executor's own virtual environment (VM images): the pipeline's wheels go there."""
+SYSTEM_PYTHON = "/usr/bin/python3"
+VENV_PYTHON = f"{GUEST_VENV}/bin/python3"
+
+
+def launcher(python: str) -> str:
+    """The `executor` command, run by `python` (SYSTEM_PYTHON or VENV_PYTHON)."""
+    return f"""\
+#!{python}
 # fleetbake: the executor agent (library in {GUEST_LIB}).
 import sys
 
@@ -67,7 +80,17 @@ _POWER_OFF_IF_ASKED = (
 )
 
 
-def executor_unit(pipeline_sha256: str) -> str:
+_UNIT_ORDERING = """\
+Wants=cloud-config.service network-online.target
+After=cloud-config.service network-online.target
+"""
+_UNIT_ORDERING_BARE_METAL = """\
+Wants=network-online.target
+After=network-online.target
+"""
+
+
+def executor_unit(pipeline_sha256: str, *, cloud_init: bool = True) -> str:
     """The agent's unit. node.env (written by cloud-init from the seed) comes after the
     defaults, so a seed can point the agent at another pipeline or a gateway.
 
@@ -76,14 +99,16 @@ def executor_unit(pipeline_sha256: str) -> str:
     directories not at all, and may write only its state directory and a private /tmp.
     node.env stays root's: systemd reads it. Powering off needs root, so systemd does it
     once the agent has ended (ExecStopPost with `+`, run with full privileges), if
-    node.env asks for it; the agent's own power-off command is a no-op here."""
+    node.env asks for it; the agent's own power-off command is a no-op here.
+
+    `cloud_init=False` is the bare-metal package's unit: no cloud-init there, its
+    installer writes node.env; the [Service] section is the same."""
     state = PurePosixPath(GUEST_STATE_DIR).relative_to("/var/lib")
+    ordering = _UNIT_ORDERING if cloud_init else _UNIT_ORDERING_BARE_METAL
     return f"""\
 [Unit]
 Description=fleetbake executor agent
-Wants=cloud-config.service network-online.target
-After=cloud-config.service network-online.target
-
+{ordering}
 [Service]
 Type=exec
 Environment=EXECUTOR_PIPELINE={GUEST_PIPELINE}
@@ -119,6 +144,7 @@ def provision_env() -> dict[str, str]:
     """The environment of packer/scripts/provision.sh: where it installs each artifact."""
     return {
         "FLEETBAKE_LIB": GUEST_LIB,
+        "FLEETBAKE_VENV": GUEST_VENV,
         "FLEETBAKE_LAUNCHER": GUEST_LAUNCHER,
         "FLEETBAKE_PIPELINE": GUEST_PIPELINE,
         "FLEETBAKE_UNIT": GUEST_UNIT,
@@ -134,9 +160,10 @@ def _package_dir(module: ModuleType) -> Path:
 
 
 def _bundled_packages() -> list[Path]:
+    import packaging
     import tenacity
 
-    return [_package_dir(executor), _package_dir(tenacity)]
+    return [_package_dir(executor), _package_dir(tenacity), _package_dir(packaging)]
 
 
 def _add_tree(tar: tarfile.TarFile, root: Path) -> None:
@@ -163,10 +190,12 @@ def library_archive(out: Path) -> None:
         gz.write(raw.getvalue())
 
 
-def check_pipeline(path: Path) -> str:
-    """Validate like `executor validate`; return the pipeline's name."""
+def check_pipeline(path: Path) -> Pipeline:
+    """Validate like `executor validate`, except that task imports are checked only when
+    this Python has the pipeline's declared requirements (the image has them: its
+    provisioning runs `executor validate` again, with every import)."""
     try:
-        return load_pipeline(path).name
+        return load_pipeline(path, imports="when-installed")
     except PipelineError as exc:
         raise die(str(exc)) from None
 
@@ -182,13 +211,22 @@ def pipeline_archive(source: Path, out: Path) -> str:
     return hashlib.sha256(out.read_bytes()).hexdigest()
 
 
-def build_artifacts(pipeline: Path, out: Path) -> Artifacts:
-    name = check_pipeline(pipeline)
+def build_artifacts(
+    pipeline: Path,
+    out: Path,
+    python: str = SYSTEM_PYTHON,
+    wheelhouse: Wheelhouse | None = None,
+) -> Artifacts:
+    """Everything above in `out`; `python` runs the launcher, and a wheelhouse (the
+    pipeline's requirements) is copied to `out/wheels/` for an offline install."""
+    name = check_pipeline(pipeline).name
     out.mkdir(parents=True, exist_ok=True)
     sha = pipeline_archive(pipeline, out / "pipeline.tar.gz")
     library_archive(out / "executor-lib.tar.gz")
-    launcher = out / "executor"
-    launcher.write_text(LAUNCHER)
-    launcher.chmod(0o755)
+    if wheelhouse is not None:
+        shutil.copytree(wheelhouse.dir, out / WHEELS_DIR)
+    command = out / "executor"
+    command.write_text(launcher(python))
+    command.chmod(0o755)
     (out / "executor.service").write_text(executor_unit(sha))
     return Artifacts(out, name, sha, executor.__version__)

@@ -78,6 +78,12 @@ class BaseSpec:
     """Debian mirror URL; None uses the host's Debian apt sources."""
     root_mib: int = 2048
     """Size of the root filesystem; cloud-init grows it to the final disk at first boot."""
+    extra_packages: tuple[str, ...] = ()
+    """Debian packages the pipeline declares (pipeline.json `debian_packages`)."""
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((*base_packages(self.target), *self.extra_packages)))
 
 
 def base_packages(target: Target) -> tuple[str, ...]:
@@ -119,7 +125,7 @@ def base_inputs(spec: BaseSpec) -> dict[str, Any]:
         "recipe": BASE_RECIPE,
         "suite": spec.suite,
         "arch": spec.target.debian_arch,
-        "packages": sorted(base_packages(spec.target)),
+        "packages": sorted(spec.packages),
         "dpkg_options": list(DPKG_OPTIONS),
         "mirrors": mirrors,
         "root_mib": spec.root_mib,
@@ -144,7 +150,7 @@ def mmdebstrap_argv(spec: BaseSpec, rootfs: Path, overlay: Path, mirrors: list[s
         "--variant=minbase",
         f"--arch={spec.target.debian_arch}",
         "--format=directory",
-        f"--include={','.join(base_packages(spec.target))}",
+        f"--include={','.join(spec.packages)}",
         *(f"--dpkgopt={opt}" for opt in DPKG_OPTIONS),
         f"--essential-hook={DIVERT_UPDATE_INITRAMFS}",
         f"--customize-hook=sync-in {overlay} /",

@@ -33,6 +33,9 @@ class BakeOptions:
     """Required with base_image."""
     cache_dir: Path | None = None
     """Base image cache root; None: the default (see paths.cache_root)."""
+    locks: tuple[Path, ...] = ()
+    """requirements.lock files of earlier bakes (bake/wheels.py): each target whose lock
+    is among them gets exactly the wheels it pins."""
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 from imagefactory.bake import manifest, packer
-from imagefactory.bake.artifacts import build_artifacts
+from imagefactory.bake.artifacts import VENV_PYTHON, build_artifacts
 from imagefactory.bake.base import BaseSpec, build_base, given_base
 from imagefactory.bake.cache import BaseCache, sha256_file
+from imagefactory.bake.needs import pipeline_needs, record_needs
 from imagefactory.bake.options import BakeOptions, BakeResult, publish
 from imagefactory.bake.render import RenderConfig, render
 from imagefactory.host.accel import pick_accelerator
@@ -46,13 +47,15 @@ def bake(opts: BakeOptions, stages: Stages) -> BakeResult:
     packer_log = opts.output / f"{target.name}.packer.log"
     packer_log.unlink(missing_ok=True)
     try:
+        needs = pipeline_needs(opts, stages)  # a requirement without a wheel fails here
         with stages.stage("artifacts", "executor bundle and pipeline archive"):
-            arts = build_artifacts(opts.pipeline, work / "artifacts")
+            arts = build_artifacts(opts.pipeline, work / "artifacts", VENV_PYTHON, needs.wheels)
         cache = BaseCache(opts.cache_dir)
         if opts.base_image:
             base = given_base(opts.base_image, opts.base_sha256, cache, stages)
         else:
-            base = build_base(BaseSpec(target, mirror=opts.mirror), cache, stages)
+            spec = BaseSpec(target, mirror=opts.mirror, extra_packages=needs.debian_packages)
+            base = build_base(spec, cache, stages)
         accel = pick_accelerator(target)
         cfg = RenderConfig(
             target, base.image, base.sha256, work, accel, find_uefi(target.arch),
@@ -73,6 +76,7 @@ def bake(opts: BakeOptions, stages: Stages) -> BakeResult:
             doc = manifest.build_manifest(
                 target, image, sha, arts, base, accel, version, work / "report", stages.times
             )
+            record_needs(result, doc, needs, arts)
             manifest.write(result, doc, image, sha)
         (result / "logs").mkdir()
         shutil.move(packer_log, result / "logs" / "packer.log")

@@ -96,6 +96,14 @@ def resolve_targets(name: str) -> list[Target]:
 @click.option("--mirror", help="Debian mirror URL for the base (default: the host's apt sources).")
 @click.option("--base-image", help="Use this base qcow2 (path or URL) instead of building one.")
 @click.option("--base-sha256", help="sha256 of --base-image (required with it).")
+@click.option(
+    "--lock",
+    "locks",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="requirements.lock of an earlier bake: the same Python wheels again (repeatable, "
+    "one per target).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def bake_command(
     target_name: str,
@@ -106,6 +114,7 @@ def bake_command(
     mirror: str | None,
     base_image: str | None,
     base_sha256: str | None,
+    locks: tuple[Path, ...],
     as_json: bool,
 ) -> None:
     """Bake a bootable VM image per target that runs PIPELINE with the executor.
@@ -114,6 +123,11 @@ def bake_command(
     boots it under QEMU without network access, installs the executor and the pipeline,
     seals it, and writes OUTPUT/TARGET/{TARGET.qcow2, manifest.json, SHA256SUMS}.
     Progress goes to stderr, stage by stage with elapsed times.
+
+    The pipeline's requirements.txt is resolved on this host into wheels for each
+    target's platform and installed offline; its `debian_packages` go into the base.
+    OUTPUT/TARGET/ then also holds requirements.lock (give it back with --lock to bake
+    the same wheels) and sbom.cdx.json (CycloneDX).
     """
     from imagefactory.bake.artifacts import check_pipeline
     from imagefactory.bake.options import BakeOptions
@@ -125,8 +139,9 @@ def bake_command(
     stages = Stages()
     for target in resolve_targets(target_name):
         opts = BakeOptions(
-            target, pipeline, output, image_format, disk_size, mirror, base_image, base_sha256
-        )
+            target, pipeline, output, image_format, disk_size, mirror, base_image, base_sha256,
+            locks=locks,
+        )  # fmt: skip
         result = load_baker(image_format)(opts, stages)
         image = result.manifest["image"]
         stages.say(f"==> {target.name}: {result.image} ({image['size'] / 1e6:.0f} MB)")

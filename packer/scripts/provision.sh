@@ -15,8 +15,18 @@ install -d -m 0755 "$FLEETBAKE_LIB" "$FLEETBAKE_CONFIG_DIR"
 useradd --system --user-group --no-create-home --home-dir "$FLEETBAKE_STATE_DIR" \
   --shell /usr/sbin/nologin --comment "fleetbake executor agent" "$FLEETBAKE_USER"
 tar -xzf "$A/executor-lib.tar.gz" -C "$FLEETBAKE_LIB"
-# Importable as `executor` by every python3 on the system, workers included.
-echo "$FLEETBAKE_LIB" > /usr/lib/python3/dist-packages/fleetbake-executor.pth
+# The executor's own virtual environment (the launcher runs its python, and so do the
+# workers): the executor library through a .pth file, the pipeline's wheels installed
+# offline, pinned by the sha256 in their lock file. No pip stays behind in it.
+python3 -m venv --without-pip "$FLEETBAKE_VENV"
+PY="$FLEETBAKE_VENV/bin/python3"
+echo "$FLEETBAKE_LIB" > "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/fleetbake-executor.pth"
+if [ -f "$A/wheels/requirements.lock" ]; then
+  set -- "$A"/wheels/pip/pip-*.whl
+  "$PY" "$1/pip" install --no-index --no-deps --require-hashes --find-links "$A/wheels" \
+    --no-cache-dir --disable-pip-version-check --no-input --progress-bar off \
+    -r "$A/wheels/requirements.lock"
+fi
 install -m 0755 "$A/executor" "$FLEETBAKE_LAUNCHER"
 install -m 0644 "$A/pipeline.tar.gz" "$FLEETBAKE_PIPELINE"
 install -m 0644 "$A/executor.service" "$FLEETBAKE_UNIT"

@@ -131,3 +131,22 @@ def test_a_big_pool_raises_a_low_open_files_limit(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     results = json.loads(result.stdout)
     assert {entry["status"] for entry in results["tasks"].values()} == {"succeeded"}
+
+
+def test_missing_requirements_are_named_one_line_each_and_nothing_runs(tmp_path: Path) -> None:
+    source = make_pipeline(tmp_path / "p", [task("a", "add")])
+    (source / "requirements.txt").write_text("surely-not-installed-a>=1\nclick\nsurely-not-b\n")
+    state = tmp_path / "state"
+    env = dict(os.environ, EXECUTOR_STATE_DIR=str(state), EXECUTOR_RUN_ID="r1")
+    for command in ("run", "validate"):
+        result = _executor(command, str(source), env=env)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        where = source / "requirements.txt"
+        assert result.stderr.splitlines() == [
+            f"Error: {where}: surely-not-installed-a>=1: not installed",
+            f"Error: {where}: surely-not-b: not installed",
+            f"(install them into {sys.executable}; executor installs nothing)",
+        ]
+    assert not (state / "logs").exists()  # no run started, no log written
+    packed = _executor("pack", str(source), "-o", str(tmp_path / "p.tar.gz"))
+    assert packed.returncode == 0, packed.stderr  # packing needs no installed requirements

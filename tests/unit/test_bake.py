@@ -206,10 +206,16 @@ def test_successful_build_is_published_whole(
     out = tmp_path / "out"
     assert [p.name for p in out.iterdir()] == ["x86_64-linux"]
     assert sorted(p.name for p in result.dir.iterdir()) == [
-        "SHA256SUMS", "logs", "manifest.json", "x86_64-linux.qcow2",
+        "SHA256SUMS", "logs", "manifest.json", "sbom.cdx.json", "x86_64-linux.qcow2",
     ]  # fmt: skip
     assert (result.dir / "logs" / "packer.log").read_text() == "built\n"
     doc = json.loads((result.dir / "manifest.json").read_text())
     assert doc["image"]["sha256"] == hashlib.sha256(result.image.read_bytes()).hexdigest()
     assert doc["packages"] == [{"name": "python3", "version": "3.11.2", "arch": "amd64"}]
+    assert doc["sbom"]["file"] == "sbom.cdx.json"
+    assert (
+        doc["sbom"]["sha256"]
+        == hashlib.sha256((result.dir / "sbom.cdx.json").read_bytes()).hexdigest()
+    )
+    assert "requirements_lock" not in doc  # the pipeline declares no Python requirements
     assert {"artifacts", "compress", "total"} <= set(doc["stages_s"])

@@ -178,7 +178,7 @@ def test_unit_and_launcher_name_the_same_guest_paths() -> None:
     assert f"EXECUTOR_PIPELINE={artifacts.GUEST_PIPELINE}\n" in unit
     assert f"ExecStart={artifacts.GUEST_LAUNCHER} agent\n" in unit
     assert f"EnvironmentFile=-{artifacts.GUEST_NODE_ENV}\n" in unit
-    assert f"(library in {artifacts.GUEST_LIB})" in artifacts.LAUNCHER
+    assert f"(library in {artifacts.GUEST_LIB})" in artifacts.launcher(artifacts.VENV_PYTHON)
     assert str(Path(artifacts.GUEST_NODE_ENV).parent) in artifacts.provision_env().values()
 
 
