@@ -12,6 +12,7 @@ APT_PACKAGES=(
   vagrant vagrant-libvirt
   cloud-init
   postgresql
+  lintian
 )
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -72,17 +72,11 @@ def build_manifest(
             "sha256": sha256,
             "size": image.stat().st_size,
         },
-        "pipeline": {
-            "name": arts.pipeline_name,
-            "sha256": arts.pipeline_sha256,
-            "path": GUEST_PIPELINE,
-        },  # fmt: skip
+        "pipeline": pipeline_entry(arts),
         "versions": {
-            "imagefactory": imagefactory.__version__,
-            "executor": arts.executor_version,
+            **common_versions(arts),
             "packer": ".".join(map(str, packer_version)),
             "qemu": qemu_version(target.qemu_binary),
-            "host_python": platform.python_version(),
             **{f"guest_{k}": v for k, v in sorted(guest.items())},
         },
         "base": {
@@ -94,6 +88,20 @@ def build_manifest(
         "accelerator": accelerator,
         "stages_s": dict(stage_times),
         "packages": parse_packages((report_dir / "packages.tsv").read_text()),
+    }
+
+
+def pipeline_entry(arts: Artifacts) -> dict[str, str]:
+    """The manifest's `pipeline`: what every kind of bake carries, and where."""
+    return {"name": arts.pipeline_name, "sha256": arts.pipeline_sha256, "path": GUEST_PIPELINE}
+
+
+def common_versions(arts: Artifacts) -> dict[str, str]:
+    """The versions every kind of bake records; each kind adds its own tools'."""
+    return {
+        "imagefactory": imagefactory.__version__,
+        "executor": arts.executor_version,
+        "host_python": platform.python_version(),
     }
 
 

@@ -30,6 +30,7 @@ def check_disk_size(ctx: click.Context, param: click.Parameter, value: str | Non
 FORMATS = {
     "qcow2": "imagefactory.bake.vm:bake",
     "raw": "imagefactory.bake.vm:bake",
+    "installer": "imagefactory.bake.installer:bake",
 }
 
 

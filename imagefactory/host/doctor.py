@@ -42,6 +42,10 @@ BUILD_TOOLS = (
     ("ssh-keygen", "openssh-client"),
 )
 
+# Bare-metal installers (`bake --format installer`) need dpkg-deb; lintian only checks
+# the package (its tests run it).
+INSTALLER_TOOLS = (("dpkg-deb", "dpkg"), ("lintian", "lintian"))
+
 
 def tool_check(program: str, package: str) -> Check:
     path = which(program)
@@ -87,8 +91,24 @@ def target_checks(target: Target) -> list[Check]:
     ]
 
 
+def installer_checks() -> list[Check]:
+    found = [tool_check(program, package) for program, package in INSTALLER_TOOLS]
+    return [Check(c.name, c.ok, c.detail, c.package, required=False) for c in found]
+
+
+def require_installer() -> None:
+    """Stop, saying why, if this host cannot build the bare-metal installer's package."""
+    check = tool_check(*INSTALLER_TOOLS[0])
+    if not check.ok:
+        raise die(
+            "cannot bake an installer: dpkg-deb is missing",
+            hint=f"apt install {check.package} (see `imagefactory doctor`)",
+        )
+
+
 def checks(targets: tuple[Target, ...] = TARGETS) -> list[Check]:
     found = [tool_check(program, package) for program, package in BUILD_TOOLS]
+    found.extend(installer_checks())
     for target in targets:
         found.extend(target_checks(target))
     return found
