@@ -41,6 +41,7 @@ COMMANDS: dict[str, str] = {
     "targets": "imagefactory.cli.host:targets_command",
     "doctor": "imagefactory.cli.host:doctor_command",
     "cache": "imagefactory.cli.host:cache_group",
+    "install": "imagefactory.cli.install:install_command",
 }
 
 

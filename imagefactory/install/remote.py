@@ -1,0 +1,155 @@
+"""One device over SSH (paramiko): connect with the host-key policy, upload files with
+SFTP, run a command while streaming its output, follow the agent's journal."""
+
+from __future__ import annotations
+
+import io
+import shlex
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import paramiko
+
+from imagefactory.install.destination import Destination
+from imagefactory.install.hostkeys import HostKeyPolicy, HostKeyRefused, fingerprint
+
+CONNECT_TIMEOUT_S = 20.0
+
+
+class RemoteError(Exception):
+    """A step on the device failed; the message says which and why (one line)."""
+
+
+def connect(
+    dest: Destination, policy: HostKeyPolicy, identity_file: Path | None
+) -> paramiko.SSHClient:
+    """An authenticated connection. Without an identity file, the SSH agent and the
+    usual ~/.ssh keys are tried, as `ssh` does."""
+    client = paramiko.SSHClient()
+    try:
+        policy.prepare(client)
+        client.connect(
+            dest.host,
+            port=dest.port,
+            username=dest.user,
+            key_filename=str(identity_file) if identity_file else None,
+            allow_agent=identity_file is None,
+            look_for_keys=identity_file is None,
+            timeout=CONNECT_TIMEOUT_S,
+            banner_timeout=CONNECT_TIMEOUT_S,
+            auth_timeout=CONNECT_TIMEOUT_S,
+        )
+    except HostKeyRefused as exc:
+        client.close()
+        raise RemoteError(f"host key refused: {exc}") from None
+    except paramiko.BadHostKeyException as exc:
+        client.close()
+        raise RemoteError(
+            f"host key of {dest.known_hosts_name} CHANGED: it is now {fingerprint(exc.key)}, "
+            f"not the one in {policy.known_hosts}; refusing (remove the old line only if you "
+            "know why it changed)"
+        ) from None
+    except paramiko.AuthenticationException as exc:
+        client.close()
+        raise RemoteError(f"SSH login as {dest.user} refused: {exc}") from None
+    except (OSError, EOFError, paramiko.SSHException) as exc:
+        client.close()
+        raise RemoteError(f"cannot connect to {dest}: {exc or type(exc).__name__}") from None
+    return client
+
+
+def run_quiet(client: paramiko.SSHClient, command: str, timeout: float = 60.0) -> str:
+    """Run a short command; its stdout, or RemoteError with its output."""
+    _, stdout, stderr = client.exec_command(command, timeout=timeout)
+    out = stdout.read().decode("utf-8", "replace")
+    err = stderr.read().decode("utf-8", "replace")
+    status = stdout.channel.recv_exit_status()
+    if status != 0:
+        detail = (err or out).strip().splitlines()
+        raise RemoteError(
+            f"`{command}` failed with exit code {status}" + (f": {detail[-1]}" if detail else "")
+        )
+    return out
+
+
+def upload(client: paramiko.SSHClient, files: dict[str, tuple[bytes, int]]) -> None:
+    """Write each remote path (its parent exists) with its mode, set before any data."""
+    with client.open_sftp() as sftp:
+        for path, (data, mode) in files.items():
+            with sftp.open(path, "wb") as f:
+                f.chmod(mode)
+                f.set_pipelined(True)
+                f.write(data)
+
+
+def run_streaming(client: paramiko.SSHClient, command: str, on_line: Callable[[str], None]) -> int:
+    """Run `command` (stderr merged into stdout), hand each output line to `on_line`
+    as it comes, and return its exit status."""
+    channel = client.get_transport().open_session()  # type: ignore[union-attr]
+    try:
+        channel.set_combine_stderr(True)
+        channel.exec_command(command)
+        reader = io.TextIOWrapper(
+            io.BufferedReader(_ChannelRaw(channel)), encoding="utf-8", errors="replace"
+        )
+        for line in reader:
+            on_line(line.rstrip("\n"))
+        return channel.recv_exit_status()
+    finally:
+        channel.close()
+
+
+class _ChannelRaw(io.RawIOBase):
+    """A channel's output as a raw stream, so lines can be read as they arrive."""
+
+    def __init__(self, channel: paramiko.Channel) -> None:
+        self.channel = channel
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        data = self.channel.recv(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class JournalFollower:
+    """`journalctl -f` of one invocation of a unit, appended to a local file as it
+    comes (the file `boot`'s console follower reads for EXECUTOR-STATUS lines)."""
+
+    def __init__(self, client: paramiko.SSHClient, sudo: str, unit: str, path: Path) -> None:
+        self.path = path
+        self.client = client
+        invocation = run_quiet(
+            client, f"{sudo}systemctl show --property=InvocationID --value {shlex.quote(unit)}"
+        ).strip()
+        match = f"_SYSTEMD_INVOCATION_ID={invocation}" if invocation else f"--unit={unit}"
+        command = (
+            f"{sudo}journalctl --no-pager --output=cat --follow --lines=all {shlex.quote(match)}"
+        )
+        self.channel = client.get_transport().open_session()  # type: ignore[union-attr]
+        self.channel.set_combine_stderr(True)
+        self.channel.exec_command(command)
+        self.path.touch(mode=0o600)
+        self._thread = threading.Thread(target=self._copy, daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        with self.path.open("ab") as out:
+            while True:
+                data = self.channel.recv(65536)
+                if not data:
+                    return
+                out.write(data)
+                out.flush()
+
+    def running(self) -> bool:
+        """The device is reachable (the SSH session is up)."""
+        transport = self.client.get_transport()
+        return transport is not None and transport.is_active()
+
+    def stop(self) -> None:
+        self.channel.close()
+        self._thread.join(timeout=5)
