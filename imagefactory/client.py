@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -31,6 +33,35 @@ class AdminClient:
     def put_bytes(self, path: str, data: bytes) -> Any:
         headers = {"Content-Type": "application/gzip"}
         return self._checked(self._request("PUT", path, content=data, headers=headers)).json()
+
+    def post_json(self, path: str, body: Any = None) -> Any:
+        return self._checked(self._request("POST", path, json=body)).json()
+
+    def stream_lines(self, path: str, **params: Any) -> Iterator[str]:
+        """The lines of a streamed text response, as they come (no read timeout)."""
+        query = {k: v for k, v in params.items() if v is not None}
+        timeout = httpx.Timeout(30, read=None)
+        try:
+            with self._http.stream("GET", path, params=query, timeout=timeout) as response:
+                self.check(response)
+                yield from response.iter_lines()
+        except httpx.HTTPError as exc:
+            raise die(f"lost the connection to {self.url}: {exc}") from None
+
+    @contextmanager
+    def stream(self, path: str, headers: dict[str, str]) -> Iterator[httpx.Response]:
+        """A streamed GET (downloads); the caller checks the status."""
+        try:
+            with self._http.stream("GET", path, headers=headers) as response:
+                yield response
+        except httpx.HTTPError as exc:
+            raise die(f"download from {self.url} failed: {exc}") from None
+
+    def check(self, response: httpx.Response) -> httpx.Response:
+        """The response, or the one-line error it carries."""
+        if not response.is_success:
+            response.read()
+        return self._checked(response)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:

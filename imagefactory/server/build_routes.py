@@ -153,13 +153,17 @@ def build_router(
         builder_id = authority.require_builder(bearer_token(authorization), builder)
         return Lease(build_id, builder_id, attempt)
 
-    async def held(lease_: Lease) -> None:
-        if not await run_in_threadpool(queue.holds, lease_):
+    async def held(lease_: Lease, renew: bool = False) -> None:
+        check = queue.touch if renew else queue.holds
+        if not await run_in_threadpool(check, lease_):
             raise HTTPException(409, f"build {lease_.build_id}: lease lost")
 
     @router.post("/v1/builder/claim", response_model=Job, responses={204: {}})
     async def claim(
-        body: ClaimRequest, authorization: Authorization = None, x_builder_id: XBuilderId = None
+        body: ClaimRequest,
+        request: Request,
+        authorization: Authorization = None,
+        x_builder_id: XBuilderId = None,
     ) -> Response:
         """Register, then wait up to wait_s for a queued build this builder can make:
         200 with the job (the lease starts now) or 204."""
@@ -172,8 +176,8 @@ def build_router(
             if build is not None:
                 job = {"build": build, "lease_s": queue.lease_s, "registry": config.registry}
                 return JSONResponse(job)
-            if time.monotonic() + POLL_S > deadline:
-                return Response(status_code=204)
+            if time.monotonic() + POLL_S > deadline or await request.is_disconnected():
+                return Response(status_code=204)  # (a gone builder claims nothing)
             await asyncio.sleep(POLL_S)
 
     @router.get(
@@ -220,7 +224,7 @@ def build_router(
     ) -> dict[str, Any]:
         """Announce an artifact (or ask where its upload stands, to resume it)."""
         lease_ = lease(build_id, body.attempt, authorization, x_builder_id)
-        await held(lease_)
+        await held(lease_, renew=True)
         await run_in_threadpool(queue.uploaded, lease_, body.digest)
         offset = await run_in_threadpool(blobs.upload_offset, _upload_id(lease_, body.digest),
                                          body.digest)  # fmt: skip
@@ -251,7 +255,7 @@ def build_router(
         upload ends. The last chunk is verified against the digest (400 if it differs:
         the upload starts over)."""
         lease_ = lease(build_id, attempt, authorization, x_builder_id)
-        await held(lease_)
+        await held(lease_, renew=True)
         data = await request.body()
         try:
             stored = await run_in_threadpool(

@@ -323,6 +323,16 @@ class BuildQueue:
             found = conn.execute(sa.select(builds.c.build_id).where(*self._held(lease)))
             return found.one_or_none() is not None
 
+    def touch(self, lease: Lease) -> bool:
+        """Extend a lease that is still held (uploads count as signs of life)."""
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                builds.update()
+                .where(*self._held(lease))
+                .values(lease_expires=time.time() + self.lease_s)
+            )
+            return done.rowcount == 1
+
     def finish(
         self,
         lease: Lease,

@@ -1,0 +1,217 @@
+"""The builder's loop: claim a build, bake it, upload it, report it; forever.
+
+    master                          builder                         bake (child)
+      | <-- claim (long poll) ------- |
+      | --- job (lease starts) -----> |
+      | <-- GET pipeline ------------ |
+      |                               | --- python -m imagefactory bake --> |
+      | <-- heartbeat: stage, log --- |  <------ stage lines on stderr ---- |
+      | --- cancel? ----------------> | --- SIGINT (then SIGKILL) --------> |
+      | <-- uploads (chunks) -------- |  <------ --json summary ----------- |
+      | <-- finish ------------------ |
+
+While the master cannot be reached the bake goes on and the builder keeps trying (the
+log lines wait); uploads and the finish are retried until they go through. Once the
+master answers that the lease is lost, the bake is stopped and nothing is uploaded.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from imagefactory.builder.bakeproc import BakeProcess, bake_argv
+from imagefactory.builder.master import LeaseLost, MasterClient, Refused, Unreachable
+from imagefactory.builder.push import push_oci
+from imagefactory.builder.upload import sha256_digest, upload
+
+T = TypeVar("T")
+MAX_BACKOFF_S = 10.0
+MAX_LOG_BATCH = 4096
+TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class BuilderConfig:
+    builder_id: str
+    work_dir: Path
+    targets: tuple[str, ...]
+    """What this host can build (imagefactory doctor's checks)."""
+    formats: tuple[str, ...]
+    """The formats `imagefactory bake` knows."""
+    grace_s: float = 30.0
+    """After a cancel's SIGINT, how long the bake may clean up before SIGKILL."""
+    wait_s: float = 20.0
+    """Long-poll length of one claim."""
+
+
+def say(text: str) -> None:
+    print(f"builder: {text}", file=sys.stderr, flush=True)
+
+
+def retrying(what: str, call: Callable[[], T]) -> T:
+    """`call()` until the master answers (LeaseLost and Refused propagate)."""
+    delay = 0.5
+    failing = False
+    while True:
+        try:
+            result = call()
+        except Unreachable as exc:
+            if not failing:
+                say(f"{what}: master unreachable ({exc}); retrying")
+                failing = True
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF_S)
+            continue
+        if failing:
+            say(f"{what}: master reachable again")
+        return result
+
+
+class Worker:
+    def __init__(self, config: BuilderConfig, master: MasterClient) -> None:
+        self.config = config
+        self.master = master
+
+    def run_forever(self) -> None:
+        say(
+            f"{self.config.builder_id} builds {', '.join(self.config.targets) or 'no target'}"
+            f" as {', '.join(self.config.formats)}; master {self.master.url}"
+        )
+        while True:
+            self.run_once()
+
+    def run_once(self) -> bool:
+        """Wait for one job (one long poll) and build it; False if none came."""
+        targets, formats = list(self.config.targets), list(self.config.formats)
+        job = retrying("claim", lambda: self.master.claim(targets, formats, self.config.wait_s))
+        if job is None:
+            return False
+        Job(self, job).run()
+        return True
+
+
+class Job:
+    """One attempt at one build."""
+
+    def __init__(self, worker: Worker, job: dict[str, Any]) -> None:
+        self.master = worker.master
+        self.config = worker.config
+        self.build = job["build"]
+        self.id: str = self.build["build_id"]
+        self.attempt: int = self.build["attempt"]
+        self.lease_s = float(job["lease_s"])
+        self.registry: str | None = job["registry"]
+        self.dir = self.config.work_dir / f"{self.id}.{self.attempt}"
+
+    def run(self) -> None:
+        b = self.build
+        say(f"build {self.id} attempt {self.attempt}: {b['target']} {b['format']} {b['pipeline']}")
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            try:
+                outcome = self._bake()
+            except (LeaseLost, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # a failed step fails this build, not the builder
+                say(f"build {self.id}: {type(exc).__name__}: {exc}")
+                outcome = {"state": "failed", "error": f"builder: {type(exc).__name__}: {exc}"}
+            self._report(outcome)
+        except LeaseLost:
+            say(f"build {self.id}: lease lost; dropped")
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _bake(self) -> dict[str, Any]:
+        """Bake and upload: the outcome to report."""
+        pipeline = self.dir / "pipeline.tar.gz"
+        pipeline.write_bytes(
+            retrying("pipeline", lambda: self.master.pipeline(self.id, self.attempt))
+        )
+        argv = bake_argv(self.build["target"], self.build["format"], pipeline, self.dir / "out")
+        bake = BakeProcess(argv, self.dir / "bake.log")
+        try:
+            code, cancelled = self._watch(bake)
+        except BaseException:
+            bake.interrupt(self.config.grace_s)
+            raise
+        finally:
+            bake.close()
+        if cancelled:
+            return {"state": "cancelled", "stages": bake.take()[1], "error": "cancelled"}
+        if code != 0:
+            self._flush(bake)
+            tail = (self.dir / "bake.log").read_text(errors="replace").splitlines()[-TAIL_LINES:]
+            error = f"bake exited with {code}:\n" + "\n".join(tail)
+            return {"state": "failed", "stages": bake.take()[1], "error": error}
+        delivered = self._deliver(bake.summary())
+        self._flush(bake)
+        return {"state": "succeeded", "stages": bake.take()[1], **delivered}
+
+    def _watch(self, bake: BakeProcess) -> tuple[int, bool]:
+        """Heartbeats until the bake ends: (its exit code, whether it was cancelled)."""
+        interval = max(0.5, min(self.lease_s / 4, 5.0))
+        while True:
+            code = bake.wait(interval)
+            if self._heartbeat(bake) and code is None:
+                say(f"build {self.id}: cancelled; interrupting the bake")
+                return bake.interrupt(self.config.grace_s), True
+            if code is not None:
+                return code, False
+
+    def _flush(self, bake: BakeProcess) -> None:
+        """Send the bake's last log lines (and renew the lease for the uploads): retried
+        until the master answers, so that a restarted master gets the whole log."""
+        delay = 0.5
+        while self._heartbeat(bake) is None:
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF_S)
+
+    def _heartbeat(self, bake: BakeProcess) -> bool | None:
+        """Send progress; True if cancelled, None if the master is unreachable."""
+        stage, stages, lines = bake.take()
+        sent, rest = lines[:MAX_LOG_BATCH], lines[MAX_LOG_BATCH:]
+        progress = {"stage": stage, "stages": stages, "log": sent}
+        try:
+            cancel = self.master.heartbeat(self.id, self.attempt, progress)
+        except Unreachable:
+            bake.give_back(lines)
+            return None
+        except LeaseLost:
+            say(f"build {self.id}: lease lost; stopping the bake")
+            bake.interrupt(self.config.grace_s)
+            raise
+        bake.give_back(rest)
+        return cancel
+
+    def _deliver(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Upload the baked image (and push an OCI one): the artifacts part of the outcome."""
+        [image] = summary["images"]
+        path = Path(image["image"])
+        digest = sha256_digest(path)
+        say(f"build {self.id}: uploading {path.name} ({path.stat().st_size} bytes, {digest})")
+        retrying("upload", lambda: upload(self.master, self.id, self.attempt, path, digest))
+        outcome: dict[str, Any] = {
+            "artifacts": [{"name": path.name, "digest": digest, "size": path.stat().st_size}]
+        }
+        if self.build["format"] == "oci" and self.registry:
+            reference = f"{self.build['pipeline'].lower()}:{self.id}"
+            outcome["pushed"] = push_oci(Path(image["dir"]), self.registry, reference)
+        return outcome
+
+    def _report(self, outcome: dict[str, Any]) -> None:
+        try:
+            done = retrying("finish", lambda: self.master.finish(self.id, self.attempt, outcome))
+        except Refused as exc:
+            if outcome["state"] == "failed":
+                say(f"build {self.id}: the master refused the failure report: {exc}")
+                return
+            failed = {"state": "failed", "error": f"the master refused the result: {exc}"}
+            self._report(failed)
+            return
+        say(f"build {self.id}: {done['state']}")

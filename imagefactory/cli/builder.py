@@ -1,0 +1,77 @@
+"""`imagefactory builder`: a build worker for the core services' build queue."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from imagefactory.cli.services import check_ident
+from imagefactory.errors import die
+from imagefactory.paths import state_root
+from imagefactory.tokens import read_secret
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@click.command("builder")
+@click.option("--master", required=True, envvar="IMAGEFACTORY_URL", help="Core services URL.")
+@click.option(
+    "--builder-id", required=True, callback=check_ident, help="This builder's id (its token's)."
+)
+@click.option(
+    "--token-file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File holding the builder token (`imagefactory token --builder ID`).",
+)
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=state_root() / "builder",
+    show_default=True,
+    help="Where bakes run; each build's directory is removed once it is reported.",
+)
+@click.option(
+    "--grace-seconds",
+    type=click.FloatRange(min=0, max=3600),
+    default=30.0,
+    show_default=True,
+    help="After a cancel, how long the bake may clean up before it is killed.",
+)
+def builder_command(
+    master: str, builder_id: str, token_file: Path, work_dir: Path, grace_seconds: float
+) -> None:
+    """Build environments for the core services until stopped (Ctrl-C or SIGTERM).
+
+    Registers the targets this host can build (the checks of `imagefactory doctor`) and
+    every format `imagefactory bake` knows, claims queued builds it can make (long
+    polling), runs each as `imagefactory bake` in a child process while renewing its
+    lease, and uploads the result (resumably; the master verifies its sha256). OCI builds
+    are pushed with skopeo to the registry the master names. Progress goes to stderr.
+    A stopped builder's build goes back to the queue when its lease expires.
+    """
+    from imagefactory.builder.master import MasterClient, Refused
+    from imagefactory.builder.worker import BuilderConfig, Worker
+    from imagefactory.cli.bake import FORMATS
+    from imagefactory.host.doctor import can_build
+    from imagefactory.targets import TARGETS
+
+    token = read_secret(token_file)
+    targets = tuple(t.name for t in TARGETS if can_build(t))
+    if not targets:
+        click.echo("warning: this host can build no target (see `imagefactory doctor`)", err=True)
+    work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    config = BuilderConfig(builder_id, work_dir.resolve(), targets, tuple(FORMATS), grace_seconds)
+    signal.signal(signal.SIGTERM, _interrupt)
+    client = MasterClient(master, builder_id, token)
+    try:
+        Worker(config, client).run_forever()
+    except Refused as exc:
+        raise die(f"the master refused this builder: {exc}", hint="check --token-file") from None
+    finally:
+        client.close()

@@ -1,0 +1,383 @@
+"""Real `imagefactory builder` processes against real `imagefactory serve` processes on
+loopback, on SQLite and on a real PostgreSQL, baking real installer environments
+(`imagefactory bake --format installer`: a .deb and install.sh, about a second each).
+
+To catch a builder in the middle of a build, a test freezes its bake (SIGSTOP on the
+child process, found in /proc) and lets it go on (SIGCONT) once the fault is set up: the
+signals the builder sends meanwhile wait, pending, and are then handled for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from executor.pack import pack
+from imagefactory.cli.bake import FORMATS
+from imagefactory.server.blobs import BlobStore
+from imagefactory.tokens import builder_token
+from tests.integration.postgres_cluster import running_postgres
+from tests.integration.services_harness import BIN, ServerProcess
+from tests.processes import process_alive
+
+pytestmark = [
+    pytest.mark.timeout(600),
+    pytest.mark.skipif("installer" not in FORMATS, reason="needs the installer format"),
+]
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello"
+TARGET = "x86_64-linux"
+SECRET = "shared-secret"
+ADMIN = "shared-admin"
+WAIT_S = 240.0
+
+
+@dataclass
+class BuilderProcess:
+    workdir: Path
+    url: str
+    builder_id: str
+    proc: subprocess.Popen[bytes] | None = None
+    grace_s: float = 30.0
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.builder_id}.log"
+
+    def start(self) -> BuilderProcess:
+        token = self.workdir / f"{self.builder_id}.token"
+        token.write_text(builder_token(SECRET, self.builder_id) + "\n")
+        argv = [
+            str(BIN / "imagefactory"), "builder", "--master", self.url,
+            "--builder-id", self.builder_id, "--token-file", str(token),
+            "--work-dir", str(self.workdir / f"{self.builder_id}-work"),
+            "--grace-seconds", str(self.grace_s),
+        ]  # fmt: skip
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def bake_child(self, timeout_s: float = WAIT_S) -> int:
+        """The pid of the bake this builder runs, as soon as it exists."""
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log()
+            for pid in children.read_text().split():
+                if b"\0bake\0" in _cmdline(int(pid)):  # not `packer version` of doctor
+                    return int(pid)
+            time.sleep(0.005)
+        raise AssertionError(f"{self.builder_id} started no bake:\n{self.log()}")
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signum)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+@dataclass
+class Fleet:
+    """Servers and builders of one test; everything is stopped by pid at the end."""
+
+    workdir: Path
+    db: str | None = None
+    servers: list[ServerProcess] = field(default_factory=list)
+    builders: list[BuilderProcess] = field(default_factory=list)
+    frozen: list[int] = field(default_factory=list)
+
+    def server(self, lease_s: float = 30.0, port: int = 0, name: str = "") -> ServerProcess:
+        server = ServerProcess(self.workdir / (name or f"server{len(self.servers)}"), port=port)
+        server.workdir.mkdir(exist_ok=True)
+        server.secret_file.write_text(SECRET + "\n")
+        server.admin_token_file.write_text(ADMIN + "\n")
+        args = ["--store-dir", str(self.workdir / "store"), "--lease-seconds", str(lease_s)]
+        server.extra_args = (*args, *(("--db", self.db) if self.db else ()))
+        self.servers.append(server)
+        return server.start()
+
+    def builder(self, url: str, builder_id: str, grace_s: float = 30.0) -> BuilderProcess:
+        builder = BuilderProcess(self.workdir, url, builder_id, grace_s=grace_s)
+        self.builders.append(builder)
+        return builder.start()
+
+    def freeze(self, pid: int) -> None:
+        os.kill(pid, signal.SIGSTOP)
+        self.frozen.append(pid)
+
+    def thaw(self, pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass  # it ended already
+
+    def close(self) -> None:
+        for pid in self.frozen:
+            if process_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        for builder in self.builders:
+            builder.stop()
+        for server in self.servers:
+            server.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {b.builder_id}\n{b.log()[-3000:]}" for b in self.builders)
+
+
+def admin(url: str, method: str, path: str, **kwargs: Any) -> Any:
+    response = httpx.request(
+        method, url + path, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60, **kwargs
+    )
+    assert response.is_success, response.text
+    return response.json()
+
+
+def publish_pipelines(url: str, workdir: Path, count: int) -> list[str]:
+    """`count` distinct pipelines (the hello example under other names), published."""
+    names = []
+    for i in range(count):
+        name = f"hello-{i}"
+        source = workdir / "pipelines" / name
+        source.mkdir(parents=True)
+        spec = json.loads((EXAMPLE / "pipeline.json").read_text())
+        spec["name"] = name
+        (source / "pipeline.json").write_text(json.dumps(spec))
+        (source / "hello.py").write_text((EXAMPLE / "hello.py").read_text())
+        archive = workdir / "pipelines" / f"{name}.tar.gz"
+        pack(source, archive)
+        admin(url, "PUT", f"/v1/pipelines/{name}", content=archive.read_bytes())
+        names.append(name)
+    return names
+
+
+def submit(url: str, pipeline: str) -> dict[str, Any]:
+    body = {"target": TARGET, "format": "installer", "pipeline": pipeline}
+    build: dict[str, Any] = admin(url, "POST", "/v1/builds", json=body)
+    return build
+
+
+def wait_for(fleet: Fleet, what: str, check: Callable[[], Any], timeout_s: float = WAIT_S) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}\n{fleet.logs()}")
+
+
+def build_state(url: str, build_id: str) -> dict[str, Any]:
+    build: dict[str, Any] = admin(url, "GET", f"/v1/builds/{build_id}")
+    return build
+
+
+def ended(url: str, build_id: str) -> Callable[[], dict[str, Any] | None]:
+    def check() -> dict[str, Any] | None:
+        build = build_state(url, build_id)
+        return build if build["state"] in ("succeeded", "failed", "cancelled") else None
+
+    return check
+
+
+def pending_signals(pid: int) -> int:
+    """The signals waiting for a (stopped) process, as the kernel's bit mask."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return 0
+    masks = [line.split()[1] for line in status.splitlines() if line[:6] in ("SigPnd", "ShdPnd")]
+    return sum(int(mask, 16) for mask in masks)
+
+
+def signal_pending(pid: int, signum: int) -> Callable[[], bool]:
+    return lambda: bool(pending_signals(pid) & (1 << (signum - 1)))
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    with running_postgres() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
+    db = None
+    if request.param == "postgresql":
+        base: str = request.getfixturevalue("postgres_url")
+        name = f"t{time.monotonic_ns()}"
+        engine = sa.create_engine(base, isolation_level="AUTOCOMMIT")  # CREATE DATABASE
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql(f"CREATE DATABASE {name}")
+        finally:
+            engine.dispose()
+        db = base.rsplit("/", 1)[0] + f"/{name}"
+    fleet = Fleet(tmp_path, db)
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
+def test_three_builders_race_for_twenty_jobs(fleet: Fleet) -> None:
+    """Each build is made exactly once; on PostgreSQL the builders talk to two replicas."""
+    first = fleet.server()
+    urls = [first.url, fleet.server().url if fleet.db else first.url]
+    names = publish_pipelines(first.url, fleet.workdir, 20)
+    builds = [submit(urls[i % 2], name) for i, name in enumerate(names)]
+    for i in range(3):
+        fleet.builder(urls[i % 2], f"b{i}")
+    for build in builds:
+        done = wait_for(fleet, f"build {build['build_id']}", ended(urls[1], build["build_id"]))
+        assert done["state"] == "succeeded", done["error"]
+        assert done["attempt"] == 1
+    claims = Counter(
+        line.split()[2]
+        for b in fleet.builders
+        for line in b.log().splitlines()
+        if line.startswith("builder: build ") and " attempt " in line
+    )
+    assert set(claims) == {b["build_id"] for b in builds} and set(claims.values()) == {1}
+    envs = admin(urls[0], "GET", "/v1/environments")
+    assert sorted(e["build_id"] for e in envs) == sorted(b["build_id"] for b in builds)
+    assert len({e["digest"] for e in envs}) == 20
+    store = BlobStore(fleet.workdir / "store")
+    assert all(store.has(e["digest"]) for e in envs)
+    assert len({b.builder_id for b in fleet.builders if "attempt 1" in b.log()}) >= 2, (
+        "the work was shared"
+    )
+
+
+def test_sigkilled_builder_job_is_rebuilt_elsewhere(fleet: Fleet) -> None:
+    server = fleet.server(lease_s=3.0)
+    [name] = publish_pipelines(server.url, fleet.workdir, 1)
+    build = submit(server.url, name)
+    doomed = fleet.builder(server.url, "doomed")
+    bake = doomed.bake_child()
+    fleet.freeze(bake)
+    doomed.stop(signal.SIGKILL)
+    # The orphaned bake got its parent-death signal (the kernel may also wake an orphaned
+    # stopped group with SIGHUP and SIGCONT); once it runs, it ends: no stray bake.
+    pending = signal_pending(bake, signal.SIGTERM)
+    wait_for(fleet, "SIGTERM for the bake", lambda: pending() or not process_alive(bake))
+    fleet.thaw(bake)
+    wait_for(fleet, "the orphaned bake to end", lambda: not process_alive(bake), 60)
+    fleet.builder(server.url, "rescuer")
+    done = wait_for(fleet, "the rebuild", ended(server.url, build["build_id"]))
+    assert done["state"] == "succeeded" and done["builder_id"] == "rescuer"
+    assert done["attempt"] == 2
+    [env] = admin(server.url, "GET", "/v1/environments")
+    assert env["build_id"] == build["build_id"]
+
+
+def test_cancel_interrupts_the_bake(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path)
+    try:
+        server = fleet.server(lease_s=10.0)
+        [name] = publish_pipelines(server.url, fleet.workdir, 1)
+        build = submit(server.url, name)
+        builder = fleet.builder(server.url, "b1", grace_s=120)
+        bake = builder.bake_child()
+        fleet.freeze(bake)
+        shown = admin(server.url, "POST", f"/v1/builds/{build['build_id']}/cancel")
+        assert shown["state"] == "building" and shown["cancel_requested"]
+        # The builder saw the cancel and sent the bake its Ctrl-C: it waits, pending.
+        wait_for(fleet, "SIGINT pending on the bake", signal_pending(bake, signal.SIGINT), 60)
+        fleet.thaw(bake)
+        done = wait_for(fleet, "the cancel", ended(server.url, build["build_id"]), 60)
+        assert done["state"] == "cancelled"
+        assert not process_alive(bake)
+        assert admin(server.url, "GET", "/v1/environments") == []
+        assert "cancelled; interrupting the bake" in builder.log()
+        assert builder.proc is not None and builder.proc.poll() is None, "builder goes on"
+    finally:
+        fleet.close()
+
+
+def test_lost_lease_late_result_is_refused(tmp_path: Path) -> None:
+    """A builder cut off (frozen) past its lease: the job runs elsewhere, and what the
+    first builder sends afterwards is refused; the environment is stored once."""
+    fleet = Fleet(tmp_path)
+    try:
+        server = fleet.server(lease_s=2.0)
+        [name] = publish_pipelines(server.url, fleet.workdir, 1)
+        build = submit(server.url, name)
+        late = fleet.builder(server.url, "late")
+        bake = late.bake_child()
+        fleet.freeze(bake)
+        assert late.proc is not None
+        fleet.freeze(late.proc.pid)
+        fleet.builder(server.url, "other")
+        done = wait_for(fleet, "the rebuild", ended(server.url, build["build_id"]))
+        assert done["state"] == "succeeded" and done["builder_id"] == "other"
+        fleet.thaw(late.proc.pid)
+        fleet.thaw(bake)
+        wait_for(fleet, "the late builder to give up", lambda: "lease lost" in late.log(), 120)
+        assert late.proc.poll() is None, "the late builder goes on"
+        [env] = admin(server.url, "GET", "/v1/environments")
+        assert env["build_id"] == build["build_id"]
+        assert build_state(server.url, build["build_id"]) == done
+    finally:
+        fleet.close()
+
+
+def test_master_restart_during_build_upload_is_retried(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path)
+    try:
+        server = fleet.server(lease_s=60.0, name="master")
+        [name] = publish_pipelines(server.url, fleet.workdir, 1)
+        build = submit(server.url, name)
+        builder = fleet.builder(server.url, "b1")
+        bake = builder.bake_child()
+        fleet.freeze(bake)
+        server.kill()
+        fleet.thaw(bake)  # the bake finishes while the master is down
+        wait_for(fleet, "upload retries", lambda: "upload: master unreachable" in builder.log())
+        restarted = fleet.server(lease_s=60.0, port=server.port, name="master")
+        done = wait_for(fleet, "the build", ended(restarted.url, build["build_id"]))
+        assert done["state"] == "succeeded" and done["attempt"] == 1
+        assert "upload: master reachable again" in builder.log()
+        [env] = admin(restarted.url, "GET", "/v1/environments")
+        log = httpx.get(
+            f"{restarted.url}/v1/builds/{build['build_id']}/log",
+            headers={"Authorization": f"Bearer {ADMIN}"},
+            timeout=60,
+        ).text
+        assert "==> package:" in log and "==> script: done in" in log
+        pulled = httpx.get(
+            f"{restarted.url}/v1/environments/{env['digest']}",
+            headers={"Authorization": f"Bearer {ADMIN}"},
+            timeout=60,
+        )
+        assert pulled.content.startswith(b"#!") and len(pulled.content) == env["size"]
+    finally:
+        fleet.close()
