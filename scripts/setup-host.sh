@@ -13,6 +13,7 @@ APT_PACKAGES=(
   cloud-init
   postgresql
   lintian
+  docker-registry skopeo umoci
 )
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }

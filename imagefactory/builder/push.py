@@ -3,10 +3,17 @@ the digest the registry stored (skopeo's --digestfile)."""
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
 from imagefactory.run import run
+
+
+def repository_name(pipeline: str) -> str:
+    """A pipeline name as a registry repository path component (lowercase letters and
+    digits joined by single dashes)."""
+    return re.sub(r"[^a-z0-9]+", "-", pipeline.lower()).strip("-") or "pipeline"
 
 
 def registry_destination(registry: str, reference: str) -> tuple[str, bool]:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from imagefactory.builder.bakeproc import BakeProcess, bake_argv
 from imagefactory.builder.master import LeaseLost, MasterClient, Refused, Unreachable
-from imagefactory.builder.push import push_oci
+from imagefactory.builder.push import push_oci, repository_name
 from imagefactory.builder.upload import sha256_digest, upload
 
 T = TypeVar("T")
@@ -200,7 +200,7 @@ class Job:
             "artifacts": [{"name": path.name, "digest": digest, "size": path.stat().st_size}]
         }
         if self.build["format"] == "oci" and self.registry:
-            reference = f"{self.build['pipeline'].lower()}:{self.id}"
+            reference = f"fleetbake/{repository_name(self.build['pipeline'])}:{self.id}"
             outcome["pushed"] = push_oci(Path(image["dir"]), self.registry, reference)
         return outcome
 
