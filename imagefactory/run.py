@@ -111,6 +111,7 @@ def spawn(
     stdout: int | None = subprocess.PIPE,
     stderr: int | None = subprocess.STDOUT,
     die_with_parent: bool = False,
+    pass_fds: tuple[int, ...] = (),
 ) -> subprocess.Popen[bytes]:
     """Start a command in its own process group, so that it can be killed as a whole.
 
@@ -129,6 +130,7 @@ def spawn(
         stderr=stderr,
         start_new_session=True,
         preexec_fn=_terminate_with(os.getpid()) if die_with_parent else None,
+        pass_fds=pass_fds,
     )
 
 

@@ -14,6 +14,7 @@ APT_PACKAGES=(
   postgresql
   lintian
   docker-registry skopeo umoci
+  runc iproute2
 )
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -185,6 +185,27 @@ def unmount_below(path: Path) -> None:
         run(["umount", "--lazy", mount], check=False)
 
 
+def run_mmdebstrap(
+    argv: list[str],
+    spec: BaseSpec,
+    work: Path,
+    log_path: Path,
+    stages: Stages,
+    env: dict[str, str] | None = None,
+) -> None:
+    """Run mmdebstrap as the `rootfs` stage; a failure stops with its last lines."""
+    try:
+        with stages.stage("rootfs", f"mmdebstrap {spec.suite} {spec.target.debian_arch}"):
+            follow(argv, log_path, _mmdebstrap_progress(stages), env=env)
+    except CommandError as exc:
+        raise die(
+            f"mmdebstrap failed (exit code {exc.returncode}); last lines:\n{exc.stdout}\n"
+            f"full log: {log_path}"
+        ) from None
+    finally:
+        unmount_below(work)
+
+
 def _from_entry(entry: Entry, source: str) -> BaseImage:
     return BaseImage(entry.image, entry.sha256, entry.key, entry.inputs, source)
 
@@ -203,16 +224,7 @@ def build_base(spec: BaseSpec, cache: BaseCache, stages: Stages) -> BaseImage:
         write_overlay(overlay, guestconfig.overlay_files(target, fs_uuid))
         log_path = work.parent / f"{key[:12]}-mmdebstrap.log"
         argv = mmdebstrap_argv(spec, rootfs, overlay, mirror_args(spec))
-        try:
-            with stages.stage("rootfs", f"mmdebstrap {spec.suite} {target.debian_arch}"):
-                follow(argv, log_path, _mmdebstrap_progress(stages))
-        except CommandError as exc:
-            raise die(
-                f"mmdebstrap failed (exit code {exc.returncode}); last lines:\n{exc.stdout}\n"
-                f"full log: {log_path}"
-            ) from None
-        finally:
-            unmount_below(work)
+        run_mmdebstrap(argv, spec, work, log_path, stages)
         version = kernel_version(rootfs)
         (rootfs / "boot/grub").mkdir(parents=True, exist_ok=True)
         (rootfs / "boot/grub/grub.cfg").write_text(guestconfig.grub_cfg(target, fs_uuid, version))

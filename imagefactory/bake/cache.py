@@ -23,7 +23,6 @@ from imagefactory.paths import cache_root
 
 IMAGE_NAME = "base.qcow2"
 INPUTS_NAME = "inputs.json"
-SHA_NAME = "base.qcow2.sha256"
 
 
 def sha256_file(path: Path) -> str:
@@ -41,23 +40,36 @@ class Entry:
     inputs: dict[str, Any]
     size: int
     mtime: float
+    image_name: str = IMAGE_NAME
 
     @property
     def image(self) -> Path:
-        return self.path / IMAGE_NAME
+        return self.path / self.image_name
 
     @property
     def sha256(self) -> str:
-        return (self.path / SHA_NAME).read_text().strip()
+        return (self.path / f"{self.image_name}.sha256").read_text().strip()
 
 
 class BaseCache:
-    def __init__(self, root: Path | None = None) -> None:
-        self.dir = (root or cache_root()) / "base"
+    """`kind` names the cache's own directory and `image_name` its main file, so other
+    environment kinds (the container base: bake/ocibase.py) are cached the same way;
+    `extra_files` are further files an entry keeps."""
+
+    def __init__(
+        self,
+        root: Path | None = None,
+        kind: str = "base",
+        image_name: str = IMAGE_NAME,
+        extra_files: tuple[str, ...] = (),
+    ) -> None:
+        self.dir = (root or cache_root()) / kind
+        self.image_name = image_name
+        self.files = (image_name, INPUTS_NAME, f"{image_name}.sha256", *extra_files)
 
     def lookup(self, key: str) -> Entry | None:
         path = self.dir / key
-        if not all((path / name).is_file() for name in (IMAGE_NAME, INPUTS_NAME, SHA_NAME)):
+        if not all((path / name).is_file() for name in self.files):
             return None
         os.utime(path)  # last use, for `cache prune --older-than`
         return self._entry(path)
@@ -65,7 +77,7 @@ class BaseCache:
     def _entry(self, path: Path) -> Entry:
         inputs = json.loads((path / INPUTS_NAME).read_text())
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-        return Entry(path.name, path, inputs, size, path.stat().st_mtime)
+        return Entry(path.name, path, inputs, size, path.stat().st_mtime, self.image_name)
 
     def entries(self) -> list[Entry]:
         if not self.dir.is_dir():
@@ -73,7 +85,7 @@ class BaseCache:
         found = [
             self._entry(p)
             for p in sorted(self.dir.iterdir())
-            if not p.name.startswith(".") and (p / IMAGE_NAME).is_file()
+            if not p.name.startswith(".") and (p / self.image_name).is_file()
         ]
         return sorted(found, key=lambda e: e.mtime, reverse=True)
 
@@ -86,13 +98,14 @@ class BaseCache:
         try:
             yield scratch
             (scratch / INPUTS_NAME).write_text(json.dumps(inputs, indent=2, sort_keys=True))
-            (scratch / SHA_NAME).write_text(sha256_file(scratch / IMAGE_NAME) + "\n")
+            image = scratch / self.image_name
+            image.with_name(f"{image.name}.sha256").write_text(sha256_file(image) + "\n")
             final = self.dir / key
             if final.exists():
                 return  # a concurrent build of the same inputs won; it may be in use
             # Keep only the entry's files: the build's working files stay in scratch.
             done = Path(tempfile.mkdtemp(prefix=".tmp-done-", dir=self.dir))
-            for name in (IMAGE_NAME, INPUTS_NAME, SHA_NAME):
+            for name in self.files:
                 (scratch / name).rename(done / name)
             try:
                 done.rename(final)

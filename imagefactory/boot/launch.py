@@ -30,10 +30,12 @@ from imagefactory.boot.waiting import BootedNode, Machine, MasterApi, wait_for
 from imagefactory.errors import die
 from imagefactory.targets import Target
 
-WAITS = ("none", "ssh", "heartbeat", "report", "poweroff")
+WAITS = ("none", "ssh", "heartbeat", "report", "poweroff", "exit")
+"""`exit` is `poweroff` in a container's words: the node has ended."""
 BACKENDS = ("qemu", "libvirt")
-KEPT_FILES = ("console.log", "qemu.log")
-"""What cleanup leaves in a node's state directory."""
+KEPT_FILES = ("console.log", "qemu.log", "state")
+"""What cleanup leaves in a node's state directory (`state`: a container node's agent
+state directory, with its results and combined log)."""
 
 
 @dataclass(frozen=True)
@@ -214,18 +216,26 @@ class _RecordedQemu:
 def machine_of(record: nodestate.NodeRecord) -> Machine:
     """The handle of a recorded node's VM, for `stop` and liveness checks."""
     name = f"fleetbake-{record.node_id}"
+    if record.netns is not None:
+        from imagefactory.boot.container import ContainerMachine
+
+        return ContainerMachine(record)
     if record.backend == "libvirt":
         return libvirt_backend.LibvirtMachine(libvirt_backend.open_connection(), name)
     return _RecordedQemu(record.pid or 0, name)
 
 
 def cleanup(record: nodestate.NodeRecord, machine: Machine) -> None:
-    """Stop the VM and delete all but its logs (idempotent)."""
+    """Stop the VM or container and delete all but its logs (idempotent)."""
     machine.stop()
     workdir = Path(record.workdir)
     if workdir.is_dir():
         for path in workdir.iterdir():
-            if path.name not in KEPT_FILES:
+            if path.name in KEPT_FILES:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
                 path.unlink(missing_ok=True)
 
 

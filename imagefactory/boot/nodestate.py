@@ -29,7 +29,7 @@ class NodeRecord:
     run_id: str
     instance_id: str
     backend: str
-    """`qemu` or `libvirt`."""
+    """`qemu` or `libvirt`; for a container node its runtime (`runc`, ...)."""
     ssh_port: int
     """The node's SSH server is at 127.0.0.1:ssh_port."""
     ssh_user: str
@@ -41,6 +41,10 @@ class NodeRecord:
     """QEMU's process ID (qemu backend)."""
     domain: str | None = None
     """The libvirt domain name (libvirt backend)."""
+    netns: str | None = None
+    """A container node's network namespace (`ip netns` name)."""
+    forwarder_pid: int | None = None
+    """A container node's master forward process (boot/nsforward.py)."""
 
     @property
     def known_hosts(self) -> Path:

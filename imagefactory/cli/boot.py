@@ -10,7 +10,8 @@ from typing import Any
 import click
 
 from imagefactory.boot import launch, nodestate, seed
-from imagefactory.boot.waiting import check_runs
+from imagefactory.boot.container import RUNTIMES, find_layout
+from imagefactory.boot.waiting import BootedNode, check_runs
 from imagefactory.cli.node_options import NodeOptions, collect, node_options
 from imagefactory.errors import die
 from imagefactory.targets import Target, get_target, host_arch, target_names
@@ -65,6 +66,13 @@ def progress(message: str) -> None:
     help="Plain QEMU processes, or domains on libvirtd (qemu:///system).",
 )
 @click.option(
+    "--runtime",
+    type=click.Choice(RUNTIMES),
+    help="Run IMAGE (a `bake --format oci` directory) as containers with this runtime "
+    "(default for such a directory: runc). Each gets its own network namespace that "
+    "reaches the master and nothing else.",
+)
+@click.option(
     "--accel",
     type=click.Choice(["auto", "kvm", "tcg"]),
     default="auto",
@@ -107,6 +115,7 @@ def boot_command(
     image: Path,
     target: str | None,
     backend: str,
+    runtime: str | None,
     accel: str,
     wait: str,
     timeout_s: float,
@@ -118,15 +127,29 @@ def boot_command(
     as_json: bool,
     **kwargs: Any,
 ) -> None:
-    """Boot IMAGE as node(s) and wait until they are ready, report, or power off.
+    """Boot IMAGE as node(s) and wait until they are ready, report, or power off (exit).
 
     Each node boots from its own qcow2 overlay (the image is never modified), with a
     NoCloud seed, isolated user-mode networking (SSH forwarded from 127.0.0.1, the
     master forwarded into the guest), and its serial console in a log file. With
     --count K the nodes are NODE-ID-1..NODE-ID-K. Unless --keep (or --wait none), the
     VMs are killed and their overlays deleted on exit, Ctrl-C and timeout.
+
+    IMAGE may also be the directory of a container image (`bake --format oci`): each
+    node is then a container (--runtime, default runc) with the same node options and
+    --wait conditions, its output in the node's console.log and its agent state
+    directory kept as the node's state/ (results and combined log).
     """
     node = collect(kwargs)
+    layout = find_layout(image)
+    if runtime is not None or layout is not None:
+        if layout is None:
+            raise die(f"{image} is not a container image", hint="give a `bake --format oci` dir")
+        if node.ssh_keys:
+            raise die("container nodes have no SSH server; --ssh-key is for VM images")
+        boot_containers(layout, runtime or "runc", node, count, wait, timeout_s, keep,
+                        admin_token_file, as_json)  # fmt: skip
+        return
     image = launch.find_image(image)
     the_target = image_target(image, target)
     guest_master = None
@@ -134,11 +157,7 @@ def boot_command(
         from imagefactory.boot.qemu import master_forward
 
         guest_master = master_forward(node.master).guest_url
-    admin_token = None
-    if admin_token_file is not None:
-        from imagefactory.tokens import read_secret
-
-        admin_token = read_secret(admin_token_file)
+    admin_token = read_admin_token(admin_token_file)
     nodes = fleet(node, count, guest_master)
     if accel == "auto":
         from imagefactory.host.accel import pick_accelerator
@@ -163,21 +182,59 @@ def boot_command(
         kept = plan.keeps_nodes
         after = "the nodes keep running" if kept else "the nodes were stopped and removed"
         raise die(f"interrupted; {after}") from None
-    summary = [n.summary() for n in booted]
+    finish(booted, as_json, plan.keeps_nodes, plan.wait, "imagefactory ssh NODE -- CMD; ")
+
+
+def read_admin_token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    from imagefactory.tokens import read_secret
+
+    return read_secret(path)
+
+
+def finish(booted: list[BootedNode], as_json: bool, kept: bool, wait: str, hint: str) -> None:
+    """The JSON summary, how to stop kept nodes, and exit 1 for a run not succeeded."""
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
-    if plan.keeps_nodes:
+        click.echo(json.dumps([n.summary() for n in booted], indent=2))
+    if kept:
         ids = " ".join(n.record.node_id for n in booted)
-        progress(f"running: imagefactory ssh NODE -- CMD; stop with: imagefactory stop {ids}")
-    if plan.wait == "report":
+        progress(f"running: {hint}stop with: imagefactory stop {ids}")
+    if wait == "report":
         check_runs(booted)
+
+
+def boot_containers(
+    layout: Path,
+    runtime: str,
+    node: NodeOptions,
+    count: int,
+    wait: str,
+    timeout_s: float,
+    keep: bool,
+    admin_token_file: Path | None,
+    as_json: bool,
+) -> None:
+    from imagefactory.boot import container
+
+    plan = container.ContainerPlan(
+        layout, runtime, wait, timeout_s, keep, node.master, read_admin_token(admin_token_file)
+    )
+    nodes = fleet(node, count, None)
+    try:
+        booted = container.boot(plan, nodes, progress)
+    except KeyboardInterrupt:
+        after = "the containers keep running" if plan.keeps_nodes else "the containers were removed"
+        raise die(f"interrupted; {after}") from None
+    finish(booted, as_json, plan.keeps_nodes, wait, "")
 
 
 @click.command("stop")
 @click.argument("node_ids", nargs=-1)
 @click.option("--all", "stop_all", is_flag=True, help="Stop every node booted with --keep.")
 def stop_command(node_ids: tuple[str, ...], stop_all: bool) -> None:
-    """Stop kept nodes: kill their VMs and delete their overlays."""
+    """Stop kept nodes: kill their VMs and delete their overlays; containers get SIGTERM
+    (their run is cancelled and reported) and are removed."""
     if stop_all:
         node_ids = tuple(nodestate.booted_nodes())
     elif not node_ids:

@@ -6,7 +6,7 @@ pre-flight of `imagefactory bake`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from imagefactory.errors import die
@@ -41,6 +41,12 @@ BUILD_TOOLS = (
     ("sfdisk", "fdisk"),
     ("ssh-keygen", "openssh-client"),
 )
+
+# Container images (`bake --format oci`) and container nodes (`boot --runtime`) need
+# these; the doctor lists them, but a host that bakes only VM images may lack them.
+OCI_TOOLS = (("skopeo", "skopeo"),)
+RUNTIMES = {"runc": "runc", "podman": "podman", "docker": "docker.io"}
+"""Container runtime -> the Debian package that provides it."""
 
 # Bare-metal installers (`bake --format installer`) need dpkg-deb; lintian only checks
 # the package (its tests run it).
@@ -91,6 +97,11 @@ def target_checks(target: Target) -> list[Check]:
     ]
 
 
+def container_checks() -> list[Check]:
+    tools = [*OCI_TOOLS, *RUNTIMES.items()]
+    return [replace(tool_check(program, package), required=False) for program, package in tools]
+
+
 def installer_checks() -> list[Check]:
     found = [tool_check(program, package) for program, package in INSTALLER_TOOLS]
     return [Check(c.name, c.ok, c.detail, c.package, required=False) for c in found]
@@ -108,6 +119,7 @@ def require_installer() -> None:
 
 def checks(targets: tuple[Target, ...] = TARGETS) -> list[Check]:
     found = [tool_check(program, package) for program, package in BUILD_TOOLS]
+    found.extend(container_checks())
     found.extend(installer_checks())
     for target in targets:
         found.extend(target_checks(target))
@@ -130,3 +142,26 @@ def require(target: Target) -> None:
         raise die(
             f"missing host tools for {target.name}: {names}", hint="run `imagefactory doctor`"
         )
+
+
+def require_oci(target: Target) -> None:
+    """Stop, saying why, if this host cannot bake a container image of `target`."""
+    found = [tool_check(p, pkg) for p, pkg in (*OCI_TOOLS, ("mmdebstrap", "mmdebstrap"))]
+    missing = [c for c in [*found, binfmt_check(target)] if not c.ok]
+    if missing:
+        names = ", ".join(f"{c.name}: {c.detail} (apt install {c.package})" for c in missing)
+        raise die(
+            f"cannot bake a container image of {target.name}: {names}",
+            hint="run `imagefactory doctor`",
+        )
+
+
+def require_runtime(runtime: str) -> str:
+    """The path of a container runtime, or a user error naming its Debian package."""
+    check = tool_check(runtime, RUNTIMES[runtime])
+    if not check.ok:
+        raise die(
+            f"container runtime {runtime} is not installed",
+            hint=f"apt install {check.package} (see `imagefactory doctor`)",
+        )
+    return check.detail

@@ -1,0 +1,218 @@
+"""Boot container nodes from a `bake --format oci` image: the container side of
+`imagefactory boot DIR/T-oci --runtime runc`.
+
+    ContainerPlan + NodeVars per node
+      ─► unpack the image once (runc.unpack) ─► per node: state dir, network namespace
+         with the master forward (netns.py, nsforward.py), bundle config.json
+      ─► `runc run` ─► node.json for `stop`
+      ─► wait_for(): EXECUTOR-STATUS lines in the container's output (console.log), the
+         master's admin API, or the container's exit (boot/waiting.py, as for VMs)
+      ─► cleanup (always, unless kept): SIGTERM (the run is cancelled and reported),
+         remove the container, forwarder, namespace and bundle
+
+The node's variables are the same as a VM's node.env (seed.NodeVars.env()); the master
+is at the same http://127.0.0.1:PORT inside the container as on the host, and it is the
+only address the container can reach. After cleanup, console.log and state/ (the agent's
+state directory: results, combined log) stay in the node's directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from imagefactory.boot import console, launch, netns, nodestate, runc, seed
+from imagefactory.boot.waiting import BootedNode, MasterApi, wait_for
+from imagefactory.errors import die
+from imagefactory.host.doctor import require_runtime
+from imagefactory.run import spawn
+
+RUNTIMES = ("runc", "podman", "docker")
+SUPPORTED = ("runc",)
+"""Runtimes this version boots nodes with; the others are named for a clear error."""
+STATE = "state"
+"""The agent's state directory, in the node's directory (kept after cleanup)."""
+
+
+@dataclass(frozen=True)
+class ContainerPlan:
+    """The resolved settings of one `boot --runtime` invocation."""
+
+    layout: Path
+    runtime: str
+    wait: str
+    timeout_s: float
+    keep: bool
+    master_url: str | None = None
+    """The master as the host sees it (loopback only)."""
+    admin_token: str | None = None
+
+    @property
+    def keeps_nodes(self) -> bool:
+        return self.keep or self.wait == "none"
+
+
+def find_layout(path: Path) -> Path | None:
+    """The OCI layout directory of a `bake --format oci` output, or None if `path` is
+    not one (a VM image)."""
+    if path.is_dir() and (path / "index.json").is_file() and (path / "oci-layout").is_file():
+        return path
+    return None
+
+
+def master_inside(url: str) -> tuple[str, int, str]:
+    """(host, port) of a loopback master as the host reaches it, and the URL the
+    container uses: the same port on the container's own 127.0.0.1."""
+    from imagefactory.boot.qemu import master_forward
+
+    forward = master_forward(url)  # checks: http(s), loopback only
+    parts = urlsplit(url)
+    inside = urlunsplit(
+        (parts.scheme, f"127.0.0.1:{forward.port}", parts.path, parts.query, parts.fragment)
+    )
+    return forward.host, forward.port, inside
+
+
+class ContainerMachine:
+    """A container node's handle: its `runc run` (when started by this process), its
+    forwarder and its network namespace."""
+
+    def __init__(
+        self, record: nodestate.NodeRecord, proc: subprocess.Popen[bytes] | None = None
+    ) -> None:
+        self.record, self.proc = record, proc
+        self.name = f"fleetbake-{record.node_id}"
+
+    def running(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return runc.state(self.name) in ("creating", "created", "running", "paused")
+
+    def stop(self) -> None:
+        runc.stop(self.name, self.running)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+        pid = self.record.forwarder_pid
+        if pid and forwarder_alive(pid, self.name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        if self.record.netns:
+            netns.delete(self.record.netns)
+
+
+def forwarder_alive(pid: int, name: str) -> bool:
+    """True if `pid` is still this node's forwarder (not a reused process ID)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"imagefactory.boot.nsforward" in cmdline and name.encode() in cmdline
+
+
+def start_forwarder(
+    ns: Path, host: str, port: int, name: str, log: Path, die_with_parent: bool
+) -> int:
+    listener = netns.listen_inside(ns, port)
+    with listener, log.open("ab") as out:
+        fd = listener.fileno()
+        proc = spawn(
+            [sys.executable, "-m", "imagefactory.boot.nsforward", str(fd), host, str(port), name],
+            stdout=out.fileno(),
+            stderr=subprocess.STDOUT,
+            die_with_parent=die_with_parent,
+            pass_fds=(fd,),
+        )
+    return proc.pid
+
+
+def start_node(plan: ContainerPlan, image_bundle: Path, node: seed.NodeVars) -> BootedNode:
+    workdir = launch.claim_workdir(node.node_id)
+    name = f"fleetbake-{node.node_id}"
+    record = nodestate.NodeRecord(
+        node_id=node.node_id,
+        run_id=node.run_id or "",
+        instance_id=name,
+        backend=plan.runtime,
+        ssh_port=0,
+        ssh_user="",
+        ssh_key="",
+        workdir=str(workdir),
+        console_log=str(workdir / "console.log"),
+        netns=netns.netns_name(node.node_id),
+    )
+    machine = ContainerMachine(record)
+    try:
+        state = workdir / STATE
+        state.mkdir(mode=0o700)
+        os.chown(state, *runc.image_user(image_bundle))
+        ns = netns.create(netns.netns_name(node.node_id))
+        if plan.master_url is not None:
+            host, port, inside = master_inside(plan.master_url)
+            pid = start_forwarder(
+                ns, host, port, name, workdir / "forward.log", not plan.keeps_nodes
+            )
+            record = dataclasses.replace(record, forwarder_pid=pid)
+            node = dataclasses.replace(node, master_url=inside)
+        spec = runc.ContainerSpec(
+            name, image_bundle / "rootfs", seed.hostname_for(node.node_id),
+            tuple(node.env()), state, ns,
+        )  # fmt: skip
+        runc.write_bundle(workdir / "bundle", image_bundle, spec)
+        machine = ContainerMachine(record)
+        proc = runc.start(
+            name, workdir / "bundle", Path(record.console_log),
+            die_with_parent=not plan.keeps_nodes,
+        )  # fmt: skip
+        record = dataclasses.replace(record, pid=proc.pid)
+        machine = ContainerMachine(record, proc)
+        nodestate.save(record)
+    except BaseException:
+        launch.cleanup(record, machine)
+        raise
+    follower = console.ConsoleFollower(Path(record.console_log))
+    return BootedNode(record, machine, follower, time.monotonic())
+
+
+def boot(
+    plan: ContainerPlan, nodes: list[seed.NodeVars], progress: Callable[[str], None]
+) -> list[BootedNode]:
+    """Start all containers, wait for the condition, and clean up unless kept."""
+    if plan.runtime not in SUPPORTED:
+        require_runtime(plan.runtime)
+        raise die(
+            f"booting nodes with {plan.runtime} is not supported yet",
+            hint=f"use --runtime runc, or `{plan.runtime} load -i` the image's .tar",
+        )
+    require_runtime("runc")
+    if plan.wait == "ssh":
+        raise die("container nodes have no SSH server", hint="wait for heartbeat or report")
+    api = None
+    if plan.admin_token and plan.master_url and plan.wait in ("heartbeat", "report"):
+        api = MasterApi(plan.master_url, plan.admin_token)
+    progress(f"unpacking {plan.layout} (once per image)")
+    image_bundle = runc.unpack(plan.layout)
+    booted: list[BootedNode] = []
+    with launch.sigterm_as_interrupt():
+        try:
+            for node in nodes:
+                booted.append(start_node(plan, image_bundle, node))
+                progress(
+                    f"node {node.node_id}: started ({plan.runtime}, output "
+                    f"{booted[-1].record.console_log})"
+                )
+            wait_for(plan.wait, plan.timeout_s, booted, progress, api)
+        finally:
+            if not plan.keeps_nodes:
+                for node_ in booted:
+                    launch.cleanup(node_.record, node_.machine)
+    return booted
