@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from executor.requirements import REQUIREMENTS_FILE
-from imagefactory.bake.artifacts import GUEST_NODE_ENV, Artifacts, build_artifacts, check_pipeline
+from imagefactory.bake.artifacts import (
+    GUEST_NODE_ENV,
+    GUEST_STATE_DIR,
+    Artifacts,
+    build_artifacts,
+    check_pipeline,
+)
 from imagefactory.bake.cache import sha256_file
 from imagefactory.bake.debpkg import (
     PACKAGE,
@@ -100,6 +106,7 @@ def render_script(deb: DebPackage, target: Target) -> str:
         "DEB_NAME": deb.path.name,
         "DEB_SHA256": deb.sha256,
         "NODE_ENV": GUEST_NODE_ENV,
+        "STATE_DIR": GUEST_STATE_DIR,
         "UNIT": UNIT_NAME,
         "PYTHON": PYTHON,
         "PYTHON_MIN": PYTHON_MIN,

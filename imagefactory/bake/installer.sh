@@ -17,6 +17,7 @@ DEBARCH=@DEBARCH@
 DEB_NAME=@DEB_NAME@
 DEB_SHA256=@DEB_SHA256@
 NODE_ENV=@NODE_ENV@
+STATE_DIR=@STATE_DIR@
 UNIT=@UNIT@
 PYTHON=@PYTHON@
 PYTHON_MIN=@PYTHON_MIN@
@@ -58,7 +59,7 @@ $(printf '%s\n' $AGENT_VARS | sed 's/^/    /')
 Other:
   --print-env         print the node.env this would write, and stop (no root needed)
   --uninstall         stop and remove the package, its unit, its user and node.env;
-                      the agent's state (/var/lib/executor) is kept
+                      the agent's state ($STATE_DIR) is kept
   --purge             with --uninstall: remove the agent's state as well
   -h, --help          this help
 
@@ -275,9 +276,15 @@ do_uninstall() {
       FLEETBAKE_KEEP_STATE=1 dpkg --purge "$PACKAGE" >&2 || fail 1 "dpkg could not remove $PACKAGE (see above)"
       say "removed $PACKAGE, its user and node.env (state kept; --purge removes it)"
     fi
+  elif [ "$purge" = yes ] && [ -d "$STATE_DIR" ] && [ ! -L "$STATE_DIR" ]; then
+    # What an earlier --uninstall kept.
+    rm -rf "$STATE_DIR"
+    say "$PACKAGE is not installed; removed the agent's state $STATE_DIR"
   else
     say "$PACKAGE is not installed; nothing to remove"
   fi
+  # A unit that failed stays listed until told; its file is gone now.
+  systemctl reset-failed "$UNIT" >/dev/null 2>&1 || true
 }
 
 @PAYLOAD_FUNCTION@

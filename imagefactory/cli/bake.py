@@ -125,6 +125,10 @@ def bake_command(
     seals it, and writes OUTPUT/TARGET/{TARGET.qcow2, manifest.json, SHA256SUMS}.
     Progress goes to stderr, stage by stage with elapsed times.
 
+    --format installer boots nothing: it writes OUTPUT/TARGET-installer/ with a Debian
+    package, install.sh (embeds it), manifest.json and SHA256SUMS, for bare-metal
+    devices (`imagefactory install` runs it over SSH; docs/bare-metal.md).
+
     The pipeline's requirements.txt is resolved on this host into wheels for each
     target's platform and installed offline; its `debian_packages` go into the base.
     OUTPUT/TARGET/ then also holds requirements.lock (give it back with --lock to bake

@@ -1,0 +1,378 @@
+"""A bare-metal device stood in for by a VM: the plain base image from the cache (no
+executor in it), booted under QEMU with a NoCloud seed that carries only an SSH key (for
+a sudo-capable user `ops`) and the SSH host key the test made, so the test knows its
+fingerprint. `imagefactory install` turns it into a node that heartbeats and reports to a
+real `imagefactory serve` on loopback (reached through QEMU's guestfwd relay).
+
+One boot serves the whole module, in order: host-key refusals, the install (next to a
+second, unreachable device that must fail alone), the re-run that changes nothing, the
+refusals of install.sh on the device, uninstall (each leftover checked), and purge.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shlex
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import paramiko
+import pytest
+
+from imagefactory.bake.base import BaseSpec, build_base
+from imagefactory.bake.cache import BaseCache
+from imagefactory.boot import qemu, seed
+from imagefactory.boot.launch import free_ports
+from imagefactory.boot.nodestate import make_ssh_key
+from imagefactory.boot.ssh import banner_ready
+from imagefactory.host.accel import pick_accelerator
+from imagefactory.install.hostkeys import fingerprint
+from imagefactory.stages import Stages
+from imagefactory.targets import get_target
+from tests.installer_bake import bake_installer
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(2400)]
+
+IMAGEFACTORY = str(Path(sys.executable).with_name("imagefactory"))
+TARGET = "x86_64-linux"
+BOOT_TIMEOUT_S = 600
+NODE = "metal-1"
+
+
+@dataclass(frozen=True)
+class Master:
+    url: str
+    port: int
+    secret_file: Path
+    admin_token_file: Path
+
+    def get(self, path: str) -> httpx.Response:
+        token = self.admin_token_file.read_text().strip()
+        return httpx.get(self.url + path, headers={"Authorization": f"Bearer {token}"})
+
+
+@dataclass(frozen=True)
+class Device:
+    ssh_port: int
+    key: Path
+    """The private key authorized for `ops`."""
+    host_fingerprint: str
+    console_log: Path
+    tmp: Path
+
+    @property
+    def ssh(self) -> str:
+        return f"ops@127.0.0.1:{self.ssh_port}"
+
+    def run(self, command: str, check: bool = True) -> tuple[int, str]:
+        """Run a command as root on the device (sudo); (status, stdout+stderr)."""
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        client.connect(
+            "127.0.0.1", port=self.ssh_port, username="ops", key_filename=str(self.key),
+            allow_agent=False, look_for_keys=False, timeout=30,
+        )  # fmt: skip
+        try:
+            _, out, _ = client.exec_command(f"sudo -n sh -c {shlex.quote(command)} 2>&1")
+            text = out.read().decode()
+            status = out.channel.recv_exit_status()
+        finally:
+            client.close()
+        if check:
+            assert status == 0, f"{command}: {status}\n{text}"
+        return status, text
+
+    def put(self, name: str, data: bytes) -> str:
+        """Upload a file to /tmp on the device; its path."""
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        client.connect(
+            "127.0.0.1", port=self.ssh_port, username="ops", key_filename=str(self.key),
+            allow_agent=False, look_for_keys=False, timeout=30,
+        )  # fmt: skip
+        try:
+            with client.open_sftp() as sftp, sftp.open(f"/tmp/{name}", "wb") as f:
+                f.write(data)
+        finally:
+            client.close()
+        return f"/tmp/{name}"
+
+    def console_tail(self, lines: int = 40) -> str:
+        text = self.console_log.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+@pytest.fixture(scope="module")
+def master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Master]:
+    tmp = tmp_path_factory.mktemp("master")
+    secret, admin = tmp / "secret", tmp / "admin-token"
+    proc = subprocess.Popen(
+        [IMAGEFACTORY, "serve", "--port", "0", "--db", str(tmp / "db.sqlite")]
+        + ["--secret-file", str(secret), "--admin-token-file", str(admin)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    drain: threading.Thread | None = None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if match := re.search(r"listening on (http://127\.0\.0\.1:(\d+))", line):
+                break
+        else:
+            pytest.fail("imagefactory serve exited without listening")
+        drain = threading.Thread(target=proc.stdout.read, daemon=True)
+        drain.start()
+        yield Master(match[1], int(match[2]), secret, admin)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        if drain is not None:
+            drain.join(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def device_seed(public_key: str, host_key: seed.HostKey) -> seed.Seed:
+    """Only an SSH login (ops, passwordless sudo) and the host key: nothing of fleetbake."""
+    user_data = "#cloud-config\n" + json.dumps(
+        {
+            "ssh_keys": {"ed25519_private": host_key.private, "ed25519_public": host_key.public},
+            "ssh_genkeytypes": [],
+            "ssh_pwauth": False,
+            "manage_etc_hosts": True,  # sudo resolves the host name
+            "disable_root": True,
+            "users": [
+                {
+                    "name": "ops",
+                    "lock_passwd": True,
+                    "shell": "/bin/bash",
+                    "sudo": "ALL=(ALL) NOPASSWD:ALL",
+                    "ssh_authorized_keys": [public_key],
+                }
+            ],
+        }
+    )
+    files = {
+        "user-data": user_data,
+        "meta-data": "instance-id: iid-metal-1\nlocal-hostname: metal-1\n",
+        "network-config": 'version: 2\nethernets:\n  wired:\n    match:\n      name: "e*"\n'
+        "    dhcp4: true\n",
+    }
+    return seed.Seed("iid-metal-1", "metal-1", files)
+
+
+@pytest.fixture(scope="module")
+def device(master: Master, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Device]:
+    tmp = tmp_path_factory.mktemp("device")
+    target = get_target(TARGET)
+    base = build_base(BaseSpec(target), BaseCache(), Stages())
+    overlay = tmp / "disk.qcow2"
+    qemu.create_overlay(base.image, overlay)
+    key_file, public = make_ssh_key(tmp, "fleetbake-test")
+    host_key = seed.HostKey.generate()
+    seed_iso = tmp / "seed.iso"
+    seed.write_iso(device_seed(public, host_key), seed_iso)
+    (port,) = free_ports(1)
+    config = qemu.VmConfig(
+        name="fleetbake-metal-1",
+        target=target,
+        accel=pick_accelerator(target),
+        disk=overlay,
+        seed=seed_iso,
+        console_log=tmp / "console.log",
+        ssh_port=port,
+        master=qemu.master_forward(master.url),
+        memory_mib=1024,
+        cpus=2,
+    )
+    machine = qemu.start(config, tmp / "qemu.log", die_with_parent=True)
+    key_type, key_data = host_key.public.split()[:2]
+    host_public = paramiko.PKey.from_type_string(key_type, base64.b64decode(key_data))
+    dev = Device(port, key_file, fingerprint(host_public), config.console_log, tmp)
+    try:
+        deadline = BOOT_TIMEOUT_S
+        while deadline > 0 and machine.running():
+            if banner_ready(port):
+                status, _ = _probe_login(dev)
+                if status == 0:
+                    break
+            deadline -= 5
+            threading.Event().wait(5)
+        else:
+            pytest.fail(f"the device did not come up over SSH:\n{dev.console_tail()}")
+        yield dev
+    finally:
+        machine.stop()
+
+
+def _probe_login(dev: Device) -> tuple[int, str]:
+    """cloud-init creates `ops` a little after sshd answers."""
+    try:
+        return dev.run("cloud-init status --wait >/dev/null; true", check=False)
+    except (OSError, EOFError, paramiko.SSHException):
+        return 1, ""
+
+
+@pytest.fixture(scope="module")
+def installer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return bake_installer(tmp_path_factory.mktemp("installer"), TARGET)
+
+
+def install(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [IMAGEFACTORY, "install", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def identity(master: Master, device: Device) -> list[str]:
+    guest_master = qemu.master_forward(master.url).guest_url
+    return [
+        "--ssh", device.ssh, "--identity-file", str(device.key),
+        "--known-hosts", str(device.tmp / "known_hosts"),
+        "--node-id", NODE, "--master", guest_master,
+        "--secret-file", str(master.secret_file),
+    ]  # fmt: skip
+
+
+def test_unknown_or_wrong_host_keys_are_refused(
+    installer: Path, master: Master, device: Device
+) -> None:
+    unknown = install(str(installer), *identity(master, device), "--wait", "none")
+    assert unknown.returncode == 1, unknown.stderr
+    assert "is not in" in unknown.stderr and device.host_fingerprint in unknown.stderr
+    wrong = "SHA256:" + "A" * 43
+    mismatch = install(
+        str(installer), *identity(master, device), "--wait", "none",
+        "--host-key-fingerprint", wrong,
+    )  # fmt: skip
+    assert mismatch.returncode == 1
+    assert "is not the one given with --host-key-fingerprint" in mismatch.stderr
+    assert not (device.tmp / "known_hosts").exists()
+    status, _ = device.run("test -e /etc/executor || dpkg-query -W fleetbake-node", check=False)
+    assert status != 0, "a refused host key must leave the device untouched"
+
+
+def test_install_makes_a_node_that_heartbeats_and_reports(
+    installer: Path, master: Master, device: Device
+) -> None:
+    (closed,) = free_ports(1)  # a second device nobody answers for: it fails alone
+    result = install(
+        str(installer), *identity(master, device), "--ssh", f"ops@127.0.0.1:{closed}",
+        "--host-key-fingerprint", device.host_fingerprint,
+        "--wait", "report", "--admin-token-file", str(master.admin_token_file),
+        "--admin-url", master.url, "--timeout", "600", "--json",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr + "\n" + device.console_tail()
+    by_ssh = {o["ssh"]: o for o in json.loads(result.stdout)}
+    ok, failed = by_ssh[device.ssh], by_ssh[f"ops@127.0.0.1:{closed}"]
+    assert ok["status"] == "installed", result.stderr
+    assert ok["wait"] == "report (succeeded)"
+    assert ok["node_id"] == NODE + "-1"
+    assert failed["status"] == "failed" and "cannot connect" in failed["error"]
+    assert f"failed on 1 of 2 device(s): ops@127.0.0.1:{closed}" in result.stderr
+    assert f"[{device.ssh}] install.sh: installing fleetbake-node" in result.stderr
+    nodes = {n["node_id"]: n for n in master.get("/v1/nodes").json()}
+    assert NODE + "-1" in nodes
+    run = master.get(f"/v1/runs/{ok['run_id']}").json()
+    assert run["status"] == "succeeded"
+    _, facts = device.run(
+        "dpkg-query -W -f '${db:Status-Abbrev}' fleetbake-node; echo;"
+        " systemctl is-enabled executor.service; stat -c '%a %U' /etc/executor/node.env;"
+        " getent passwd executor | cut -d: -f6,7; ls /tmp | grep -c fleetbake-install || true"
+    )
+    assert facts.split("\n")[:5] == [
+        "ii ",
+        "enabled",
+        "600 root",
+        "/var/lib/executor:/usr/sbin/nologin",
+        "0",
+    ], facts
+
+
+def test_a_second_run_changes_nothing(installer: Path, master: Master, device: Device) -> None:
+    # The first run's node id was metal-1-1 (two --ssh); one device keeps the id as given.
+    before = device.run(
+        "systemctl show -p InvocationID --value executor.service; stat -c %Y /etc/executor/node.env"
+    )[1]
+    args = [*identity(master, device), "--node-id", NODE + "-1"]
+    args += ["--host-key-fingerprint", device.host_fingerprint, "--wait", "none", "--json"]
+    result = install(str(installer), *args)
+    assert result.returncode == 0, result.stderr
+    (outcome,) = json.loads(result.stdout)
+    assert outcome["status"] == "unchanged", result.stderr
+    assert "nothing to change" in result.stderr
+    after = device.run(
+        "systemctl show -p InvocationID --value executor.service; stat -c %Y /etc/executor/node.env"
+    )[1]
+    assert after == before, "the service restarted or node.env was rewritten"
+
+
+def test_install_sh_refusals_on_the_device(
+    installer: Path, device: Device, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    script = device.put("install.sh", (installer / "install.sh").read_bytes())
+    ident = "--node-id x --master http://10.0.2.100:1 --token t"
+    # Missing identity.
+    status, out = device.run(f"sh {script} --master http://10.0.2.100:1 --token t", check=False)
+    assert status == 2 and "install.sh: error: no node id" in out, out
+    # Another architecture: a real aarch64 installer on this amd64 device.
+    arm = bake_installer(tmp_path_factory.mktemp("arm"), "aarch64-linux")
+    arm_script = device.put("install-arm.sh", (arm / "install.sh").read_bytes())
+    status, out = device.run(f"sh {arm_script} {ident}", check=False)
+    assert status == 3, out
+    assert "this installer is for aarch64-linux (arm64) but this system is amd64" in out
+    # Python too old: FAKED (the device has 3.11): a shim answering like Python 3.10.12
+    # mounted over /usr/bin/python3 in a private mount namespace of the script alone.
+    shim = device.put(
+        "python3-shim", b'#!/bin/sh\ncase "$*" in *platform*) echo 3.10.12;; *) exit 1;; esac\n'
+    )
+    status, out = device.run(
+        f"chmod 755 {shim}; unshare -m sh -c 'mount --bind {shim} /usr/bin/python3 && "
+        f"exec sh {script} {ident}'",
+        check=False,
+    )
+    assert status == 3 and "Python 3.10.12 at /usr/bin/python3 is older than 3.11" in out, out
+    # Not root: ops without sudo.
+    status, out = device.run(
+        f"setpriv --reuid=ops --regid=ops --init-groups sh {script} {ident}", check=False
+    )
+    assert status == 3 and "run me as root" in out, out
+    # None of these touched the installed node.
+    assert device.run("systemctl is-enabled executor.service")[1].strip() == "enabled"
+
+
+def test_uninstall_leaves_nothing_but_state_and_purge_removes_that(
+    installer: Path, master: Master, device: Device
+) -> None:
+    base = [str(installer), "--ssh", device.ssh, "--identity-file", str(device.key)]
+    base += ["--known-hosts", str(device.tmp / "known_hosts")]
+    base += ["--host-key-fingerprint", device.host_fingerprint]
+    result = install(*base, "--uninstall", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)[0]["status"] == "uninstalled"
+    checks = {
+        "package": "dpkg-query -W -f '${db:Status-Abbrev}' fleetbake-node 2>/dev/null",
+        "unit": "ls /lib/systemd/system/executor.service "
+        "/etc/systemd/system/multi-user.target.wants/executor.service 2>/dev/null; "
+        "systemctl list-units --all --no-legend executor.service",
+        "user": "getent passwd executor; getent group executor",
+        "node.env": "ls -A /etc/executor 2>/dev/null",
+        "process": "pgrep -af 'executor agent' | grep -v pgrep",
+        "files": "ls -d /opt/executor /usr/local/bin/executor "
+        "/usr/lib/python3/dist-packages/fleetbake-executor.pth 2>/dev/null",
+    }
+    for what, command in checks.items():
+        _, out = device.run(f"{command}; true")
+        assert out.strip() == "", f"{what} left behind after --uninstall: {out}"
+    assert device.run("test -d /var/lib/executor && echo kept")[1].strip() == "kept"
+    purged = install(*base, "--uninstall", "--purge")
+    assert purged.returncode == 0, purged.stderr
+    assert device.run("ls -d /var/lib/executor 2>/dev/null; true")[1].strip() == ""
