@@ -63,7 +63,7 @@ class MissingRequirements(PipelineError):
 
     def __init__(self, where: str | os.PathLike[str], problems: list[str]) -> None:
         self.lines = [f"{os.fspath(where)}: {problem}" for problem in problems]
-        super().__init__(where, f"{len(problems)} declared requirement(s) missing in this Python")
+        super().__init__(where, "; ".join(problems))
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ def _reusable(pipeline_dir: Path, target: str) -> BakedImage | None:
     out = Path(given)
     manifest = json.loads((out / "manifest.json").read_text())
     if (manifest["pipeline"]["name"], manifest["target"]) != (
-        load_pipeline(pipeline_dir).name,
+        load_pipeline(pipeline_dir, imports="when-installed").name,
         target,
     ):
         return None

@@ -109,10 +109,14 @@ def test_image_is_compressed_qcow2(baked_image: BakedImage) -> None:
 def test_executor_and_pipeline_are_installed(rootfs: RootFs, baked_image: BakedImage) -> None:
     archive = rootfs.read(GUEST_PIPELINE)
     assert hashlib.sha256(archive).hexdigest() == baked_image.manifest["pipeline"]["sha256"]
-    assert rootfs.read("/usr/local/bin/executor").startswith(b"#!/usr/bin/python3")
+    # The launcher runs the executor's own venv, which finds the library through a .pth.
+    assert rootfs.read("/usr/local/bin/executor").startswith(b"#!/opt/executor/venv/bin/python3\n")
     assert rootfs.exists("/opt/executor/lib/executor/cli.py")
+    pth = "/opt/executor/venv/lib/python3.11/site-packages/fleetbake-executor.pth"
+    assert rootfs.read(pth) == b"/opt/executor/lib\n"
+    assert not rootfs.exists("/opt/executor/venv/bin/pip")  # no pip stays behind
     unit = rootfs.read("/etc/systemd/system/executor.service").decode()
-    assert "After=cloud-config.service" in unit
+    assert "After=cloud-init.service network-online.target" in unit
     assert f"EXECUTOR_PIPELINE_SHA256={baked_image.manifest['pipeline']['sha256']}" in unit
     assert "EnvironmentFile=-/etc/executor/node.env" in unit
     assert rootfs.exists("/etc/systemd/system/multi-user.target.wants/executor.service")
