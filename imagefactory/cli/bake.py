@@ -30,6 +30,7 @@ def check_disk_size(ctx: click.Context, param: click.Parameter, value: str | Non
 FORMATS = {
     "qcow2": "imagefactory.bake.vm:bake",
     "raw": "imagefactory.bake.vm:bake",
+    "oci": "imagefactory.bake.oci:bake",
     "installer": "imagefactory.bake.installer:bake",
 }
 
@@ -87,7 +88,8 @@ def resolve_targets(name: str) -> list[Target]:
     type=click.Choice(list(FORMATS)),
     default="qcow2",
     show_default=True,
-    help="What to make: a VM image (qcow2 is compressed, raw is not).",
+    help="What to make: a VM image (qcow2 is compressed, raw is not), or a container "
+    "image (oci: OUTPUT/TARGET-oci/, an OCI layout plus TARGET-oci.tar for docker/podman load).",
 )
 @click.option(
     "--disk-size",
@@ -141,6 +143,7 @@ def bake_command(
     if base_sha256 and not base_image:
         raise die("--base-sha256 needs --base-image")
     summaries = []
+    results = []
     stages = Stages()
     for target in resolve_targets(target_name):
         opts = BakeOptions(
@@ -148,6 +151,7 @@ def bake_command(
             locks=locks,
         )  # fmt: skip
         result = load_baker(image_format)(opts, stages)
+        results.append(result)
         image = result.manifest["image"]
         stages.say(f"==> {target.name}: {result.image} ({image['size'] / 1e6:.0f} MB)")
         summaries.append(
@@ -161,6 +165,11 @@ def bake_command(
             }
         )
         stages = Stages()
+    if image_format == "oci" and len(results) > 1:
+        from imagefactory.bake.oci import write_multiarch
+
+        index = write_multiarch(output, results)
+        stages.say(f"==> all targets: {index} (one OCI index, {len(results)} platforms)")
     if as_json:
         click.echo(json.dumps({"images": summaries}, indent=2))
 
