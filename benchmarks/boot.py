@@ -221,6 +221,7 @@ class Boot:
     console: dict[str, float] = field(default_factory=dict)
     """cloud-init's console banners: stage -> guest uptime it printed."""
     systemd_analyze: str = ""
+    systemctl_show: str = ""
     error: str | None = None
 
 
@@ -303,7 +304,7 @@ def guest_timeline(boot: Boot, record: NodeRecord, started: float) -> None:
     finally:
         client.close()
     analyze, show, dmesg = result.stdout.decode(errors="replace").split("@@\n")
-    boot.systemd_analyze = analyze.strip()
+    boot.systemd_analyze, boot.systemctl_show = analyze.strip(), show.strip()
     offset = kernel_wall - started
     units = parse_show(show)
     at = boot.timeline

@@ -80,9 +80,11 @@ _POWER_OFF_IF_ASKED = (
 )
 
 
+# node.env is written by cloud-init's init stage (cloud-init.service, write-files); the
+# agent waits for nothing later (cloud-config and cloud-final run beside it).
 _UNIT_ORDERING = """\
-Wants=cloud-config.service network-online.target
-After=cloud-config.service network-online.target
+Wants=cloud-init.service network-online.target
+After=cloud-init.service network-online.target
 """
 _UNIT_ORDERING_BARE_METAL = """\
 Wants=network-online.target

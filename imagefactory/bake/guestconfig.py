@@ -62,6 +62,8 @@ def setup_script(target: Target) -> str:
         "dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs",
         "update-initramfs -c -k all",
         "systemctl enable systemd-networkd.service fleetbake-ssh-keygen.service",
+        # Reaps LVM snapshots of e2scrub at every boot; the root here is plain ext4.
+        "systemctl disable e2scrub_reap.service",
         # Nodes never reach a mirror (restricted network): no periodic apt runs.
         "systemctl mask apt-daily.timer apt-daily-upgrade.timer",
         "rm -f /etc/ssh/ssh_host_*",
@@ -116,6 +118,30 @@ CLOUD_CFG = """\
 # /etc/systemd/network/20-wired.network).
 datasource_list: [NoCloud, None]
 network: {config: disabled}
+# Only the modules a node's seed needs, all in the init stage that the agent waits for
+# (executor.service is ordered after cloud-init.service): node.env (write-files), the
+# root filesystem grown to the disk, the hostname, the `ops` user and the SSH host key.
+# The later stages keep only the runners of an operator's own commands and scripts, and
+# run beside the agent, not before it.
+cloud_init_modules:
+  - seed_random
+  - write-files
+  - growpart
+  - resizefs
+  - set_hostname
+  - update_hostname
+  - update_etc_hosts
+  - users-groups
+  - ssh
+cloud_config_modules:
+  - runcmd
+cloud_final_modules:
+  - scripts-per-once
+  - scripts-per-boot
+  - scripts-per-instance
+  - scripts-user
+  - final-message
+  - power-state-change
 """
 
 

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from imagefactory.bake import base, bootdisk, guestconfig
+from imagefactory.bake import artifacts, base, bootdisk, guestconfig
 from imagefactory.bake.cache import BaseCache
 from imagefactory.errors import UserError
 from imagefactory.targets import TARGETS, Target, get_target
@@ -66,6 +67,27 @@ def test_root_uuid_is_derived_from_the_key() -> None:
     assert base.root_uuid("k1") == base.root_uuid("k1") != base.root_uuid("k2")
 
 
+def test_cloud_init_runs_what_the_seed_needs_in_the_stage_the_agent_waits_for() -> None:
+    cfg = yaml.safe_load(guestconfig.CLOUD_CFG)
+    init = cfg["cloud_init_modules"]
+    # node.env, hostname, the ops user, the SSH host key, the grown root filesystem.
+    for module in ("write-files", "set_hostname", "users-groups", "ssh", "growpart", "resizefs"):
+        assert module in init
+    assert init.index("users-groups") < init.index("ssh")
+    # Nothing the seed uses is left to the stages that run beside the agent.
+    assert cfg["cloud_config_modules"] == ["runcmd"]
+    assert "write-files-deferred" not in cfg["cloud_final_modules"]
+    assert "ssh-authkey-fingerprints" not in cfg["cloud_final_modules"]
+    assert cfg["datasource_list"] == ["NoCloud", "None"]
+
+
+def test_unit_waits_for_the_init_stage_only() -> None:
+    unit = artifacts.executor_unit("ab" * 32).split("[Service]")[0].splitlines()
+    assert "After=cloud-init.service network-online.target" in unit
+    assert "Wants=cloud-init.service network-online.target" in unit
+    assert not any("cloud-config" in line or "cloud-final" in line for line in unit)
+
+
 def test_guest_files_boot_on_the_serial_console_with_nocloud_only() -> None:
     files = guestconfig.overlay_files(ARM, "1234")
     assert "datasource_list: [NoCloud, None]" in files["/etc/cloud/cloud.cfg.d/90-fleetbake.cfg"]
@@ -73,6 +95,7 @@ def test_guest_files_boot_on_the_serial_console_with_nocloud_only() -> None:
     assert "MODULES=list" in files["/etc/initramfs-tools/conf.d/fleetbake.conf"]
     assert "virtio_mmio" in files["/etc/initramfs-tools/modules"].split()
     assert "grub-mkimage -O arm64-efi" in files["/fleetbake-setup.sh"]
+    assert "systemctl disable e2scrub_reap.service" in files["/fleetbake-setup.sh"]
     cfg = guestconfig.grub_cfg(ARM, "1234", "6.1.0-9-arm64")
     assert "linux /boot/vmlinuz-6.1.0-9-arm64 root=UUID=1234 ro" in cfg
     assert cfg.index("console=tty0") < cfg.index("console=ttyAMA0")
