@@ -45,6 +45,7 @@ COMMANDS: dict[str, str] = {
     "doctor": "imagefactory.cli.host:doctor_command",
     "cache": "imagefactory.cli.host:cache_group",
     "install": "imagefactory.cli.install:install_command",
+    "ca": "imagefactory.cli.ca:ca_group",
 }
 
 
