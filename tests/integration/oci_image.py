@@ -41,7 +41,7 @@ def heavy() -> Iterator[None]:
 
 
 def base_cached(target: str) -> bool:
-    spec = BaseSpec(get_target(target))
+    spec = BaseSpec(get_target(target), mirror=os.environ.get("FLEETBAKE_MIRROR") or None)
     return oci_cache(None).lookup(cache_key(oci_base_inputs(spec, int(EPOCH)))) is not None
 
 
@@ -51,7 +51,9 @@ def bake_oci(pipeline_dir: Path, out: Path, target: str = "x86_64-linux") -> Bak
     key = (pipeline_dir.resolve(), target, out)
     if key not in _baked:
         os.environ["SOURCE_DATE_EPOCH"] = EPOCH
-        opts = BakeOptions(get_target(target), key[0], out / key[0].name, "oci")
+        # A host whose apt sources are not Debian's (the nightly Docker job) names a mirror.
+        mirror = os.environ.get("FLEETBAKE_MIRROR") or None
+        opts = BakeOptions(get_target(target), key[0], out / key[0].name, "oci", mirror=mirror)
         with heavy() if not base_cached(target) else nullcontext():
             _baked[key] = bake(opts, Stages())
     return _baked[key]
