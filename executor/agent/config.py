@@ -3,15 +3,18 @@ once into a frozen AgentConfig. Any problem is an AgentConfigError with one clea
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
 import shlex
+import ssl
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from executor import settings
 from executor.archive import ArchiveLimits
@@ -19,6 +22,7 @@ from executor.files import write_output
 from executor.settings import RunSettings, SettingsError
 
 GATEWAY_PREFIX = "gateway:"
+PEM_BEGIN = "-----BEGIN CERTIFICATE-----"
 RUN_ID_FILE = "run-id"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 MASTER_URL = re.compile(r"https?://[^\s/]+(/\S*)?")
@@ -43,6 +47,14 @@ class AgentConfig:
     """EXECUTOR_PIPELINE_SHA256: expected sha256 of the .tar.gz or the gateway download."""
     master_url: str | None
     """EXECUTOR_MASTER_URL; unset means standalone: no heartbeats, no report delivery."""
+    master_ca: str | None
+    """EXECUTOR_MASTER_CA (a file, or the PEM text itself): the CA certificates an https://
+    master's certificate must chain to; None trusts the system's CAs."""
+    client_cert: tuple[str, str] | None
+    """EXECUTOR_MASTER_CLIENT_CERT and _KEY: files shown to a master that requires a client
+    certificate (mutual TLS)."""
+    insecure: bool
+    """EXECUTOR_INSECURE=1: allow a plain http:// master on a non-loopback address."""
     token: str | None
     """EXECUTOR_TOKEN, else the contents of EXECUTOR_TOKEN_FILE: this node's bearer token
     (required with a master URL)."""
@@ -85,6 +97,9 @@ def _load(env: Mapping[str, str]) -> AgentConfig:
     settings.fastpaths(env)  # a bad value is a configuration error at start, not a failed run
     state_dir = settings.state_dir(env)
     master_url = _master_url(env)
+    insecure = _insecure(env, master_url)
+    master_ca = _master_ca(env, master_url)
+    client_cert = _client_cert(env)
     token = env.get("EXECUTOR_TOKEN", "").strip() or _token_file(env)
     if master_url and not token:
         raise AgentConfigError(
@@ -104,6 +119,9 @@ def _load(env: Mapping[str, str]) -> AgentConfig:
         pipeline=pipeline,
         pipeline_sha256=_sha256(env),
         master_url=master_url,
+        master_ca=master_ca,
+        client_cert=client_cert,
+        insecure=insecure,
         token=token,
         heartbeat_s=_seconds(env, "EXECUTOR_HEARTBEAT_S", 10.0),
         on_complete=_on_complete(env),
@@ -120,6 +138,75 @@ def _master_url(env: Mapping[str, str]) -> str | None:
     if not MASTER_URL.fullmatch(url):
         raise AgentConfigError(f"EXECUTOR_MASTER_URL: {url!r} is not an http(s):// URL")
     return url.rstrip("/")
+
+
+def is_loopback(url: str) -> bool:
+    """Whether the URL's host is this machine's loopback (localhost, 127/8, ::1)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _insecure(env: Mapping[str, str], master_url: str | None) -> bool:
+    """A plain http:// master beyond loopback needs EXECUTOR_INSECURE=1: the token would
+    cross the network readable by anyone on the path."""
+    raw = env.get("EXECUTOR_INSECURE", "").strip()
+    if raw not in ("", "0", "1"):
+        raise AgentConfigError(f"EXECUTOR_INSECURE: {raw!r} is not 0 or 1")
+    insecure = raw == "1"
+    if master_url is None or not master_url.startswith("http://") or is_loopback(master_url):
+        return insecure
+    if not insecure:
+        raise AgentConfigError(
+            f"EXECUTOR_MASTER_URL: plain http:// to {urlsplit(master_url).hostname} would send "
+            "the node token unencrypted; use https:// with EXECUTOR_MASTER_CA, or set "
+            "EXECUTOR_INSECURE=1 if the path is trusted"
+        )
+    log.warning("insecure: EXECUTOR_INSECURE=1, the master %s is plain http://", master_url)
+    return insecure
+
+
+def _master_ca(env: Mapping[str, str], master_url: str | None) -> str | None:
+    """EXECUTOR_MASTER_CA: PEM text as is, else a file holding it; checked by ssl itself."""
+    raw = env.get("EXECUTOR_MASTER_CA", "").strip()
+    if not raw:
+        return None
+    if PEM_BEGIN in raw:
+        pem = raw
+    else:
+        try:
+            pem = Path(raw).read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AgentConfigError(f"EXECUTOR_MASTER_CA: cannot read {raw}: {exc}") from None
+        if PEM_BEGIN not in pem:
+            raise AgentConfigError(f"EXECUTOR_MASTER_CA: {raw} holds no PEM certificate")
+    try:
+        ssl.create_default_context(cadata=pem)
+    except (ssl.SSLError, ValueError) as exc:
+        raise AgentConfigError(f"EXECUTOR_MASTER_CA: not a usable certificate: {exc}") from None
+    if master_url is not None and not master_url.startswith("https://"):
+        raise AgentConfigError("EXECUTOR_MASTER_CA is set but EXECUTOR_MASTER_URL is not https://")
+    return pem
+
+
+def _client_cert(env: Mapping[str, str]) -> tuple[str, str] | None:
+    cert = env.get("EXECUTOR_MASTER_CLIENT_CERT", "").strip()
+    key = env.get("EXECUTOR_MASTER_CLIENT_KEY", "").strip()
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise AgentConfigError(
+            "EXECUTOR_MASTER_CLIENT_CERT and EXECUTOR_MASTER_CLIENT_KEY go together"
+        )
+    try:
+        ssl.create_default_context().load_cert_chain(cert, key)
+    except OSError as exc:  # ssl.SSLError included: a key that does not match
+        raise AgentConfigError(f"EXECUTOR_MASTER_CLIENT_CERT/_KEY: {cert}, {key}: {exc}") from None
+    return cert, key
 
 
 def _run_id(env: Mapping[str, str], state_dir: Path) -> str:

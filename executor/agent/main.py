@@ -107,7 +107,13 @@ class Agent:
         self.unspooled: bytes | None = None
         """This run's report, when the spool could not keep it: delivered from memory."""
         if config.master_url is not None and config.token is not None:
-            self.master = Master(config.master_url, config.token, config.run.node_id)
+            self.master = Master(
+                config.master_url,
+                config.token,
+                config.run.node_id,
+                ca_pem=config.master_ca,
+                client_cert=config.client_cert,
+            )
             self.beats = Heartbeats(self.master, config.run.run_id, config.heartbeat_s)
 
     def run(self) -> tuple[int, str]:

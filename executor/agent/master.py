@@ -1,6 +1,11 @@
 """Requests to the master with urllib, each outcome classified for the retry policy:
 2xx is an answer, network errors / 5xx / 408 / 425 / 429 are transient (retry with backoff),
-every other 4xx is a refusal that retrying cannot fix."""
+every other 4xx is a refusal that retrying cannot fix.
+
+An https:// master is verified (certificate chain and host name) against EXECUTOR_MASTER_CA,
+else the system's trust store. A certificate that does not verify is Untrusted: logged once
+as one clear line, and retried like any transient problem, so that what is spooled is
+delivered as soon as the master's certificate is fixed."""
 
 from __future__ import annotations
 
@@ -8,18 +13,19 @@ import hashlib
 import http.client
 import json
 import logging
+import ssl
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, BinaryIO
 
 from tenacity import wait_random_exponential
 
 TRANSIENT_STATUS = frozenset({408, 425, 429})
-# Straight to the master: never through an http_proxy from the environment.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 log = logging.getLogger("executor.agent.master")
 _CHUNK = 1 << 20
 
@@ -31,6 +37,10 @@ def backoff() -> wait_random_exponential:
 
 class Transient(Exception):
     """The master could not be reached or had a passing problem; try again later."""
+
+
+class Untrusted(Transient):
+    """The master's certificate did not verify (unknown CA, wrong host name, expired)."""
 
 
 class TooLarge(Exception):
@@ -61,6 +71,24 @@ class Master:
     token: str
     node_id: str
     timeout_s: float = 30.0
+    ca_pem: str | None = None
+    """The CA certificates (PEM) the master's certificate must chain to; None: the system's."""
+    client_cert: tuple[str, str] | None = None
+    """(certificate file, key file) shown to a master that asks (mutual TLS)."""
+
+    @cached_property
+    def _opener(self) -> urllib.request.OpenerDirector:
+        # Straight to the master: never through an http_proxy from the environment.
+        return urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=self.tls())
+        )
+
+    def tls(self) -> ssl.SSLContext:
+        """Verify the chain and the host name (create_default_context's defaults)."""
+        context = ssl.create_default_context(cadata=self.ca_pem)
+        if self.client_cert is not None:
+            context.load_cert_chain(*self.client_cert)
+        return context
 
     def request(
         self, method: str, path: str, body: bytes | None = None, *, timeout_s: float | None = None
@@ -106,10 +134,13 @@ class Master:
         req = urllib.request.Request(self.url.rstrip("/") + path, body, headers, method=method)
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
-            resp = _DIRECT.open(req, timeout=timeout)
+            resp = self._opener.open(req, timeout=timeout)
         except urllib.error.HTTPError as exc:
             status, message = exc.code, _error_message(exc)
         except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets
+            if untrusted := _verify_failure(exc):
+                _log_once(f"master certificate not trusted: {untrusted} ({self.url})")
+                raise Untrusted(f"{method} {path}: certificate not trusted: {untrusted}") from None
             log.debug("%s %s: %s", method, path, _reason(exc))
             raise Transient(f"{method} {path}: {_reason(exc)}") from None
         else:
@@ -121,6 +152,26 @@ class Master:
         if status >= 500 or status in TRANSIENT_STATUS:
             raise Transient(f"{method} {path}: {status} {message}")
         raise Refused(status, f"{method} {path}: {status} {message}")
+
+
+_logged_lock = threading.Lock()
+_last_logged: list[str] = []
+
+
+def _log_once(line: str) -> None:
+    """Log a TLS refusal once, not at every retry (again if the reason changes)."""
+    with _logged_lock:
+        if _last_logged != [line]:
+            _last_logged[:] = [line]
+            log.error("%s", line)
+
+
+def _verify_failure(exc: BaseException) -> str | None:
+    """What the certificate check said, if that is why the request failed."""
+    reason = getattr(exc, "reason", exc)
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return str(reason.verify_message or reason)
+    return None
 
 
 def _headers(resp: http.client.HTTPResponse) -> dict[str, str]:

@@ -143,6 +143,21 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     show_default=True,
     help="Lease expiries after which a build fails instead of being requeued.",
 )
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Serve HTTPS with this certificate (`imagefactory ca issue`); needs --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The certificate's private key.",
+)
+@click.option(
+    "--client-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Mutual TLS: every client must also present a certificate signed by this CA.",
+)
 def serve(
     host: str,
     port: int,
@@ -154,15 +169,26 @@ def serve(
     registry: str | None,
     lease_seconds: float,
     build_attempts: int,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    client_ca: Path | None,
 ) -> None:
     """Serve the core services API (heartbeats, reports, pipelines, builds and the
     environment store) until Ctrl-C.
 
     Missing secret and admin token files are created with random content (mode 0600).
-    Prints one line `listening on URL` once it accepts connections.
+    Prints one line `listening on URL` once it accepts connections. Beyond one machine,
+    serve HTTPS (--tls-cert/--tls-key, docs/tls.md): tokens travel in every request.
     """
     from imagefactory.cli.bake import FORMATS
+    from imagefactory.server.listen import TlsFiles
     from imagefactory.server.listen import serve as run_server
+
+    if (tls_cert is None) != (tls_key is None):
+        raise die("--tls-cert and --tls-key go together")
+    if client_ca is not None and tls_cert is None:
+        raise die("--client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)")
+    tls = None if tls_cert is None or tls_key is None else TlsFiles(tls_cert, tls_key, client_ca)
 
     for path, what in ((secret_file, "fleet secret"), (admin_token_file, "admin token")):
         if ensure_secret(path):
@@ -171,6 +197,12 @@ def serve(
         Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
     if host not in LOOPBACK_HOSTS:
         click.echo(f"warning: listening on non-loopback address {host}", err=True)
+        if tls is None:
+            click.echo(
+                "warning: without --tls-cert, node and admin tokens cross the network in "
+                "plain text (see docs/tls.md)",
+                err=True,
+            )
     config = ServerConfig(
         db_url=database_url(db),
         secret=read_secret(secret_file),
@@ -186,7 +218,7 @@ def serve(
     def announce(url: str) -> None:
         click.echo(f"imagefactory serve: listening on {url}", nl=True)
 
-    run_server(config, host, port, announce)
+    run_server(config, host, port, announce, tls)
 
 
 @click.command()

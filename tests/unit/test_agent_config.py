@@ -79,6 +79,7 @@ def test_full_configuration(base: dict[str, str]) -> None:
         {
             **base,
             "EXECUTOR_MASTER_URL": "http://10.0.2.100:8750/",
+            "EXECUTOR_INSECURE": "1",
             "EXECUTOR_TOKEN": " tok ",
             "EXECUTOR_PIPELINE": "gateway:etl",
             "EXECUTOR_PIPELINE_SHA256": "AB" * 32,
@@ -98,7 +99,7 @@ def test_full_configuration(base: dict[str, str]) -> None:
     ("changes", "message"),
     [
         ({"EXECUTOR_PIPELINE": ""}, "EXECUTOR_PIPELINE is required"),
-        ({"EXECUTOR_MASTER_URL": "http://m:1"}, "EXECUTOR_TOKEN is required"),
+        ({"EXECUTOR_MASTER_URL": "http://127.0.0.1:1"}, "EXECUTOR_TOKEN is required"),
         ({"EXECUTOR_MASTER_URL": "ftp://m", "EXECUTOR_TOKEN": "t"}, "not an http(s):// URL"),
         ({"EXECUTOR_PIPELINE": "gateway:etl"}, "needs EXECUTOR_MASTER_URL"),
         ({"EXECUTOR_PIPELINE": "gateway:bad name"}, "EXECUTOR_PIPELINE"),
