@@ -34,24 +34,26 @@ from imagefactory.bake.artifacts import (
     GUEST_STATE_DIR,
     Artifacts,
     build_artifacts,
-    check_pipeline,
 )
 from imagefactory.bake.base import BaseSpec
 from imagefactory.bake.cache import sha256_file
 from imagefactory.bake.manifest import MANIFEST_FORMAT, SUMS_NAME, parse_packages
-from imagefactory.bake.needs import Needs, record_needs
+from imagefactory.bake.needs import pipeline_needs, record_needs
 from imagefactory.bake.ocibase import OciBase, build_oci_base, oci_cache
 from imagefactory.bake.ocilayer import Layer, source_date_epoch, write_layer
 from imagefactory.bake.ocilayout import MEDIA_MANIFEST, Descriptor, ImageConfig, Layout, Platform
 from imagefactory.bake.options import BakeOptions, BakeResult, publish
+from imagefactory.bake.wheels import Wheelhouse, WheelPlatform
 from imagefactory.errors import die
 from imagefactory.host.doctor import require_oci
-from imagefactory.run import run
+from imagefactory.run import CommandError, run
 from imagefactory.stages import Stages
 from imagefactory.targets import Target
 
 REF = "latest"
 """The ref name of the image in its layout's index.json (skopeo: `oci:DIR:latest`)."""
+GUEST_SITE = "/opt/executor/site"
+"""The pipeline's wheels (requirements.txt), installed by the bake for the image."""
 PTH_FILE = "/usr/lib/python3/dist-packages/fleetbake-executor.pth"
 """Puts GUEST_LIB on every python3's sys.path, workers included (as in the VM image)."""
 TINI = "/usr/bin/tini"
@@ -106,17 +108,24 @@ def _inside(root: Path, guest_path: str) -> Path:
     return root / PurePosixPath(guest_path).relative_to("/")
 
 
-def stage_executor(arts: Artifacts, root: Path, guest_python: str) -> bool:
-    """The executor layer's tree: library, .pth, launcher and pipeline. The library is
-    byte-compiled (hash-checked .pyc, no times) when this Python is the guest's version,
-    so the agent starts without compiling. Returns whether it was."""
+def stage_executor(
+    arts: Artifacts, root: Path, guest_python: str, target: Target, wheels: Wheelhouse | None
+) -> bool:
+    """The executor layer's tree: library, the pipeline's wheels, .pth, launcher and
+    pipeline. Python files are byte-compiled (hash-checked .pyc, no times) when this
+    Python is the guest's version, so the agent starts without compiling. Returns whether
+    they were."""
     lib = _inside(root, GUEST_LIB)
     lib.mkdir(parents=True)
     with tarfile.open(arts.dir / "executor-lib.tar.gz") as tar:
         tar.extractall(lib, filter="data")
+    paths = [lib]
+    if wheels is not None:
+        paths.append(_inside(root, GUEST_SITE))
+        install_wheels(wheels, paths[-1], target)
     pth = _inside(root, PTH_FILE)
     pth.parent.mkdir(parents=True)
-    pth.write_text(GUEST_LIB + "\n")
+    pth.write_text("".join(f"/{p.relative_to(root)}\n" for p in paths))
     launcher = _inside(root, GUEST_LAUNCHER)
     launcher.parent.mkdir(parents=True)
     shutil.copyfile(arts.dir / "executor", launcher)
@@ -125,36 +134,46 @@ def stage_executor(arts: Artifacts, root: Path, guest_python: str) -> bool:
     if compiled:
         run([
             sys.executable, "-m", "compileall", "-q", "-j", "0",
-            "--invalidation-mode", "unchecked-hash", "-s", str(root), "-p", "/", str(lib),
+            "--invalidation-mode", "unchecked-hash", "-s", str(root), "-p", "/", *map(str, paths),
         ])  # fmt: skip
     for path in [root, *root.rglob("*")]:
-        executable = path.is_dir() or path == launcher
+        executable = path.is_dir() or path == launcher or path.parent.name == "bin"
         path.chmod(0o755 if executable else 0o644)
     return compiled
+
+
+def install_wheels(wheels: Wheelhouse, site: Path, target: Target) -> None:
+    """The pipeline's locked wheels, installed here for the image's platform: offline,
+    every file checked against its sha256 in the lock (as a VM image's venv gets them)."""
+    try:
+        run([
+            sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
+            "--require-hashes", "--find-links", str(wheels.dir), "--target", str(site),
+            "--no-compile", "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
+            *WheelPlatform.of(target).pip_args(), "-r", str(wheels.lock),
+        ])  # fmt: skip
+    except CommandError as exc:
+        raise die(f"pip cannot install the pipeline's wheels:\n{exc.stderr.strip()}") from None
 
 
 def bake(opts: BakeOptions, stages: Stages) -> BakeResult:
     target = opts.target
     if opts.base_image or opts.disk_size:
         raise die("--base-image and --disk-size are for VM images, not --format oci")
-    pipeline = check_pipeline(opts.pipeline)
-    if pipeline.requirements or opts.locks:
-        raise die(
-            "pipelines with a requirements.txt cannot be baked as container images yet",
-            hint="bake a VM image (--format qcow2), or give the pipeline no requirements.txt",
-        )
     started = time.monotonic()
     require_oci(target)
     epoch = source_date_epoch()
     opts.output.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}-oci-build-", dir=opts.output))
     try:
+        needs = pipeline_needs(opts, stages)  # a requirement without a wheel fails here
         with stages.stage("artifacts", "executor bundle and pipeline archive"):
             arts = build_artifacts(opts.pipeline, work / "artifacts")
-        spec = BaseSpec(target, mirror=opts.mirror, extra_packages=pipeline.debian_packages)
+        spec = BaseSpec(target, mirror=opts.mirror, extra_packages=needs.debian_packages)
         base = build_oci_base(spec, epoch, oci_cache(opts.cache_dir), stages)
         with stages.stage("layer", "executor, launcher and pipeline layer"):
-            compiled = stage_executor(arts, work / "app", base.guest.get("python", ""))
+            python = base.guest.get("python", "")
+            compiled = stage_executor(arts, work / "app", python, target, needs.wheels)
             app = write_layer(work / "app", work / "app.tar.gz", epoch, root_owned=True)
         result = work / "result"
         platform = platform_of(target)
@@ -177,7 +196,7 @@ def bake(opts: BakeOptions, stages: Stages) -> BakeResult:
             doc = build_manifest(target, archive, sha, arts, base, [base.layer, app], desc, name)
             doc["oci"]["bytecode"] = compiled
             doc["stages_s"] = dict(stages.times)
-            record_needs(result, doc, Needs(pipeline.debian_packages, None), arts)
+            record_needs(result, doc, needs, arts)
             write(result, doc, archive, sha)
         final = output_dir(opts.output, target)
         publish(result, final)

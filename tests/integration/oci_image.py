@@ -94,6 +94,24 @@ def probe(ctx, targets):
 """
 
 
+NUMPY = """\
+import numpy as np
+
+
+def total(ctx, n):
+    return {"sum": int(np.arange(n).sum()), "numpy": np.__version__}
+"""
+
+
+def numpy_pipeline(directory: Path) -> Path:
+    """A pipeline with a requirements.txt: numpy, a wheel with a C extension."""
+    write_pipeline(directory, "npsum", NUMPY, [
+        {"id": "total", "call": "npsum:total", "args": {"n": 1000}},
+    ])  # fmt: skip
+    (directory / "requirements.txt").write_text("numpy>=1.26,<3\n")
+    return directory
+
+
 def slow_pipeline(directory: Path, seconds: int = 300) -> Path:
     return write_pipeline(directory, "slow", SLOW, [
         {"id": "wait", "call": "slow:wait", "args": {"seconds": seconds}, "timeout": 900},

@@ -20,6 +20,7 @@ from tests.integration.oci_image import (
     REPO,
     bake_oci,
     imagefactory,
+    numpy_pipeline,
     probe_pipeline,
     slow_pipeline,
 )
@@ -160,15 +161,19 @@ def host_address() -> str:
             return "192.0.2.1"
 
 
-def test_without_a_master_results_stay_in_the_state_volume(images: Path, state_home: Path) -> None:
-    image = bake_oci(REPO / "examples" / "hello", images)
+def run_alone(image: BakeResult, state_home: Path, node_id: str, run_id: str) -> Path:
+    """Boot one node without a master until its container exits; its run's directory."""
     code, out, err = boot(
-        image, state_home, "--node-id", "alone", "--run-id", "ra", "--wait", "exit",
+        image, state_home, "--node-id", node_id, "--run-id", run_id, "--wait", "exit",
         "--timeout", TIMEOUT_S, "--json",
     )  # fmt: skip
-    assert code == 0, err + console(state_home, "alone")
+    assert code == 0, err + console(state_home, node_id)
     assert json.loads(out)[0]["agent_state"] == "succeeded"
-    run_dir = state_home / "imagefactory" / "nodes" / "alone" / "state" / "runs" / "ra"
+    return state_home / "imagefactory" / "nodes" / node_id / "state" / "runs" / run_id
+
+
+def test_without_a_master_results_stay_in_the_state_volume(images: Path, state_home: Path) -> None:
+    run_dir = run_alone(bake_oci(REPO / "examples" / "hello", images), state_home, "alone", "ra")
     results = json.loads((run_dir / "results.json").read_text())
     assert "from node alone (run ra)" in json.dumps(results)
     assert "hello, fleet" in (run_dir / "combined.log").read_text()
@@ -185,3 +190,16 @@ def test_a_container_that_ends_early_shows_its_last_lines(
     assert code == 1 and "node early stopped before 'heartbeat'" in err, err
     # The agent's own message, from the tail of the container's output.
     assert "| executor agent: error: EXECUTOR_HEARTBEAT_S" in err
+
+
+def test_pipeline_requirements_go_into_the_image(
+    images: Path, tmp_path: Path, state_home: Path
+) -> None:
+    """numpy from requirements.txt: its wheel for the image's platform, installed by the
+    bake (offline, hash-checked), imports and runs in the container."""
+    image = bake_oci(numpy_pipeline(tmp_path / "npsum"), images)
+    assert (image.dir / "requirements.lock").is_file() and (image.dir / "sbom.cdx.json").is_file()
+    assert "numpy" in (image.dir / "requirements.lock").read_text()
+    run_dir = run_alone(image, state_home, "num", "rn")
+    result = json.loads((run_dir / "results.json").read_text())["tasks"]["total"]["result"]
+    assert result["sum"] == 499500
