@@ -116,22 +116,32 @@ def cache_group() -> None:
     """Manage the cache of base images (content-addressed by their inputs)."""
 
 
+def _caches() -> list[tuple[str, Any]]:
+    """(kind, cache): the VM bases and the container bases (bake/ocibase.py)."""
+    from imagefactory.bake.cache import BaseCache
+    from imagefactory.bake.ocibase import oci_cache
+
+    return [("vm", BaseCache()), ("oci", oci_cache(None))]
+
+
 @cache_group.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
 def cache_list(as_json: bool) -> None:
-    """List cached base images, most recently used first."""
-    from imagefactory.bake.cache import BaseCache
-
-    cache = BaseCache()
-    entries = cache.entries()
+    """List cached base images (VM and container), most recently used first."""
+    caches = _caches()
+    entries = sorted(
+        ((kind, e) for kind, cache in caches for e in cache.entries()),
+        key=lambda pair: pair[1].mtime,
+        reverse=True,
+    )
     if as_json:
-        click.echo(json.dumps([_entry_json(e) for e in entries], indent=2))
+        click.echo(json.dumps([_entry_json(e) | {"kind": k} for k, e in entries], indent=2))
         return
     if not entries:
-        click.echo(f"no cached base images in {cache.dir}")
+        click.echo(f"no cached base images in {caches[0][1].dir.parent}")
         return
-    rows = [["KEY", "ARCH", "SUITE", "SIZE", "LAST USED"]]
-    for e in entries:
+    rows = [["KEY", "ARCH", "SUITE", "SIZE", "LAST USED", "KIND"]]
+    for kind, e in entries:
         used = datetime.datetime.fromtimestamp(e.mtime).strftime("%Y-%m-%d %H:%M")
         rows.append(
             [
@@ -140,6 +150,7 @@ def cache_list(as_json: bool) -> None:
                 str(e.inputs.get("suite", "?")),
                 f"{e.size / 1e6:.0f} MB",
                 used,
+                kind,
             ]
         )
     click.echo(_table(rows))
@@ -165,11 +176,10 @@ def _entry_json(e: Any) -> dict[str, Any]:
     help="Remove entries unused for more than this many days.",
 )
 def cache_prune(keep: int | None, older_than_days: float | None) -> None:
-    """Remove cached base images (all of them unless --keep or --older-than is given)."""
-    from imagefactory.bake.cache import BaseCache
-
+    """Remove cached base images (all of them unless --keep or --older-than is given);
+    --keep counts the VM and the container bases separately."""
     older = older_than_days * 86400 if older_than_days is not None else None
-    removed = BaseCache().prune(keep=keep, older_than_s=older)
+    removed = [e for _, cache in _caches() for e in cache.prune(keep=keep, older_than_s=older)]
     for e in removed:
         click.echo(f"removed {e.key[:12]} ({e.size / 1e6:.0f} MB)")
     click.echo(f"{len(removed)} entr{'y' if len(removed) == 1 else 'ies'} removed")

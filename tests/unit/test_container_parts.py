@@ -188,3 +188,17 @@ def test_boot_runtime_needs_a_container_image(tmp_path: Path) -> None:
     assert code != 0 and "no SSH server" in out
     code, out = invoke("boot", str(layout), "--node-id", "n", "--wait", "ssh")
     assert code != 0 and "no SSH server" in out
+
+
+def test_cache_commands_cover_the_container_base(tmp_path: Path) -> None:
+    from imagefactory.bake.ocibase import LAYER_INFO_NAME, LAYER_NAME, oci_cache
+
+    with oci_cache(None).building("cd" * 32, {"arch": "arm64", "suite": "bookworm"}) as work:
+        (work / LAYER_NAME).write_bytes(b"x" * 1000)
+        (work / LAYER_INFO_NAME).write_text("{}")
+    code, out = invoke("cache", "list", "--json")
+    [entry] = json.loads(out)
+    assert (entry["kind"], entry["arch"], entry["key"]) == ("oci", "arm64", "cd" * 32)
+    code, out = invoke("cache", "prune")
+    assert code == 0 and "removed cdcdcdcdcdcd" in out
+    assert invoke("cache", "list", "--json")[1].strip() == "[]"
