@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from imagefactory.boot import launch, nodestate, seed
 from imagefactory.boot.container import RUNTIMES, find_layout
 from imagefactory.boot.waiting import BootedNode, check_runs
 from imagefactory.cli.node_options import NodeOptions, collect, node_options
+from imagefactory.client import CA_ENV
 from imagefactory.errors import die
 from imagefactory.targets import Target, get_target, host_arch, target_names
 
@@ -41,7 +43,7 @@ def fleet(node: NodeOptions, count: int, guest_master: str | None) -> list[seed.
         raise die("a --token belongs to one node", hint="with --count, give --secret-file")
     ids = launch.node_ids(node.node_id, count)
     return [
-        node.node_vars(i, r, guest_master)
+        node.node_vars(i, r, guest_master, local_link=guest_master is not None)
         for i, r in zip(ids, run_ids(node.run_id, count), strict=True)
     ]
 
@@ -141,12 +143,17 @@ def boot_command(
     directory kept as the node's state/ (results and combined log).
     """
     node = collect(kwargs)
+    if node.master_ca_file is not None:  # --wait checks the master with the nodes' CA too
+        os.environ.setdefault(CA_ENV, str(node.master_ca_file))
     layout = find_layout(image)
     if runtime is not None or layout is not None:
         if layout is None:
             raise die(f"{image} is not a container image", hint="give a `bake --format oci` dir")
         if node.ssh_keys:
             raise die("container nodes have no SSH server; --ssh-key is for VM images")
+        vm_only = {"--memory": memory_mib is not None, "--backend": backend != "qemu"}
+        if given := [name for name, used in vm_only.items() if used]:
+            raise die(f"{', '.join(given)}: for VM images, not container nodes")
         boot_containers(layout, runtime or "runc", node, count, wait, timeout_s, keep,
                         admin_token_file, as_json)  # fmt: skip
         return

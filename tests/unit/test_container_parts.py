@@ -188,6 +188,8 @@ def test_boot_runtime_needs_a_container_image(tmp_path: Path) -> None:
     assert code != 0 and "no SSH server" in out
     code, out = invoke("boot", str(layout), "--node-id", "n", "--wait", "ssh")
     assert code != 0 and "no SSH server" in out
+    code, out = invoke("boot", str(layout), "--node-id", "n", "--memory", "512")
+    assert code == 2 and "Error: --memory: for VM images, not container nodes" in out
 
 
 def test_cache_commands_cover_the_container_base(tmp_path: Path) -> None:
