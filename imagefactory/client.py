@@ -1,23 +1,76 @@
-"""A small HTTP client for the admin commands (`imagefactory nodes`, `runs`, ...)."""
+"""A small HTTP client for the admin commands (`imagefactory nodes`, `runs`, ...), and the
+TLS rules every host-side client of the core services follows (docs/tls.md)."""
 
 from __future__ import annotations
 
+import os
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
+from executor.agent.config import is_loopback
 from imagefactory.errors import die
+
+CA_ENV = "IMAGEFACTORY_CA"
+
+
+def tls_verify(
+    url: str,
+    ca_file: Path | None = None,
+    insecure: bool = False,
+    client_cert: tuple[Path, Path] | None = None,
+) -> ssl.SSLContext:
+    """How to verify the core services at `url`: against `ca_file` (else $IMAGEFACTORY_CA,
+    else the system's CAs), host name checked; `client_cert` (certificate, key) is shown to
+    a master that asks (mutual TLS). A plain http:// URL beyond loopback is refused unless
+    `insecure`: the bearer token would cross the network unencrypted."""
+    if url.startswith("http://") and not is_loopback(url) and not insecure:
+        raise die(
+            f"refusing plain http:// to {urlsplit(url).hostname}: the token would cross the "
+            "network unencrypted",
+            hint="use https:// (and --ca-file with the fleet's bundle.crt), or --insecure",
+        )
+    ca = ca_file or (Path(os.environ[CA_ENV]) if os.environ.get(CA_ENV) else None)
+    try:
+        context = ssl.create_default_context(cafile=None if ca is None else str(ca))
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise die(f"cannot use CA file {ca}: {exc}") from None
+    if client_cert is not None:
+        try:
+            context.load_cert_chain(*client_cert)
+        except OSError as exc:
+            raise die(f"cannot use client certificate {client_cert[0]}: {exc}") from None
+    return context
+
+
+def describe(exc: httpx.HTTPError) -> str:
+    """An httpx error in one line; an untrusted certificate says so."""
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        why = text.split("certificate verify failed:", 1)[-1].split("(_ssl", 1)[0].strip()
+        return f"server certificate not trusted: {why} (hint: --ca-file / {CA_ENV})"
+    return text
 
 
 class AdminClient:
-    def __init__(self, url: str, token: str, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        timeout_s: float = 30.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self._http = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=timeout_s,
+            verify=tls or tls_verify(self.url),
         )
 
     def __enter__(self) -> AdminClient:
@@ -46,7 +99,7 @@ class AdminClient:
                 self.check(response)
                 yield from response.iter_lines()
         except httpx.HTTPError as exc:
-            raise die(f"lost the connection to {self.url}: {exc}") from None
+            raise die(f"lost the connection to {self.url}: {describe(exc)}") from None
 
     @contextmanager
     def stream(self, path: str, headers: dict[str, str]) -> Iterator[httpx.Response]:
@@ -55,7 +108,7 @@ class AdminClient:
             with self._http.stream("GET", path, headers=headers) as response:
                 yield response
         except httpx.HTTPError as exc:
-            raise die(f"download from {self.url} failed: {exc}") from None
+            raise die(f"download from {self.url} failed: {describe(exc)}") from None
 
     def check(self, response: httpx.Response) -> httpx.Response:
         """The response, or the one-line error it carries."""
@@ -68,7 +121,7 @@ class AdminClient:
             return self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise die(
-                f"cannot reach core services at {self.url}: {exc}",
+                f"cannot reach core services at {self.url}: {describe(exc)}",
                 hint="start them with `imagefactory serve` or pass --url",
             ) from None
 

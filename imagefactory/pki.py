@@ -236,6 +236,12 @@ def issue(
     return Issued(cert_path, key_path, tuple(sans), end)
 
 
+def one_line(pem: str) -> str:
+    """The certificates of `pem` without line breaks (for one node.env line); the agent
+    (executor/agent/config.py) wraps them again."""
+    return "".join(line.strip() for line in pem.splitlines())
+
+
 def check_bundle(pem: bytes, source: str) -> bytes:
     """PEM text holding at least one CA certificate, each parseable; else PkiError."""
     if _BEGIN not in pem:

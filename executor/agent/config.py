@@ -23,6 +23,7 @@ from executor.settings import RunSettings, SettingsError
 
 GATEWAY_PREFIX = "gateway:"
 PEM_BEGIN = "-----BEGIN CERTIFICATE-----"
+_PEM_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
 RUN_ID_FILE = "run-id"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 MASTER_URL = re.compile(r"https?://[^\s/]+(/\S*)?")
@@ -176,14 +177,15 @@ def _master_ca(env: Mapping[str, str], master_url: str | None) -> str | None:
     if not raw:
         return None
     if PEM_BEGIN in raw:
-        pem = raw
+        text = raw
     else:
         try:
-            pem = Path(raw).read_text(encoding="ascii")
+            text = Path(raw).read_text(encoding="ascii")
         except (OSError, UnicodeDecodeError) as exc:
             raise AgentConfigError(f"EXECUTOR_MASTER_CA: cannot read {raw}: {exc}") from None
-        if PEM_BEGIN not in pem:
-            raise AgentConfigError(f"EXECUTOR_MASTER_CA: {raw} holds no PEM certificate")
+    pem = _rewrap(text)
+    if not pem:
+        raise AgentConfigError(f"EXECUTOR_MASTER_CA: {raw} holds no PEM certificate")
     try:
         ssl.create_default_context(cadata=pem)
     except (ssl.SSLError, ValueError) as exc:
@@ -191,6 +193,17 @@ def _master_ca(env: Mapping[str, str], master_url: str | None) -> str | None:
     if master_url is not None and not master_url.startswith("https://"):
         raise AgentConfigError("EXECUTOR_MASTER_CA is set but EXECUTOR_MASTER_URL is not https://")
     return pem
+
+
+def _rewrap(text: str) -> str:
+    """Each certificate of `text` as PEM with 64-character lines: node.env can only hold
+    them on one line (`imagefactory` writes them so), and ssl wants the line breaks."""
+    blocks = []
+    for body in _PEM_BLOCK.findall(text):
+        b64 = re.sub(r"\s+", "", body)
+        lines = "\n".join(b64[i : i + 64] for i in range(0, len(b64), 64))
+        blocks.append(f"{PEM_BEGIN}\n{lines}\n-----END CERTIFICATE-----\n")
+    return "".join(blocks)
 
 
 def _client_cert(env: Mapping[str, str]) -> tuple[str, str] | None:

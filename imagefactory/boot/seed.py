@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from executor.agent.config import MASTER_URL
 from executor.files import write_output
+from imagefactory import pki
 from imagefactory.boot import nodeenv
 from imagefactory.errors import die
 
@@ -86,6 +87,12 @@ class NodeVars:
     """Public keys authorized for the `ops` user; no key, no `ops` user."""
     host_key: HostKey | None = None
     """The node's SSH host key; None lets cloud-init generate the usual ones."""
+    master_ca: str | None = None
+    """EXECUTOR_MASTER_CA: the fleet CA certificates (PEM) the agent verifies an https://
+    master with; node.env holds them on one line (the agent restores the PEM)."""
+    insecure: bool = False
+    """EXECUTOR_INSECURE=1: the plain http:// master is reached through a forward that
+    never leaves the host (boot's guestfwd), not over a network."""
 
     def env(self) -> list[tuple[str, str]]:
         """The node.env pairs, validated, in a stable order."""
@@ -105,6 +112,12 @@ class NodeVars:
             ("EXECUTOR_TOKEN", self.token),
         )
         pairs += [(k, v) for k, v in optional if v is not None]
+        if self.master_ca is not None:
+            if not (self.master_url or "").startswith("https://"):
+                raise die("--master-ca needs an https:// master URL")
+            pairs.append(("EXECUTOR_MASTER_CA", pki.one_line(self.master_ca)))
+        if self.insecure and not any(k == "EXECUTOR_INSECURE" for k, _ in self.extra_env):
+            pairs.append(("EXECUTOR_INSECURE", "1"))
         pairs.append(("EXECUTOR_ON_COMPLETE", self.on_complete))
         for key, _ in self.extra_env:
             if key in _RESERVED:

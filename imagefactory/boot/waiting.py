@@ -23,6 +23,7 @@ import click
 import httpx
 
 from imagefactory.boot import console, nodestate, ssh
+from imagefactory.client import tls_verify
 from imagefactory.errors import die
 
 POLL_S = 1.0
@@ -77,7 +78,10 @@ class MasterApi:
 
     def __init__(self, url: str, admin_token: str) -> None:
         self.client = httpx.Client(
-            base_url=url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=5
+            base_url=url,
+            headers={"Authorization": f"Bearer {admin_token}"},
+            timeout=5,
+            verify=tls_verify(url),  # $IMAGEFACTORY_CA (boot sets it from --master-ca)
         )
 
     def _get(self, path: str) -> httpx.Response | None:

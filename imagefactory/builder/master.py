@@ -9,9 +9,12 @@ bad setting; retrying does not help).
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Any
 
 import httpx
+
+from imagefactory.client import tls_verify
 
 log = logging.getLogger("imagefactory.builder")
 
@@ -38,13 +41,16 @@ class Refused(MasterError):
 
 
 class MasterClient:
-    def __init__(self, url: str, builder_id: str, token: str) -> None:
+    def __init__(
+        self, url: str, builder_id: str, token: str, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.builder_id = builder_id
         self._http = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {token}", "X-Builder-ID": builder_id},
             timeout=REQUEST_TIMEOUT_S,
+            verify=tls or tls_verify(self.url),  # docs/tls.md
         )
 
     def close(self) -> None:

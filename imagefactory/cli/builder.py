@@ -8,7 +8,7 @@ from types import FrameType
 
 import click
 
-from imagefactory.cli.services import check_ident
+from imagefactory.cli.services import check_ident, client_tls, tls_options
 from imagefactory.errors import die
 from imagefactory.paths import state_root
 from imagefactory.tokens import read_secret
@@ -20,6 +20,7 @@ def _interrupt(_signum: int, _frame: FrameType | None) -> None:
 
 @click.command("builder")
 @click.option("--master", required=True, envvar="IMAGEFACTORY_URL", help="Core services URL.")
+@tls_options
 @click.option(
     "--builder-id", required=True, callback=check_ident, help="This builder's id (its token's)."
 )
@@ -68,7 +69,7 @@ def builder_command(
     work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     config = BuilderConfig(builder_id, work_dir.resolve(), targets, tuple(FORMATS), grace_seconds)
     signal.signal(signal.SIGTERM, _interrupt)
-    client = MasterClient(master, builder_id, token)
+    client = MasterClient(master, builder_id, token, client_tls(master))
     try:
         Worker(config, client).run_forever()
     except Refused as exc:

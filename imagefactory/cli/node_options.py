@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
+from imagefactory import pki
 from imagefactory.boot import nodeenv, seed
 from imagefactory.errors import die
 from imagefactory.tokens import node_token, read_secret
@@ -32,6 +33,10 @@ class NodeOptions:
     env: tuple[tuple[str, str], ...]
     ssh_keys: tuple[str, ...]
     on_complete: str
+    master_ca_file: Path | None
+    """--master-ca: the fleet CA's bundle.crt, for the node and for the host-side checks."""
+    master_ca: str | None
+    """Its certificates, checked, as the node gets them."""
 
     def token_for(self, node_id: str) -> str | None:
         """The node's token: given as is, or derived from the secret file (HMAC)."""
@@ -39,8 +44,11 @@ class NodeOptions:
             return self.token
         return node_token(read_secret(self.secret_file), node_id)
 
-    def node_vars(self, node_id: str, run_id: str | None, master_url: str | None) -> seed.NodeVars:
-        """The frozen variables of one node."""
+    def node_vars(
+        self, node_id: str, run_id: str | None, master_url: str | None, local_link: bool = False
+    ) -> seed.NodeVars:
+        """The frozen variables of one node. `local_link`: the node reaches `master_url`
+        through a forward that stays on this host, so plain http:// is no exposure."""
         return seed.NodeVars(
             node_id=seed.check_node_id(node_id),
             run_id=run_id,
@@ -49,6 +57,8 @@ class NodeOptions:
             on_complete=self.on_complete,
             extra_env=self.env,
             ssh_keys=self.ssh_keys,
+            master_ca=self.master_ca,
+            insecure=local_link and (master_url or "").startswith("http://"),
         )
 
 
@@ -60,6 +70,13 @@ def node_options(master_help: str) -> Callable[[F], F]:
             click.option("--node-id", required=True, help="The node's ID (EXECUTOR_NODE_ID)."),
             click.option("--run-id", help="EXECUTOR_RUN_ID; default: generated per node."),
             click.option("--master", metavar="URL", help=master_help),
+            click.option(
+                "--master-ca",
+                "master_ca_file",
+                type=click.Path(dir_okay=False, path_type=Path),
+                help="The fleet CA's bundle.crt (`imagefactory ca init`): the node verifies "
+                "the https:// master against it (EXECUTOR_MASTER_CA).",
+            ),
             click.option("--token", help="The node's bearer token (EXECUTOR_TOKEN)."),
             click.option(
                 "--secret-file",
@@ -101,6 +118,7 @@ def collect(kwargs: dict[str, Any]) -> NodeOptions:
     if token is not None and secret_file is not None:
         raise die("give either --token or --secret-file, not both")
     keys = tuple(seed.read_ssh_key(p) for p in kwargs.pop("ssh_key_files"))
+    master_ca_file = kwargs.pop("master_ca_file")
     return NodeOptions(
         node_id=seed.check_node_id(kwargs.pop("node_id")),
         run_id=kwargs.pop("run_id"),
@@ -110,4 +128,15 @@ def collect(kwargs: dict[str, Any]) -> NodeOptions:
         env=tuple(nodeenv.parse_assignment(p) for p in kwargs.pop("env_pairs")),
         ssh_keys=keys,
         on_complete=kwargs.pop("on_complete"),
+        master_ca_file=master_ca_file,
+        master_ca=None if master_ca_file is None else _read_ca(master_ca_file),
     )
+
+
+def _read_ca(path: Path) -> str:
+    try:
+        return pki.check_bundle(path.read_bytes(), str(path)).decode("ascii")
+    except OSError as exc:
+        raise die(f"cannot read --master-ca {path}: {exc.strerror}") from None
+    except (pki.PkiError, UnicodeDecodeError) as exc:
+        raise die(f"--master-ca: {exc}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,7 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from executor.pipeline import PipelineError, load_pipeline
-from imagefactory.client import AdminClient
+from imagefactory.client import AdminClient, tls_verify
 from imagefactory.errors import die
 from imagefactory.paths import state_root
 from imagefactory.server.config import (
@@ -62,8 +63,62 @@ admin_token_option = file_option(
 )
 
 
+def _keep_tls(ctx: click.Context, param: click.Parameter, value: object) -> None:
+    """The TLS options reach `client_tls` through the context, so that the commands' own
+    signatures stay as they are."""
+    ctx.meta[f"imagefactory.tls.{param.name}"] = value
+
+
+def tls_options(f: F) -> F:
+    """--ca-file, --client-cert/--client-key and --insecure of every client of the core
+    services (docs/tls.md); read back with `client_tls(url)`."""
+    path = click.Path(dir_okay=False, exists=True, path_type=Path)
+    kept: dict[str, Any] = {"expose_value": False, "callback": _keep_tls}
+    options = [
+        click.option(
+            "--ca-file",
+            type=path,
+            envvar="IMAGEFACTORY_CA",
+            help="CA certificates (the fleet CA's bundle.crt) an https:// master is verified "
+            "against; default: the system's.",
+            **kept,
+        ),
+        click.option(
+            "--client-cert",
+            type=path,
+            envvar="IMAGEFACTORY_CLIENT_CERT",
+            help="Client certificate for a master with mutual TLS (serve --client-ca).",
+            **kept,
+        ),
+        click.option(
+            "--client-key", type=path, envvar="IMAGEFACTORY_CLIENT_KEY", help="Its key.", **kept
+        ),
+        click.option(
+            "--insecure",
+            is_flag=True,
+            help="Allow plain http:// to a non-loopback address (the token travels unencrypted).",
+            **kept,
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def client_tls(url: str) -> ssl.SSLContext:
+    """The TLS settings of a command with `tls_options`, for `url`."""
+    meta = click.get_current_context().meta
+    cert: Path | None = meta.get("imagefactory.tls.client_cert")
+    key: Path | None = meta.get("imagefactory.tls.client_key")
+    if (cert is None) != (key is None):
+        raise die("--client-cert and --client-key go together")
+    pair = None if cert is None or key is None else (cert, key)
+    ca_file: Path | None = meta.get("imagefactory.tls.ca_file")
+    return tls_verify(url, ca_file, bool(meta.get("imagefactory.tls.insecure")), pair)
+
+
 def admin_options(f: F) -> F:
-    f = admin_token_option(f)
+    f = tls_options(admin_token_option(f))
     return click.option(
         "--url",
         default=DEFAULT_URL,
@@ -74,7 +129,7 @@ def admin_options(f: F) -> F:
 
 
 def admin_client(url: str, admin_token_file: Path) -> AdminClient:
-    return AdminClient(url, read_secret(admin_token_file))
+    return AdminClient(url, read_secret(admin_token_file), tls=client_tls(url))
 
 
 def check_ident(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import ssl
 import subprocess
 import time
@@ -153,8 +154,14 @@ def test_mutual_tls_needs_a_client_certificate_and_the_token(
     node = certs["node-a"]
     mutual.load_cert_chain(node.cert, node.key)
     assert httpx.get(url, verify=mutual, timeout=10).status_code == 401, "token still needed"
-    admin = {"Authorization": f"Bearer {server.admin_token}"}
-    assert httpx.get(url, verify=mutual, headers=admin, timeout=10).status_code == 200
+    bearer = {"Authorization": f"Bearer {server.admin_token}"}
+    assert httpx.get(url, verify=mutual, headers=bearer, timeout=10).status_code == 200
+    admin = ("nodes", "--url", server.url, "--admin-token-file", str(server.admin_token_file))
+    client = ("--client-cert", str(node.cert), "--client-key", str(node.key))
+    with_cert = imagefactory(*admin, *client, "--ca-file", str(bundle(certs)))
+    assert with_cert.returncode == 0, with_cert.stderr
+    without = imagefactory(*admin, "--ca-file", str(bundle(certs)))
+    assert without.returncode == 2 and without.stderr.startswith("Error: cannot reach")
     proc = agent(
         server,
         EXECUTOR_MASTER_CA=str(bundle(certs)),
@@ -164,6 +171,33 @@ def test_mutual_tls_needs_a_client_certificate_and_the_token(
     )
     assert proc.wait() == 0, proc.tail()
     assert stored_runs(server) == ["run-mtls"]
+
+
+def imagefactory(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEFACTORY_")}
+    return subprocess.run(
+        [str(BIN / "imagefactory"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, **env},
+    )
+
+
+def test_admin_cli_verifies_the_master(server: ServerProcess, certs: dict[str, pki.Issued]) -> None:
+    server.extra_args = tls_args(certs["good"])
+    server.start()
+    admin = ("nodes", "--url", server.url, "--admin-token-file", str(server.admin_token_file))
+    trusted = imagefactory(*admin, "--ca-file", str(bundle(certs)), "--json")
+    assert trusted.returncode == 0 and json.loads(trusted.stdout) == [], trusted.stderr
+    from_env = imagefactory(*admin, "--json", IMAGEFACTORY_CA=str(bundle(certs)))
+    assert from_env.returncode == 0, from_env.stderr
+    untrusted = imagefactory(*admin)
+    assert untrusted.returncode == 2
+    [line] = untrusted.stderr.splitlines()
+    assert "server certificate not trusted: unable to get local issuer certificate" in line
+    by_name = f"https://localhost:{server.port}"  # the certificate names localhost too
+    assert imagefactory(*admin, "--url", by_name, "--ca-file", str(bundle(certs))).returncode == 0
 
 
 @pytest.mark.parametrize(
