@@ -7,10 +7,11 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
-from imagefactory.builder.master import MasterClient
+from imagefactory.builder.master import MasterClient, Refused
 
 CHUNK_BYTES = 8 * 1024 * 1024
-"""Well under the master's default request body limit (32 MiB)."""
+"""Well under the master's default request body limit (32 MiB); halved on a 413."""
+MIN_CHUNK_BYTES = 64 * 1024
 
 
 def sha256_digest(path: Path) -> str:
@@ -30,12 +31,21 @@ def upload(
     errors propagate (master.Unreachable): calling again resumes at the master's offset."""
     size = path.stat().st_size
     offset, complete = master.upload_status(build_id, attempt, digest, size)
+    chunk_bytes = CHUNK_BYTES
     with path.open("rb") as f:
         while not complete:
             f.seek(offset)
-            chunk = f.read(CHUNK_BYTES)
+            chunk = f.read(chunk_bytes)
             if offset < size and not chunk:
                 raise OSError(f"{path} shrank while it was uploaded")
-            offset, complete = master.upload_chunk(build_id, attempt, digest, size, offset, chunk)
+            try:
+                offset, complete = master.upload_chunk(
+                    build_id, attempt, digest, size, offset, chunk
+                )
+            except Refused as exc:
+                if exc.status != 413 or chunk_bytes <= MIN_CHUNK_BYTES:
+                    raise
+                chunk_bytes //= 2  # the master takes smaller bodies (serve --max-body-bytes)
+                continue
             if on_progress is not None:
                 on_progress(offset, size)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from imagefactory.builder.bakeproc import Progress, bake_argv
+from imagefactory.builder.master import Refused
 from imagefactory.builder.push import registry_destination, repository_name, skopeo_copy_argv
 from imagefactory.builder.upload import sha256_digest, upload
 from imagefactory.tokens import builder_token, node_token
@@ -77,7 +78,8 @@ def test_builder_tokens_are_their_own_namespace() -> None:
 class FakeMaster:
     """Holds an upload as the master does: an offset, and the bytes received."""
 
-    def __init__(self, drop_after: int | None = None) -> None:
+    def __init__(self, drop_after: int | None = None, max_body: int | None = None) -> None:
+        self.max_body = max_body
         self.data = b""
         self.stored = False
         self.drop_after = drop_after
@@ -92,6 +94,8 @@ class FakeMaster:
         self.calls += 1
         if self.drop_after is not None and self.calls > self.drop_after:
             raise ConnectionError("master went away")
+        if self.max_body is not None and len(chunk) > self.max_body:
+            raise Refused(413, "request body too large", {"error": "too large"})
         assert offset == len(self.data)
         self.data += chunk
         if len(self.data) == size:  # verified once whole, then stored
@@ -122,3 +126,20 @@ def test_upload_resumes_where_the_master_is(
     nothing = FakeMaster()
     upload(nothing, "b", 1, empty, sha256_digest(empty))  # type: ignore[arg-type]
     assert nothing.calls == 1, "an empty file is sent as one empty chunk"
+
+
+def test_upload_halves_its_chunks_for_a_smaller_body_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import imagefactory.builder.upload as up
+
+    monkeypatch.setattr(up, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(up, "MIN_CHUNK_BYTES", 512)
+    path = tmp_path / "image"
+    path.write_bytes(bytes(range(256)) * 40)
+    master = FakeMaster(max_body=1000)
+    upload(master, "b", 1, path, sha256_digest(path))  # type: ignore[arg-type]
+    assert master.data == path.read_bytes()
+    tiny = FakeMaster(max_body=100)
+    with pytest.raises(Refused):
+        upload(tiny, "b", 1, path, sha256_digest(path))  # type: ignore[arg-type]
