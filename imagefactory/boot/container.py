@@ -30,15 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from imagefactory.boot import console, launch, netns, nodestate, runc, seed
+from imagefactory.boot import console, engines, launch, netns, nodestate, runc, seed
 from imagefactory.boot.waiting import BootedNode, MasterApi, wait_for
 from imagefactory.errors import die
 from imagefactory.host.doctor import require_runtime
 from imagefactory.run import spawn
 
-RUNTIMES = ("runc", "podman", "docker")
-SUPPORTED = ("runc",)
-"""Runtimes this version boots nodes with; the others are named for a clear error."""
+RUNTIMES = ("runc", *engines.ENGINES)
 STATE = "state"
 """The agent's state directory, in the node's directory (kept after cleanup)."""
 
@@ -83,25 +81,35 @@ def master_inside(url: str) -> tuple[str, int, str]:
 
 
 class ContainerMachine:
-    """A container node's handle: its `runc run` (when started by this process), its
-    forwarder and its network namespace."""
+    """A container node's handle: its container (`runc run` when started by this
+    process; docker or podman by name), its forwarder and its network namespace.
+    `proc` is the process whose end is the container's (runc) or that copies its
+    output (`logs --follow`: docker, podman)."""
 
     def __init__(
         self, record: nodestate.NodeRecord, proc: subprocess.Popen[bytes] | None = None
     ) -> None:
         self.record, self.proc = record, proc
         self.name = f"fleetbake-{record.node_id}"
+        self.engine = record.backend if record.backend in engines.ENGINES else None
 
     def running(self) -> bool:
+        if self.engine is not None:
+            return engines.running(self.engine, self.name)
         if self.proc is not None:
             return self.proc.poll() is None
         return runc.state(self.name) in ("creating", "created", "running", "paused")
 
     def stop(self) -> None:
-        runc.stop(self.name, self.running)
+        if self.engine is not None:
+            engines.stop(self.engine, self.name)
+        else:
+            runc.stop(self.name, self.running)
         if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=10)
+            if self.proc.poll() is None:
+                self.proc.terminate()
         pid = self.record.forwarder_pid
         if pid and forwarder_alive(pid, self.name):
             with contextlib.suppress(ProcessLookupError):
@@ -135,7 +143,19 @@ def start_forwarder(
     return proc.pid
 
 
-def start_node(plan: ContainerPlan, image_bundle: Path, node: seed.NodeVars) -> BootedNode:
+@dataclass(frozen=True)
+class Image:
+    """What every container of one boot starts from."""
+
+    user: tuple[int, int]
+    """The image's uid and gid: the owner of each node's state directory."""
+    bundle: Path | None = None
+    """runc: the unpacked image (rootfs + umoci's config.json)."""
+    name: str | None = None
+    """docker, podman: the loaded image's name."""
+
+
+def start_node(plan: ContainerPlan, image: Image, node: seed.NodeVars) -> BootedNode:
     workdir = launch.claim_workdir(node.node_id)
     name = f"fleetbake-{node.node_id}"
     record = nodestate.NodeRecord(
@@ -148,32 +168,18 @@ def start_node(plan: ContainerPlan, image_bundle: Path, node: seed.NodeVars) -> 
         ssh_key="",
         workdir=str(workdir),
         console_log=str(workdir / "console.log"),
-        netns=netns.netns_name(node.node_id),
+        netns=netns.netns_name(node.node_id) if image.bundle is not None else None,
     )
     machine = ContainerMachine(record)
     try:
         state = workdir / STATE
         state.mkdir(mode=0o700)
-        os.chown(state, *runc.image_user(image_bundle))
-        ns = netns.create(netns.netns_name(node.node_id))
-        if plan.master_url is not None:
-            host, port, inside = master_inside(plan.master_url)
-            pid = start_forwarder(
-                ns, host, port, name, workdir / "forward.log", not plan.keeps_nodes
-            )
-            record = dataclasses.replace(record, forwarder_pid=pid)
-            node = dataclasses.replace(node, master_url=inside)
-        spec = runc.ContainerSpec(
-            name, image_bundle / "rootfs", seed.hostname_for(node.node_id),
-            tuple(node.env()), state, ns,
-        )  # fmt: skip
-        runc.write_bundle(workdir / "bundle", image_bundle, spec)
-        machine = ContainerMachine(record)
-        proc = runc.start(
-            name, workdir / "bundle", Path(record.console_log),
-            die_with_parent=not plan.keeps_nodes,
-        )  # fmt: skip
-        record = dataclasses.replace(record, pid=proc.pid)
+        os.chown(state, *image.user)
+        if image.bundle is not None:
+            record, proc = _start_runc(plan, image.bundle, node, record, state)
+        else:
+            assert image.name is not None
+            record, proc = _start_engine(plan, image.name, node, record, state)
         machine = ContainerMachine(record, proc)
         nodestate.save(record)
     except BaseException:
@@ -183,29 +189,86 @@ def start_node(plan: ContainerPlan, image_bundle: Path, node: seed.NodeVars) -> 
     return BootedNode(record, machine, follower, time.monotonic())
 
 
+def _forward(
+    plan: ContainerPlan, ns: Path, record: nodestate.NodeRecord, node: seed.NodeVars
+) -> tuple[nodestate.NodeRecord, seed.NodeVars]:
+    """The master forward into `ns`, and the node's variables with the inside URL."""
+    if plan.master_url is None:
+        return record, node
+    host, port, inside = master_inside(plan.master_url)
+    log = Path(record.workdir) / "forward.log"
+    pid = start_forwarder(ns, host, port, record.instance_id, log, not plan.keeps_nodes)
+    return dataclasses.replace(record, forwarder_pid=pid), dataclasses.replace(
+        node, master_url=inside
+    )
+
+
+def _start_runc(
+    plan: ContainerPlan, bundle: Path, node: seed.NodeVars, record: nodestate.NodeRecord,
+    state: Path,
+) -> tuple[nodestate.NodeRecord, subprocess.Popen[bytes]]:  # fmt: skip
+    assert record.netns is not None
+    ns = netns.create(record.netns)
+    record, node = _forward(plan, ns, record, node)
+    spec = runc.ContainerSpec(
+        record.instance_id, bundle / "rootfs", seed.hostname_for(node.node_id),
+        tuple(node.env()), state, ns,
+    )  # fmt: skip
+    workdir = Path(record.workdir)
+    runc.write_bundle(workdir / "bundle", bundle, spec)
+    proc = runc.start(
+        record.instance_id, workdir / "bundle", Path(record.console_log),
+        die_with_parent=not plan.keeps_nodes,
+    )  # fmt: skip
+    return dataclasses.replace(record, pid=proc.pid), proc
+
+
+def _start_engine(
+    plan: ContainerPlan, image: str, node: seed.NodeVars, record: nodestate.NodeRecord,
+    state: Path,
+) -> tuple[nodestate.NodeRecord, subprocess.Popen[bytes]]:  # fmt: skip
+    engine, name = plan.runtime, record.instance_id
+    if plan.master_url is not None:  # the URL inside is known before the forward exists
+        node = dataclasses.replace(node, master_url=master_inside(plan.master_url)[2])
+    env_file = Path(record.workdir) / "node.env"
+    engines.write_env_file(env_file, tuple(node.env()))
+    engines.stop(engine, name)  # a stale one of an old boot
+    hostname = seed.hostname_for(node.node_id)
+    pid = engines.start(engine, engines.run_argv(engine, name, image, hostname, env_file, state))
+    env_file.unlink()
+    logs = engines.follow_logs(engine, name, Path(record.console_log), not plan.keeps_nodes)
+    record = dataclasses.replace(record, pid=pid)
+    if pid:
+        record, _ = _forward(plan, Path(f"/proc/{pid}/ns/net"), record, node)
+    return record, logs
+
+
+def prepare_image(plan: ContainerPlan, progress: Callable[[str], None]) -> Image:
+    if plan.runtime in engines.ENGINES:
+        progress(f"{plan.runtime} load of {plan.layout}")
+        name = engines.load(plan.runtime, plan.layout)
+        return Image(engines.image_user(plan.runtime, name), name=name)
+    progress(f"unpacking {plan.layout} (once per image)")
+    bundle = runc.unpack(plan.layout)
+    return Image(runc.image_user(bundle), bundle=bundle)
+
+
 def boot(
     plan: ContainerPlan, nodes: list[seed.NodeVars], progress: Callable[[str], None]
 ) -> list[BootedNode]:
     """Start all containers, wait for the condition, and clean up unless kept."""
-    if plan.runtime not in SUPPORTED:
-        require_runtime(plan.runtime)
-        raise die(
-            f"booting nodes with {plan.runtime} is not supported yet",
-            hint=f"use --runtime runc, or `{plan.runtime} load -i` the image's .tar",
-        )
-    require_runtime("runc")
+    require_runtime(plan.runtime)
     if plan.wait == "ssh":
         raise die("container nodes have no SSH server", hint="wait for heartbeat or report")
     api = None
     if plan.admin_token and plan.master_url and plan.wait in ("heartbeat", "report"):
         api = MasterApi(plan.master_url, plan.admin_token)
-    progress(f"unpacking {plan.layout} (once per image)")
-    image_bundle = runc.unpack(plan.layout)
+    image = prepare_image(plan, progress)
     booted: list[BootedNode] = []
     with launch.sigterm_as_interrupt():
         try:
             for node in nodes:
-                booted.append(start_node(plan, image_bundle, node))
+                booted.append(start_node(plan, image, node))
                 progress(
                     f"node {node.node_id}: started ({plan.runtime}, output "
                     f"{booted[-1].record.console_log})"

@@ -216,9 +216,9 @@ class _RecordedQemu:
 def machine_of(record: nodestate.NodeRecord) -> Machine:
     """The handle of a recorded node's VM, for `stop` and liveness checks."""
     name = f"fleetbake-{record.node_id}"
-    if record.netns is not None:
-        from imagefactory.boot.container import ContainerMachine
+    from imagefactory.boot.container import RUNTIMES, ContainerMachine
 
+    if record.backend in RUNTIMES:
         return ContainerMachine(record)
     if record.backend == "libvirt":
         return libvirt_backend.LibvirtMachine(libvirt_backend.open_connection(), name)

@@ -1,7 +1,8 @@
 """The baked archive under a real Docker daemon: `docker load` accepts it and `docker run`
 runs the baked pipeline standalone, results in the state volume; `docker stop` (SIGTERM
 to tini, passed to the agent) ends the run as cancelled. Runs where a daemon answers
-(the nightly workflow's runner); skipped elsewhere."""
+(the nightly workflow's runner); skipped elsewhere. `boot --runtime docker` makes two
+nodes that report to a real serve."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from imagefactory.bake.options import BakeResult
-from tests.integration.oci_image import REPO, bake_oci, slow_pipeline
+from tests.e2e.fleet import prepared_server, report
+from tests.integration.oci_image import REPO, bake_oci, imagefactory, slow_pipeline
 
 
 def docker_works() -> bool:
@@ -102,3 +104,25 @@ def test_docker_stop_cancels_the_run(tmp_path: Path, state_dir: Path) -> None:
 
 def read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_docker_containers_are_nodes(tmp_path: Path) -> None:
+    """`boot --runtime docker`: two nodes report to a real serve through the forward into
+    each container's own network namespace, then are removed."""
+    image = bake_oci(REPO / "examples" / "hello", tmp_path / "images")
+    server = prepared_server(tmp_path / "server").start()
+    state_home = tmp_path / "xdg"
+    try:
+        booted = imagefactory(
+            "boot", str(image.dir), "--runtime", "docker", "--node-id", "dk", "--run-id", "rk",
+            "--count", "2", "--master", server.url, "--secret-file", str(server.secret_file),
+            "--admin-token-file", str(server.admin_token_file), "--wait", "report",
+            "--timeout", "300", "--json", state_home=state_home, timeout_s=900,
+        )  # fmt: skip
+        assert booted.returncode == 0, booted.stderr
+        for i in (1, 2):
+            assert report(server, f"rk-{i}")["status"] == "succeeded"
+        assert docker("inspect", "fleetbake-dk-1").returncode != 0  # removed
+    finally:
+        imagefactory("stop", "--all", state_home=state_home)
+        server.stop()

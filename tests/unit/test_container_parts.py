@@ -204,3 +204,29 @@ def test_cache_commands_cover_the_container_base(tmp_path: Path) -> None:
     code, out = invoke("cache", "prune")
     assert code == 0 and "removed cdcdcdcdcdcd" in out
     assert invoke("cache", "list", "--json")[1].strip() == "[]"
+
+
+def test_engine_run_line(tmp_path: Path) -> None:
+    from imagefactory.boot import engines
+
+    argv = engines.run_argv(
+        "podman", "fleetbake-n", "fleetbake/hello:x86_64-linux", "n", tmp_path / "env", tmp_path
+    )
+    assert argv[:3] == ["podman", "run", "--detach"]
+    assert argv[-1] == "fleetbake/hello:x86_64-linux"
+    pairs = dict(zip(argv, argv[1:], strict=False))
+    assert pairs["--network"] == "none" and pairs["--cap-drop"] == "ALL"
+    assert pairs["--volume"] == f"{tmp_path}:/var/lib/executor"
+    assert "--read-only" in argv and pairs["--security-opt"] == "no-new-privileges"
+    engines.write_env_file(tmp_path / "env", (("EXECUTOR_TOKEN", "t0k"), ("A", 'x "y" $z')))
+    assert (tmp_path / "env").read_text() == 'EXECUTOR_TOKEN=t0k\nA=x "y" $z\n'
+    assert (tmp_path / "env").stat().st_mode & 0o777 == 0o600
+
+
+def test_engine_image_name_comes_from_the_manifest(tmp_path: Path) -> None:
+    from imagefactory.boot import engines
+
+    with pytest.raises(UserError, match="no manifest.json"):
+        engines.image_name(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"oci": {"name": "fleetbake/x:y"}}))
+    assert engines.image_name(tmp_path) == "fleetbake/x:y"
