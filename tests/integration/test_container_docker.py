@@ -30,10 +30,13 @@ def docker_works() -> bool:
 
 # The nightly Docker job sets FLEETBAKE_REQUIRE_DOCKER, so a daemon that does not answer
 # there fails the job instead of skipping it.
-pytestmark = pytest.mark.skipif(
-    not os.environ.get("FLEETBAKE_REQUIRE_DOCKER") and not docker_works(),
-    reason="no Docker daemon here",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not os.environ.get("FLEETBAKE_REQUIRE_DOCKER") and not docker_works(),
+        reason="no Docker daemon here",
+    ),
+    pytest.mark.timeout(1800),  # the first bake builds the container base
+]
 
 
 def docker(*args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:

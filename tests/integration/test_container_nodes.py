@@ -26,10 +26,13 @@ from tests.integration.oci_image import (
 )
 from tests.integration.services_harness import ServerProcess
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("runc") is None,
-    reason="container nodes need root and runc (scripts/setup-host.sh installs runc)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("runc") is None,
+        reason="container nodes need root and runc (scripts/setup-host.sh installs runc)",
+    ),
+    pytest.mark.timeout(1200),  # a first bake builds the container base
+]
 TIMEOUT_S = "300"
 
 

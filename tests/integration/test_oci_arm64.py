@@ -21,6 +21,7 @@ ARM = get_target("aarch64-linux")
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(5400),  # the base under qemu-user, behind the heavy lock
     pytest.mark.skipif(
         not binfmt_check(ARM).ok, reason="needs qemu-user-static in binfmt_misc (setup-host.sh)"
     ),

@@ -13,6 +13,7 @@ from imagefactory.bake.oci import write_multiarch
 from imagefactory.bake.options import BakeResult
 from tests.integration.oci_image import REPO, bake_oci
 
+pytestmark = pytest.mark.timeout(1200)  # the first bake builds the container base
 ETL = REPO / "examples" / "etl"
 SIZE_BUDGET = 60_000_000
 """The issue's budget for the compressed x86_64 image."""
