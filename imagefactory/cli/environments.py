@@ -68,8 +68,7 @@ def pull_command(
         name = Path(env["name"]).name
         output.mkdir(parents=True, exist_ok=True)
         part = output / f".{digest.removeprefix('sha256:')}.part"
-        _download(client, digest, part)
-    actual = _sha256(part)
+        actual = _download(client, digest, part)
     if actual != digest:
         part.unlink()
         raise die(f"downloaded data has digest {actual}, not {digest}; removed it")
@@ -101,9 +100,10 @@ def _find(client: AdminClient, digest: str) -> dict[str, Any]:
     raise die(f"no environment {digest}", hint="see `imagefactory environments list`")
 
 
-def _download(client: AdminClient, digest: str, part: Path) -> None:
-    """Append to `part` from its size (Range, If-Range: the digest); start over if the
-    master sends the whole file."""
+def _download(client: AdminClient, digest: str, part: Path) -> str:
+    """Append to `part` from its size (Range, If-Range: the digest), or start over if the
+    master sends the whole file; returns the sha256 digest of the whole part, hashed
+    while it is written (a kept part is hashed first)."""
     have = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={have}-", "If-Range": f'"{digest}"'} if have else {}
     with client.stream(f"/v1/environments/{digest}", headers) as response:
@@ -115,17 +115,14 @@ def _download(client: AdminClient, digest: str, part: Path) -> None:
         total = int(response.headers.get("content-length", 0)) + (have if resumed else 0)
         if resumed:
             click.echo(f"resuming at {have} of {total} bytes", err=True)
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "r+b") as out:
+            sha = hashlib.file_digest(out, "sha256") if resumed else hashlib.sha256()
             out.seek(have if resumed else 0)
             out.truncate()
             for chunk in response.iter_bytes(CHUNK):
                 out.write(chunk)
+                sha.update(chunk)
             out.flush()
             os.fsync(out.fileno())
-    return None
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+    return "sha256:" + sha.hexdigest()
