@@ -35,23 +35,36 @@ def _done(as_json: bool, fields: dict[str, Any], line: str) -> None:
         click.echo(line)
 
 
+def new_ca_options(f: F) -> F:
+    """--name and --days of a new CA certificate (`init`, `rotate`)."""
+    f = click.option(
+        "--days",
+        type=click.IntRange(1, 36500),
+        default=pki.CA_DAYS,
+        show_default=True,
+        help="Validity of the CA certificate.",
+    )(f)
+    return click.option(
+        "--name", default="fleetbake fleet CA", show_default=True, help="CA common name."
+    )(f)
+
+
 @click.group("ca")
 def ca_group() -> None:
     """The fleet CA: make it, issue server and client certificates, rotate it.
 
     \b
-    Typical set-up for a master reachable as master.example.net:
+    Typical set-up for a master reachable as master.example.net (docs/tls.md):
       imagefactory ca init
-      imagefactory ca issue master --san master.example.net --san 10.0.2.2
+      imagefactory ca issue master --san master.example.net --san 127.0.0.1 --san 10.0.2.100
       imagefactory serve --host 0.0.0.0 --tls-cert CA_DIR/master.crt --tls-key CA_DIR/master.key
-      imagefactory boot ... --master https://master.example.net:8080 --master-ca CA_DIR/bundle.crt
+      imagefactory seed ... --master https://master.example.net:8750 --master-ca CA_DIR/bundle.crt
     """
 
 
 @ca_group.command("init")
 @ca_dir_option
-@click.option("--name", default="fleetbake fleet CA", show_default=True, help="CA common name.")
-@click.option("--days", type=click.IntRange(1, 36500), default=pki.CA_DAYS, show_default=True)
+@new_ca_options
 @json_option
 def init_command(ca_dir: Path, name: str, days: int, as_json: bool) -> None:
     """Create a new CA: ca.key (0600, stays on this machine), ca.crt and bundle.crt (public;
@@ -69,13 +82,20 @@ def init_command(ca_dir: Path, name: str, days: int, as_json: bool) -> None:
     "sans",
     multiple=True,
     metavar="NAME|IP",
-    help="A DNS name or IP address clients use to reach the server; repeatable. Include "
-    "the address guests use (10.0.2.2 for QEMU user networking).",
+    help="A DNS name or IP address clients use to reach the server; repeatable. For the "
+    "master include 10.0.2.100 (VMs of `imagefactory boot` reach it there) and 127.0.0.1 "
+    "(containers and host-side commands).",
 )
 @click.option(
     "--client", is_flag=True, help="A client certificate (nodes, builders) for `serve --client-ca`."
 )
-@click.option("--days", type=click.IntRange(1, 3650), default=pki.LEAF_DAYS, show_default=True)
+@click.option(
+    "--days",
+    type=click.IntRange(1, 3650),
+    default=pki.LEAF_DAYS,
+    show_default=True,
+    help="Validity (never beyond the CA's).",
+)
 @click.option(
     "--out-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -107,8 +127,7 @@ def issue_command(
 
 @ca_group.command("rotate")
 @ca_dir_option
-@click.option("--name", default="fleetbake fleet CA", show_default=True, help="CA common name.")
-@click.option("--days", type=click.IntRange(1, 36500), default=pki.CA_DAYS, show_default=True)
+@new_ca_options
 @click.option(
     "--finish",
     is_flag=True,
