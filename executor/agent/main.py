@@ -287,6 +287,9 @@ environment:
   EXECUTOR_RUN_ID            default: a UUID generated once, kept in the state directory
   EXECUTOR_MASTER_URL        core services URL; unset: standalone, nothing is reported
   EXECUTOR_TOKEN             this node's bearer token (with EXECUTOR_MASTER_URL)
+  EXECUTOR_MASTER_CA         CA certificates (path or PEM) an https:// master must chain to
+  EXECUTOR_INSECURE          1 allows plain http:// to a non-loopback master (logged)
+  EXECUTOR_MASTER_CLIENT_CERT, EXECUTOR_MASTER_CLIENT_KEY  client certificate (mutual TLS)
   EXECUTOR_WORKERS           default: the CPU count
   EXECUTOR_HEARTBEAT_S       seconds between heartbeats (+-20% jitter), default 10
   EXECUTOR_STATE_DIR         default /var/lib/executor (else ~/.local/state/executor)
