@@ -49,25 +49,24 @@ def builder_command(
 ) -> None:
     """Build environments for the core services until stopped (Ctrl-C or SIGTERM).
 
-    Registers the targets this host can build (the checks of `imagefactory doctor`) and
-    every format `imagefactory bake` knows, claims queued builds it can make (long
+    Registers the targets and formats this host can build (the checks of `imagefactory
+    doctor`), claims queued builds it can make (long
     polling), runs each as `imagefactory bake` in a child process while renewing its
     lease, and uploads the result (resumably; the master verifies its sha256). OCI builds
     are pushed with skopeo to the registry the master names. Progress goes to stderr.
     A stopped builder's build goes back to the queue when its lease expires.
     """
+    from imagefactory.builder.capabilities import buildable_formats, buildable_targets
     from imagefactory.builder.master import MasterClient, Refused
     from imagefactory.builder.worker import BuilderConfig, Worker
     from imagefactory.cli.bake import FORMATS
-    from imagefactory.host.doctor import can_build
-    from imagefactory.targets import TARGETS
 
     token = read_secret(token_file)
-    targets = tuple(t.name for t in TARGETS if can_build(t))
-    if not targets:
-        click.echo("warning: this host can build no target (see `imagefactory doctor`)", err=True)
+    targets, formats = buildable_targets(), buildable_formats(list(FORMATS))
+    if not targets or not formats:
+        click.echo("warning: this host can build nothing (see `imagefactory doctor`)", err=True)
     work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    config = BuilderConfig(builder_id, work_dir.resolve(), targets, tuple(FORMATS), grace_seconds)
+    config = BuilderConfig(builder_id, work_dir.resolve(), targets, formats, grace_seconds)
     signal.signal(signal.SIGTERM, _interrupt)
     client = MasterClient(master, builder_id, token, client_tls(master))
     try:

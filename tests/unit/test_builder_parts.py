@@ -143,3 +143,17 @@ def test_upload_halves_its_chunks_for_a_smaller_body_limit(
     tiny = FakeMaster(max_body=100)
     with pytest.raises(Refused):
         upload(tiny, "b", 1, path, sha256_digest(path))  # type: ignore[arg-type]
+
+
+def test_formats_need_their_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    import imagefactory.builder.capabilities as caps
+    from imagefactory.host.doctor import Check
+
+    present = {"dpkg-deb", "skopeo"}
+    monkeypatch.setattr(
+        caps, "tool_check", lambda program, package: Check(program, program in present, "", package)
+    )
+    formats = ["qcow2", "raw", "oci", "installer", "future"]
+    assert caps.buildable_formats(formats) == ("installer", "future")
+    present.add("mmdebstrap")
+    assert caps.buildable_formats(formats) == ("oci", "installer", "future")
