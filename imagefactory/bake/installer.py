@@ -57,6 +57,8 @@ PAYLOAD_END = "FLEETBAKE_PAYLOAD_END"
 PYTHON = "/usr/bin/python3"
 """The interpreter of the launcher (its #! line): the one whose version is checked."""
 AGENT_VARS = (
+    "EXECUTOR_MASTER_CA",
+    "EXECUTOR_INSECURE",
     "EXECUTOR_WORKERS",
     "EXECUTOR_HEARTBEAT_S",
     "EXECUTOR_POWEROFF_GRACE_S",

@@ -6,16 +6,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import click
 
+from imagefactory.boot.console import ConsoleFollower
 from imagefactory.errors import die
+from imagefactory.install.destination import Destination
 from imagefactory.install.fleet import After, Fleet, Job, Outcome, Session, summary_lines
+from imagefactory.install.remote import JournalFollower
 
 WAITS = ("none", "heartbeat", "report")
 UNIT = "executor.service"
@@ -54,21 +58,6 @@ def find_script(path: Path) -> Path:
     return script
 
 
-def install_args(
-    node_id: str,
-    master: str,
-    run_id: str | None,
-    on_complete: str,
-    env: tuple[tuple[str, str], ...],
-) -> tuple[str, ...]:
-    args = ["--node-id", node_id, "--master", master, "--on-complete", on_complete]
-    if run_id is not None:
-        args += ["--run-id", run_id]
-    for key, value in env:
-        args += ["--env", f"{key}={value}"]
-    return tuple(args)
-
-
 def waiter(
     wait: str,
     timeout_s: float,
@@ -81,7 +70,7 @@ def waiter(
     if wait == "none":
         return None
     from imagefactory.boot import console, nodestate, waiting
-    from imagefactory.install.remote import JournalFollower, RemoteError
+    from imagefactory.install.remote import RemoteError
 
     api = None
     if admin_token_file is not None:
@@ -106,9 +95,9 @@ def waiter(
             workdir=str(workdir),
             console_log=str(journal),
         )
-        node = waiting.BootedNode(
-            record, follower, console.ConsoleFollower(journal), time.monotonic()
-        )
+        follow = console.ConsoleFollower(journal)
+        device = _Agent(follower, follow)
+        node = waiting.BootedNode(record, device, follow, time.monotonic())
 
         def say(text: str) -> None:
             progress(f"[{dest}] {text}")
@@ -134,6 +123,23 @@ def waiter(
         return node.outcome
 
     return after
+
+
+@dataclass(frozen=True)
+class _Agent:
+    """The `Machine` of boot's wait for a device: it "runs" while the SSH session is up
+    and the agent has not printed a final status (so an agent that gave up, e.g. on a
+    configuration error, fails the wait at once instead of at the timeout)."""
+
+    journal: JournalFollower
+    statuses: ConsoleFollower
+
+    def running(self) -> bool:
+        last = self.statuses.last
+        return self.journal.running() and not (last is not None and last.final)
+
+    def stop(self) -> None:
+        self.journal.stop()
 
 
 @click.command("install")
@@ -169,6 +175,18 @@ def waiter(
     default="none",
     show_default=True,
     help="What the agent does once its report is delivered (a device usually stays up).",
+)
+@click.option(
+    "--master-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The fleet CA's bundle.crt: the devices verify the https:// master against it "
+    "(EXECUTOR_MASTER_CA).",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Allow a plain http:// master the devices reach over a network (EXECUTOR_INSECURE=1; "
+    "the token travels unencrypted).",
 )
 @click.option(
     "--identity-file",
@@ -235,6 +253,8 @@ def install_command(
     run_id: str | None,
     env_pairs: tuple[str, ...],
     on_complete: str,
+    master_ca: Path | None,
+    insecure: bool,
     identity_file: Path | None,
     known_hosts: Path,
     fingerprints: tuple[str, ...],
@@ -272,10 +292,17 @@ def install_command(
     policy = HostKeyPolicy(known_hosts.expanduser(), trusted, accept_new_host_key)
     if purge and not uninstall:
         raise die("--purge goes with --uninstall")
+    if master_ca is not None:  # --wait checks the master with the devices' CA too
+        from imagefactory.client import CA_ENV
+
+        os.environ.setdefault(CA_ENV, str(master_ca))
+    given = NodeInputs(
+        node_id, master, secret_file, token, run_id, env_pairs, on_complete, master_ca, insecure
+    )
     jobs = (
         [Job(d, None, ("--uninstall", "--purge") if purge else ("--uninstall",)) for d in dests]
         if uninstall
-        else node_jobs(dests, node_id, master, secret_file, token, run_id, env_pairs, on_complete)
+        else node_jobs(dests, given)
     )
     if admin_token_file is not None and (admin_url or master) is None:
         raise die("--admin-token-file needs --admin-url (or --master)")
@@ -288,41 +315,73 @@ def install_command(
     report(outcomes, as_json)
 
 
-def node_jobs(
-    dests: list[Any],
-    node_id: str | None,
-    master: str | None,
-    secret_file: Path | None,
-    token: str | None,
-    run_id: str | None,
-    env_pairs: tuple[str, ...],
-    on_complete: str,
-) -> list[Job]:
+@dataclass(frozen=True)
+class NodeInputs:
+    """The node options of `install`, as given (checked by `node_jobs`)."""
+
+    node_id: str | None
+    master: str | None
+    secret_file: Path | None
+    token: str | None
+    run_id: str | None
+    env_pairs: tuple[str, ...]
+    on_complete: str
+    master_ca_file: Path | None
+    insecure: bool
+
+
+# node.env variables install.sh takes as options of their own; the rest go as --env.
+_OWN_OPTIONS = {
+    "EXECUTOR_NODE_ID": "--node-id",
+    "EXECUTOR_RUN_ID": "--run-id",
+    "EXECUTOR_MASTER_URL": "--master",
+    "EXECUTOR_ON_COMPLETE": "--on-complete",
+}
+
+
+def node_jobs(dests: list[Destination], given: NodeInputs) -> list[Job]:
     """One job per device, every value checked here (as the seed checks them) before any
-    device is touched."""
+    device is touched; install.sh gets the node.env the seed would write."""
+    from imagefactory import pki
     from imagefactory.boot import nodeenv, seed
     from imagefactory.boot.launch import node_ids
     from imagefactory.tokens import node_token, read_secret
 
-    if node_id is None or master is None:
+    if given.node_id is None or given.master is None:
         raise die("--node-id and --master are required (or give --uninstall)")
-    if (token is None) == (secret_file is None):
+    if (given.token is None) == (given.secret_file is None):
         raise die("give one of --token or --secret-file")
-    if token is not None and len(dests) > 1:
+    if given.token is not None and len(dests) > 1:
         raise die("a --token belongs to one node", hint="with several --ssh, give --secret-file")
-    secret = read_secret(secret_file) if secret_file is not None else None
-    env = tuple(nodeenv.parse_assignment(p) for p in env_pairs)
-    ids = node_ids(seed.check_node_id(node_id), len(dests))
-    runs = [run_id] if len(dests) == 1 or run_id is None else None
+    secret = read_secret(given.secret_file) if given.secret_file is not None else None
+    master_ca = None
+    if given.master_ca_file is not None:
+        try:
+            master_ca = pki.check_bundle(given.master_ca_file.read_bytes(), "--master-ca")
+        except OSError as exc:
+            raise die(f"cannot read --master-ca {given.master_ca_file}: {exc.strerror}") from None
+        except pki.PkiError as exc:
+            raise die(f"--master-ca: {exc}") from None
+    env = tuple(nodeenv.parse_assignment(p) for p in given.env_pairs)
+    ids = node_ids(seed.check_node_id(given.node_id), len(dests))
     jobs = []
     for i, (dest, nid) in enumerate(zip(dests, ids, strict=True)):
-        rid = runs[0] if runs is not None else f"{run_id}-{i + 1}"
-        node_token_ = token if secret is None else node_token(secret, nid)
-        node = seed.NodeVars(nid, rid, master, node_token_, on_complete, env)
-        node.env()  # validates the id, run id, URL, --env names and values
+        rid = given.run_id if len(dests) == 1 or given.run_id is None else f"{given.run_id}-{i + 1}"
         if rid is not None:
             seed.check_node_id(rid)
-        jobs.append(Job(dest, nid, install_args(nid, master, rid, on_complete, env), node_token_))
+        token = given.token if secret is None else node_token(secret, nid)
+        node = seed.NodeVars(
+            nid, rid, given.master, token, given.on_complete, env,
+            master_ca=None if master_ca is None else master_ca.decode("ascii"),
+            insecure=given.insecure,
+        )  # fmt: skip
+        args: list[str] = []
+        for key, value in node.env():  # validates ids, URL, --env names and values
+            if key in _OWN_OPTIONS:
+                args += [_OWN_OPTIONS[key], value]
+            elif key != "EXECUTOR_TOKEN":  # uploaded as a file of its own
+                args += ["--env", f"{key}={value}"]
+        jobs.append(Job(dest, nid, tuple(args), token))
     return jobs
 
 

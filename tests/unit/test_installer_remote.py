@@ -4,6 +4,7 @@ refusals, which must come before any device is touched."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -266,3 +267,44 @@ def test_unreachable_device_fails_with_a_summary(installer: Path) -> None:
     (outcome,) = json.loads(result.stdout)
     assert outcome["status"] == "failed" and "cannot connect" in outcome["error"]
     assert f"Error: failed on 1 of 1 device(s): root@127.0.0.1:{port}" in result.stderr
+
+
+def _jobs(**changes: Any) -> list[Job]:
+    from imagefactory.cli.install import NodeInputs, node_jobs
+
+    base = NodeInputs("edge", "http://10.0.0.5:8750", None, "t", None, (), "none", None, False)
+    return node_jobs([Destination("root", "a")], dataclasses.replace(base, **changes))
+
+
+def test_install_sh_gets_the_seed_s_variables_but_never_the_token() -> None:
+    (job,) = _jobs(insecure=True, run_id="r-1", env_pairs=("PROBE=a b",))
+    assert job.args == (
+        "--node-id", "edge", "--run-id", "r-1", "--master", "http://10.0.0.5:8750",
+        "--env", "EXECUTOR_INSECURE=1", "--on-complete", "none", "--env", "PROBE=a b",
+    )  # fmt: skip
+    assert job.token == "t" and "t" not in job.args
+
+
+def test_master_ca_needs_https_and_a_certificate(tmp_path: Path) -> None:
+    bad = tmp_path / "ca.crt"
+    bad.write_text("not a certificate\n")
+    with pytest.raises(click.ClickException, match="--master-ca"):
+        _jobs(master_ca_file=bad)
+    with pytest.raises(click.ClickException, match="cannot read --master-ca"):
+        _jobs(master_ca_file=tmp_path / "missing.crt")
+
+
+def test_several_devices_get_numbered_ids_and_their_own_tokens(tmp_path: Path) -> None:
+    from imagefactory.cli.install import NodeInputs, node_jobs
+    from imagefactory.tokens import node_token
+
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    given = NodeInputs("edge", "http://10.0.0.5:8750", secret, None, "run", (), "none", None, False)
+    jobs = node_jobs([Destination("root", "a"), Destination("root", "b")], given)
+    assert [j.node_id for j in jobs] == ["edge-1", "edge-2"]
+    assert [j.token for j in jobs] == [
+        node_token("s3cret", "edge-1"),
+        node_token("s3cret", "edge-2"),
+    ]
+    assert ("--run-id", "run-2") == jobs[1].args[2:4]

@@ -239,6 +239,7 @@ def identity(master: Master, device: Device) -> list[str]:
         "--known-hosts", str(device.tmp / "known_hosts"),
         "--node-id", NODE, "--master", guest_master,
         "--secret-file", str(master.secret_file),
+        "--insecure",  # plain http:// through QEMU's guestfwd, which never leaves the host
     ]  # fmt: skip
 
 
@@ -270,6 +271,7 @@ def test_install_makes_a_node_that_heartbeats_and_reports(
         "--wait", "report", "--admin-token-file", str(master.admin_token_file),
         "--admin-url", master.url, "--timeout", "600", "--json",
     )  # fmt: skip
+    print(result.stderr)  # the per-device progress and the summary, for the test log
     assert result.returncode == 1, result.stderr + "\n" + device.console_tail()
     by_ssh = {o["ssh"]: o for o in json.loads(result.stdout)}
     ok, failed = by_ssh[device.ssh], by_ssh[f"ops@127.0.0.1:{closed}"]
@@ -315,6 +317,27 @@ def test_a_second_run_changes_nothing(installer: Path, master: Master, device: D
     assert after == before, "the service restarted or node.env was rewritten"
 
 
+def test_a_newer_installer_upgrades_and_a_new_host_key_can_be_accepted(
+    installer: Path, master: Master, device: Device, tmp_path: Path
+) -> None:
+    newer = bake_installer(tmp_path / "newer", TARGET)  # baked later: a higher version
+    version = json.loads((newer / "manifest.json").read_text())["package"]["version"]
+    assert version != json.loads((installer / "manifest.json").read_text())["package"]["version"]
+    known_hosts = device.tmp / "known_hosts"
+    assert not known_hosts.exists()
+    args = [*identity(master, device), "--node-id", NODE + "-1", "--accept-new-host-key"]
+    result = install(str(newer), *args, "--wait", "heartbeat", "--json")
+    assert result.returncode == 0, result.stderr + "\n" + device.console_tail()
+    (outcome,) = json.loads(result.stdout)
+    assert outcome["status"] == "installed" and outcome["wait"] == "agent started"
+    installed = device.run("dpkg-query -W -f '${Version}' fleetbake-node")[1]
+    assert installed.splitlines()[-1] == version
+    # The key seen first is now recorded, and trusted from here on without a fingerprint.
+    assert f"[127.0.0.1]:{device.ssh_port} ecdsa-sha2-nistp256 " not in known_hosts.read_text()
+    assert known_hosts.read_text().startswith(f"[127.0.0.1]:{device.ssh_port} ssh-ed25519 ")
+    assert known_hosts.stat().st_mode & 0o777 == 0o600
+
+
 def test_install_sh_refusals_on_the_device(
     installer: Path, device: Device, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -354,7 +377,7 @@ def test_uninstall_leaves_nothing_but_state_and_purge_removes_that(
 ) -> None:
     base = [str(installer), "--ssh", device.ssh, "--identity-file", str(device.key)]
     base += ["--known-hosts", str(device.tmp / "known_hosts")]
-    base += ["--host-key-fingerprint", device.host_fingerprint]
+    # No fingerprint: the key recorded by --accept-new-host-key is trusted.
     result = install(*base, "--uninstall", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)[0]["status"] == "uninstalled"
