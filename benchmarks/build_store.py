@@ -86,18 +86,25 @@ def timed_copy(source: Path, dest: Path) -> float:
     return time.perf_counter() - start
 
 
-def one_upload(url: str, admin: httpx.Client, builder: MasterClient, path: Path) -> float:
-    """Submit, claim, upload (timed); the build then fails so that the next round can
-    queue the same inputs again."""
+def claim_and_upload(
+    url: str, admin: httpx.Client, builder: MasterClient, path: Path
+) -> tuple[dict[str, Any], str, float]:
+    """Submit a build, claim it, upload `path` for it: (build, digest, upload seconds)."""
     body = {"target": "x86_64-linux", "format": "qcow2", "pipeline": "bench"}
     admin.post(f"{url}/v1/builds", json=body).raise_for_status()
     job = builder.claim(["x86_64-linux"], ["qcow2"], 5)
     assert job is not None
-    build = job["build"]
+    build: dict[str, Any] = job["build"]
     digest = sha256_digest(path)
     start = time.perf_counter()
     upload(builder, build["build_id"], build["attempt"], path, digest)
-    elapsed = time.perf_counter() - start
+    return build, digest, time.perf_counter() - start
+
+
+def one_upload(url: str, admin: httpx.Client, builder: MasterClient, path: Path) -> float:
+    """A timed upload; the build then fails so that the next round can queue the same
+    inputs again."""
+    build, _, elapsed = claim_and_upload(url, admin, builder, path)
     builder.finish(build["build_id"], build["attempt"], {"state": "failed", "error": "bench"})
     return elapsed
 
@@ -151,13 +158,7 @@ def main() -> int:
 
 
 def stored_environment(url: str, admin: httpx.Client, builder: MasterClient, path: Path) -> str:
-    body = {"target": "x86_64-linux", "format": "qcow2", "pipeline": "bench"}
-    admin.post(f"{url}/v1/builds", json=body).raise_for_status()
-    job = builder.claim(["x86_64-linux"], ["qcow2"], 5)
-    assert job is not None
-    build = job["build"]
-    digest = sha256_digest(path)
-    upload(builder, build["build_id"], build["attempt"], path, digest)
+    build, digest, _ = claim_and_upload(url, admin, builder, path)
     artifact = {"name": "image.qcow2", "digest": digest, "size": path.stat().st_size}
     outcome = {"state": "succeeded", "artifacts": [artifact]}
     builder.finish(build["build_id"], build["attempt"], outcome)
