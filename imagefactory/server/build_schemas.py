@@ -54,7 +54,10 @@ class Build(BaseModel):
     pipeline_sha256: str
     state: BuildState
     builder_id: str | None
-    attempt: int = Field(description="How many times a builder claimed it.")
+    attempt: int = Field(
+        description="The attempt the build is on: 1, raised each time an expired lease "
+        "puts it back in the queue."
+    )
     cancel_requested: bool
     stage: str | None = Field(description="The stage in progress while building.")
     stages: dict[str, float] = Field(description="Seconds per finished stage.")

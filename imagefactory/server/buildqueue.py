@@ -2,7 +2,8 @@
 
     queued --claim--> building --finish--> succeeded | failed | cancelled
        ^                 |
-       +--lease expired--+  (attempt < max_attempts; else failed, or cancelled if asked)
+       +--lease expired--+  attempt + 1 (while attempt < max_attempts; else failed, or
+                            cancelled if a cancel was asked)
     queued --cancel--> cancelled          building --cancel--> (builder stops) cancelled
 
 A claim picks the oldest queued build a builder can make, under a lock that no other
@@ -148,7 +149,7 @@ class BuildQueue:
                 "pipeline": pipeline,
                 "pipeline_sha256": pipeline_sha256,
                 "state": "queued",
-                "attempt": 0,
+                "attempt": 1,
                 "cancel_requested": False,
                 "stages": "{}",
                 "artifacts": "[]",
@@ -255,7 +256,7 @@ class BuildQueue:
             return None
         now = time.time()
         pick = (
-            sa.select(builds.c.build_id, builds.c.attempt)
+            sa.select(builds.c.build_id)
             .where(
                 builds.c.state == "queued",
                 builds.c.target.in_(list(targets)),
@@ -280,7 +281,6 @@ class BuildQueue:
                 .values(
                     state="building",
                     builder_id=builder_id,
-                    attempt=row.attempt + 1,
                     lease_expires=now + self.lease_s,
                     started_at=now,
                     stage=None,
@@ -402,7 +402,13 @@ class BuildQueue:
             conn.execute(
                 builds.update()
                 .where(expired)
-                .values(state="queued", builder_id=None, lease_expires=None, stage=None)
+                .values(
+                    state="queued",
+                    attempt=builds.c.attempt + 1,
+                    builder_id=None,
+                    lease_expires=None,
+                    stage=None,
+                )
             )
 
     # -- environments -----------------------------------------------------------------------

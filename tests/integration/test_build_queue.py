@@ -76,7 +76,8 @@ def test_lease_expiry_requeues_with_the_attempt_raised(db_url: str) -> None:
         assert queue.renew(lease, "bake", {"base": 1.0}, ["line"]) is False
         time.sleep(0.7)
         queue.expire_leases()
-        assert queue.get(build["build_id"])["state"] == "queued"  # type: ignore[index]
+        requeued = queue.get(build["build_id"])
+        assert requeued is not None and (requeued["state"], requeued["attempt"]) == ("queued", 2)
         with pytest.raises(LeaseLost):
             queue.renew(lease, None, {}, [])
         second = queue.claim("b2", ["x86_64-linux"], ["raw"])

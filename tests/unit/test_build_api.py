@@ -119,7 +119,7 @@ def test_submit_is_idempotent_and_pins_the_pipeline(client: TestClient) -> None:
     first = submit(client)
     assert first.status_code == 201
     build = first.json()
-    assert build["state"] == "queued" and build["attempt"] == 0
+    assert build["state"] == "queued" and build["attempt"] == 1
     assert build["pipeline"] == "demo" and build["pipeline_sha256"] == sha
     again = submit(client, pipeline=f"demo@sha256:{sha}")
     assert again.status_code == 200 and again.json()["build_id"] == build["build_id"]
