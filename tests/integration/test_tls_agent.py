@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import ssl
 import subprocess
 import time
@@ -227,3 +228,54 @@ def test_serve_refuses_bad_tls_options(
     assert done.returncode == 2, done.stderr
     [error] = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
     assert message in error and "Traceback" not in done.stderr
+
+
+def test_builder_verifies_the_master(
+    server: ServerProcess, certs: dict[str, pki.Issued], tmp_path: Path
+) -> None:
+    """A builder with the fleet CA registers over HTTPS; one without it does not."""
+    server.extra_args = tls_args(certs["good"])
+    server.start()
+    token = imagefactory("token", "--builder", "b1", "--secret-file", str(server.secret_file))
+    (tmp_path / "b1.token").write_text(token.stdout)
+    trust = ssl.create_default_context(cafile=str(bundle(certs)))
+    bearer = {"Authorization": f"Bearer {server.admin_token}"}
+    builders: list[subprocess.Popen[bytes]] = []
+    for ca_args in ((), ("--ca-file", str(bundle(certs)))):
+        with (tmp_path / f"builder-{len(builders)}.log").open("wb") as log:
+            builders.append(
+                subprocess.Popen(
+                    [
+                        str(BIN / "imagefactory"),
+                        "builder",
+                        "--master",
+                        server.url,
+                        "--builder-id",
+                        "b1",
+                        "--token-file",
+                        str(tmp_path / "b1.token"),
+                        "--work-dir",
+                        str(tmp_path / f"work-{len(builders)}"),
+                        *ca_args,
+                    ],
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                )  # fmt: skip
+            )
+    try:
+        deadline = time.monotonic() + 60
+        registered: list[object] = []
+        while not registered and time.monotonic() < deadline:
+            time.sleep(0.5)
+            answer = httpx.get(f"{server.url}/v1/builders", verify=trust, headers=bearer)
+            registered = answer.json()
+        assert [b["builder_id"] for b in registered] == ["b1"]  # type: ignore[index]
+        assert builders[0].poll() is None or builders[0].returncode != 0
+        untrusted = (tmp_path / "builder-0.log").read_text()
+        assert "certificate" in untrusted, untrusted
+    finally:
+        for proc in builders:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
