@@ -58,6 +58,7 @@ import yaml
 from imagefactory.bake.artifacts import GUEST_UNIT
 from imagefactory.boot import ssh
 from imagefactory.boot.nodestate import NodeRecord
+from imagefactory.targets import target_names
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -334,12 +335,18 @@ def boot_once(
     env: dict[str, str],
 ) -> Boot:  # fmt: skip
     boot = Boot(config, node_id)
-    out = imagefactory(
-        env, "boot", str(image), "--node-id", node_id, "--target", args.target,
-        "--accel", args.accel, "--master", master.url, "--secret-file", str(master.secret_file),
-        "--admin-token-file", str(master.admin_token_file), "--on-complete", "none",
-        "--wait", "none", "--keep", "--json",
-    )  # fmt: skip
+    try:
+        out = imagefactory(
+            env, "boot", str(image), "--node-id", node_id, "--target", args.target,
+            "--accel", args.accel, "--master", master.url,
+            "--secret-file", str(master.secret_file),
+            "--admin-token-file", str(master.admin_token_file), "--on-complete", "none",
+            "--wait", "none", "--keep", "--json",
+        )  # fmt: skip
+    except RuntimeError as exc:  # the VM never started: nothing to stop
+        boot.error = str(exc)
+        say(f"  {node_id}: {exc}")
+        return boot
     summary = json.loads(out)[0]
     record = NodeRecord(**{k: summary[k] for k in NodeRecord.__dataclass_fields__})
     try:
@@ -446,7 +453,9 @@ def baked_image(args: argparse.Namespace, work: Path) -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", help="A baked qcow2, or an `imagefactory bake` OUT/TARGET.")
-    parser.add_argument("--target", default="x86_64-linux", help="default: x86_64-linux")
+    parser.add_argument(
+        "--target", default="x86_64-linux", choices=target_names(), help="default: x86_64-linux"
+    )
     parser.add_argument("--boots", type=int, default=3, help="boots per configuration (3)")
     parser.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
     parser.add_argument("--timeout", type=float, default=900, help="seconds per boot (900)")
@@ -466,7 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         image = baked_image(args, work)
         say(f"==> stock copy of {image}")
-        images = {"project": image, "stock": make_stock_image(image, work)}
+        try:
+            images = {"project": image, "stock": make_stock_image(image, work)}
+        except subprocess.CalledProcessError as exc:
+            last = (exc.stderr or "").strip().splitlines()[-1:]
+            sys.exit(f"Error: {exc.cmd[0]} failed on {image} (exit {exc.returncode})" +
+                     "".join(f": {line}" for line in last))  # fmt: skip
         env = {**os.environ, "XDG_STATE_HOME": str(work / "state")}
         boots: list[Boot] = []
         with serve(work) as master:
