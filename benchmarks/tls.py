@@ -5,8 +5,8 @@ processes on loopback, one plain HTTP and one HTTPS with a certificate from a CA
 here. Rounds alternate between the two so that host load hits both alike; prints the
 median and p90 latency of each and the ratio https/http.
 
-    .venv/bin/python -m benchmarks.tls                   # 10 rounds x 50 heartbeats each
-    .venv/bin/python -m benchmarks.tls --rounds 20 --per-round 100 --json out.json
+    .venv/bin/python benchmarks/tls.py                   # 10 rounds x 50 heartbeats each
+    .venv/bin/python benchmarks/tls.py --rounds 20 --per-round 100 --json out.json
 
 No goal from the issue; the figure shows whether TLS by default is affordable.
 """
@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.heartbeats import start, stop
 from executor.agent.heartbeat import Heartbeats
 from executor.agent.master import Master
 from imagefactory import pki
@@ -32,12 +31,18 @@ BIN = Path(sys.executable).parent
 
 
 def serve(work: Path, name: str, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    """An `imagefactory serve` of its own database; (process, URL it listens on)."""
     (work / name).mkdir()
     argv = [
         str(BIN / "imagefactory"), "serve", "--port", "0", "--db", str(work / name / "db"),
         "--secret-file", str(work / "secret"), "--admin-token-file", str(work / "admin"), *extra,
     ]  # fmt: skip
-    return start(argv)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if b"listening on " in line:
+            return proc, line.decode().split("listening on ", 1)[1].strip()
+    raise SystemExit(f"{name}: serve did not start")
 
 
 def beats(master: Master, count: int, agent: Heartbeats) -> list[float]:
@@ -81,8 +86,11 @@ def main() -> int:
                 for name, master in peers.items():
                     latencies[name] += beats(master, args.per_round, agents[name])
         finally:
-            stop(plain_proc)
-            stop(tls_proc)
+            for proc in (plain_proc, tls_proc):
+                proc.terminate()
+                proc.wait(timeout=30)
+                if proc.stdout is not None:
+                    proc.stdout.close()
     figures: dict[str, dict[str, float]] = {}
     for name, values in latencies.items():
         p50 = statistics.median(values)
