@@ -48,6 +48,10 @@ class BuilderConfig:
     """After a cancel's SIGINT, how long the bake may clean up before SIGKILL."""
     wait_s: float = 20.0
     """Long-poll length of one claim."""
+    ca_file: Path | None = None
+    """The builder's --ca-file: also what an https registry is verified against."""
+    insecure: bool = False
+    """The builder's --insecure: also allows a plain-HTTP registry beyond loopback."""
 
 
 def say(text: str) -> None:
@@ -201,7 +205,13 @@ class Job:
         }
         if self.build["format"] == "oci" and self.registry:
             reference = f"fleetbake/{repository_name(self.build['pipeline'])}:{self.id}"
-            outcome["pushed"] = push_oci(Path(image["dir"]), self.registry, reference)
+            outcome["pushed"] = push_oci(
+                Path(image["dir"]),
+                self.registry,
+                reference,
+                self.config.ca_file,
+                self.config.insecure,
+            )
         return outcome
 
     def _report(self, outcome: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from types import FrameType
 
 import click
 
-from imagefactory.cli.services import check_ident, client_tls, tls_options
+from imagefactory.cli.services import check_ident, client_tls, tls_choice, tls_options
 from imagefactory.errors import die
 from imagefactory.paths import state_root
 from imagefactory.tokens import read_secret
@@ -66,7 +66,16 @@ def builder_command(
     if not targets or not formats:
         click.echo("warning: this host can build nothing (see `imagefactory doctor`)", err=True)
     work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    config = BuilderConfig(builder_id, work_dir.resolve(), targets, formats, grace_seconds)
+    ca_file, insecure = tls_choice()
+    config = BuilderConfig(
+        builder_id,
+        work_dir.resolve(),
+        targets,
+        formats,
+        grace_seconds,
+        ca_file=ca_file,
+        insecure=insecure,
+    )
     signal.signal(signal.SIGTERM, _interrupt)
     client = MasterClient(master, builder_id, token, client_tls(master))
     try:

@@ -105,6 +105,14 @@ def tls_options(f: F) -> F:
     return f
 
 
+def tls_choice() -> tuple[Path | None, bool]:
+    """(--ca-file, --insecure) of a command with `tls_options`, for tools other than
+    httpx (skopeo)."""
+    meta = click.get_current_context().meta
+    ca_file: Path | None = meta.get("imagefactory.tls.ca_file")
+    return ca_file, bool(meta.get("imagefactory.tls.insecure"))
+
+
 def client_tls(url: str) -> ssl.SSLContext:
     """The TLS settings of a command with `tls_options`, for `url`."""
     meta = click.get_current_context().meta
@@ -113,8 +121,7 @@ def client_tls(url: str) -> ssl.SSLContext:
     if (cert is None) != (key is None):
         raise die("--client-cert and --client-key go together")
     pair = None if cert is None or key is None else (cert, key)
-    ca_file: Path | None = meta.get("imagefactory.tls.ca_file")
-    return tls_verify(url, ca_file, bool(meta.get("imagefactory.tls.insecure")), pair)
+    return tls_verify(url, *tls_choice(), pair)
 
 
 def admin_options(f: F) -> F:
