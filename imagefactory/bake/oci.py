@@ -206,9 +206,9 @@ def bake(opts: BakeOptions, stages: Stages) -> BakeResult:
 
 
 def write_multiarch(output: Path, results: list[BakeResult]) -> Path:
-    """OUTPUT/all-oci/: one OCI layout whose index.json lists every target's image with
-    its platform under the one ref name, so a single name serves every architecture
-    (`skopeo copy --all oci:OUTPUT/all-oci:latest docker://REGISTRY/NAME`)."""
+    """OUTPUT/all-oci/: one OCI layout whose image `latest` is an image index listing
+    every target's manifest with its platform, so a single name serves every
+    architecture (`skopeo copy --all oci:OUTPUT/all-oci:latest docker://REGISTRY/NAME`)."""
     final = output / "all-oci"
     scratch = Path(tempfile.mkdtemp(prefix=".all-oci-", dir=output))
     try:
@@ -222,8 +222,8 @@ def write_multiarch(output: Path, results: list[BakeResult]) -> Path:
             oci_doc = result.manifest["oci"]
             size = (source / oci_doc["manifest_digest"].removeprefix("sha256:")).stat().st_size
             desc = Descriptor(MEDIA_MANIFEST, oci_doc["manifest_digest"], size)
-            entries.append((desc, Platform.from_doc(oci_doc["platform"]), REF))
-        layout.write_index(entries)
+            entries.append((desc, Platform.from_doc(oci_doc["platform"])))
+        layout.write_index([(layout.add_index(entries), None, REF)])
         publish(scratch / "layout", final)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -141,11 +141,17 @@ class Layout:
         config_desc = self.add_bytes(MEDIA_CONFIG, canonical(doc))
         return self.add_bytes(MEDIA_MANIFEST, canonical(manifest_doc(config_desc, layers, epoch)))
 
-    def write_index(self, entries: list[tuple[Descriptor, Platform, str]]) -> None:
-        """index.json: one manifest per (descriptor, platform, ref name)."""
+    def add_index(self, entries: list[tuple[Descriptor, Platform]]) -> Descriptor:
+        """An image index blob listing one manifest per platform (a multi-arch image)."""
+        manifests = [desc.doc(platform=platform.doc()) for desc, platform in entries]
+        doc = {"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": manifests}
+        return self.add_bytes(MEDIA_INDEX, canonical(doc))
+
+    def write_index(self, entries: list[tuple[Descriptor, Platform | None, str]]) -> None:
+        """index.json: one image (a manifest, or an image index) per ref name."""
         manifests = [
-            desc.doc(platform=platform.doc(), annotations={REF_NAME: ref})
-            for desc, platform, ref in entries
+            desc.doc(annotations={REF_NAME: ref}) | ({"platform": p.doc()} if p else {})
+            for desc, p, ref in entries
         ]
         doc = {"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": manifests}
         (self.root / "index.json").write_bytes(canonical(doc))

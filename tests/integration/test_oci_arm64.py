@@ -54,8 +54,9 @@ def test_aarch64_image_runs_under_qemu_user(tmp_path: Path) -> None:
 
     x86 = bake_oci(hello, tmp_path / "x86")
     index_dir = write_multiarch(tmp_path, [x86, arm])
-    index = json.loads((index_dir / "index.json").read_text())
-    platforms = [m["platform"]["architecture"] for m in index["manifests"]]
+    [entry] = json.loads((index_dir / "index.json").read_text())["manifests"]
+    nested = json.loads((index_dir / "blobs/sha256" / entry["digest"][7:]).read_text())
+    platforms = [m["platform"]["architecture"] for m in nested["manifests"]]
     assert platforms == ["amd64", "arm64"]
     for arch in ("amd64", "arm64"):
         chosen = subprocess.run(

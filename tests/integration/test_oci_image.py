@@ -100,7 +100,11 @@ def test_two_bakes_give_the_same_digest(etl_oci: BakeResult, tmp_path: Path) -> 
 def test_multiarch_index_lists_each_platform(etl_oci: BakeResult, tmp_path: Path) -> None:
     """The index step on its own (the aarch64 bake itself is in the slow test)."""
     index_dir = write_multiarch(tmp_path, [etl_oci])
-    index = json.loads((index_dir / "index.json").read_text())
-    [entry] = index["manifests"]
-    assert entry["platform"] == {"architecture": "amd64", "os": "linux"}
-    tool("skopeo", "inspect", f"oci:{index_dir}:latest")
+    [entry] = json.loads((index_dir / "index.json").read_text())["manifests"]
+    assert entry["mediaType"] == "application/vnd.oci.image.index.v1+json"
+    nested = json.loads((index_dir / "blobs/sha256" / entry["digest"][7:]).read_text())
+    [image] = nested["manifests"]
+    assert image["platform"] == {"architecture": "amd64", "os": "linux"}
+    chosen = tool("skopeo", "--override-arch", "amd64", "inspect", f"oci:{index_dir}:latest")
+    found = json.loads(chosen.stdout)
+    assert found["Architecture"] == "amd64" and found["Digest"] == entry["digest"]
