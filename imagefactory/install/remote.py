@@ -50,6 +50,12 @@ def connect(
             f"not the one in {policy.known_hosts}; refusing (remove the old line only if you "
             "know why it changed)"
         ) from None
+    except paramiko.ssh_exception.NoValidConnectionsError as exc:
+        client.close()
+        why = "; ".join(
+            sorted({getattr(e, "strerror", None) or str(e) for e in exc.errors.values()})
+        )
+        raise RemoteError(f"cannot connect to {dest}: {why}") from None
     except paramiko.AuthenticationException as exc:
         client.close()
         raise RemoteError(f"SSH login as {dest.user} refused: {exc}") from None

@@ -265,7 +265,8 @@ def test_unreachable_device_fails_with_a_summary(installer: Path) -> None:
     result = cli(str(installer), "--ssh", f"root@127.0.0.1:{port}", *IDENT, "--json")
     assert result.returncode == 1, result.stderr
     (outcome,) = json.loads(result.stdout)
-    assert outcome["status"] == "failed" and "cannot connect" in outcome["error"]
+    assert outcome["status"] == "failed"
+    assert outcome["error"] == f"cannot connect to root@127.0.0.1:{port}: Connection refused"
     assert f"Error: failed on 1 of 1 device(s): root@127.0.0.1:{port}" in result.stderr
 
 
