@@ -48,6 +48,12 @@ GUEST_USER = "executor"
 
 GUEST_VENV = "/opt/executor/venv"
 """The executor's own virtual environment (VM images): the pipeline's wheels go there."""
+GUEST_SITE = "/opt/executor/site"
+"""Container images and bare-metal packages: the pipeline's wheels, installed by the bake
+for the target's platform (bake/wheels.py install_wheels)."""
+GUEST_PTH = "/usr/lib/python3/dist-packages/fleetbake-executor.pth"
+"""Container images and bare-metal packages: puts GUEST_LIB (and GUEST_SITE) on every
+python3's sys.path, workers included."""
 SYSTEM_PYTHON = "/usr/bin/python3"
 VENV_PYTHON = f"{GUEST_VENV}/bin/python3"
 

@@ -33,11 +33,14 @@ from imagefactory.bake.artifacts import (
     GUEST_LIB,
     GUEST_NODE_ENV,
     GUEST_PIPELINE,
+    GUEST_PTH,
+    GUEST_SITE,
     GUEST_STATE_DIR,
     GUEST_USER,
     Artifacts,
     executor_unit,
 )
+from imagefactory.bake.wheels import Wheelhouse, install_wheels
 from imagefactory.run import run
 from imagefactory.targets import Target
 
@@ -46,8 +49,6 @@ PYTHON_MIN = "3.11"
 UNIT_NAME = "executor.service"
 DEB_UNIT = f"/lib/systemd/system/{UNIT_NAME}"
 """Where a package puts a unit (an administrator's /etc/systemd/system copy wins)."""
-PTH_FILE = "/usr/lib/python3/dist-packages/fleetbake-executor.pth"
-"""Puts GUEST_LIB on every python3's sys.path, workers included (as provision.sh does)."""
 WANTS_LINK = f"/etc/systemd/system/multi-user.target.wants/{UNIT_NAME}"
 MAINTAINER = "fleetbake <fleetbake-node@fleetbake.invalid>"
 """No one to mail: .invalid (RFC 2606) says so, and lintian takes it as a host."""
@@ -65,6 +66,18 @@ LINTIAN_OVERRIDES = {
     "file-in-usr-local [usr/local/bin/executor]": _SITE_LOCAL,
     "file-in-unusual-dir [usr/local/bin/executor]": _SITE_LOCAL,
 }
+_WHEELS = (
+    "the pipeline's wheels, installed verbatim as pinned by sha256 in requirements.lock: "
+    "their binaries are built by their projects (manylinux), not by this package"
+)
+_SITE_FILES = f"{GUEST_SITE.lstrip('/')}/*"
+WHEEL_LINTIAN_OVERRIDES = {
+    f"unstripped-binary-or-object [{_SITE_FILES}]": _WHEELS,
+    f"library-not-linked-against-libc [{_SITE_FILES}]": _WHEELS,
+    f"shared-library-is-executable * [{_SITE_FILES}]": _WHEELS,
+    f"missing-dependency-on-libc needed by {_SITE_FILES}": _WHEELS,
+}
+"""Only when the package carries wheels (GUEST_SITE)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,7 @@ def _script_values() -> dict[str, str]:
         "USER": GUEST_USER,
         "STATE_DIR": GUEST_STATE_DIR,
         "LIB": GUEST_LIB,
+        "SITE": GUEST_SITE,
         "UNIT": UNIT_NAME,
         "WANTS_LINK": WANTS_LINK,
         "NODE_ENV": GUEST_NODE_ENV,
@@ -195,15 +209,21 @@ def build_deb(
     created: datetime.datetime,
     out_dir: Path,
     debian_packages: tuple[str, ...] = (),
+    wheels: Wheelhouse | None = None,
 ) -> DebPackage:
     """Stage the package tree under out_dir and build the .deb next to it; every file
     dated `created` (the executor bundle's files are dated 1970 for reproducibility,
-    which lintian rejects)."""
+    which lintian rejects). The pipeline's wheels, if any, are installed into GUEST_SITE
+    for the target's platform, so the device needs no package index either."""
     root = out_dir / "deb-root"
     if root.exists():
         shutil.rmtree(root)
     _unpack_library(arts.dir / "executor-lib.tar.gz", root / GUEST_LIB.lstrip("/"))
-    _put(root, PTH_FILE, f"{GUEST_LIB}\n".encode())
+    paths = [GUEST_LIB]
+    if wheels is not None:
+        install_wheels(wheels, root / GUEST_SITE.lstrip("/"), target)
+        paths.append(GUEST_SITE)
+    _put(root, GUEST_PTH, "".join(f"{path}\n" for path in paths).encode())
     _put(root, GUEST_LAUNCHER, (arts.dir / "executor").read_bytes(), 0o755)
     _put(root, GUEST_PIPELINE, (arts.dir / "pipeline.tar.gz").read_bytes())
     unit = executor_unit(arts.pipeline_sha256, cloud_init=False)
@@ -215,7 +235,8 @@ def build_deb(
         f"{doc}/changelog.gz",
         _gzip_n(_changelog(version, created.strftime("%a, %d %b %Y %H:%M:%S +0000")).encode()),
     )
-    overrides = "".join(f"# {why}\n{PACKAGE}: {tag}\n" for tag, why in LINTIAN_OVERRIDES.items())
+    tags = {**LINTIAN_OVERRIDES, **(WHEEL_LINTIAN_OVERRIDES if wheels is not None else {})}
+    overrides = "".join(f"# {why}\n{PACKAGE}: {tag}\n" for tag, why in tags.items())
     _put(root, f"/usr/share/lintian/overrides/{PACKAGE}", overrides.encode())
     _normalise_modes(root)
     meta = root / "DEBIAN"

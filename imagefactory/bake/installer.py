@@ -21,13 +21,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from executor.requirements import REQUIREMENTS_FILE
 from imagefactory.bake.artifacts import (
     GUEST_NODE_ENV,
     GUEST_STATE_DIR,
     Artifacts,
     build_artifacts,
-    check_pipeline,
 )
 from imagefactory.bake.cache import sha256_file
 from imagefactory.bake.debpkg import (
@@ -45,6 +43,7 @@ from imagefactory.bake.manifest import (
     common_versions,
     pipeline_entry,
 )
+from imagefactory.bake.needs import pipeline_needs, record_needs
 from imagefactory.bake.options import BakeOptions, BakeResult, publish
 from imagefactory.errors import die
 from imagefactory.host.doctor import require_installer
@@ -170,13 +169,7 @@ def bake(opts: BakeOptions, stages: Stages) -> BakeResult:
     target = opts.target
     started = time.monotonic()
     require_installer()
-    pipeline = check_pipeline(opts.pipeline)
-    if pipeline.requirements:
-        raise die(
-            f"pipeline {pipeline.name} declares Python requirements ({REQUIREMENTS_FILE}), "
-            "which the installer format does not carry",
-            hint="bake a VM image (--format qcow2) or a container image for it",
-        )
+    needs = pipeline_needs(opts, stages)  # a requirement without a wheel fails here
     opts.output.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}-installer-", dir=opts.output))
     try:
@@ -187,7 +180,9 @@ def bake(opts: BakeOptions, stages: Stages) -> BakeResult:
         created = bake_time()
         with stages.stage("package", f"{PACKAGE} .deb for {target.debian_arch}"):
             version = package_version(arts.executor_version, created)
-            deb = build_deb(arts, target, version, created, result, pipeline.debian_packages)
+            deb = build_deb(
+                arts, target, version, created, result, needs.debian_packages, needs.wheels
+            )
         with stages.stage("script", f"{SCRIPT_NAME} with the package embedded"):
             script = result / SCRIPT_NAME
             script.write_text(render_script(deb, target), encoding="utf-8")
@@ -197,8 +192,9 @@ def bake(opts: BakeOptions, stages: Stages) -> BakeResult:
             stages.times["total"] = round(time.monotonic() - started, 1)
             doc = build_manifest(
                 target, script, script_sha, deb, arts, stages.times, created,
-                pipeline.debian_packages,
+                needs.debian_packages,
             )  # fmt: skip
+            record_needs(result, doc, needs, arts)
             (result / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
             write_sums(result, [(SCRIPT_NAME, script_sha), (deb.path.name, deb.sha256)])
         final = output_dir(opts.output, target)

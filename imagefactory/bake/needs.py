@@ -65,7 +65,8 @@ def python_packages(needs: Needs) -> list[PythonPackage]:
 
 def record_needs(out_dir: Path, doc: dict[str, Any], needs: Needs, arts: Artifacts) -> None:
     """Write requirements.lock (when there are wheels) and the SBOM into `out_dir`, and
-    link both from the manifest `doc` (which must hold the environment's `packages`)."""
+    link both from the manifest `doc`. The SBOM's Debian packages are the environment's
+    `packages` in `doc` (none for a bare-metal package: those are the device's)."""
     packages = python_packages(needs)
     doc["python_packages"] = [
         {"name": p.name, "version": p.version, "sha256": p.sha256} for p in packages
@@ -76,7 +77,7 @@ def record_needs(out_dir: Path, doc: dict[str, Any], needs: Needs, arts: Artifac
         doc["requirements_lock"] = {"file": LOCK_NAME, "source": needs.wheels.source}
     environment = f"{doc['target']} {doc['image']['format']}"
     sbom = build_sbom(
-        environment, arts.pipeline_name, arts.pipeline_sha256, doc["packages"], packages
+        environment, arts.pipeline_name, arts.pipeline_sha256, doc.get("packages", []), packages
     )
     (out_dir / SBOM_NAME).write_text(sbom)
     doc["sbom"] = {

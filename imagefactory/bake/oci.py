@@ -31,6 +31,8 @@ from imagefactory.bake.artifacts import (
     GUEST_LAUNCHER,
     GUEST_LIB,
     GUEST_PIPELINE,
+    GUEST_PTH,
+    GUEST_SITE,
     GUEST_STATE_DIR,
     Artifacts,
     build_artifacts,
@@ -43,19 +45,15 @@ from imagefactory.bake.ocibase import OciBase, build_oci_base, oci_cache
 from imagefactory.bake.ocilayer import Layer, source_date_epoch, write_layer
 from imagefactory.bake.ocilayout import MEDIA_MANIFEST, Descriptor, ImageConfig, Layout, Platform
 from imagefactory.bake.options import BakeOptions, BakeResult, publish
-from imagefactory.bake.wheels import Wheelhouse, WheelPlatform
+from imagefactory.bake.wheels import Wheelhouse, install_wheels
 from imagefactory.errors import die
 from imagefactory.host.doctor import require_oci
-from imagefactory.run import CommandError, run
+from imagefactory.run import run
 from imagefactory.stages import Stages
 from imagefactory.targets import Target
 
 REF = "latest"
 """The ref name of the image in its layout's index.json (skopeo: `oci:DIR:latest`)."""
-GUEST_SITE = "/opt/executor/site"
-"""The pipeline's wheels (requirements.txt), installed by the bake for the image."""
-PTH_FILE = "/usr/lib/python3/dist-packages/fleetbake-executor.pth"
-"""Puts GUEST_LIB on every python3's sys.path, workers included (as in the VM image)."""
 TINI = "/usr/bin/tini"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PLATFORMS = {"amd64": Platform("amd64"), "arm64": Platform("arm64", "v8")}
@@ -123,7 +121,7 @@ def stage_executor(
     if wheels is not None:
         paths.append(_inside(root, GUEST_SITE))
         install_wheels(wheels, paths[-1], target)
-    pth = _inside(root, PTH_FILE)
+    pth = _inside(root, GUEST_PTH)
     pth.parent.mkdir(parents=True)
     pth.write_text("".join(f"/{p.relative_to(root)}\n" for p in paths))
     launcher = _inside(root, GUEST_LAUNCHER)
@@ -140,20 +138,6 @@ def stage_executor(
         executable = path.is_dir() or path == launcher or path.parent.name == "bin"
         path.chmod(0o755 if executable else 0o644)
     return compiled
-
-
-def install_wheels(wheels: Wheelhouse, site: Path, target: Target) -> None:
-    """The pipeline's locked wheels, installed here for the image's platform: offline,
-    every file checked against its sha256 in the lock (as a VM image's venv gets them)."""
-    try:
-        run([
-            sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
-            "--require-hashes", "--find-links", str(wheels.dir), "--target", str(site),
-            "--no-compile", "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
-            *WheelPlatform.of(target).pip_args(), "-r", str(wheels.lock),
-        ])  # fmt: skip
-    except CommandError as exc:
-        raise die(f"pip cannot install the pipeline's wheels:\n{exc.stderr.strip()}") from None
 
 
 def bake(opts: BakeOptions, stages: Stages) -> BakeResult:

@@ -281,3 +281,21 @@ def _load(entry: Path, key: str, source: str) -> Wheelhouse:
 
 def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def install_wheels(wheels: Wheelhouse, site: Path, target: Target) -> None:
+    """The wheelhouse installed into the directory `site` by this host's pip, for the
+    target's platform: offline, every file checked against its sha256 in the lock (as a VM
+    image's venv gets them in the build VM). Container images and bare-metal packages."""
+    try:
+        run([
+            sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
+            "--require-hashes", "--find-links", str(wheels.dir), "--target", str(site),
+            "--no-compile", "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
+            *WheelPlatform.of(target).pip_args(), "-r", str(wheels.lock),
+        ])  # fmt: skip
+    except CommandError as exc:
+        last = [ln for ln in exc.stderr.splitlines() if ln.strip()][-1:] or [exc.headline()]
+        raise die(f"pip cannot install the pipeline's wheels: {last[0]}") from None
+    # Console scripts name this host's interpreter; tasks import the packages instead.
+    shutil.rmtree(site / "bin", ignore_errors=True)

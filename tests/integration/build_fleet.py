@@ -85,7 +85,7 @@ class BuilderProcess:
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # it has just exited
         return b""
 
 

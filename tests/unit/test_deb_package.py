@@ -18,9 +18,10 @@ from imagefactory.bake.artifacts import (
     GUEST_LAUNCHER,
     GUEST_LIB,
     GUEST_PIPELINE,
+    GUEST_PTH,
     executor_unit,
 )
-from imagefactory.bake.debpkg import DEB_UNIT, LINTIAN_OVERRIDES, PACKAGE, PTH_FILE
+from imagefactory.bake.debpkg import DEB_UNIT, LINTIAN_OVERRIDES, PACKAGE
 from tests.installer_bake import ETL, bake_installer
 
 IMAGEFACTORY = str(Path(sys.executable).with_name("imagefactory"))
@@ -40,10 +41,11 @@ def dpkg_deb(*args: str) -> str:
     return subprocess.run(["dpkg-deb", *args], check=True, capture_output=True, text=True).stdout
 
 
-def test_output_directory_holds_the_four_files(out: Path) -> None:
+def test_output_directory_holds_the_five_files(out: Path) -> None:
     assert out.name == "x86_64-linux-installer"
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["install.sh", "manifest.json", "SHA256SUMS", deb_of(out).name])
+    expected = ["install.sh", "manifest.json", "SHA256SUMS", "sbom.cdx.json", deb_of(out).name]
+    assert names == sorted(expected)
     assert re.fullmatch(r"fleetbake-node_\d+\.\d+\.\d+\+\d{14}_amd64\.deb", deb_of(out).name)
     assert (out / "install.sh").stat().st_mode & 0o777 == 0o755
 
@@ -84,7 +86,7 @@ def test_control_fields(out: Path) -> None:
 def test_package_carries_the_image_layout_owned_by_root(out: Path) -> None:
     listing = dpkg_deb("--contents", str(deb_of(out)))
     rows = {line.split()[-1].lstrip("."): line.split() for line in listing.splitlines()}
-    for path in (GUEST_LAUNCHER, GUEST_PIPELINE, PTH_FILE, DEB_UNIT,
+    for path in (GUEST_LAUNCHER, GUEST_PIPELINE, GUEST_PTH, DEB_UNIT,
                  f"{GUEST_LIB}/executor/agent/main.py", f"{GUEST_LIB}/tenacity/__init__.py",
                  f"/usr/share/doc/{PACKAGE}/copyright"):  # fmt: skip
         assert path in rows, f"{path} missing from the package"
@@ -179,12 +181,30 @@ def test_pipeline_debian_packages_become_dependencies(tmp_path: Path) -> None:
     assert manifest["package"]["depends"] == control.strip()
 
 
-def test_pipeline_with_python_requirements_is_refused(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [IMAGEFACTORY, "bake", "--target", "x86_64-linux", "--format", "installer",
-         "--pipeline", str(ETL.parent / "numeric"), "--output", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    assert "declares Python requirements (requirements.txt)" in result.stderr
-    assert list(tmp_path.iterdir()) == []
+def test_pipeline_requirements_are_installed_into_the_package(tmp_path: Path) -> None:
+    """examples/numeric: numpy's aarch64 wheel (a C extension) installed by the bake into
+    the package, on sys.path through the .pth; libgomp1 a dependency; lock and SBOM beside."""
+    out = bake_installer(tmp_path / "out", "aarch64-linux", ETL.parent / "numeric")
+    deb = deb_of(out)
+    files = dpkg_deb("--contents", str(deb))
+    assert "./opt/executor/site/numpy/__init__.py" in files
+    [extension] = [
+        line.split()[-1] for line in files.splitlines() if "_multiarray_umath.cpython-311" in line
+    ]
+    assert extension.endswith("-aarch64-linux-gnu.so")
+    unpacked = tmp_path / "root"
+    dpkg_deb("-x", str(deb), str(unpacked))
+    pth = (unpacked / GUEST_PTH.lstrip("/")).read_text()
+    assert pth == f"{GUEST_LIB}\n/opt/executor/site\n"
+    assert dpkg_deb("--field", str(deb), "Depends").strip().endswith(", libgomp1")
+    manifest = json.loads((out / "manifest.json").read_text())
+    [numpy] = [p for p in manifest["python_packages"] if p["name"] == "numpy"]
+    lock = (out / "requirements.lock").read_text()
+    assert "fleetbake-lock platform=cp311-manylinux_2_36_aarch64" in lock
+    assert f"numpy=={numpy['version']} --hash=sha256:{numpy['sha256']}" in lock
+    assert manifest["sbom"]["file"] == "sbom.cdx.json"
+    if shutil.which("lintian"):  # a package with a foreign wheel inside has no lintian error
+        result = subprocess.run(
+            ["lintian", "--fail-on", "error", str(deb)], capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
