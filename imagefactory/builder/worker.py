@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import shutil
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +36,8 @@ T = TypeVar("T")
 MAX_BACKOFF_S = 10.0
 MAX_LOG_BATCH = 4096
 TAIL_LINES = 20
+MAX_ERROR = 16000
+"""The end of a failure report kept: the master takes up to 16384 characters."""
 
 
 @dataclass(frozen=True)
@@ -153,15 +157,17 @@ class Job:
             tail = (self.dir / "bake.log").read_text(errors="replace").splitlines()[-TAIL_LINES:]
             error = f"bake exited with {code}:\n" + "\n".join(tail)
             return {"state": "failed", "stages": bake.take()[1], "error": error}
-        delivered = self._deliver(bake.summary())
+        delivered = self._deliver(bake.summary(), bake.take()[1])
         self._flush(bake)
         return {"state": "succeeded", "stages": bake.take()[1], **delivered}
 
+    def _interval(self) -> float:
+        return max(0.5, min(self.lease_s / 4, 5.0))
+
     def _watch(self, bake: BakeProcess) -> tuple[int, bool]:
         """Heartbeats until the bake ends: (its exit code, whether it was cancelled)."""
-        interval = max(0.5, min(self.lease_s / 4, 5.0))
         while True:
-            code = bake.wait(interval)
+            code = bake.wait(self._interval())
             if self._heartbeat(bake) and code is None:
                 say(f"build {self.id}: cancelled; interrupting the bake")
                 return bake.interrupt(self.config.grace_s), True
@@ -193,7 +199,36 @@ class Job:
         bake.give_back(rest)
         return cancel
 
-    def _deliver(self, summary: dict[str, Any]) -> dict[str, Any]:
+    @contextmanager
+    def _lease_kept(self, stage: str, stages: dict[str, float]) -> Iterator[None]:
+        """Heartbeats from a thread while the body runs (a push may outlast the lease);
+        raises LeaseLost afterwards if the master said the lease was gone."""
+        stop = threading.Event()
+        lost: list[LeaseLost] = []
+        progress = {"stage": stage, "stages": stages, "log": []}
+
+        def beat() -> None:
+            while not stop.wait(self._interval()):
+                try:
+                    self.master.heartbeat(self.id, self.attempt, progress)
+                except Unreachable:
+                    continue  # the next beat tries again
+                except LeaseLost as exc:
+                    lost.append(exc)
+                    return
+
+        thread = threading.Thread(target=beat, name=f"lease-{self.id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+        if lost:
+            say(f"build {self.id}: lease lost during {stage}")
+            raise lost[0]
+
+    def _deliver(self, summary: dict[str, Any], stages: dict[str, float]) -> dict[str, Any]:
         """Upload the baked image (and push an OCI one): the artifacts part of the outcome."""
         [image] = summary["images"]
         path = Path(image["image"])
@@ -205,16 +240,19 @@ class Job:
         }
         if self.build["format"] == "oci" and self.registry:
             reference = f"fleetbake/{repository_name(self.build['pipeline'])}:{self.id}"
-            outcome["pushed"] = push_oci(
-                Path(image["dir"]),
-                self.registry,
-                reference,
-                self.config.ca_file,
-                self.config.insecure,
-            )
+            with self._lease_kept("push", stages):
+                outcome["pushed"] = push_oci(
+                    Path(image["dir"]),
+                    self.registry,
+                    reference,
+                    self.config.ca_file,
+                    self.config.insecure,
+                )
         return outcome
 
     def _report(self, outcome: dict[str, Any]) -> None:
+        if outcome.get("error"):
+            outcome = {**outcome, "error": outcome["error"][-MAX_ERROR:]}
         try:
             done = retrying("finish", lambda: self.master.finish(self.id, self.attempt, outcome))
         except Refused as exc:

@@ -5,16 +5,21 @@
 
 An upload is appended to in order (the offset the client names must be the file's size),
 verified by sha256 once it reaches its announced size and only then renamed into
-`blobs/`. A blob that already exists is not written twice: the upload is dropped and the
-existing file stays. Every file is created 0600 under 0700 directories.
+`blobs/`. An append holds flock on the upload file from the offset check to the publish,
+so a retried chunk racing the first (threads, or replicas sharing the store) is refused
+rather than written twice. A blob that already exists is not written twice: the upload is
+dropped and the existing file stays. Every file is created 0600 under 0700 directories.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
@@ -63,9 +68,13 @@ class BlobStore:
         """Store a small blob (a pipeline archive) at once; returns its digest."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if not self.has(digest):
-            scratch = self._upload_path(f"put-{digest[7:]}-{os.getpid()}")
-            self._write(scratch, data, os.O_TRUNC)
-            self._publish(scratch, digest)
+            _private_dirs(self.uploads)
+            fd, scratch = tempfile.mkstemp(prefix="put-", dir=self.uploads)  # one per caller
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+            self._publish(Path(scratch), digest)
         return digest
 
     def read_bytes(self, digest: str) -> bytes | None:
@@ -88,22 +97,26 @@ class BlobStore:
     def append(self, upload_id: str, digest: str, size: int, offset: int, data: bytes) -> int:
         """Add `data` at `offset` (which must be where the upload ends); once `size` bytes
         are there, verify the digest and store the blob. Returns the new offset."""
-        current = self.upload_offset(upload_id, digest)
         if self.has(digest):
-            return current
-        if offset != current:
-            raise UploadError(f"upload is at offset {current}, not {offset}", current)
-        if current + len(data) > size:
-            raise UploadError(f"upload would exceed its announced size {size}", current, True)
+            return self.size(digest)
         path = self._upload_path(upload_id)
-        self._write(path, data, os.O_APPEND)
-        current += len(data)
-        if current == size:
-            actual = file_digest(path)
-            if actual != digest:
-                path.unlink()
-                raise UploadError(f"uploaded data has digest {actual}, not {digest}", 0, True)
-            self._publish(path, digest)
+        with self._locked(path) as fd:
+            if self.has(digest):  # completed while we waited for the lock
+                path.unlink(missing_ok=True)
+                return self.size(digest)
+            current = os.fstat(fd).st_size
+            if offset != current:
+                raise UploadError(f"upload is at offset {current}, not {offset}", current)
+            if current + len(data) > size:
+                raise UploadError(f"upload would exceed its announced size {size}", current, True)
+            _write_all(fd, data)
+            current += len(data)
+            if current == size:
+                actual = file_digest(path)
+                if actual != digest:
+                    path.unlink()
+                    raise UploadError(f"uploaded data has digest {actual}, not {digest}", 0, True)
+                self._publish(path, digest)
         return current
 
     def discard_uploads(self, prefix: str) -> None:
@@ -136,16 +149,24 @@ class BlobStore:
             raise ValueError(f"bad upload id {upload_id!r}")
         return self.uploads / upload_id
 
-    def _write(self, path: Path, data: bytes, mode: int) -> None:
+    @contextmanager
+    def _locked(self, path: Path) -> Iterator[int]:
+        """The upload file opened for appending, under an exclusive flock. Retried while
+        the locked file is no longer the one at `path` (published or dropped meanwhile)."""
         _private_dirs(path.parent)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | mode, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        while True:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    current = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    current = False
+                if current:
+                    yield fd
+                    return
+            finally:
+                os.close(fd)  # also releases the lock
 
     def _publish(self, scratch: Path, digest: str) -> None:
         """Move a verified file into place with one rename (readers never see a part)."""
@@ -160,6 +181,13 @@ class BlobStore:
             return sorted(directory.iterdir())
         except FileNotFoundError:
             return []
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
 
 
 def _private_dirs(directory: Path) -> None:
