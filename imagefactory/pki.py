@@ -9,7 +9,9 @@ A CA directory holds:
     NAME.key     keys of issued certificates (0600), NAME.crt their certificates
 
 Keys are written with O_EXCL at mode 0600, so they are never readable by others, not even
-for a moment, and an existing key is never overwritten by accident.
+for a moment, and an existing key is never overwritten by accident. A rotation writes the
+new CA's files in full beside the old ones before it renames them into place, so a failure
+(a bad name, a full disk) leaves the old CA whole.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import datetime
 import ipaddress
 import os
 import re
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +29,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from executor.files import output_file, write_output
+
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
 BUNDLE = "bundle.crt"
 CA_DAYS = 3650
 LEAF_DAYS = 397
+CN_MAX = 64  # RFC 5280's ub-common-name; `cryptography` counts it in UTF-8 bytes
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _DNS_RE = re.compile(r"(?=.{1,253}\Z)(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+\Z")
 _BEGIN = b"-----BEGIN CERTIFICATE-----"
@@ -75,27 +81,37 @@ def _write_key(path: Path, pem: bytes) -> None:
 
 
 def _write_public(path: Path, pem: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(pem)
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
+    write_output(path, pem, 0o644)
+
+
+def check_common_name(name: str) -> str:
+    """A certificate's common name: printable, 1 to CN_MAX characters (bytes in UTF-8)."""
+    if not name.isprintable() or not 1 <= len(name.encode()) <= CN_MAX:
+        raise PkiError(
+            f"invalid common name {name!r}: use 1 to {CN_MAX} printable characters "
+            f"({CN_MAX} bytes in UTF-8, the X.509 limit)"
+        )
+    return name
 
 
 def _ca_name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, check_common_name(common_name))])
 
 
 def create_ca(ca_dir: Path, common_name: str = "fleetbake fleet CA", days: int = CA_DAYS) -> Path:
     """Make a new CA in `ca_dir` (created 0700); returns the certificate's path."""
+    key, cert_pem = _new_ca(common_name, days)  # a bad name stops here, before any write
     ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if (ca_dir / CA_KEY).exists():
         raise PkiError(f"{ca_dir / CA_KEY} exists: a CA is already there (rotate it instead)")
-    cert_pem = _make_ca(ca_dir, common_name, days)
+    _write_key(ca_dir / CA_KEY, _key_pem(key))
+    _write_public(ca_dir / CA_CERT, cert_pem)
     _write_public(ca_dir / BUNDLE, cert_pem)
     return ca_dir / CA_CERT
 
 
-def _make_ca(ca_dir: Path, common_name: str, days: int) -> bytes:
+def _new_ca(common_name: str, days: int) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    """A new CA key and its self-signed certificate (PEM), in memory."""
     key = _new_key()
     name = _ca_name(common_name)
     now = _now()
@@ -125,21 +141,27 @@ def _make_ca(ca_dir: Path, common_name: str, days: int) -> bytes:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_key(ca_dir / CA_KEY, _key_pem(key))
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    _write_public(ca_dir / CA_CERT, pem)
-    return pem
+    return key, cert.public_bytes(serialization.Encoding.PEM)
 
 
 def rotate_ca(ca_dir: Path, common_name: str = "fleetbake fleet CA", days: int = CA_DAYS) -> Path:
     """Replace the CA's key and certificate; the bundle holds the new and the previous CA
-    certificates until `finish_rotation`. The previous key is deleted: nothing is issued
-    from it any more."""
+    certificates until `finish_rotation`. The previous key is replaced: nothing is
+    issued from it any more."""
     old_pem = _read(ca_dir / CA_CERT)
     load_ca(ca_dir)  # a CA must be there and usable
-    (ca_dir / CA_KEY).unlink()
-    new_pem = _make_ca(ca_dir, common_name, days)
-    _write_public(ca_dir / BUNDLE, new_pem + old_pem)
+    key, new_pem = _new_ca(common_name, days)
+    files = (
+        (CA_CERT, new_pem, 0o644),
+        (CA_KEY, _key_pem(key), 0o600),
+        (BUNDLE, new_pem + old_pem, 0o644),
+    )
+    # Each file goes to a temporary file first and is renamed into place as its block
+    # ends, in reverse order; an error while writing any of them (a full disk) ends every
+    # block with it, so nothing is renamed and the old CA stays whole.
+    with ExitStack() as blocks:
+        for name, data, mode in files:
+            blocks.enter_context(output_file(ca_dir / name, mode)).write(data)
     return ca_dir / BUNDLE
 
 
@@ -166,6 +188,8 @@ def load_ca(ca_dir: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
         raise PkiError(f"the CA in {ca_dir} is not readable: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise PkiError(f"{ca_dir / CA_KEY} is not an EC key made by `imagefactory ca init`")
+    if key.public_key() != cert.public_key():
+        raise PkiError(f"{ca_dir / CA_KEY} is not the key of {ca_dir / CA_CERT}")
     return key, cert
 
 

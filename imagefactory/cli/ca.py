@@ -45,8 +45,20 @@ def new_ca_options(f: F) -> F:
         help="Validity of the CA certificate.",
     )(f)
     return click.option(
-        "--name", default="fleetbake fleet CA", show_default=True, help="CA common name."
+        "--name",
+        default="fleetbake fleet CA",
+        show_default=True,
+        callback=_check_ca_name,
+        help=f"CA common name (1 to {pki.CN_MAX} printable characters, the X.509 limit).",
     )(f)
+
+
+def _check_ca_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """Checked while parsing, so a bad --name stops before the CA directory is touched."""
+    try:
+        return pki.check_common_name(value)
+    except pki.PkiError as exc:
+        raise die(f"--name: {exc}") from None
 
 
 @click.group("ca")

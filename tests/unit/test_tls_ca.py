@@ -7,12 +7,14 @@ import json
 import ssl
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from executor.files import output_file as real_output_file
 from imagefactory import pki
 from imagefactory.cli.main import main as cli
 
@@ -175,3 +177,101 @@ def test_cli_errors_are_one_line_exit_2(tmp_path: Path, args: list[str]) -> None
     done = CliRunner().invoke(cli, [*args, "--ca-dir", str(ca_dir)])
     assert done.exit_code == 2
     assert done.stderr.startswith("Error: ") and done.stderr.count("\n") == 1
+
+
+def _snapshot(ca_dir: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (_mode(p), p.read_bytes()) for p in sorted(ca_dir.iterdir())}
+
+
+BAD_NAMES = [
+    pytest.param("", id="empty"),
+    pytest.param("a" * 65, id="65-characters"),
+    pytest.param("é" * 33, id="66-bytes-in-utf8"),
+    pytest.param("fleet\nCA", id="newline"),
+    pytest.param("tab\there", id="tab"),
+]
+
+
+@pytest.mark.parametrize("command", ["init", "rotate"])
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_cli_bad_ca_name_is_one_line_and_leaves_the_ca_untouched(
+    tmp_path: Path, command: str, name: str
+) -> None:
+    ca_dir = _ca(tmp_path)
+    before = _snapshot(ca_dir)
+    done = CliRunner().invoke(cli, ["ca", command, "--ca-dir", str(ca_dir), "--name", name])
+    assert done.exit_code == 2, done.output
+    assert done.stderr.startswith("Error: --name: invalid common name")
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.output
+    assert _snapshot(ca_dir) == before
+    pki.issue(ca_dir, "master", ("m.example",))  # the CA still works
+
+
+def test_cli_init_with_a_bad_name_makes_no_directory(tmp_path: Path) -> None:
+    done = CliRunner().invoke(cli, ["ca", "init", "--ca-dir", str(tmp_path / "ca"), "--name", ""])
+    assert done.exit_code == 2 and done.stderr.startswith("Error: --name:")
+    assert not (tmp_path / "ca").exists()
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_rotate_with_a_bad_name_raises_pki_error_and_keeps_the_ca(
+    tmp_path: Path, name: str
+) -> None:
+    ca_dir = _ca(tmp_path)
+    before = _snapshot(ca_dir)
+    with pytest.raises(pki.PkiError, match="invalid common name"):
+        pki.rotate_ca(ca_dir, name)
+    assert _snapshot(ca_dir) == before
+    with pytest.raises(pki.PkiError, match="invalid common name"):
+        pki.create_ca(tmp_path / "other", name)
+    assert not (tmp_path / "other").exists()
+
+
+def test_longest_names_are_accepted(tmp_path: Path) -> None:
+    ca_dir = tmp_path / "ca"
+    pki.create_ca(ca_dir, "a" * 64)
+    pki.rotate_ca(ca_dir, "é" * 32)
+    cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
+    assert cert.subject.rfc4514_string() == "CN=" + "é" * 32
+
+
+def test_rotate_that_fails_while_writing_leaves_the_old_ca(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca_dir = _ca(tmp_path)
+    before = _snapshot(ca_dir)
+    calls: list[str] = []
+
+    def full_disk_on_the_third(path: Path, mode: int) -> Any:
+        calls.append(Path(path).name)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_output_file(path, mode)
+
+    monkeypatch.setattr(pki, "output_file", full_disk_on_the_third)
+    with pytest.raises(OSError, match="No space left"):
+        pki.rotate_ca(ca_dir)
+    assert sorted(calls) == ["bundle.crt", "ca.crt", "ca.key"]
+    assert _snapshot(ca_dir) == before  # no temporary file left behind either
+    pki.load_ca(ca_dir)
+
+
+def test_a_key_that_is_not_the_certificate_s_is_refused(tmp_path: Path) -> None:
+    ca_dir = _ca(tmp_path)
+    other = pki.create_ca(tmp_path / "other").parent
+    (ca_dir / "ca.key").write_bytes((other / "ca.key").read_bytes())
+    with pytest.raises(pki.PkiError, match="is not the key of"):
+        pki.issue(ca_dir, "master", ("m.example",))
+
+
+def test_cli_rotate_with_a_name_trusts_old_and_new(tmp_path: Path) -> None:
+    ca_dir = _ca(tmp_path)
+    done = CliRunner().invoke(cli, ["ca", "rotate", "--ca-dir", str(ca_dir), "--name", "CA 2"])
+    assert done.exit_code == 0, done.output
+    assert _mode(ca_dir / "ca.key") == 0o600
+    bundle = x509.load_pem_x509_certificates((ca_dir / "bundle.crt").read_bytes())
+    names = [c.subject.rfc4514_string() for c in bundle]
+    assert names == ["CN=CA 2", "CN=fleetbake fleet CA"]
+    key, cert = pki.load_ca(ca_dir)
+    assert cert.subject.rfc4514_string() == "CN=CA 2"
+    assert not [p for p in ca_dir.iterdir() if p.name.startswith(".")]
