@@ -76,12 +76,13 @@ class BootedNode:
 class MasterApi:
     """The two admin endpoints that tell whether a node heartbeats or has reported."""
 
-    def __init__(self, url: str, admin_token: str) -> None:
+    def __init__(self, url: str, admin_token: str, *, insecure: bool = False) -> None:
         self.client = httpx.Client(
             base_url=url,
             headers={"Authorization": f"Bearer {admin_token}"},
             timeout=5,
-            verify=tls_verify(url),  # $IMAGEFACTORY_CA (boot sets it from --master-ca)
+            # $IMAGEFACTORY_CA (boot sets it from --master-ca); `insecure`: plain http://
+            verify=tls_verify(url, insecure=insecure),
         )
 
     def _get(self, path: str) -> httpx.Response | None:

@@ -64,6 +64,7 @@ def waiter(
     admin_url: str | None,
     admin_token_file: Path | None,
     workdir: Path,
+    insecure: bool = False,
 ) -> After | None:
     """The --wait step of each device, composed from boot's wait logic: the device's
     journal stands in for a VM's serial console, the SSH session for the VM process."""
@@ -77,7 +78,7 @@ def waiter(
         from imagefactory.tokens import read_secret
 
         assert admin_url is not None
-        api = waiting.MasterApi(admin_url, read_secret(admin_token_file))
+        api = waiting.MasterApi(admin_url, read_secret(admin_token_file), insecure=insecure)
 
     def after(session: Session) -> str | None:
         outcome = session.outcome
@@ -185,8 +186,9 @@ class _Agent:
 @click.option(
     "--insecure",
     is_flag=True,
-    help="Allow a plain http:// master the devices reach over a network (EXECUTOR_INSECURE=1; "
-    "the token travels unencrypted).",
+    help="Allow a plain http:// master reached over a network: by the devices "
+    "(EXECUTOR_INSECURE=1) and by this host's --wait with --admin-token-file (the tokens "
+    "travel unencrypted).",
 )
 @click.option(
     "--identity-file",
@@ -308,7 +310,7 @@ def install_command(
         raise die("--admin-token-file needs --admin-url (or --master)")
     with tempfile.TemporaryDirectory(prefix="imagefactory-install-") as tmp:
         after = None if uninstall else waiter(
-            wait, timeout_s, admin_url or master, admin_token_file, Path(tmp)
+            wait, timeout_s, admin_url or master, admin_token_file, Path(tmp), insecure
         )  # fmt: skip
         fleet = Fleet(script, policy, identity_file, progress, after)
         outcomes = fleet.run(jobs)

@@ -309,3 +309,45 @@ def test_several_devices_get_numbered_ids_and_their_own_tokens(tmp_path: Path) -
         node_token("s3cret", "edge-2"),
     ]
     assert ("--run-id", "run-2") == jobs[1].args[2:4]
+
+
+def _unchecked_installer(tmp_path: Path) -> Path:
+    """install.sh and its SHA256SUMS: all `find_script` checks (no device ever gets it)."""
+    script = tmp_path / "install.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    digest = subprocess.run(["sha256sum", "install.sh"], cwd=tmp_path, capture_output=True)
+    (tmp_path / "SHA256SUMS").write_bytes(digest.stdout)
+    return tmp_path
+
+
+@pytest.mark.parametrize("insecure", [False, True])
+def test_insecure_reaches_the_admin_api_of_wait(tmp_path: Path, insecure: bool) -> None:
+    """--insecure lets --wait's admin client use the plain http:// master the devices use;
+    without it the refusal comes before any device is touched. The only connection made
+    is to a closed loopback port (the device)."""
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("admin\n")
+    (port,) = free_ports(1)
+    args = [str(_unchecked_installer(tmp_path)), "--ssh", f"root@127.0.0.1:{port}", *IDENT]
+    args += ["--admin-token-file", str(token_file), "--wait", "report"]
+    result = cli(*args, *(["--insecure"] if insecure else []))
+    assert "Traceback" not in result.stderr
+    if not insecure:
+        assert result.returncode == 2
+        assert result.stderr.startswith("Error: refusing plain http:// to 10.0.0.5")
+        assert "connect" not in result.stderr
+        return
+    assert result.returncode == 1, result.stderr
+    assert "refusing plain http://" not in result.stderr
+    assert f"cannot connect to root@127.0.0.1:{port}: Connection refused" in result.stderr
+
+
+def test_waiter_admin_client_takes_insecure(tmp_path: Path) -> None:
+    from imagefactory.cli.install import waiter
+
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("admin\n")
+    url = "http://10.0.0.5:8750"
+    with pytest.raises(click.ClickException, match="refusing plain http://"):
+        waiter("report", 5, url, token_file, tmp_path)
+    assert callable(waiter("report", 5, url, token_file, tmp_path, insecure=True))
