@@ -40,7 +40,7 @@ from imagefactory.bake.artifacts import (
     Artifacts,
     executor_unit,
 )
-from imagefactory.bake.wheels import Wheelhouse, install_wheels
+from imagefactory.bake.wheels import Wheelhouse, WheelPlatform, install_wheels
 from imagefactory.run import run
 from imagefactory.targets import Target
 
@@ -87,6 +87,9 @@ class DebPackage:
     debarch: str
     sha256: str
     size: int
+    depends: str
+    python_below: str | None
+    """With wheels inside: the Python minor version they stop fitting (`3.12` for cp311)."""
 
 
 def deb_name(version: str, debarch: str) -> str:
@@ -116,22 +119,31 @@ def _script_values() -> dict[str, str]:
     }
 
 
-def depends(debian_packages: tuple[str, ...] = ()) -> str:
-    """The package's Depends: what the executor needs, then the pipeline's own
-    `debian_packages` (pipeline.json)."""
-    return ", ".join([f"python3 (>= {PYTHON_MIN})", "systemd", *debian_packages])
+def depends(debian_packages: tuple[str, ...] = (), python_below: str | None = None) -> str:
+    """The package's Depends: what the executor needs (a Python its wheels were built for,
+    if it carries any), then the pipeline's own `debian_packages` (pipeline.json)."""
+    python = [f"python3 (>= {PYTHON_MIN})"] + (
+        [f"python3 (<< {python_below})"] if python_below else []
+    )
+    return ", ".join([*python, "systemd", *debian_packages])
 
 
-def control(
-    version: str, debarch: str, installed_kib: int, pipeline: str, debian_packages: tuple[str, ...]
-) -> str:
+def python_below(wheels: Wheelhouse | None, target: Target) -> str | None:
+    """cp311 wheels hold extensions for CPython 3.11 only: the package needs a Python below 3.12."""
+    if wheels is None:
+        return None
+    major, minor = WheelPlatform.of(target).python.split(".")
+    return f"{major}.{int(minor) + 1}"
+
+
+def control(version: str, debarch: str, installed_kib: int, pipeline: str, depends: str) -> str:
     return (
         f"Package: {PACKAGE}\n"
         f"Version: {version}\n"
         f"Architecture: {debarch}\n"
         f"Maintainer: {MAINTAINER}\n"
         f"Installed-Size: {installed_kib}\n"
-        f"Depends: {depends(debian_packages)}\n"
+        f"Depends: {depends}\n"
         "Section: admin\n"
         "Priority: optional\n"
         f"Description: fleetbake node: the executor agent and the {pipeline} pipeline\n"
@@ -246,14 +258,10 @@ def build_deb(
     for name in MAINTAINER_SCRIPTS:
         text = substitute(templates.joinpath(name).read_text(encoding="utf-8"), _script_values())
         _put(meta, name, text.encode(), 0o755)
+    below = python_below(wheels, target)
+    requires = depends(debian_packages, below)
     (meta / "control").write_text(
-        control(
-            version,
-            target.debian_arch,
-            _installed_kib(root),
-            arts.pipeline_name,
-            debian_packages,
-        )
+        control(version, target.debian_arch, _installed_kib(root), arts.pipeline_name, requires)
     )
     for path in meta.iterdir():
         if path.name not in MAINTAINER_SCRIPTS:
@@ -269,4 +277,5 @@ def build_deb(
     )
     shutil.rmtree(root)
     data = deb.read_bytes()
-    return DebPackage(deb, version, target.debian_arch, hashlib.sha256(data).hexdigest(), len(data))
+    sha = hashlib.sha256(data).hexdigest()
+    return DebPackage(deb, version, target.debian_arch, sha, len(data), requires, below)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -34,7 +35,6 @@ from imagefactory.bake.debpkg import (
     UNIT_NAME,
     DebPackage,
     build_deb,
-    depends,
     substitute,
 )
 from imagefactory.bake.manifest import (
@@ -43,7 +43,7 @@ from imagefactory.bake.manifest import (
     common_versions,
     pipeline_entry,
 )
-from imagefactory.bake.needs import pipeline_needs, record_needs
+from imagefactory.bake.needs import Needs, pipeline_needs, record_needs
 from imagefactory.bake.options import BakeOptions, BakeResult, publish
 from imagefactory.errors import die
 from imagefactory.host.doctor import require_installer
@@ -74,10 +74,18 @@ def output_dir(output: Path, target: Target) -> Path:
     return output / f"{target.name}-installer"
 
 
-def package_version(executor_version: str, when: datetime.datetime) -> str:
-    """`<executor version>+<UTC bake time>`: a later bake sorts higher, so a newer
-    installer upgrades the package and the same installer finds it installed."""
-    return f"{executor_version}+{when.strftime('%Y%m%d%H%M%S')}"
+def package_version(executor_version: str, when: datetime.datetime, content: str) -> str:
+    """`<executor version>+<UTC bake time>.<content>`: a later bake sorts higher, so a
+    newer installer upgrades the package and the same installer finds it installed;
+    `content` (a digest of the pipeline and its wheels) tells apart two bakes with the
+    same time (SOURCE_DATE_EPOCH)."""
+    return f"{executor_version}+{when.strftime('%Y%m%d%H%M%S')}.{content[:12]}"
+
+
+def content_digest(arts: Artifacts, needs: Needs) -> str:
+    """sha256 of the pipeline archive's sha256 and the wheels' lock."""
+    lock = needs.wheels.lock.read_bytes() if needs.wheels else b""
+    return hashlib.sha256(arts.pipeline_sha256.encode() + b"\n" + lock).hexdigest()
 
 
 def bake_time() -> datetime.datetime:
@@ -111,6 +119,7 @@ def render_script(deb: DebPackage, target: Target) -> str:
         "UNIT": UNIT_NAME,
         "PYTHON": PYTHON,
         "PYTHON_MIN": PYTHON_MIN,
+        "PYTHON_BELOW": deb.python_below or "",
         "AGENT_VARS": " ".join(AGENT_VARS),
         # Last: the base64 text holds no `@`, but keep the template's own text checked.
         "PAYLOAD_FUNCTION": payload_function(deb.path.read_bytes()),
@@ -147,7 +156,7 @@ def build_manifest(
             "architecture": deb.debarch,
             "sha256": deb.sha256,
             "size": deb.size,
-            "depends": depends(debian_packages),
+            "depends": deb.depends,
         },
         "pipeline": pipeline_entry(arts),
         "versions": {**common_versions(arts), "dpkg_deb": _dpkg_deb_version()},
@@ -179,7 +188,7 @@ def bake(opts: BakeOptions, stages: Stages) -> BakeResult:
         result.mkdir()
         created = bake_time()
         with stages.stage("package", f"{PACKAGE} .deb for {target.debian_arch}"):
-            version = package_version(arts.executor_version, created)
+            version = package_version(arts.executor_version, created, content_digest(arts, needs))
             deb = build_deb(
                 arts, target, version, created, result, needs.debian_packages, needs.wheels
             )

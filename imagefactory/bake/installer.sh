@@ -21,6 +21,7 @@ STATE_DIR=@STATE_DIR@
 UNIT=@UNIT@
 PYTHON=@PYTHON@
 PYTHON_MIN=@PYTHON_MIN@
+PYTHON_BELOW=@PYTHON_BELOW@  # set when the package carries wheels built for one Python
 # Agent variables taken over from the environment into node.env when set.
 AGENT_VARS="@AGENT_VARS@"
 # Set by their own options (or these variables); --env may not set them.
@@ -203,6 +204,11 @@ check_system() {
   if ! "$PYTHON" -c "import sys; sys.exit(sys.version_info < tuple(map(int, '$PYTHON_MIN'.split('.'))))"; then
     have=$("$PYTHON" -c 'import platform; print(platform.python_version())' 2>/dev/null || echo unknown)
     fail 3 "Python $have at $PYTHON is older than $PYTHON_MIN, which the executor needs"
+  fi
+  if [ -n "$PYTHON_BELOW" ] &&
+    ! "$PYTHON" -c "import sys; sys.exit(sys.version_info >= tuple(map(int, '$PYTHON_BELOW'.split('.'))))"; then
+    have=$("$PYTHON" -c 'import platform; print(platform.python_version())' 2>/dev/null || echo unknown)
+    fail 3 "Python $have at $PYTHON is too new: the pipeline's wheels in this installer are built for Python $PYTHON_MIN"
   fi
 }
 

@@ -4,6 +4,7 @@ lintian), install.sh's embedded copy, manifest.json and SHA256SUMS."""
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
 import re
@@ -22,6 +23,7 @@ from imagefactory.bake.artifacts import (
     executor_unit,
 )
 from imagefactory.bake.debpkg import DEB_UNIT, LINTIAN_OVERRIDES, PACKAGE
+from imagefactory.bake.installer import package_version
 from tests.installer_bake import ETL, bake_installer
 
 IMAGEFACTORY = str(Path(sys.executable).with_name("imagefactory"))
@@ -46,7 +48,9 @@ def test_output_directory_holds_the_five_files(out: Path) -> None:
     names = sorted(p.name for p in out.iterdir())
     expected = ["install.sh", "manifest.json", "SHA256SUMS", "sbom.cdx.json", deb_of(out).name]
     assert names == sorted(expected)
-    assert re.fullmatch(r"fleetbake-node_\d+\.\d+\.\d+\+\d{14}_amd64\.deb", deb_of(out).name)
+    assert re.fullmatch(
+        r"fleetbake-node_\d+\.\d+\.\d+\+\d{14}\.[0-9a-f]{12}_amd64\.deb", deb_of(out).name
+    )
     assert (out / "install.sh").stat().st_mode & 0o777 == 0o755
 
 
@@ -196,7 +200,9 @@ def test_pipeline_requirements_are_installed_into_the_package(tmp_path: Path) ->
     dpkg_deb("-x", str(deb), str(unpacked))
     pth = (unpacked / GUEST_PTH.lstrip("/")).read_text()
     assert pth == f"{GUEST_LIB}\n/opt/executor/site\n"
-    assert dpkg_deb("--field", str(deb), "Depends").strip().endswith(", libgomp1")
+    # numpy's extensions are for CPython 3.11 only: so is the package.
+    depends = "python3 (>= 3.11), python3 (<< 3.12), systemd, libgomp1"
+    assert dpkg_deb("--field", str(deb), "Depends").strip() == depends
     manifest = json.loads((out / "manifest.json").read_text())
     [numpy] = [p for p in manifest["python_packages"] if p["name"] == "numpy"]
     lock = (out / "requirements.lock").read_text()
@@ -208,3 +214,15 @@ def test_pipeline_requirements_are_installed_into_the_package(tmp_path: Path) ->
             ["lintian", "--fail-on", "error", str(deb)], capture_output=True, text=True, timeout=300
         )
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_bakes_at_the_same_time_of_other_contents_get_other_versions() -> None:
+    """Under SOURCE_DATE_EPOCH two bakes share a time: their contents still tell them
+    apart, so install.sh does not take a new pipeline for the installed one."""
+    when = datetime.datetime(2026, 12, 5, 7, 0, tzinfo=datetime.UTC)
+    first = package_version("0.1.0", when, "a" * 64)
+    assert first == "0.1.0+20261205070000.aaaaaaaaaaaa"
+    assert package_version("0.1.0", when, "b" * 64) != first
+    later = package_version("0.1.0", when + datetime.timedelta(seconds=1), "0" * 64)
+    newer = subprocess.run(["dpkg", "--compare-versions", later, "gt", first], check=False)
+    assert newer.returncode == 0

@@ -29,7 +29,7 @@ import pytest
 
 from imagefactory.boot import nodeenv, seed
 from imagefactory.targets import host_arch
-from tests.installer_bake import bake_installer
+from tests.installer_bake import ETL, bake_installer
 
 HOSTILE = "sp ace \"dq\" 'sq' a=b $HOME ${X} `id` back\\slash \\\\ ü✓ #h"
 IDENTITY = ["--node-id", "edge-1", "--master", "http://10.0.0.5:8750", "--token", "t0k"]
@@ -207,6 +207,21 @@ def test_old_python_is_refused(installers: dict[str, Path], tmp_path: Path) -> N
     prefix = f"{WITH_SYSTEMD} && mount --bind {shlex.quote(str(shim))} /usr/bin/python3"
     result = run_script(installers["native"], *IDENTITY, prefix=prefix)
     refusal(result, 3, "Python 3.10.12 at /usr/bin/python3 is older than 3.11")
+
+
+@needs_root_tools
+def test_python_newer_than_the_wheels_is_refused(tmp_path: Path) -> None:
+    """examples/numeric's installer carries numpy built for CPython 3.11 (cp311)."""
+    numeric = bake_installer(tmp_path / "out", f"{host_arch()}-linux", ETL.parent / "numeric")
+    # FAKED: no Debian with Python 3.12 is at hand; this shim answers like 3.12.3.
+    shim = tmp_path / "python3"
+    shim.write_text(
+        '#!/bin/sh\ncase "$*" in *platform*) echo 3.12.3 ;; *">="*) exit 1 ;; *) exit 0 ;; esac\n'
+    )
+    shim.chmod(0o755)
+    prefix = f"{WITH_SYSTEMD} && mount --bind {shlex.quote(str(shim))} /usr/bin/python3"
+    result = run_script(numeric / "install.sh", *IDENTITY, prefix=prefix)
+    refusal(result, 3, "Python 3.12.3 at /usr/bin/python3 is too new")
 
 
 @needs_root_tools
