@@ -120,21 +120,27 @@ def bake_command(
     locks: tuple[Path, ...],
     as_json: bool,
 ) -> None:
-    """Bake a bootable VM image per target that runs PIPELINE with the executor.
+    """Bake an environment per target that runs PIPELINE: a VM image, a container image
+    or a bare-metal installer.
 
-    Builds (or reuses from the cache) a Debian base disk, renders the Packer template,
-    boots it under QEMU without network access, installs the executor and the pipeline,
-    seals it, and writes OUTPUT/TARGET/{TARGET.qcow2, manifest.json, SHA256SUMS}.
+    qcow2/raw (a VM image): builds (or reuses from the cache) a Debian base disk,
+    renders the Packer template, boots it under QEMU without network access, installs
+    the executor and the pipeline, seals it, and writes OUTPUT/TARGET/{TARGET.qcow2,
+    manifest.json, SHA256SUMS}.
     Progress goes to stderr, stage by stage with elapsed times.
+
+    --format oci writes OUTPUT/TARGET-oci/ without a daemon: an OCI image layout, an
+    archive for `docker load`, manifest.json and SHA256SUMS (docs/containers.md).
 
     --format installer boots nothing: it writes OUTPUT/TARGET-installer/ with a Debian
     package, install.sh (embeds it), manifest.json and SHA256SUMS, for bare-metal
     devices (`imagefactory install` runs it over SSH; docs/bare-metal.md).
 
     The pipeline's requirements.txt is resolved on this host into wheels for each
-    target's platform and installed offline; its `debian_packages` go into the base.
-    OUTPUT/TARGET/ then also holds requirements.lock (give it back with --lock to bake
-    the same wheels) and sbom.cdx.json (CycloneDX).
+    target's platform and installed offline; its `debian_packages` go into the base
+    (or the .deb's Depends). Every kind's output directory also holds sbom.cdx.json
+    (CycloneDX) and, with requirements, requirements.lock: give it back with --lock to
+    bake the same wheels.
     """
     from imagefactory.bake.artifacts import check_pipeline
     from imagefactory.bake.options import BakeOptions
