@@ -85,6 +85,11 @@ class BakeProcess:
             lines, self.progress.pending = self.progress.pending, []
             return self.progress.stage, dict(self.progress.stages), lines
 
+    def stage_times(self) -> dict[str, float]:
+        """The stage times so far, leaving the log lines for the next heartbeat."""
+        with self._lock:
+            return dict(self.progress.stages)
+
     def give_back(self, lines: list[str]) -> None:
         """Lines that could not be sent: they go first next time."""
         with self._lock:

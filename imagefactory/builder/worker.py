@@ -151,15 +151,15 @@ class Job:
         finally:
             bake.close()
         if cancelled:
-            return {"state": "cancelled", "stages": bake.take()[1], "error": "cancelled"}
+            return {"state": "cancelled", "stages": bake.stage_times(), "error": "cancelled"}
         if code != 0:
             self._flush(bake)
             tail = (self.dir / "bake.log").read_text(errors="replace").splitlines()[-TAIL_LINES:]
             error = f"bake exited with {code}:\n" + "\n".join(tail)
-            return {"state": "failed", "stages": bake.take()[1], "error": error}
-        delivered = self._deliver(bake.summary(), bake.take()[1])
+            return {"state": "failed", "stages": bake.stage_times(), "error": error}
+        delivered = self._deliver(bake.summary(), bake.stage_times())
         self._flush(bake)
-        return {"state": "succeeded", "stages": bake.take()[1], **delivered}
+        return {"state": "succeeded", "stages": bake.stage_times(), **delivered}
 
     def _interval(self) -> float:
         return max(0.5, min(self.lease_s / 4, 5.0))

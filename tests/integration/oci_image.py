@@ -40,6 +40,21 @@ def heavy() -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@contextmanager
+def source_date_epoch(value: str) -> Iterator[None]:
+    """SOURCE_DATE_EPOCH for one bake only: the test session's other bakes (the bare-metal
+    installer's version, say) must keep the real time."""
+    before = os.environ.get("SOURCE_DATE_EPOCH")
+    os.environ["SOURCE_DATE_EPOCH"] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SOURCE_DATE_EPOCH"]
+        else:
+            os.environ["SOURCE_DATE_EPOCH"] = before
+
+
 def base_cached(target: str) -> bool:
     spec = BaseSpec(get_target(target), mirror=os.environ.get("FLEETBAKE_MIRROR") or None)
     return oci_cache(None).lookup(cache_key(oci_base_inputs(spec, int(EPOCH)))) is not None
@@ -50,11 +65,10 @@ def bake_oci(pipeline_dir: Path, out: Path, target: str = "x86_64-linux") -> Bak
     `out/PIPELINE/`; under the heavy lock only when the container base must be built."""
     key = (pipeline_dir.resolve(), target, out)
     if key not in _baked:
-        os.environ["SOURCE_DATE_EPOCH"] = EPOCH
         # A host whose apt sources are not Debian's (the nightly Docker job) names a mirror.
         mirror = os.environ.get("FLEETBAKE_MIRROR") or None
         opts = BakeOptions(get_target(target), key[0], out / key[0].name, "oci", mirror=mirror)
-        with heavy() if not base_cached(target) else nullcontext():
+        with source_date_epoch(EPOCH), heavy() if not base_cached(target) else nullcontext():
             _baked[key] = bake(opts, Stages())
     return _baked[key]
 
