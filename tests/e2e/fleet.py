@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from imagefactory.client import AdminClient
 from imagefactory.errors import UserError
 from tests.integration.services_harness import ServerProcess
@@ -29,6 +31,16 @@ ARTIFACTS = Path(os.environ.get("FLEETBAKE_ARTIFACTS", REPO / "artifacts"))
 BOOT_TIMEOUT_S = 1500
 """Per boot under TCG: a Debian boot with cloud-init takes about 2 minutes, more when
 two guests share two cores; generous so that a slow machine does not fail the test."""
+
+TARGETS = [
+    pytest.param("x86_64-linux", id="x86_64"),
+    # its first test may build the arm64 base under qemu-user (10-45 min here) before the
+    # bake and the boots under TCG
+    pytest.param(
+        "aarch64-linux", id="aarch64", marks=[pytest.mark.slow, pytest.mark.timeout(3 * 3600)]
+    ),
+]
+"""The targets the e2e tests are parametrized with (`target_name`)."""
 
 
 def imagefactory(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,22 +22,6 @@ ETL = fleet.REPO / "examples" / "etl"
 FAILING = fleet.REPO / "examples" / "failing"
 HEARTBEAT_S = 2
 """Short heartbeats, so that `alive` (3 x interval) turns false soon after power-off."""
-
-TARGETS = [
-    pytest.param("x86_64-linux", id="x86_64"),
-    # its first test may build the arm64 base under qemu-user (10-45 min here) before the
-    # bake and two boots under TCG
-    pytest.param(
-        "aarch64-linux", id="aarch64", marks=[pytest.mark.slow, pytest.mark.timeout(3 * 3600)]
-    ),
-]
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = fleet.prepared_server(tmp_path / "master").start()
-    yield proc
-    proc.stop()
 
 
 def _fail_with_consoles(message: str, boots: list[fleet.Boot]) -> None:
@@ -64,7 +47,7 @@ def _stop_all(boots: list[fleet.Boot]) -> None:
 
 
 @pytest.mark.parametrize("backend", ["qemu", "libvirt"])
-@pytest.mark.parametrize("target_name", TARGETS)
+@pytest.mark.parametrize("target_name", fleet.TARGETS)
 def test_two_nodes_run_etl_and_report(
     bake_image: BakeImage,
     server: ServerProcess,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,22 +20,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]
 
 NUMERIC = fleet.REPO / "examples" / "numeric"
 
-TARGETS = [
-    pytest.param("x86_64-linux", id="x86_64"),
-    pytest.param(
-        "aarch64-linux", id="aarch64", marks=[pytest.mark.slow, pytest.mark.timeout(3 * 3600)]
-    ),
-]
 
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = fleet.prepared_server(tmp_path / "master").start()
-    yield proc
-    proc.stop()
-
-
-@pytest.mark.parametrize("target_name", TARGETS)
+@pytest.mark.parametrize("target_name", fleet.TARGETS)
 def test_numpy_and_a_debian_library_run_on_the_node(
     bake_image: BakeImage, server: ServerProcess, tmp_path: Path, target_name: str
 ) -> None:
