@@ -228,11 +228,19 @@ def _check_lock(lock: Lock, target: Target, platform: WheelPlatform, requirement
         )
 
 
+def _pip(command: str, *args: str) -> None:
+    """This host's pip, quiet and never asking; CommandError if it fails."""
+    quiet = ["--quiet", "--disable-pip-version-check", "--no-input", "--progress-bar", "off"]
+    run([sys.executable, "-m", "pip", command, *quiet, *args])
+
+
+def _last_line(exc: CommandError) -> str:
+    return (exc.tail(1) or [exc.headline()])[0]
+
+
 def _download(args: list[str], dest: Path, platform: WheelPlatform, stages: Stages) -> None:
-    argv = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check"]
-    argv += ["--no-input", "--progress-bar", "off", "--dest", str(dest), *platform.pip_args()]
     try:
-        run([*argv, *args])
+        _pip("download", "--dest", str(dest), *platform.pip_args(), *args)
     except CommandError as exc:
         missing = _NO_MATCH.search(exc.stderr)
         if missing:
@@ -240,15 +248,14 @@ def _download(args: list[str], dest: Path, platform: WheelPlatform, stages: Stag
                 f"{missing[1]}: no wheel for {platform} on the package index",
                 hint="pick a version with a wheel for this platform, or a pure-Python package",
             ) from None
-        last = [ln for ln in exc.stderr.splitlines() if ln.strip()][-1:] or [exc.headline()]
-        raise die(f"resolving the Python requirements for {platform} failed: {last[0]}") from None
+        raise die(
+            f"resolving the Python requirements for {platform} failed: {_last_line(exc)}"
+        ) from None
 
 
 def _download_pip(version: str, dest: Path) -> None:
-    argv = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check"]
-    argv += ["--no-deps", "--only-binary=:all:", "--dest", str(dest), f"pip=={version}"]
     try:
-        run(argv)
+        _pip("download", "--no-deps", "--only-binary=:all:", "--dest", str(dest), f"pip=={version}")
     except CommandError as exc:
         raise die(f"cannot download pip {version} for the guest: {exc}") from None
 
@@ -288,14 +295,12 @@ def install_wheels(wheels: Wheelhouse, site: Path, target: Target) -> None:
     target's platform: offline, every file checked against its sha256 in the lock (as a VM
     image's venv gets them in the build VM). Container images and bare-metal packages."""
     try:
-        run([
-            sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
-            "--require-hashes", "--find-links", str(wheels.dir), "--target", str(site),
-            "--no-compile", "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
+        _pip(
+            "install", "--no-index", "--no-deps", "--require-hashes",
+            "--find-links", str(wheels.dir), "--target", str(site), "--no-compile",
             *WheelPlatform.of(target).pip_args(), "-r", str(wheels.lock),
-        ])  # fmt: skip
+        )  # fmt: skip
     except CommandError as exc:
-        last = [ln for ln in exc.stderr.splitlines() if ln.strip()][-1:] or [exc.headline()]
-        raise die(f"pip cannot install the pipeline's wheels: {last[0]}") from None
+        raise die(f"pip cannot install the pipeline's wheels: {_last_line(exc)}") from None
     # Console scripts name this host's interpreter; tasks import the packages instead.
     shutil.rmtree(site / "bin", ignore_errors=True)
