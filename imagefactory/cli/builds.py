@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +11,9 @@ import click
 from imagefactory.cli.services import admin_client, admin_options, json_option, print_json
 from imagefactory.cli.services import print_table as table
 from imagefactory.client import AdminClient
+from imagefactory.deploy import environment
 
-TERMINAL = ("succeeded", "failed", "cancelled")
-STATES = ("queued", "building", *TERMINAL)
-POLL_S = 1.0
+STATES = ("queued", "building", *environment.TERMINAL)
 
 
 def check_build_id(_ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -137,24 +135,11 @@ def cancel_command(build_id: str, url: str, admin_token_file: Path, as_json: boo
 
 def follow_build(client: AdminClient, build: dict[str, Any], quiet: bool = False) -> dict[str, Any]:
     """Poll the build until it ends, printing each stage as it starts and ends (stderr)."""
-    shown_state, shown_stage, shown_done = None, None, set()
-    while True:
-        if not quiet:
-            if (build["state"], build["attempt"]) != shown_state:
-                shown_state = (build["state"], build["attempt"])
-                who = f" on {build['builder_id']} (attempt {build['attempt']})"
-                click.echo(f"build: {build['state']}{who if build['builder_id'] else ''}", err=True)
-            for name, seconds in build["stages"].items():
-                if name not in shown_done:
-                    shown_done.add(name)
-                    click.echo(f"==> {name}: done in {seconds:.1f}s", err=True)
-            if build["stage"] and build["stage"] != shown_stage:
-                click.echo(f"==> {build['stage']}", err=True)
-            shown_stage = build["stage"]
-        if build["state"] in TERMINAL:
-            return build
-        time.sleep(POLL_S)
-        build = client.get_json(f"/v1/builds/{build['build_id']}")
+    return environment.follow_build(client, build, None if quiet else progress)
+
+
+def progress(message: str) -> None:
+    click.echo(message, err=True)
 
 
 def describe(build: dict[str, Any]) -> None:

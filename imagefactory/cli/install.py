@@ -18,7 +18,15 @@ import click
 from imagefactory.boot.console import ConsoleFollower
 from imagefactory.errors import die
 from imagefactory.install.destination import Destination
-from imagefactory.install.fleet import After, Fleet, Job, Outcome, Session, summary_lines
+from imagefactory.install.fleet import (
+    After,
+    Fleet,
+    Job,
+    Outcome,
+    Session,
+    node_job,
+    summary_lines,
+)
 from imagefactory.install.remote import JournalFollower
 
 WAITS = ("none", "heartbeat", "report")
@@ -332,15 +340,6 @@ class NodeInputs:
     insecure: bool
 
 
-# node.env variables install.sh takes as options of their own; the rest go as --env.
-_OWN_OPTIONS = {
-    "EXECUTOR_NODE_ID": "--node-id",
-    "EXECUTOR_RUN_ID": "--run-id",
-    "EXECUTOR_MASTER_URL": "--master",
-    "EXECUTOR_ON_COMPLETE": "--on-complete",
-}
-
-
 def node_jobs(dests: list[Destination], given: NodeInputs) -> list[Job]:
     """One job per device, every value checked here (as the seed checks them) before any
     device is touched; install.sh gets the node.env the seed would write."""
@@ -377,13 +376,7 @@ def node_jobs(dests: list[Destination], given: NodeInputs) -> list[Job]:
             master_ca=None if master_ca is None else master_ca.decode("ascii"),
             insecure=given.insecure,
         )  # fmt: skip
-        args: list[str] = []
-        for key, value in node.env():  # validates ids, URL, --env names and values
-            if key in _OWN_OPTIONS:
-                args += [_OWN_OPTIONS[key], value]
-            elif key != "EXECUTOR_TOKEN":  # uploaded as a file of its own
-                args += ["--env", f"{key}={value}"]
-        jobs.append(Job(dest, nid, tuple(args), token))
+        jobs.append(node_job(dest, node.env()))
     return jobs
 
 

@@ -26,6 +26,13 @@ from imagefactory.install.remote import RemoteError, connect, run_quiet, run_str
 
 NOTHING_TO_CHANGE = "nothing to change"
 """What install.sh says when it found everything in place (a no-op run)."""
+OWN_OPTIONS = {
+    "EXECUTOR_NODE_ID": "--node-id",
+    "EXECUTOR_RUN_ID": "--run-id",
+    "EXECUTOR_MASTER_URL": "--master",
+    "EXECUTOR_ON_COMPLETE": "--on-complete",
+}
+"""node.env variables install.sh takes as options of their own; the rest go as --env."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,19 @@ class Job:
     """install.sh's arguments (identity options, or --uninstall [--purge])."""
     token: str | None = None
     """Uploaded as a 0600 file next to install.sh, never put on a command line."""
+
+
+def node_job(dest: Destination, node_env: list[tuple[str, str]]) -> Job:
+    """The install of a node on `dest` from its node.env pairs (`NodeVars.env()`, which
+    validates them): install.sh takes them as options, the token as a file of its own."""
+    args: list[str] = []
+    values = dict(node_env)
+    for key, value in node_env:
+        if key in OWN_OPTIONS:
+            args += [OWN_OPTIONS[key], value]
+        elif key != "EXECUTOR_TOKEN":
+            args += ["--env", f"{key}={value}"]
+    return Job(dest, values["EXECUTOR_NODE_ID"], tuple(args), values.get("EXECUTOR_TOKEN"))
 
 
 @dataclass

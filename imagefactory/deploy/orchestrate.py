@@ -1,0 +1,242 @@
+"""`deploy` and `undeploy` across devices, each device in its own thread:
+
+    deploy:   device record ─► kind (first preferred that has a target) ─► environment
+              (store, or a build now) ─► transport.place ─► deployment record on the
+              master ─► wait (the master's admin API: heartbeat or report)
+    undeploy: device record ─► its deployment ─► transport.remove ─► record cleared
+
+A device that fails does not stop the others: its result says at which step and why.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from imagefactory.boot.seed import NodeVars
+from imagefactory.boot.waiting import MasterApi
+from imagefactory.client import AdminClient
+from imagefactory.deploy.environment import environment_for
+from imagefactory.deploy.transports import Placement, Transport
+from imagefactory.kinds import KINDS, first_match
+from imagefactory.targets import Target
+from imagefactory.tokens import node_token
+
+WAITS = ("none", "heartbeat", "report")
+POLL_S = 1.0
+MAX_DEVICE_PART = 56
+"""Of a node id (at most 63 characters): the device's id, then `-` and 6 hex digits."""
+
+
+class StepFailed(Exception):
+    """A device's deployment stopped at a step (the message names the step and cause)."""
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    pipeline: str
+    """A pipeline published on the gateway: NAME or NAME@sha256:HEX."""
+    master: str
+    """The master's URL as the devices' hosts reach it (hypervisor, container host); a
+    bare-metal device's record may name its own (`ssh.master_url`)."""
+    secret: str
+    """The fleet secret: each node's token is derived from it and the node's id."""
+    wait: str = "heartbeat"
+    timeout_s: float = 900.0
+    master_ca: str | None = None
+    insecure: bool = False
+    """EXECUTOR_INSECURE=1 for bare-metal devices reaching a plain http:// master."""
+    on_complete: str = "none"
+    env: tuple[tuple[str, str], ...] = ()
+    replace: bool = False
+    """Undeploy what a device runs before deploying, instead of refusing."""
+
+
+@dataclass
+class DeviceResult:
+    device: str
+    status: str = "pending"
+    """deployed (with its wait), undeployed, unchanged, or failed."""
+    kind: str | None = None
+    target: str | None = None
+    environment: str | None = None
+    node_id: str | None = None
+    run_id: str | None = None
+    wait: str | None = None
+    """What the wait saw: `heartbeat`, `report (succeeded)`."""
+    error: str | None = None
+    elapsed_s: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "status": self.status,
+            "kind": self.kind,
+            "target": self.target,
+            "environment": self.environment,
+            "node_id": self.node_id,
+            "run_id": self.run_id,
+            "wait": self.wait,
+            "error": self.error,
+            "elapsed_s": round(self.elapsed_s, 1),
+        }
+
+
+def choose(device: dict[str, Any]) -> tuple[str, Target]:
+    """The first kind in the device's preference list that has a target for its arch."""
+    match = first_match(device["arch"], device["kinds"], [k.format for k in KINDS])
+    if match is not None:
+        return match[1].name, match[0]
+    raise StepFailed(f"no target builds {'/'.join(device['kinds'])} for {device['arch']}")
+
+
+def fresh_node(
+    device_id: str, settings: DeploySettings, master_url: str, insecure: bool = False
+) -> NodeVars:
+    """A new node identity for the device: `DEVICE-<6 hex>`, a new run id, its token."""
+    node_id = f"{device_id[:MAX_DEVICE_PART]}-{secrets.token_hex(3)}"
+    return NodeVars(
+        node_id=node_id,
+        run_id=str(uuid.uuid4()),
+        master_url=master_url,
+        token=node_token(settings.secret, node_id),
+        on_complete=settings.on_complete,
+        extra_env=settings.env,
+        master_ca=settings.master_ca,
+        insecure=insecure,
+    )
+
+
+class Deployer:
+    def __init__(
+        self,
+        client: AdminClient,
+        admin_token: str,
+        transports: dict[str, Transport],
+        progress: Callable[[str], None],
+    ) -> None:
+        self.client = client
+        self.admin_token = admin_token
+        self.transports = transports
+        self.progress = progress
+
+    def _each(
+        self, device_ids: list[str], one: Callable[[DeviceResult, Callable[[str], None]], None]
+    ) -> list[DeviceResult]:
+        def run(device_id: str) -> DeviceResult:
+            result = DeviceResult(device_id)
+            started = time.monotonic()
+
+            def say(text: str) -> None:
+                self.progress(f"[{device_id}] {text}")
+
+            try:
+                one(result, say)
+            except Exception as exc:  # noqa: BLE001 - one device's failure must not stop the rest
+                result.status = "failed"
+                result.error = str(getattr(exc, "message", None) or exc) or type(exc).__name__
+                say(f"FAILED: {result.error}")
+            result.elapsed_s = time.monotonic() - started
+            return result
+
+        with ThreadPoolExecutor(max_workers=min(16, len(device_ids))) as pool:
+            return list(pool.map(run, device_ids))
+
+    def deploy(self, device_ids: list[str], settings: DeploySettings) -> list[DeviceResult]:
+        return self._each(device_ids, lambda r, say: self._deploy(r, settings, say))
+
+    def undeploy(self, device_ids: list[str]) -> list[DeviceResult]:
+        return self._each(device_ids, self._undeploy)
+
+    def _device(self, device_id: str) -> dict[str, Any]:
+        device: dict[str, Any] = self.client.get_json(f"/v1/devices/{device_id}")
+        return device
+
+    def _deploy(
+        self, result: DeviceResult, settings: DeploySettings, say: Callable[[str], None]
+    ) -> None:
+        device = self._device(result.device)
+        if device.get("deployment"):
+            running = device["deployment"]["node_id"]
+            if not settings.replace:
+                raise StepFailed(
+                    f"already runs node {running}: `imagefactory undeploy {result.device}` "
+                    "first, or deploy --replace"
+                )
+            say(f"replacing node {running}")
+            self._remove(device, say)
+        kind, target = choose(device)
+        result.kind, result.target = kind, target.name
+        say(f"{kind} on {target.name}")
+        env = environment_for(self.client, target.name, kind, settings.pipeline, say)
+        result.environment = env.digest
+        master = settings.master
+        if kind == "baremetal":
+            master = device["ssh"].get("master_url") or master
+        # A bare-metal device reaches a plain http:// master over a network: only if allowed.
+        node = fresh_node(
+            result.device, settings, master, kind == "baremetal" and settings.insecure
+        )
+        result.node_id, result.run_id = node.node_id, node.run_id
+        say(f"starting node {node.node_id} (run {node.run_id})")
+        details = self.transports[kind].place(Placement(device, target, env, node), say)
+        self.client.put_json(
+            f"/v1/devices/{result.device}/deployment",
+            {
+                "kind": kind,
+                "target": target.name,
+                "environment": env.digest,
+                "node_id": node.node_id,
+                "run_id": node.run_id,
+                "details": details,
+            },
+        )
+        result.details = details
+        result.status = "deployed"
+        if settings.wait != "none":
+            result.wait = self._wait(node, settings, say)
+
+    def _wait(self, node: NodeVars, settings: DeploySettings, say: Callable[[str], None]) -> str:
+        api = MasterApi(self.client.url, self.admin_token)
+        assert node.run_id is not None
+        say(f"waiting for the node's {settings.wait}")
+        deadline = time.monotonic() + settings.timeout_s
+        while time.monotonic() < deadline:
+            status = api.run_status(node.run_id)
+            if status is not None:
+                if settings.wait == "report" and status != "succeeded":
+                    raise StepFailed(f"the run ended {status}")
+                say(f"report ({status})" if settings.wait == "report" else "heartbeat")
+                return f"report ({status})" if settings.wait == "report" else "heartbeat"
+            if settings.wait == "heartbeat" and api.alive(node.node_id):
+                say("heartbeat")
+                return "heartbeat"
+            time.sleep(POLL_S)
+        raise StepFailed(
+            f"no {settings.wait} from node {node.node_id} within {settings.timeout_s:.0f} s "
+            f"(it keeps running: `imagefactory undeploy` removes it)"
+        )
+
+    def _undeploy(self, result: DeviceResult, say: Callable[[str], None]) -> None:
+        device = self._device(result.device)
+        deployment = device.get("deployment")
+        if not deployment:
+            result.status = "unchanged"
+            say("nothing deployed")
+            return
+        result.kind, result.node_id = deployment["kind"], deployment["node_id"]
+        result.environment, result.run_id = deployment["environment"], deployment["run_id"]
+        self._remove(device, say)
+        result.status = "undeployed"
+
+    def _remove(self, device: dict[str, Any], say: Callable[[str], None]) -> None:
+        deployment = device["deployment"]
+        say(f"removing node {deployment['node_id']} ({deployment['kind']})")
+        self.transports[deployment["kind"]].remove(device, deployment, say)
+        self.client.delete(f"/v1/devices/{device['id']}/deployment")

@@ -1,0 +1,265 @@
+"""deploy/undeploy across devices (imagefactory/deploy/orchestrate.py) with the master's
+API and the transports faked: which kind and target each device gets, the node identity,
+the deployment record, the waits, and that one device's failure leaves the others alone.
+The real parts run in tests/e2e/test_deploy.py."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from imagefactory.deploy import orchestrate
+from imagefactory.deploy.orchestrate import Deployer, DeploySettings, StepFailed
+from imagefactory.deploy.transports import Placement
+from imagefactory.errors import die
+from imagefactory.tokens import node_token
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def build(fmt: str, state: str = "succeeded", error: str | None = None) -> dict[str, Any]:
+    pushed = {"reference": "127.0.0.1:5000/fleetbake/etl:b1", "digest": "sha256:" + "cd" * 32}
+    return {
+        "build_id": "b" * 32,
+        "target": "x86_64-linux",
+        "format": fmt,
+        "state": state,
+        "attempt": 1,
+        "builder_id": "b1",
+        "stage": None,
+        "stages": {},
+        "error": error,
+        "artifacts": [{"name": "x", "digest": DIGEST, "size": 3}] if state == "succeeded" else [],
+        "pushed": pushed if fmt == "oci" else None,
+    }
+
+
+class FakeMaster:
+    """The admin API deploy uses: devices, builds; records what was written."""
+
+    url = "http://127.0.0.1:1"
+
+    def __init__(self, devices: dict[str, dict[str, Any]], builds: dict[str, str] | None = None):
+        self.devices = {k: {"id": k, "deployment": None, **v} for k, v in devices.items()}
+        self.build_state = builds or {}
+        self.lock = threading.Lock()
+        self.submitted: list[dict[str, Any]] = []
+
+    def get_json(self, path: str, **_: Any) -> Any:
+        device_id = path.removeprefix("/v1/devices/")
+        if device_id not in self.devices:
+            raise die(f"GET {path}: 404 no device {device_id}")
+        return dict(self.devices[device_id])
+
+    def post_json(self, path: str, body: Any = None) -> Any:
+        assert path == "/v1/builds"
+        with self.lock:
+            self.submitted.append(body)
+        state = self.build_state.get(body["format"], "succeeded")
+        return build(body["format"], state, "bake: error: boom" if state == "failed" else None)
+
+    def put_json(self, path: str, body: Any) -> Any:
+        device_id = path.removeprefix("/v1/devices/").removesuffix("/deployment")
+        self.devices[device_id]["deployment"] = body
+        return body
+
+    def delete(self, path: str) -> None:
+        device_id = path.removeprefix("/v1/devices/").removesuffix("/deployment")
+        self.devices[device_id]["deployment"] = None
+
+
+class FakeTransport:
+    def __init__(self, fail: str | None = None) -> None:
+        self.placed: list[Placement] = []
+        self.removed: list[dict[str, Any]] = []
+        self.fail = fail
+
+    def place(self, placement: Placement, say: Callable[[str], None]) -> dict[str, Any]:
+        if self.fail and placement.device["id"] == self.fail:
+            raise die("the hypervisor is unreachable")
+        self.placed.append(placement)
+        return {"where": placement.device["id"]}
+
+    def remove(
+        self, device: dict[str, Any], deployment: dict[str, Any], say: Callable[[str], None]
+    ) -> None:
+        self.removed.append(deployment)
+
+
+class FakeApi:
+    """MasterApi: `statuses` per run id (None: no report); every node heartbeats unless
+    `silent`."""
+
+    statuses: dict[str, str | None] = {}
+    silent = False
+
+    def __init__(self, url: str, token: str) -> None:
+        pass
+
+    def run_status(self, run_id: str) -> str | None:
+        return self.statuses.get(run_id)
+
+    def alive(self, node_id: str) -> bool:
+        return not self.silent
+
+
+DEVICES = {
+    "hv-1": {"arch": "x86_64", "kinds": ["vm", "container"], "libvirt": {"uri": "qemu:///system"}},
+    "ctr-1": {"arch": "x86_64", "kinds": ["container"], "container": {"host": "local"}},
+    "metal-1": {
+        "arch": "aarch64",
+        "kinds": ["baremetal"],
+        "ssh": {"address": "root@10.0.0.7", "master_url": "https://10.0.0.5:8750"},
+    },
+}
+SETTINGS = DeploySettings(pipeline="etl", master="http://127.0.0.1:8750", secret="s3cret")
+
+
+def deployer(master: FakeMaster, transports: dict[str, FakeTransport]) -> Deployer:
+    return Deployer(master, "admin", transports, lambda _line: None)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def kinds() -> dict[str, FakeTransport]:
+    return {"vm": FakeTransport(), "container": FakeTransport(), "baremetal": FakeTransport()}
+
+
+@pytest.fixture(autouse=True)
+def fake_api(monkeypatch: pytest.MonkeyPatch) -> type[FakeApi]:
+    monkeypatch.setattr(orchestrate, "MasterApi", FakeApi)
+    monkeypatch.setattr(orchestrate, "POLL_S", 0.01)
+    FakeApi.statuses, FakeApi.silent = {}, False
+    return FakeApi
+
+
+def test_each_device_gets_its_first_kind_a_fresh_node_and_a_record(
+    kinds: dict[str, FakeTransport],
+) -> None:
+    master = FakeMaster(DEVICES)
+    results = deployer(master, kinds).deploy(list(DEVICES), SETTINGS)
+    by_device = {r.device: r for r in results}
+    assert [r.status for r in results] == ["deployed"] * 3
+    assert {d: (r.kind, r.target) for d, r in by_device.items()} == {
+        "hv-1": ("vm", "x86_64-linux"),
+        "ctr-1": ("container", "x86_64-linux"),
+        "metal-1": ("baremetal", "aarch64-linux"),
+    }
+    assert sorted(b["format"] for b in master.submitted) == ["installer", "oci", "qcow2"]
+    [vm] = kinds["vm"].placed
+    assert vm.node.node_id.startswith("hv-1-") and len(vm.node.node_id) == len("hv-1-") + 6
+    assert vm.node.token == node_token("s3cret", vm.node.node_id)
+    assert vm.node.master_url == SETTINGS.master and vm.environment.digest == DIGEST
+    [ctr] = kinds["container"].placed
+    assert ctr.environment.reference == "127.0.0.1:5000/fleetbake/etl@sha256:" + "cd" * 32
+    [metal] = kinds["baremetal"].placed
+    assert metal.node.master_url == "https://10.0.0.5:8750"  # the device's own view
+    record = master.devices["hv-1"]["deployment"]
+    assert record["node_id"] == vm.node.node_id and record["run_id"] == vm.node.run_id
+    assert record["details"] == {"where": "hv-1"} and record["environment"] == DIGEST
+
+
+def test_fresh_identities_differ_between_deploys(kinds: dict[str, FakeTransport]) -> None:
+    master = FakeMaster({"hv-1": DEVICES["hv-1"]})
+    deployer(master, kinds).deploy(["hv-1"], SETTINGS)
+    again = DeploySettings(**{**SETTINGS.__dict__, "replace": True})
+    deployer(master, kinds).deploy(["hv-1"], again)
+    first, second = kinds["vm"].placed
+    assert first.node.node_id != second.node.node_id and first.node.run_id != second.node.run_id
+    assert kinds["vm"].removed[0]["node_id"] == first.node.node_id  # replaced, not left behind
+
+
+def test_a_failing_device_does_not_stop_the_others(kinds: dict[str, FakeTransport]) -> None:
+    kinds["vm"] = FakeTransport(fail="hv-1")
+    master = FakeMaster(DEVICES)
+    results = {r.device: r for r in deployer(master, kinds).deploy(list(DEVICES), SETTINGS)}
+    assert results["hv-1"].status == "failed"
+    assert results["hv-1"].error == "the hypervisor is unreachable"
+    assert master.devices["hv-1"]["deployment"] is None
+    assert results["ctr-1"].status == results["metal-1"].status == "deployed"
+
+
+def test_a_failed_build_names_the_build_and_its_last_line(kinds: dict[str, FakeTransport]) -> None:
+    master = FakeMaster({"ctr-1": DEVICES["ctr-1"]}, builds={"oci": "failed"})
+    [result] = deployer(master, kinds).deploy(["ctr-1"], SETTINGS)
+    assert result.status == "failed"
+    assert result.error == f"build {'b' * 32} failed: bake: error: boom"
+    assert not kinds["container"].placed
+
+
+def test_a_device_that_runs_a_node_is_refused_without_replace(
+    kinds: dict[str, FakeTransport],
+) -> None:
+    master = FakeMaster({"ctr-1": DEVICES["ctr-1"]})
+    deployer(master, kinds).deploy(["ctr-1"], SETTINGS)
+    [again] = deployer(master, kinds).deploy(["ctr-1"], SETTINGS)
+    assert again.status == "failed" and "already runs node ctr-1-" in (again.error or "")
+    assert "undeploy ctr-1" in (again.error or "") and len(kinds["container"].placed) == 1
+
+
+def test_unknown_devices_fail_alone(kinds: dict[str, FakeTransport]) -> None:
+    master = FakeMaster({"ctr-1": DEVICES["ctr-1"]})
+    results = deployer(master, kinds).deploy(["nope", "ctr-1"], SETTINGS)
+    assert [r.status for r in results] == ["failed", "deployed"]
+    assert "404 no device nope" in (results[0].error or "")
+
+
+@pytest.mark.parametrize(
+    ("wait", "status", "seen", "error"),
+    [
+        ("report", "succeeded", "report (succeeded)", None),
+        ("report", "failed", None, "the run ended failed"),
+        ("heartbeat", None, "heartbeat", None),
+    ],
+)
+def test_waits(
+    kinds: dict[str, FakeTransport],
+    fake_api: type[FakeApi],
+    wait: str,
+    status: str | None,
+    seen: str | None,
+    error: str | None,
+) -> None:
+    class Reporting(FakeTransport):
+        def place(self, placement: Placement, say: Callable[[str], None]) -> dict[str, Any]:
+            assert placement.node.run_id is not None
+            fake_api.statuses[placement.node.run_id] = status
+            return super().place(placement, say)
+
+    kinds["container"] = Reporting()
+    settings = DeploySettings(**{**SETTINGS.__dict__, "wait": wait})
+    [result] = deployer(FakeMaster({"ctr-1": DEVICES["ctr-1"]}), kinds).deploy(["ctr-1"], settings)
+    assert (result.wait, result.error) == (seen, error)
+
+
+def test_a_silent_node_times_out_and_stays_recorded(
+    kinds: dict[str, FakeTransport], fake_api: type[FakeApi]
+) -> None:
+    fake_api.silent = True
+    settings = DeploySettings(**{**SETTINGS.__dict__, "wait": "heartbeat", "timeout_s": 0.05})
+    master = FakeMaster({"ctr-1": DEVICES["ctr-1"]})
+    [result] = deployer(master, kinds).deploy(["ctr-1"], settings)
+    assert result.status == "failed" and "no heartbeat from node ctr-1-" in (result.error or "")
+    assert master.devices["ctr-1"]["deployment"] is not None  # undeploy can still remove it
+
+
+def test_undeploy_removes_and_clears_and_leaves_empty_devices_alone(
+    kinds: dict[str, FakeTransport],
+) -> None:
+    master = FakeMaster({"ctr-1": DEVICES["ctr-1"], "hv-1": DEVICES["hv-1"]})
+    deployer(master, kinds).deploy(["ctr-1"], SETTINGS)
+    node = master.devices["ctr-1"]["deployment"]["node_id"]
+    results = deployer(master, kinds).undeploy(["ctr-1", "hv-1"])
+    assert [(r.status, r.node_id) for r in results] == [("undeployed", node), ("unchanged", None)]
+    assert [d["node_id"] for d in kinds["container"].removed] == [node]
+    assert master.devices["ctr-1"]["deployment"] is None
+
+
+def test_choose_follows_the_preference_order() -> None:
+    device = {"arch": "aarch64", "kinds": ["container", "vm"]}
+    kind, target = orchestrate.choose(device)
+    assert (kind, target.name) == ("container", "aarch64-linux")
+    with pytest.raises(StepFailed, match="no target builds vm for riscv64"):
+        orchestrate.choose({"arch": "riscv64", "kinds": ["vm"]})
