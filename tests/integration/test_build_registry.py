@@ -4,57 +4,25 @@ registry) on loopback with a temporary config and storage, skopeo to push and in
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from imagefactory.builder.push import push_oci, registry_destination, repository_name
 from imagefactory.cli.bake import FORMATS
 from tests.integration.build_fleet import Fleet, admin, ended, publish_pipelines, submit, wait_for
-from tests.integration.services_harness import free_port
+from tests.registry import local_registry, needs_registry_tools
 
-pytestmark = [
-    pytest.mark.timeout(900),
-    pytest.mark.skipif(
-        not all(shutil.which(p) for p in ("docker-registry", "skopeo", "umoci")),
-        reason="needs docker-registry, skopeo and umoci (scripts/setup-host.sh)",
-    ),
-]
+pytestmark = [pytest.mark.timeout(900), needs_registry_tools]
 
 
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[str]:
     """`http://127.0.0.1:PORT` of a private registry, stopped by pid afterwards."""
-    port = free_port()
-    config = tmp_path / "registry.yml"
-    config.write_text(
-        "version: 0.1\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {tmp_path / 'registry'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    log = (tmp_path / "registry.log").open("wb")
-    proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "registry.log").read_text()
-            try:
-                if httpx.get(f"{url}/v2/", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "registry did not start"
-                time.sleep(0.1)
+    with local_registry(tmp_path) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def inspect_digest(registry: str, reference: str) -> str:

@@ -11,10 +11,8 @@ refusals of install.sh on the device, uninstall (each leftover checked), and pur
 
 from __future__ import annotations
 
-import base64
 import json
 import re
-import shlex
 import subprocess
 import sys
 import threading
@@ -23,20 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import paramiko
 import pytest
 
-from imagefactory.bake.base import BaseSpec, build_base
-from imagefactory.bake.cache import BaseCache
-from imagefactory.boot import qemu, seed
+from imagefactory.boot import qemu
 from imagefactory.boot.launch import free_ports
-from imagefactory.boot.nodestate import make_ssh_key
-from imagefactory.boot.ssh import banner_ready
-from imagefactory.host.accel import pick_accelerator
-from imagefactory.install.hostkeys import fingerprint
-from imagefactory.stages import Stages
-from imagefactory.targets import get_target
 from tests.installer_bake import bake_installer
+from tests.metal_device import Device, booted_device
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(2400)]
 
@@ -56,57 +46,6 @@ class Master:
     def get(self, path: str) -> httpx.Response:
         token = self.admin_token_file.read_text().strip()
         return httpx.get(self.url + path, headers={"Authorization": f"Bearer {token}"})
-
-
-@dataclass(frozen=True)
-class Device:
-    ssh_port: int
-    key: Path
-    """The private key authorized for `ops`."""
-    host_fingerprint: str
-    console_log: Path
-    tmp: Path
-
-    @property
-    def ssh(self) -> str:
-        return f"ops@127.0.0.1:{self.ssh_port}"
-
-    def run(self, command: str, check: bool = True) -> tuple[int, str]:
-        """Run a command as root on the device (sudo); (status, stdout+stderr)."""
-        client = paramiko.SSHClient()
-        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-        client.connect(
-            "127.0.0.1", port=self.ssh_port, username="ops", key_filename=str(self.key),
-            allow_agent=False, look_for_keys=False, timeout=30,
-        )  # fmt: skip
-        try:
-            _, out, _ = client.exec_command(f"sudo -n sh -c {shlex.quote(command)} 2>&1")
-            text = out.read().decode()
-            status = out.channel.recv_exit_status()
-        finally:
-            client.close()
-        if check:
-            assert status == 0, f"{command}: {status}\n{text}"
-        return status, text
-
-    def put(self, name: str, data: bytes) -> str:
-        """Upload a file to /tmp on the device; its path."""
-        client = paramiko.SSHClient()
-        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-        client.connect(
-            "127.0.0.1", port=self.ssh_port, username="ops", key_filename=str(self.key),
-            allow_agent=False, look_for_keys=False, timeout=30,
-        )  # fmt: skip
-        try:
-            with client.open_sftp() as sftp, sftp.open(f"/tmp/{name}", "wb") as f:
-                f.write(data)
-        finally:
-            client.close()
-        return f"/tmp/{name}"
-
-    def console_tail(self, lines: int = 40) -> str:
-        text = self.console_log.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
 
 
 @pytest.fixture(scope="module")
@@ -140,85 +79,10 @@ def master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Master]:
             proc.stdout.close()
 
 
-def device_seed(public_key: str, host_key: seed.HostKey) -> seed.Seed:
-    """Only an SSH login (ops, passwordless sudo) and the host key: nothing of fleetbake."""
-    user_data = "#cloud-config\n" + json.dumps(
-        {
-            "ssh_keys": {"ed25519_private": host_key.private, "ed25519_public": host_key.public},
-            "ssh_genkeytypes": [],
-            "ssh_pwauth": False,
-            "manage_etc_hosts": True,  # sudo resolves the host name
-            "disable_root": True,
-            "users": [
-                {
-                    "name": "ops",
-                    "lock_passwd": True,
-                    "shell": "/bin/bash",
-                    "sudo": "ALL=(ALL) NOPASSWD:ALL",
-                    "ssh_authorized_keys": [public_key],
-                }
-            ],
-        }
-    )
-    files = {
-        "user-data": user_data,
-        "meta-data": "instance-id: iid-metal-1\nlocal-hostname: metal-1\n",
-        "network-config": 'version: 2\nethernets:\n  wired:\n    match:\n      name: "e*"\n'
-        "    dhcp4: true\n",
-    }
-    return seed.Seed("iid-metal-1", "metal-1", files)
-
-
 @pytest.fixture(scope="module")
 def device(master: Master, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Device]:
-    tmp = tmp_path_factory.mktemp("device")
-    target = get_target(TARGET)
-    base = build_base(BaseSpec(target), BaseCache(), Stages())
-    overlay = tmp / "disk.qcow2"
-    qemu.create_overlay(base.image, overlay)
-    key_file, public = make_ssh_key(tmp, "fleetbake-test")
-    host_key = seed.HostKey.generate()
-    seed_iso = tmp / "seed.iso"
-    seed.write_iso(device_seed(public, host_key), seed_iso)
-    (port,) = free_ports(1)
-    config = qemu.VmConfig(
-        name="fleetbake-metal-1",
-        target=target,
-        accel=pick_accelerator(target),
-        disk=overlay,
-        seed=seed_iso,
-        console_log=tmp / "console.log",
-        ssh_port=port,
-        master=qemu.master_forward(master.url),
-        memory_mib=1024,
-        cpus=2,
-    )
-    machine = qemu.start(config, tmp / "qemu.log", die_with_parent=True)
-    key_type, key_data = host_key.public.split()[:2]
-    host_public = paramiko.PKey.from_type_string(key_type, base64.b64decode(key_data))
-    dev = Device(port, key_file, fingerprint(host_public), config.console_log, tmp)
-    try:
-        deadline = BOOT_TIMEOUT_S
-        while deadline > 0 and machine.running():
-            if banner_ready(port):
-                status, _ = _probe_login(dev)
-                if status == 0:
-                    break
-            deadline -= 5
-            threading.Event().wait(5)
-        else:
-            pytest.fail(f"the device did not come up over SSH:\n{dev.console_tail()}")
+    with booted_device(tmp_path_factory.mktemp("device"), master.url) as dev:
         yield dev
-    finally:
-        machine.stop()
-
-
-def _probe_login(dev: Device) -> tuple[int, str]:
-    """cloud-init creates `ops` a little after sshd answers."""
-    try:
-        return dev.run("cloud-init status --wait >/dev/null; true", check=False)
-    except (OSError, EOFError, paramiko.SSHException):
-        return 1, ""
 
 
 @pytest.fixture(scope="module")
