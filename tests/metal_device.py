@@ -116,6 +116,7 @@ def device_seed(public_key: str, host_key: seed.HostKey, name: str) -> seed.Seed
 @contextmanager
 def booted_device(tmp: Path, master_url: str, name: str = "metal-1") -> Iterator[Device]:
     """Boot the device (x86_64), wait until `ops` can log in, and stop it at the end."""
+    tmp.mkdir(parents=True, exist_ok=True)
     target = get_target("x86_64-linux")
     base = build_base(BaseSpec(target), BaseCache(), Stages())
     overlay = tmp / "disk.qcow2"

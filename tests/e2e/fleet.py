@@ -43,14 +43,16 @@ TARGETS = [
 """The targets the e2e tests are parametrized with (`target_name`)."""
 
 
-def imagefactory(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def imagefactory(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "imagefactory"), *args],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
         check=False,
-        timeout=600,
+        timeout=timeout,
     )
 
 
