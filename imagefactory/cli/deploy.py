@@ -208,6 +208,7 @@ def deploy_command(
     )
     fleet = deployer(url, admin_token_file, identity_file, known_hosts, accept_new_host_key)
     with fleet.client:
+        fleet.check_known(devices)
         results = fleet.deploy(devices, settings)
     report(results, as_json, "deployed")
 
@@ -231,5 +232,6 @@ def undeploy_command(
     is cleared once that is done. A device with nothing deployed is left as it is."""
     fleet = deployer(url, admin_token_file, identity_file, known_hosts, accept_new_host_key)
     with fleet.client:
+        fleet.check_known(devices)
         results = fleet.undeploy(devices)
     report(results, as_json, "undeployed")

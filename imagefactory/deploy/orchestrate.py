@@ -23,6 +23,7 @@ from imagefactory.boot.waiting import MasterApi
 from imagefactory.client import AdminClient
 from imagefactory.deploy.environment import environment_for
 from imagefactory.deploy.transports import Placement, Transport
+from imagefactory.errors import die
 from imagefactory.kinds import KINDS, first_match
 from imagefactory.targets import Target
 from imagefactory.tokens import node_token
@@ -147,6 +148,16 @@ class Deployer:
 
         with ThreadPoolExecutor(max_workers=min(16, len(device_ids))) as pool:
             return list(pool.map(run, device_ids))
+
+    def check_known(self, device_ids: list[str]) -> None:
+        """Refuse, before any work, device ids the inventory does not hold (also the one
+        place an unreachable master or a refused token is reported)."""
+        known = {d["id"] for d in self.client.get_json("/v1/devices")}
+        if unknown := [d for d in device_ids if d not in known]:
+            raise die(
+                f"not in the inventory: {', '.join(unknown)}",
+                hint="see `imagefactory devices list`; add with `imagefactory devices add`",
+            )
 
     def deploy(self, device_ids: list[str], settings: DeploySettings) -> list[DeviceResult]:
         return self._each(device_ids, lambda r, say: self._deploy(r, settings, say))

@@ -14,7 +14,7 @@ import pytest
 from imagefactory.deploy import orchestrate
 from imagefactory.deploy.orchestrate import Deployer, DeploySettings, StepFailed
 from imagefactory.deploy.transports import Placement
-from imagefactory.errors import die
+from imagefactory.errors import UserError, die
 from imagefactory.tokens import node_token
 
 DIGEST = "sha256:" + "ab" * 32
@@ -49,6 +49,8 @@ class FakeMaster:
         self.submitted: list[dict[str, Any]] = []
 
     def get_json(self, path: str, **_: Any) -> Any:
+        if path == "/v1/devices":
+            return list(self.devices.values())
         device_id = path.removeprefix("/v1/devices/")
         if device_id not in self.devices:
             raise die(f"GET {path}: 404 no device {device_id}")
@@ -199,7 +201,15 @@ def test_a_device_that_runs_a_node_is_refused_without_replace(
     assert "undeploy ctr-1" in (again.error or "") and len(kinds["container"].placed) == 1
 
 
-def test_unknown_devices_fail_alone(kinds: dict[str, FakeTransport]) -> None:
+def test_unknown_devices_are_refused_before_any_work(kinds: dict[str, FakeTransport]) -> None:
+    master = FakeMaster({"ctr-1": DEVICES["ctr-1"]})
+    with pytest.raises(UserError, match="not in the inventory: nope, gone"):
+        deployer(master, kinds).check_known(["nope", "ctr-1", "gone"])
+    assert not master.submitted
+    deployer(master, kinds).check_known(["ctr-1"])
+
+
+def test_a_device_removed_meanwhile_fails_alone(kinds: dict[str, FakeTransport]) -> None:
     master = FakeMaster({"ctr-1": DEVICES["ctr-1"]})
     results = deployer(master, kinds).deploy(["nope", "ctr-1"], SETTINGS)
     assert [r.status for r in results] == ["failed", "deployed"]
