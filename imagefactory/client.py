@@ -90,6 +90,13 @@ class AdminClient:
     def post_json(self, path: str, body: Any = None) -> Any:
         return self._checked(self._request("POST", path, json=body)).json()
 
+    def put_json(self, path: str, body: Any) -> Any:
+        return self._checked(self._request("PUT", path, json=body)).json()
+
+    def delete(self, path: str) -> None:
+        """DELETE; the answer (204) has no body."""
+        self._checked(self._request("DELETE", path))
+
     def stream_lines(self, path: str, **params: Any) -> Iterator[str]:
         """The lines of a streamed text response, as they come (no read timeout)."""
         query = {k: v for k, v in params.items() if v is not None}

@@ -39,6 +39,7 @@ COMMANDS: dict[str, str] = {
     "builds": "imagefactory.cli.builds:builds_group",
     "builder": "imagefactory.cli.builder:builder_command",
     "environments": "imagefactory.cli.environments:environments_group",
+    "devices": "imagefactory.cli.devices:devices_group",
     "bake": "imagefactory.cli.bake:bake_command",
     "render": "imagefactory.cli.bake:render_command",
     "targets": "imagefactory.cli.host:targets_command",

@@ -28,6 +28,8 @@ from imagefactory.server.blobs import BlobStore
 from imagefactory.server.build_routes import build_router
 from imagefactory.server.buildqueue import BuildQueue
 from imagefactory.server.config import ServerConfig
+from imagefactory.server.device_routes import device_router
+from imagefactory.server.device_store import DeviceStore
 from imagefactory.server.fastpath import HeartbeatFastPath, record_heartbeat, validation_message
 from imagefactory.server.heartbeats import HeartbeatWriter
 from imagefactory.server.limits import BodyLimitMiddleware
@@ -199,6 +201,7 @@ def create_app(config: ServerConfig, storage: Storage | None = None) -> ASGIApp:
         return Response(data, media_type="application/gzip", headers={"X-Pipeline-SHA256": sha})
 
     app.include_router(build_router(config, authority, store, queue, blobs))
+    app.include_router(device_router(config, authority, DeviceStore(store.engine)))
 
     # Outside in: the size limit, then the heartbeat fast path, then FastAPI.
     fast = HeartbeatFastPath(app, authority, writer)

@@ -61,6 +61,18 @@ pipelines = sa.Table(
     sa.Column("published_at", sa.Float, nullable=False),
 )
 
+devices = sa.Table(
+    "devices",
+    metadata,
+    sa.Column("device_id", sa.String(128), primary_key=True),
+    sa.Column("spec", sa.Text, nullable=False, doc="JSON: arch, kinds and how to reach it."),
+    sa.Column("deployment", sa.Text, doc="JSON: what deploy put on the device, or NULL."),
+    sa.Column("version", sa.Integer, nullable=False, doc="1 when created, +1 per replace."),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("deployed_at", sa.Float),
+)
+
 StoreOutcome = Literal["created", "unchanged", "conflict"]
 
 

@@ -1,0 +1,116 @@
+"""How a device is reached, checked before it is stored or used: a libvirt connection
+URI, a container host, an SSH address. Each check returns the text as given or raises
+ValueError with a one-line reason.
+
+These strings end up on command lines (ssh, docker -H) and in libvirt's own ssh
+transport, so the forms are narrow: no option-like leading `-`, no spaces or control
+characters, and of libvirt's URI parameters only those that do not name a local program
+to run (libvirt's `command=` would run any file it names).
+"""
+
+from __future__ import annotations
+
+import re
+
+_USER = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}"
+_HOST = r"\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252}"
+_PORT = r"[0-9]{1,5}"
+
+LOCAL_LIBVIRT = "qemu:///system"
+_LIBVIRT_SSH = re.compile(
+    rf"qemu\+ssh://(?:(?P<user>{_USER})@)?(?P<host>{_HOST})(?::(?P<port>{_PORT}))?"
+    r"/system(?:\?(?P<query>.*))?",
+    re.DOTALL,
+)
+LIBVIRT_PARAMETERS = (
+    "keyfile",
+    "known_hosts",
+    "known_hosts_verify",
+    "mode",
+    "no_tty",
+    "no_verify",
+    "socket",
+    "sshauth",
+)
+"""libvirt's ssh transport parameters a device may set (`command`, `netcat`, `proxy` and
+`name` may not: they choose programs and the remote URI)."""
+_PARAMETER_VALUE = re.compile(r"[A-Za-z0-9_./%~+:,@-]{1,1024}")
+
+LOCAL_CONTAINER_HOST = "local"
+_CONTAINER_SSH = re.compile(
+    rf"ssh://(?:(?P<user>{_USER})@)?(?P<host>{_HOST})(?::(?P<port>{_PORT}))?"
+)
+RUNTIMES = ("runc", "docker", "podman")
+LOCAL_ONLY_RUNTIMES = ("runc",)
+
+# As `imagefactory install --ssh` takes it (install/destination.py): user@host[:port].
+_SSH_ADDRESS = re.compile(rf"(?P<user>{_USER})@(?P<host>{_HOST})(?::(?P<port>{_PORT}))?")
+
+
+def check_libvirt_uri(text: str) -> str:
+    """`qemu:///system`, or `qemu+ssh://[user@]host[:port]/system[?param=value&...]`."""
+    if text == LOCAL_LIBVIRT:
+        return text
+    match = _LIBVIRT_SSH.fullmatch(text)
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not {LOCAL_LIBVIRT} or qemu+ssh://[USER@]HOST[:PORT]/system[?...]"
+        )
+    _check_port(text, match["port"])
+    if match["query"] is not None:
+        _check_parameters(text, match["query"])
+    return text
+
+
+def _check_parameters(uri: str, query: str) -> None:
+    seen: set[str] = set()
+    for pair in query.split("&"):
+        name, equals, value = pair.partition("=")
+        if name not in LIBVIRT_PARAMETERS:
+            raise ValueError(
+                f"libvirt URI parameter {name!r} is not allowed: {', '.join(LIBVIRT_PARAMETERS)}"
+            )
+        if name in seen:
+            raise ValueError(f"libvirt URI parameter {name!r} is given twice in {uri!r}")
+        if not equals or not _PARAMETER_VALUE.fullmatch(value):
+            raise ValueError(
+                f"libvirt URI parameter {name}: {value!r} is not 1-1024 of [A-Za-z0-9_./%~+:,@-]"
+            )
+        seen.add(name)
+
+
+def check_container_host(text: str) -> str:
+    """`local` (this machine), or `ssh://[user@]host[:port]` (docker/podman over SSH)."""
+    if text == LOCAL_CONTAINER_HOST:
+        return text
+    match = _CONTAINER_SSH.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not {LOCAL_CONTAINER_HOST} or ssh://[USER@]HOST[:PORT]")
+    _check_port(text, match["port"])
+    return text
+
+
+def check_runtime(host: str, runtime: str) -> str:
+    """A runtime the host can run: runc only on this machine."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown container runtime {runtime!r}: {', '.join(RUNTIMES)}")
+    if runtime in LOCAL_ONLY_RUNTIMES and host != LOCAL_CONTAINER_HOST:
+        raise ValueError(
+            f"runtime {runtime} runs containers on the local host only, not {host}: "
+            "use docker or podman there"
+        )
+    return runtime
+
+
+def check_ssh_address(text: str) -> str:
+    """`user@host[:port]`, `user@[v6addr][:port]`."""
+    match = _SSH_ADDRESS.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not USER@HOST[:PORT] (e.g. root@10.0.0.7:22)")
+    _check_port(text, match["port"])
+    return text
+
+
+def _check_port(text: str, port: str | None) -> None:
+    if port is not None and not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r}: port {port} is not 1-65535")
