@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
@@ -13,6 +14,7 @@ import click
 from imagefactory.boot import launch, nodestate, seed
 from imagefactory.boot.container import RUNTIMES, find_layout
 from imagefactory.boot.waiting import BootedNode, check_runs
+from imagefactory.cli.environments import DIGEST
 from imagefactory.cli.node_options import NodeOptions, collect, node_options
 from imagefactory.client import CA_ENV
 from imagefactory.errors import die
@@ -53,7 +55,16 @@ def progress(message: str) -> None:
 
 
 @click.command("boot")
-@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("image", type=click.Path(path_type=Path), required=False)
+@click.option(
+    "--from",
+    "source",
+    nargs=2,
+    metavar="MASTER_URL DIGEST",
+    help="Instead of IMAGE: download the VM image DIGEST from the store of the core services "
+    "at MASTER_URL into the local cache (resumable, sha256-verified; --admin-token-file), "
+    "then boot it. The node's master defaults to MASTER_URL.",
+)
 @node_options("The master's URL as the HOST sees it, e.g. http://127.0.0.1:8080.")
 @click.option(
     "--target",
@@ -114,7 +125,8 @@ def progress(message: str) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def boot_command(
-    image: Path,
+    image: Path | None,
+    source: tuple[str, str] | None,
     target: str | None,
     backend: str,
     runtime: str | None,
@@ -141,10 +153,23 @@ def boot_command(
     node is then a container (--runtime, default runc) with the same node options and
     --wait conditions, its output in the node's console.log and its agent state
     directory kept as the node's state/ (results and combined log).
+
+    With --from MASTER_URL DIGEST instead of IMAGE, the VM image comes from the store of
+    the core services: downloaded into the local cache (an interrupted download resumes,
+    the sha256 is checked before the file is used, a cached one is not downloaded again)
+    and booted for the target the store recorded.
     """
     node = collect(kwargs)
     if node.master_ca_file is not None:  # --wait checks the master with the nodes' CA too
         os.environ.setdefault(CA_ENV, str(node.master_ca_file))
+    if (image is None) == (source is None):
+        raise die("give either IMAGE or --from MASTER_URL DIGEST", hint="see `boot --help`")
+    if source is not None:
+        if runtime is not None:
+            raise die("--from boots VM images; --runtime is for container images")
+        image, target = download(source, target, admin_token_file)
+        node = dataclasses.replace(node, master=node.master or source[0])
+    assert image is not None
     layout = find_layout(image)
     if runtime is not None or layout is not None:
         if layout is None:
@@ -190,6 +215,32 @@ def boot_command(
         after = "the nodes keep running" if kept else "the nodes were stopped and removed"
         raise die(f"interrupted; {after}") from None
     finish(booted, as_json, plan.keeps_nodes, plan.wait, "imagefactory ssh NODE -- CMD; ")
+
+
+def download(
+    source: tuple[str, str], target: str | None, admin_token_file: Path | None
+) -> tuple[Path, str]:
+    """`--from MASTER_URL DIGEST`: the VM image in the local cache (downloaded, resumed
+    or found there) and its target as the store recorded it."""
+    from imagefactory.client import AdminClient
+    from imagefactory.deploy.pull import cached, environment
+
+    url, digest = source
+    if not DIGEST.fullmatch(digest):
+        raise die(f"--from: {digest!r} is not a digest like sha256:<64 hex>")
+    if admin_token_file is None:
+        raise die("--from needs --admin-token-file (the store's admin token)")
+    with AdminClient(url, read_admin_token(admin_token_file) or "") as client:
+        env = environment(client, digest)
+        if env["format"] != "qcow2":
+            raise die(
+                f"--from boots VM images (format qcow2); {digest} is {env['name']} "
+                f"(format {env['format']})",
+                hint="an oci environment runs on a container host, an installer over SSH",
+            )
+        if target is not None and target != env["target"]:
+            raise die(f"--target {target}: {digest} was built for {env['target']}")
+        return cached(client, digest, progress), str(env["target"])
 
 
 def read_admin_token(path: Path | None) -> str | None:

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 from pathlib import Path
-from typing import Any
 
 import click
 
 from imagefactory.cli.services import admin_client, admin_options, json_option, print_json
 from imagefactory.cli.services import print_table as table
-from imagefactory.client import AdminClient
-from imagefactory.errors import die
+from imagefactory.deploy.pull import environment, pull
 
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-CHUNK = 1024 * 1024
 
 
 def check_digest(_ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -61,23 +56,20 @@ def pull_command(
     """Download the environment DIGEST into OUTPUT and verify its sha256.
 
     An interrupted pull resumes where it stopped (the part is kept as
-    OUTPUT/.DIGEST.part); the file appears under its name only once verified.
+    OUTPUT/.DIGEST.part); the file appears under its name only once verified, and a
+    verified file already there is not downloaded again. Progress goes to stderr.
     """
     with admin_client(url, admin_token_file) as client:
-        env = _find(client, digest)
-        name = Path(env["name"]).name
-        output.mkdir(parents=True, exist_ok=True)
-        part = output / f".{digest.removeprefix('sha256:')}.part"
-        actual = _download(client, digest, part)
-    if actual != digest:
-        part.unlink()
-        raise die(f"downloaded data has digest {actual}, not {digest}; removed it")
-    final = output / name
-    os.replace(part, final)
+        env = environment(client, digest)
+        final = pull(client, digest, output, progress, env)
     if as_json:
         print_json({"path": str(final), "digest": digest, "size": env["size"]})
     else:
         click.echo(str(final))
+
+
+def progress(message: str) -> None:
+    click.echo(message, err=True)
 
 
 @environments_group.command("prune")
@@ -91,38 +83,3 @@ def prune_command(url: str, admin_token_file: Path, as_json: bool) -> None:
         print_json(done)
     else:
         click.echo(f"removed {len(done['removed'])} blobs, {done['freed_bytes']} bytes freed")
-
-
-def _find(client: AdminClient, digest: str) -> dict[str, Any]:
-    for env in client.get_json("/v1/environments"):
-        if env["digest"] == digest:
-            return dict(env)
-    raise die(f"no environment {digest}", hint="see `imagefactory environments list`")
-
-
-def _download(client: AdminClient, digest: str, part: Path) -> str:
-    """Append to `part` from its size (Range, If-Range: the digest), or start over if the
-    master sends the whole file; returns the sha256 digest of the whole part, hashed
-    while it is written (a kept part is hashed first)."""
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-", "If-Range": f'"{digest}"'} if have else {}
-    with client.stream(f"/v1/environments/{digest}", headers) as response:
-        if response.status_code == 416:  # the part is already whole (or longer): redo
-            part.unlink()
-            return _download(client, digest, part)
-        client.check(response)
-        resumed = response.status_code == 206
-        total = int(response.headers.get("content-length", 0)) + (have if resumed else 0)
-        if resumed:
-            click.echo(f"resuming at {have} of {total} bytes", err=True)
-        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "r+b") as out:
-            sha = hashlib.file_digest(out, "sha256") if resumed else hashlib.sha256()
-            out.seek(have if resumed else 0)
-            out.truncate()
-            for chunk in response.iter_bytes(CHUNK):
-                out.write(chunk)
-                sha.update(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-    return "sha256:" + sha.hexdigest()
