@@ -46,6 +46,19 @@ LOCAL_ONLY_RUNTIMES = ("runc",)
 # As `imagefactory install --ssh` takes it (install/destination.py): user@host[:port].
 _SSH_ADDRESS = re.compile(rf"(?P<user>{_USER})@(?P<host>{_HOST})(?::(?P<port>{_PORT}))?")
 
+# The same forms as JSON Schema patterns, for the OpenAPI document (and the clients and
+# test generators that read it); the checks below also say what is wrong and check ports.
+_PORT_RANGE = (
+    r"0*(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+)
+_AT_HOST = rf"(?:{_USER}@)?(?:{_HOST})(?::{_PORT_RANGE})?"
+_PARAMETER = rf"(?:{'|'.join(LIBVIRT_PARAMETERS)})={_PARAMETER_VALUE.pattern}"
+LIBVIRT_URI_PATTERN = (
+    rf"^(?:qemu:///system|qemu\+ssh://{_AT_HOST}/system(?:\?{_PARAMETER}(?:&{_PARAMETER})*)?)$"
+)
+CONTAINER_HOST_PATTERN = rf"^(?:local|ssh://{_AT_HOST})$"
+SSH_ADDRESS_PATTERN = rf"^{_USER}@(?:{_HOST})(?::{_PORT_RANGE})?$"
+
 
 def check_libvirt_uri(text: str) -> str:
     """`qemu:///system`, or `qemu+ssh://[user@]host[:port]/system[?param=value&...]`."""

@@ -5,14 +5,25 @@ checked by imagefactory/reach.py, the same checks `imagefactory devices add` mak
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
-from imagefactory.kinds import KIND_NAMES, get_kind
+from imagefactory.kinds import ARCHS, KIND_NAMES, KINDS, get_kind
 from imagefactory.reach import (
+    CONTAINER_HOST_PATTERN,
+    LIBVIRT_URI_PATTERN,
     LOCAL_CONTAINER_HOST,
+    SSH_ADDRESS_PATTERN,
     check_container_host,
     check_libvirt_uri,
     check_runtime,
@@ -26,6 +37,8 @@ KindName = Literal["vm", "container", "baremetal"]
 Runtime = Literal["runc", "docker", "podman"]
 FINGERPRINT_PATTERN = r"^SHA256:[A-Za-z0-9+/]{43}$"
 DETAIL_TEXT_MAX = 4096
+DETAIL_KEY_MAX = 128
+DETAILS_MAX = 64
 
 
 def _checked(check: Callable[[str], str]) -> AfterValidator:
@@ -46,25 +59,66 @@ def invalid(reason: str) -> PydanticCustomError:
     return PydanticCustomError("invalid", "{reason}", {"reason": reason})
 
 
-def _printable(text: str) -> str:
+def _printable(text: str) -> bool:
     """No control characters, and valid UTF-8 (no lone surrogates, which no database or
     client could store or send on)."""
-    if any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in text):
-        raise invalid("control characters and lone surrogates are not allowed")
-    return text
+    return not any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in text)
 
 
-LibvirtUri = Annotated[str, StringConstraints(max_length=2048), _checked(check_libvirt_uri)]
-ContainerHost = Annotated[str, StringConstraints(max_length=512), _checked(check_container_host)]
-SshAddress = Annotated[str, StringConstraints(max_length=512), _checked(check_ssh_address)]
+def _check_details(details: object) -> object:
+    """The deployment's details, checked as a whole so that a refusal names a bad key
+    escaped (it may hold any character) rather than as pydantic's location."""
+    if not isinstance(details, dict):
+        return details  # the declared type refuses it
+    if len(details) > DETAILS_MAX:
+        raise invalid(f"more than {DETAILS_MAX} keys")
+    for key, value in details.items():
+        if not 0 < len(key) <= DETAIL_KEY_MAX or not _printable(key):
+            raise invalid(f"key {key!r} is not 1-{DETAIL_KEY_MAX} printable characters")
+        texts = value if isinstance(value, list) else [value]
+        if len(texts) > DETAILS_MAX:
+            raise invalid(f"{key}: more than {DETAILS_MAX} items")
+        for text in texts:
+            if not isinstance(text, str):
+                raise invalid(f"{key}: not a string or a list of strings")
+            if len(text) > DETAIL_TEXT_MAX or not _printable(text):
+                raise invalid(f"{key}: not at most {DETAIL_TEXT_MAX} printable characters")
+    return details
+
+
+def _shape(pattern: str) -> Any:
+    """The form in the OpenAPI document only: the reach.py check enforces it, with a
+    message that says what is wrong rather than quoting the pattern."""
+    return Field(json_schema_extra={"pattern": pattern})
+
+
+LibvirtUri = Annotated[
+    str,
+    StringConstraints(max_length=2048),
+    _checked(check_libvirt_uri),
+    _shape(LIBVIRT_URI_PATTERN),
+]
+ContainerHost = Annotated[
+    str,
+    StringConstraints(max_length=512),
+    _checked(check_container_host),
+    _shape(CONTAINER_HOST_PATTERN),
+]
+SshAddress = Annotated[
+    str,
+    StringConstraints(max_length=512),
+    _checked(check_ssh_address),
+    _shape(SSH_ADDRESS_PATTERN),
+]
 Fingerprint = Annotated[str, StringConstraints(pattern=FINGERPRINT_PATTERN)]
-DetailKey = Annotated[
-    str, StringConstraints(min_length=1, max_length=128), AfterValidator(_printable)
+DetailKey = Annotated[str, StringConstraints(min_length=1, max_length=DETAIL_KEY_MAX)]
+DetailText = Annotated[str, StringConstraints(max_length=DETAIL_TEXT_MAX)]
+DetailList = Annotated[list[DetailText], Field(max_length=DETAILS_MAX)]
+Details = Annotated[
+    dict[DetailKey, DetailText | DetailList],
+    Field(max_length=DETAILS_MAX),
+    BeforeValidator(_check_details),
 ]
-DetailText = Annotated[
-    str, StringConstraints(max_length=DETAIL_TEXT_MAX), AfterValidator(_printable)
-]
-DetailList = Annotated[list[DetailText], Field(max_length=64)]
 
 
 class LibvirtReach(Strict):
@@ -99,12 +153,34 @@ class SshReach(Strict):
     )
 
 
+def _reach_required() -> dict[str, Any]:
+    """JSON Schema for "each listed kind needs its reach object" (the validator below
+    enforces it), so that the OpenAPI document says it too."""
+    rules = [
+        {
+            "if": {"properties": {"kinds": {"contains": {"const": kind.name}}}},
+            "then": {"required": [kind.reach], "properties": {kind.reach: {"type": "object"}}},
+        }
+        for kind in KINDS
+    ]
+    return {"allOf": rules}
+
+
 class DeviceSpec(Strict):
     """`PUT /v1/devices/{device_id}`: what a device is and how to reach it."""
 
-    arch: Ident = Field(description="As the build targets spell it: x86_64, aarch64.")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_reach_required())
+
+    arch: Ident = Field(
+        json_schema_extra={"enum": list(ARCHS)},
+        description="As the build targets spell it. Refused (400) unless a target of this "
+        "architecture runs one of the kinds; the answer names what is supported.",
+    )
     kinds: list[KindName] = Field(
-        min_length=1, max_length=len(KIND_NAMES), description="In order of preference."
+        min_length=1,
+        max_length=len(KIND_NAMES),
+        json_schema_extra={"uniqueItems": True},
+        description="In order of preference, each once.",
     )
     libvirt: LibvirtReach | None = None
     container: ContainerReach | None = None
@@ -129,9 +205,8 @@ class DeploymentSpec(Strict):
     environment: Annotated[str, StringConstraints(pattern=DIGEST_PATTERN)]
     node_id: Ident
     run_id: Ident
-    details: dict[DetailKey, DetailText | DetailList] = Field(
+    details: Details = Field(
         default_factory=dict,
-        max_length=64,
         description="What undeploy needs to remove it (transport-specific, opaque here).",
     )
 

@@ -203,6 +203,10 @@ def test_hostile_ids_are_refused(client: TestClient, device_id: str) -> None:
         {"details": {f"k{i}": "v" for i in range(65)}},
         {"details": {"k": ["v"] * 65}},
         {"details": {"k": "v" * 4097}},
+        {"details": {"line\nbreak": "v"}},
+        {"details": {"k" * 129: "v"}},
+        {"details": {"k": [["nested"]]}},
+        {"details": ["k"]},
         {"extra": True},
     ],
 )
@@ -212,6 +216,9 @@ def test_deployment_refusals(client: TestClient, changes: dict[str, Any]) -> Non
     headers = {**ADMIN, "Content-Type": "application/json"}
     refused = client.put("/v1/devices/edge-1/deployment", content=body, headers=headers)
     assert refused.status_code == 400, refused.text
+    assert "\n" not in refused.json()["error"]
+    if "details" in changes:
+        assert refused.json()["error"].startswith("invalid details: "), refused.text
     assert client.get("/v1/devices/edge-1", headers=ADMIN).json()["deployment"] is None
 
 

@@ -3,7 +3,8 @@ are accepted, which are refused and why, and which kinds each architecture suppo
 
 from __future__ import annotations
 
-from typing import get_args
+import re
+from typing import Any, get_args
 
 import pytest
 
@@ -11,7 +12,10 @@ from imagefactory.errors import UserError
 from imagefactory.install.destination import parse_destination
 from imagefactory.kinds import ARCHS, KIND_NAMES, KINDS, first_match, supported, targets_for
 from imagefactory.reach import (
+    CONTAINER_HOST_PATTERN,
+    LIBVIRT_URI_PATTERN,
     RUNTIMES,
+    SSH_ADDRESS_PATTERN,
     check_container_host,
     check_libvirt_uri,
     check_runtime,
@@ -153,3 +157,25 @@ def test_targets_and_first_match() -> None:
     assert first_match("x86_64", ["baremetal"], ("qcow2",)) is None
     assert supported(()) == "x86_64: nothing; aarch64: nothing"
     assert supported(("installer",)) == "x86_64: baremetal; aarch64: baremetal"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "check", "values"),
+    [
+        (LIBVIRT_URI_PATTERN, check_libvirt_uri, [*GOOD_URIS, *BAD_URIS]),
+        (CONTAINER_HOST_PATTERN, check_container_host,
+         ["local", "ssh://edge-7", "ssh://ops@[fd00::7]:22", "tcp://h", "ssh://h/x", "LOCAL"]),
+        (SSH_ADDRESS_PATTERN, check_ssh_address, SSH_ADDRESSES),
+    ],
+)  # fmt: skip
+def test_openapi_patterns_follow_the_checks(pattern: str, check: Any, values: list[str]) -> None:
+    """The OpenAPI document's pattern accepts every value the check accepts, and refuses
+    every value the check refuses for its form (a repeated parameter only the check sees)."""
+    for value in values:
+        try:
+            check(value)
+            accepted, why = True, ""
+        except ValueError as exc:
+            accepted, why = False, str(exc)
+        matches = re.search(pattern, value) is not None and "\n" not in value
+        assert matches == accepted or (matches and "twice" in why), value
