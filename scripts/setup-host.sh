@@ -15,6 +15,7 @@ APT_PACKAGES=(
   lintian
   docker-registry skopeo umoci
   runc iproute2
+  openssh-server socat
 )
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -23,6 +24,12 @@ sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 # uses it, disable it before it is installed, so it never runs on this host at boot.
 if ! dpkg-query -W -f='${Status}' cloud-init 2>/dev/null | grep -q "install ok installed"; then
   sudo_ mkdir -p /etc/cloud && sudo_ touch /etc/cloud/cloud-init.disabled
+fi
+
+# openssh-server is here only for sshd binaries the tests start on loopback ports of their
+# own. Unless the host already runs it, keep Debian's system sshd from ever starting.
+if ! dpkg-query -W -f='${Status}' openssh-server 2>/dev/null | grep -q "install ok installed"; then
+  sudo_ mkdir -p /etc/ssh && sudo_ touch /etc/ssh/sshd_not_to_be_run
 fi
 
 missing=()

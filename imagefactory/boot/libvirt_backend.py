@@ -9,13 +9,17 @@ QEMU backend: one isolation story for both backends.
 
 Ownership: the domain's QEMU runs with the caller's uid:gid (a static DAC label), like
 the QEMU backend, so it can read the caller's image and write the caller's files, and
-libvirt relabels nothing.
+libvirt relabels nothing. (Deploy passes the hypervisor's own QEMU uid:gid instead, and
+`pool`: its disks are volumes of a storage pool on the hypervisor, see
+imagefactory.deploy.libvirt_vm.)
 """
 
 from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import PurePath
 from typing import Any
 
 from imagefactory.boot import qemu
@@ -24,6 +28,10 @@ from imagefactory.errors import die
 URI = "qemu:///system"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 NIC_SLOT = "0x10"
+DRIVERS = {
+    "disk": {"type": "qcow2", "discard": "unmap"},
+    "cdrom": {"type": "raw"},
+}
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -33,16 +41,23 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
     return el
 
 
-def _disks(devices: ET.Element, config: qemu.VmConfig) -> None:
-    disk = _sub(devices, "disk", type="file", device="disk")
-    _sub(disk, "driver", name="qemu", type="qcow2", discard="unmap")
-    _sub(disk, "source", file=str(config.disk))
+def _disk(devices: ET.Element, device: str, path: PurePath, pool: str | None) -> ET.Element:
+    """A disk that is a host file, or (with `pool`) the pool volume of that file name."""
+    disk = _sub(devices, "disk", type="file" if pool is None else "volume", device=device)
+    _sub(disk, "driver", name="qemu", **DRIVERS[device])
+    if pool is None:
+        _sub(disk, "source", file=str(path))
+    else:
+        _sub(disk, "source", pool=pool, volume=path.name)
+    return disk
+
+
+def _disks(devices: ET.Element, config: qemu.VmConfig, pool: str | None) -> None:
+    disk = _disk(devices, "disk", config.disk, pool)
     _sub(disk, "target", dev="vda", bus="virtio")
     _sub(disk, "boot", order="1")
     _sub(devices, "controller", type="scsi", index="0", model="virtio-scsi")
-    cdrom = _sub(devices, "disk", type="file", device="cdrom")
-    _sub(cdrom, "driver", name="qemu", type="raw")
-    _sub(cdrom, "source", file=str(config.seed))
+    cdrom = _disk(devices, "cdrom", config.seed, pool)
     _sub(cdrom, "target", dev="sda", bus="scsi")
     _sub(cdrom, "readonly")
 
@@ -54,6 +69,13 @@ def _os(domain: ET.Element, config: qemu.VmConfig) -> None:
     if config.firmware is not None:
         _sub(os_el, "loader", str(config.firmware.code), readonly="yes", type="pflash")
         _sub(os_el, "nvram", str(config.firmware.vars))
+    elif t.firmware == "uefi":
+        # No firmware files of ours (a remote hypervisor has its own): libvirt picks the
+        # hypervisor's UEFI build from its firmware descriptors and copies the variable
+        # template into the domain's NVRAM file, which undefine (with NVRAM) deletes.
+        os_el.set("firmware", "efi")
+        choice = _sub(os_el, "firmware")
+        _sub(choice, "feature", enabled="no", name="secure-boot")
 
 
 def _cpu(domain: ET.Element, config: qemu.VmConfig) -> list[str]:
@@ -67,8 +89,12 @@ def _cpu(domain: ET.Element, config: qemu.VmConfig) -> list[str]:
     return [] if wanted == "max" else ["-cpu", wanted]
 
 
-def domain_xml(config: qemu.VmConfig, uid: int | None = None, gid: int | None = None) -> str:
-    """The libvirt domain definition of one node."""
+def domain_xml(
+    config: qemu.VmConfig, uid: int | None = None, gid: int | None = None, pool: str | None = None
+) -> str:
+    """The libvirt domain definition of one node. `pool`: the disk and seed are volumes of
+    that storage pool (named like the file names of config.disk and config.seed) instead
+    of files; config.console_log is then a path on the hypervisor."""
     ET.register_namespace("qemu", QEMU_NS)
     domain = ET.Element("domain", type="kvm" if config.accel == "kvm" else "qemu")
     _sub(domain, "name", config.name)
@@ -82,7 +108,7 @@ def domain_xml(config: qemu.VmConfig, uid: int | None = None, gid: int | None = 
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         _sub(domain, event, "destroy")
     devices = _sub(domain, "devices")
-    _disks(devices, config)
+    _disks(devices, config, pool)
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=str(config.console_log))
     _sub(serial, "target", port="0")
@@ -112,7 +138,7 @@ def domain_xml(config: qemu.VmConfig, uid: int | None = None, gid: int | None = 
     return ET.tostring(domain, encoding="unicode") + "\n"
 
 
-def _libvirt() -> Any:
+def load_libvirt() -> Any:
     try:
         import libvirt
     except ImportError as exc:
@@ -122,8 +148,17 @@ def _libvirt() -> Any:
     return libvirt
 
 
+def lookup(find: Callable[[str], Any], name: str) -> Any | None:
+    """find(name) (a domain, pool or volume by name), or None when libvirt has none."""
+    libvirt = load_libvirt()
+    try:
+        return find(name)
+    except libvirt.libvirtError:
+        return None
+
+
 def open_connection() -> Any:
-    libvirt = _libvirt()
+    libvirt = load_libvirt()
     try:
         return libvirt.open(URI)
     except libvirt.libvirtError as exc:
@@ -141,18 +176,14 @@ class LibvirtMachine:
         self.name = name
 
     def _domain(self) -> Any | None:
-        libvirt = _libvirt()
-        try:
-            return self.conn.lookupByName(self.name)
-        except libvirt.libvirtError:
-            return None
+        return lookup(self.conn.lookupByName, self.name)
 
     def running(self) -> bool:
         dom = self._domain()
         return bool(dom is not None and dom.isActive())
 
     def stop(self) -> None:
-        libvirt = _libvirt()
+        libvirt = load_libvirt()
         dom = self._domain()
         if dom is None:
             return
@@ -166,7 +197,7 @@ class LibvirtMachine:
 
 def start(config: qemu.VmConfig) -> LibvirtMachine:
     """Define and start the domain; on a failed start it is undefined again."""
-    libvirt = _libvirt()
+    libvirt = load_libvirt()
     conn = open_connection()
     machine = LibvirtMachine(conn, config.name)
     machine.stop()  # a leftover domain of the same node from an interrupted run

@@ -8,7 +8,9 @@ The guest gets user-mode networking with `restrict=on`: it can reach nothing but
 what is forwarded. `hostfwd` carries SSH from 127.0.0.1:<port>; `guestfwd` maps
 GUEST_MASTER_IP:<port> to the master on the host's loopback, through a relay process
 that QEMU starts per connection (a chardev target would be one connection for the
-VM's whole life, and would fail if the master is not up when QEMU starts).
+VM's whole life, and would fail if the master is not up when QEMU starts). The relay is
+the project's own (`imagefactory.boot.relay`) where QEMU runs beside imagefactory, or
+`socat` on a libvirt hypervisor that has only Debian's packages (imagefactory.deploy).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -32,6 +35,11 @@ from imagefactory.targets import Target
 GUEST_MASTER_IP = "10.0.2.100"
 """Where the guest reaches the master: an address inside QEMU's user network 10.0.2.0/24."""
 GUEST_SSH_PORT = 22
+RELAYS = ("imagefactory", "socat")
+"""guestfwd relays: the project's Python relay, or socat (what a bare hypervisor has)."""
+SOCAT_LINGER_S = 30
+"""After one side of a relayed connection ends, how long socat waits for the other."""
+_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\Z")
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,13 @@ class MasterForward:
     host: str
     port: int
     guest_url: str
+    relay: str = "imagefactory"
+    """Which program QEMU runs per guest connection: one of RELAYS."""
+
+    @property
+    def on_loopback(self) -> bool:
+        """The forward never leaves the machine QEMU runs on."""
+        return _is_loopback(self.host)
 
 
 @dataclass(frozen=True)
@@ -74,32 +89,52 @@ class VmConfig:
     cpus: int = 2
 
 
-def master_forward(url: str) -> MasterForward:
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def master_forward(
+    url: str, *, relay: str = "imagefactory", loopback_only: bool = True
+) -> MasterForward:
     """Check a host-side master URL and derive the URL the guest uses for it.
 
-    Only loopback masters are accepted: the forward connects to the host's loopback,
-    and nothing may leave the host.
+    By default only loopback masters are accepted: the forward connects to the host's
+    loopback, and nothing may leave the host (`imagefactory boot`). A libvirt hypervisor
+    that deploy reaches may legitimately reach the master over its network
+    (`loopback_only=False`); the host must then be a plain name or address, since it
+    becomes part of the relay's command line.
     """
+    if relay not in RELAYS:
+        raise ValueError(f"unknown relay {relay!r}")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise die(f"invalid master URL {url!r}", hint="e.g. http://127.0.0.1:8080")
     host = "127.0.0.1" if parts.hostname == "localhost" else parts.hostname
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if loopback_only and not _is_loopback(host):
         raise die(
             f"master {parts.hostname} is not on this host's loopback",
             hint="guests may only reach the master through a forward to 127.0.0.1",
         )
+    if not (_is_address(host) or _HOST_NAME.match(host)):
+        raise die(f"invalid host {parts.hostname!r} in master URL")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise die(f"invalid port in master URL {url!r}") from None
     netloc = f"{GUEST_MASTER_IP}:{port}"
     guest_url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    return MasterForward(host=host, port=port, guest_url=guest_url)
+    return MasterForward(host=host, port=port, guest_url=guest_url, relay=relay)
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _opt(value: str | Path) -> str:
@@ -107,9 +142,13 @@ def _opt(value: str | Path) -> str:
     return str(value).replace(",", ",,")
 
 
-def relay_command(host: str, port: int) -> str:
+def relay_command(forward: MasterForward) -> str:
     """The per-connection command of the guestfwd rule (QEMU splits it like a shell)."""
-    return shlex.join([sys.executable, "-m", "imagefactory.boot.relay", host, str(port)])
+    host, port = forward.host, str(forward.port)
+    if forward.relay == "socat":
+        address = f"TCP6:[{host}]:{port}" if ":" in host else f"TCP:{host}:{port}"
+        return shlex.join(["socat", "-t", str(SOCAT_LINGER_S), "STDIO", address])
+    return shlex.join([sys.executable, "-m", "imagefactory.boot.relay", host, port])
 
 
 def netdev_arg(config: VmConfig) -> str:
@@ -122,7 +161,7 @@ def netdev_arg(config: VmConfig) -> str:
     ]
     if config.master is not None:
         m = config.master
-        cmd = relay_command(m.host, m.port)
+        cmd = relay_command(m)
         rules.append(f"guestfwd=tcp:{GUEST_MASTER_IP}:{m.port}-cmd:{_opt(cmd)}")
     return ",".join(rules)
 
