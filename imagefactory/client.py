@@ -93,9 +93,10 @@ class AdminClient:
     def put_json(self, path: str, body: Any) -> Any:
         return self._checked(self._request("PUT", path, json=body)).json()
 
-    def delete(self, path: str) -> None:
+    def delete(self, path: str, **params: Any) -> None:
         """DELETE; the answer (204) has no body."""
-        self._checked(self._request("DELETE", path))
+        query = {k: v for k, v in params.items() if v is not None}
+        self._checked(self._request("DELETE", path, params=query))
 
     def stream_lines(self, path: str, **params: Any) -> Iterator[str]:
         """The lines of a streamed text response, as they come (no read timeout)."""

@@ -249,16 +249,18 @@ def remove_command(
 ) -> None:
     """Forget device ID. One with a deployment is refused unless --force: undeploy it
     first (`imagefactory undeploy ID`), or what runs there is no longer recorded."""
+    path = f"/v1/devices/{device_id}"
     with admin_client(url, admin_token_file) as client:
-        device = client.get_json(f"/v1/devices/{device_id}")
-        deployment = device["deployment"]
+        deployment = client.get_json(path)["deployment"]
         if deployment is not None and not force:
             raise die(
                 f"device {device_id} has a deployment ({_deployed(deployment)}); removing "
                 "the record would leave it running unrecorded",
                 hint=f"`imagefactory undeploy {device_id}` first, or --force",
             )
-        client.delete(f"/v1/devices/{device_id}")
+        # Without --force the server deletes only a device without a deployment, in one
+        # statement: one deploy recorded since the look above is not lost (409).
+        client.delete(path, if_undeployed=None if force else "true")
     if as_json:
         print_json({"id": device_id, "removed": True, "deployment": deployment})
     else:

@@ -64,12 +64,15 @@ def device_router(config: ServerConfig, authority: Authority, store: DeviceStore
         return await device_or_404(device_id)
 
     @router.delete("/v1/devices/{device_id}", status_code=204, response_class=Response)
-    async def delete_device(device_id: DeviceId) -> Response:
-        """Forget a device (also one with a deployment: `imagefactory devices remove`
-        refuses that unless --force)."""
-        if not await run_in_threadpool(store.delete, device_id):
-            raise HTTPException(404, f"no device {device_id}")
-        return Response(status_code=204)
+    async def delete_device(device_id: DeviceId, if_undeployed: bool = False) -> Response:
+        """Forget a device, also one with a deployment; with if_undeployed=true such a
+        device is kept (409), decided atomically (`imagefactory devices remove` without
+        --force)."""
+        if await run_in_threadpool(store.delete, device_id, if_undeployed):
+            return Response(status_code=204)
+        if if_undeployed and await run_in_threadpool(store.get, device_id) is not None:
+            raise HTTPException(409, f"device {device_id} has a deployment: undeploy it first")
+        raise HTTPException(404, f"no device {device_id}")
 
     @router.put("/v1/devices/{device_id}/deployment", response_model=Device)
     async def put_deployment(device_id: DeviceId, body: DeploymentSpec) -> dict[str, Any]:

@@ -57,11 +57,15 @@ class DeviceStore:
             rows = conn.execute(sa.select(devices).order_by(devices.c.device_id)).mappings()
             return [_view(r) for r in rows]
 
-    def delete(self, device_id: str) -> bool:
-        """Forget a device; False if there was none."""
+    def delete(self, device_id: str, if_undeployed: bool = False) -> bool:
+        """Forget a device (with `if_undeployed`, only one without a deployment, decided in
+        the same statement); False if none was deleted."""
+        delete = sa.delete(devices).where(devices.c.device_id == device_id)
+        if if_undeployed:
+            delete = delete.where(devices.c.deployment.is_(None))
         with self.engine.begin() as conn:
             _durable(conn)
-            done = conn.execute(sa.delete(devices).where(devices.c.device_id == device_id))
+            done = conn.execute(delete)
         return done.rowcount > 0
 
     def set_deployment(

@@ -53,10 +53,11 @@ def test_put_replace_deploy_delete(storage: Storage) -> None:
     deployment = second["deployment"]
     assert {k: v for k, v in deployment.items() if k != "deployed_at"} == DEPLOYMENT
     assert devices.listing() == [second] and devices.get("edge-1") == second
+    assert not devices.delete("edge-1", if_undeployed=True), "it has a deployment"
     assert devices.set_deployment("edge-1", None) is not None
     assert devices.get("edge-1")["deployment"] is None  # type: ignore[index]
     assert devices.set_deployment("nope", DEPLOYMENT) is None
-    assert devices.delete("edge-1") and not devices.delete("edge-1")
+    assert devices.delete("edge-1", if_undeployed=True) and not devices.delete("edge-1")
     assert devices.get("edge-1") is None and devices.listing() == []
 
 

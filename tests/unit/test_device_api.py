@@ -117,10 +117,20 @@ def test_deployment_is_recorded_kept_on_replace_and_cleared(client: TestClient) 
     listed = client.get("/v1/devices", headers=ADMIN).json()
     assert listed[0]["deployment"] == deployment
 
+    guarded = client.delete("/v1/devices/edge-1", params={"if_undeployed": "true"}, headers=ADMIN)
+    assert guarded.status_code == 409, guarded.text
+    assert guarded.json() == {"error": "device edge-1 has a deployment: undeploy it first"}
+    assert client.get("/v1/devices/edge-1", headers=ADMIN).json()["deployment"] == deployment
+
     for _ in range(2):  # clearing is idempotent
         cleared = client.delete(url, headers=ADMIN)
         assert cleared.status_code == 204 and cleared.content == b""
         assert client.get("/v1/devices/edge-1", headers=ADMIN).json()["deployment"] is None
+
+    unknown = client.delete("/v1/devices/nope", params={"if_undeployed": "true"}, headers=ADMIN)
+    assert unknown.status_code == 404
+    undeployed = client.delete("/v1/devices/edge-1?if_undeployed=true", headers=ADMIN)
+    assert undeployed.status_code == 204 and client.get("/v1/devices", headers=ADMIN).json() == []
 
     for method in ("put", "delete"):
         kwargs: dict[str, Any] = {"json": DEPLOYMENT} if method == "put" else {}
