@@ -74,7 +74,7 @@ def _check_details(details: object) -> object:
         raise invalid(f"more than {DETAILS_MAX} keys")
     for key, value in details.items():
         if not 0 < len(key) <= DETAIL_KEY_MAX or not _printable(key):
-            raise invalid(f"key {key!r} is not 1-{DETAIL_KEY_MAX} printable characters")
+            raise invalid(f"key {key[:40]!r} is not 1-{DETAIL_KEY_MAX} printable characters")
         texts = value if isinstance(value, list) else [value]
         if len(texts) > DETAILS_MAX:
             raise invalid(f"{key}: more than {DETAILS_MAX} items")
