@@ -39,6 +39,9 @@ from imagefactory.run import spawn
 RUNTIMES = ("runc", *engines.ENGINES)
 STATE = "state"
 """The agent's state directory, in the node's directory (kept after cleanup)."""
+_outliving: list[subprocess.Popen[bytes]] = []
+"""Handles of the kept nodes' processes (runc run, forwarder) this process started: held
+for its lifetime, as a handle collected while its process runs is a ResourceWarning."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,16 @@ class ContainerMachine:
                 os.kill(pid, signal.SIGTERM)
         if self.record.netns:
             netns.delete(self.record.netns)
+        _release(self.record.pid, pid)
+
+
+def _release(*pids: int | None) -> None:
+    """Reap the held handles of these stopped processes (no zombies, no warnings)."""
+    for proc in [p for p in _outliving if p.pid in pids]:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        if proc.returncode is not None:
+            _outliving.remove(proc)
 
 
 def forwarder_alive(pid: int, name: str) -> bool:
@@ -140,6 +153,8 @@ def start_forwarder(
             die_with_parent=die_with_parent,
             pass_fds=(fd,),
         )
+    if not die_with_parent:
+        _outliving.append(proc)
     return proc.pid
 
 
@@ -182,6 +197,8 @@ def start_node(plan: ContainerPlan, image: Image, node: seed.NodeVars) -> Booted
             record, proc = _start_engine(plan, image.name, node, record, state)
         machine = ContainerMachine(record, proc)
         nodestate.save(record)
+        if plan.keeps_nodes:
+            _outliving.append(proc)
     except BaseException:
         launch.cleanup(record, machine)
         raise
