@@ -46,6 +46,10 @@ LOCAL_ONLY_RUNTIMES = ("runc",)
 # As `imagefactory install --ssh` takes it (install/destination.py): user@host[:port].
 _SSH_ADDRESS = re.compile(rf"(?P<user>{_USER})@(?P<host>{_HOST})(?::(?P<port>{_PORT}))?")
 
+# The master as a device reaches it: a plain URL, one word for a shell or install.sh.
+_URL_PATH = r"(?:/[A-Za-z0-9._~/-]*)?"
+_MASTER_URL = re.compile(rf"https?://(?P<host>{_HOST})(?::(?P<port>{_PORT}))?{_URL_PATH}")
+
 # The same forms as JSON Schema patterns, for the OpenAPI document (and the clients and
 # test generators that read it); the checks below also say what is wrong and check ports.
 _PORT_RANGE = (
@@ -58,6 +62,7 @@ LIBVIRT_URI_PATTERN = (
 )
 CONTAINER_HOST_PATTERN = rf"^(?:local|ssh://{_AT_HOST})$"
 SSH_ADDRESS_PATTERN = rf"^{_USER}@(?:{_HOST})(?::{_PORT_RANGE})?$"
+MASTER_URL_PATTERN = rf"^https?://(?:{_HOST})(?::{_PORT_RANGE})?{_URL_PATH}$"
 
 
 def check_libvirt_uri(text: str) -> str:
@@ -120,6 +125,15 @@ def check_ssh_address(text: str) -> str:
     match = _SSH_ADDRESS.fullmatch(text)
     if match is None:
         raise ValueError(f"{text!r} is not USER@HOST[:PORT] (e.g. root@10.0.0.7:22)")
+    _check_port(text, match["port"])
+    return text
+
+
+def check_master_url(text: str) -> str:
+    """`http[s]://host[:port][/path]`: the master's URL as a device reaches it."""
+    match = _MASTER_URL.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not http[s]://HOST[:PORT][/PATH]")
     _check_port(text, match["port"])
     return text
 

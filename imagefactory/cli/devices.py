@@ -26,6 +26,7 @@ from imagefactory.reach import (
     RUNTIMES,
     check_container_host,
     check_libvirt_uri,
+    check_master_url,
     check_runtime,
     check_ssh_address,
 )
@@ -106,6 +107,13 @@ def devices_group() -> None:
     callback=_checked_by(check_fingerprint),
     help="The device's SSH host key fingerprint (`ssh-keygen -lf`), trusted on deploy.",
 )
+@click.option(
+    "--master-url",
+    metavar="URL",
+    callback=_checked_by(check_master_url),
+    help="With --ssh: the master's URL as this device reaches it, when it is not "
+    "deploy's --master (another network, a forward).",
+)
 @admin_options
 @json_option
 def add_command(
@@ -118,6 +126,7 @@ def add_command(
     runtime: str | None,
     ssh_address: str | None,
     host_key_fingerprint: str | None,
+    master_url: str | None,
     url: str,
     admin_token_file: Path,
     as_json: bool,
@@ -140,6 +149,10 @@ def add_command(
         container=(container_host, runtime),
         ssh=(ssh_address, host_key_fingerprint),
     )
+    if master_url is not None:
+        if "ssh" not in body:
+            raise die("--master-url goes with --ssh")
+        body["ssh"]["master_url"] = master_url
     with admin_client(url, admin_token_file) as client:
         device = client.put_json(f"/v1/devices/{device_id}", body)
     if as_json:

@@ -46,6 +46,8 @@ COMMANDS: dict[str, str] = {
     "doctor": "imagefactory.cli.host:doctor_command",
     "cache": "imagefactory.cli.host:cache_group",
     "install": "imagefactory.cli.install:install_command",
+    "deploy": "imagefactory.cli.deploy:deploy_command",
+    "undeploy": "imagefactory.cli.deploy:undeploy_command",
     "ca": "imagefactory.cli.ca:ca_group",
 }
 

@@ -23,9 +23,11 @@ from imagefactory.reach import (
     CONTAINER_HOST_PATTERN,
     LIBVIRT_URI_PATTERN,
     LOCAL_CONTAINER_HOST,
+    MASTER_URL_PATTERN,
     SSH_ADDRESS_PATTERN,
     check_container_host,
     check_libvirt_uri,
+    check_master_url,
     check_runtime,
     check_ssh_address,
 )
@@ -110,6 +112,12 @@ SshAddress = Annotated[
     _checked(check_ssh_address),
     _shape(SSH_ADDRESS_PATTERN),
 ]
+MasterUrl = Annotated[
+    str,
+    StringConstraints(max_length=1024),
+    _checked(check_master_url),
+    _shape(MASTER_URL_PATTERN),
+]
 Fingerprint = Annotated[str, StringConstraints(pattern=FINGERPRINT_PATTERN)]
 DetailKey = Annotated[str, StringConstraints(min_length=1, max_length=DETAIL_KEY_MAX)]
 DetailText = Annotated[str, StringConstraints(max_length=DETAIL_TEXT_MAX)]
@@ -150,6 +158,11 @@ class SshReach(Strict):
     )
     host_key_fingerprint: Fingerprint | None = Field(
         default=None, description="The device's SSH host key (`ssh-keygen -lf`)."
+    )
+    master_url: MasterUrl | None = Field(
+        default=None,
+        description="The master's URL as the device reaches it, when it is not deploy's "
+        "--master (another network, a forward).",
     )
 
 

@@ -14,10 +14,12 @@ from imagefactory.kinds import ARCHS, KIND_NAMES, KINDS, first_match, supported,
 from imagefactory.reach import (
     CONTAINER_HOST_PATTERN,
     LIBVIRT_URI_PATTERN,
+    MASTER_URL_PATTERN,
     RUNTIMES,
     SSH_ADDRESS_PATTERN,
     check_container_host,
     check_libvirt_uri,
+    check_master_url,
     check_runtime,
     check_ssh_address,
 )
@@ -159,6 +161,28 @@ def test_targets_and_first_match() -> None:
     assert supported(("installer",)) == "x86_64: baremetal; aarch64: baremetal"
 
 
+MASTER_URLS = [
+    "http://10.0.2.100:8750",
+    "https://master.example.net",
+    "https://[fd00::5]:8750/fleet/",
+    "ftp://m",
+    "http://m:0",
+    "http://m:70000",
+    "http://m/a b",
+    "http://m/$(id)",
+    "http://-m",
+    "https://m?x=1",
+    "http://user@m",
+]
+
+
+def test_master_urls() -> None:
+    assert check_master_url("https://[fd00::5]:8750/fleet/") == "https://[fd00::5]:8750/fleet/"
+    for bad in ("ftp://m", "http://m/$(id)", "http://m:70000", "http://user@m"):
+        with pytest.raises(ValueError):
+            check_master_url(bad)
+
+
 @pytest.mark.parametrize(
     ("pattern", "check", "values"),
     [
@@ -166,6 +190,7 @@ def test_targets_and_first_match() -> None:
         (CONTAINER_HOST_PATTERN, check_container_host,
          ["local", "ssh://edge-7", "ssh://ops@[fd00::7]:22", "tcp://h", "ssh://h/x", "LOCAL"]),
         (SSH_ADDRESS_PATTERN, check_ssh_address, SSH_ADDRESSES),
+        (MASTER_URL_PATTERN, check_master_url, MASTER_URLS),
     ],
 )  # fmt: skip
 def test_openapi_patterns_follow_the_checks(pattern: str, check: Any, values: list[str]) -> None:
