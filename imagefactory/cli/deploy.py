@@ -99,7 +99,8 @@ def deployer(url: str, admin_token_file: Path, identity_file: Path | None,
              known_hosts: Path, accept_new_host_key: bool) -> Deployer:  # fmt: skip
     client = admin_client(url, admin_token_file)
     access = SshAccess(known_hosts, identity_file, accept_new_host_key)
-    return Deployer(client, read_secret(admin_token_file), transports(client, access), progress)
+    ways = transports(client, access, tls_choice()[0])
+    return Deployer(client, read_secret(admin_token_file), ways, progress)
 
 
 @click.command("deploy")

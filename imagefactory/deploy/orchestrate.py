@@ -211,7 +211,12 @@ class Deployer:
         result.details = details
         result.status = "deployed"
         if settings.wait != "none":
-            result.wait = self._wait(node, settings, say)
+            try:
+                result.wait = self._wait(node, settings, say)
+            except StepFailed:
+                for line in self.transports[kind].last_lines(details):
+                    say(f"console: {line}")
+                raise
 
     def _wait(self, node: NodeVars, settings: DeploySettings, say: Callable[[str], None]) -> str:
         api = MasterApi(self.client.url, self.admin_token)

@@ -11,9 +11,8 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,35 +44,30 @@ class Transport(Protocol):
 
     def remove(self, device: dict[str, Any], deployment: dict[str, Any], say: Say) -> None: ...
 
+    def last_lines(self, details: dict[str, Any]) -> list[str]:
+        """The end of the node's console, for a wait that failed (empty if unknown)."""
+        ...
 
-@dataclass
-class StoreCache:
-    """Environments downloaded from the store into the local cache, one download per
-    digest at a time (devices deployed in parallel may need the same one)."""
 
-    client: AdminClient
-    _locks: dict[str, threading.Lock] = field(default_factory=dict)
-    _guard: threading.Lock = field(default_factory=threading.Lock)
+def from_store(client: AdminClient, digest: str, say: Say) -> Path:
+    """The environment's file in the local cache, downloaded (verified) if it is not
+    there; pull.py locks the digest's directory, so devices deployed in parallel that
+    need the same environment download it once."""
+    from imagefactory.deploy.pull import cached
 
-    def file(self, digest: str, say: Say) -> Path:
-        from imagefactory.deploy.pull import cached
-
-        with self._guard:
-            lock = self._locks.setdefault(digest, threading.Lock())
-        with lock:
-            return cached(self.client, digest, say)
+    return cached(client, digest, say)
 
 
 @dataclass(frozen=True)
 class VmTransport:
-    store: StoreCache
+    client: AdminClient
 
     def place(self, placement: Placement, say: Say) -> dict[str, Any]:
         from imagefactory.deploy.libvirt_vm import place_vm
 
         libvirt = placement.device["libvirt"]
         env = placement.environment
-        image = self.store.file(env.digest, say)
+        image = from_store(self.client, env.digest, say)
         node = placement.node
         return place_vm(
             libvirt["uri"], libvirt.get("pool") or "default", image, env.digest,
@@ -85,9 +79,17 @@ class VmTransport:
 
         remove_vm(deployment["details"], say)
 
+    def last_lines(self, details: dict[str, Any]) -> list[str]:
+        from imagefactory.deploy.libvirt_vm import console_tail
+
+        return console_tail(details)
+
 
 @dataclass(frozen=True)
 class ContainerTransport:
+    ca_file: Path | None
+    """What an https registry is verified against (deploy's --ca-file)."""
+
     def place(self, placement: Placement, say: Say) -> dict[str, Any]:
         from imagefactory.deploy.container_host import place_container
 
@@ -101,7 +103,7 @@ class ContainerTransport:
         node = placement.node
         return place_container(
             host["host"], host["runtime"], reference, placement.target, node,
-            node.master_url, say,
+            node.master_url, say, self.ca_file,
         )  # fmt: skip
 
     def remove(self, device: dict[str, Any], deployment: dict[str, Any], say: Say) -> None:
@@ -109,29 +111,44 @@ class ContainerTransport:
 
         remove_container(deployment["details"], say)
 
+    def last_lines(self, details: dict[str, Any]) -> list[str]:
+        workdir = details.get("workdir")  # a container on this host: its console.log
+        return tail(Path(workdir) / "console.log") if isinstance(workdir, str) else []
+
 
 @dataclass(frozen=True)
 class BaremetalTransport:
-    store: StoreCache
+    client: AdminClient
     access: SshAccess
 
     def place(self, placement: Placement, say: Say) -> dict[str, Any]:
         from imagefactory.deploy.baremetal import place_baremetal
 
-        script = self.store.file(placement.environment.digest, say)
+        script = from_store(self.client, placement.environment.digest, say)
         return place_baremetal(placement.device["ssh"], self.access, script, placement.node, say)
 
     def remove(self, device: dict[str, Any], deployment: dict[str, Any], say: Say) -> None:
         from imagefactory.deploy.baremetal import remove_baremetal
 
-        script = self.store.file(deployment["environment"], say)
+        script = from_store(self.client, deployment["environment"], say)
         remove_baremetal(device["ssh"], self.access, script, say)
 
+    def last_lines(self, details: dict[str, Any]) -> list[str]:
+        return []  # the agent's journal is on the device: `journalctl -u executor`
 
-def transports(client: AdminClient, access: SshAccess) -> dict[str, Transport]:
-    store = StoreCache(client)
+
+def tail(path: Path, lines: int = 15) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
+def transports(
+    client: AdminClient, access: SshAccess, ca_file: Path | None = None
+) -> dict[str, Transport]:
     return {
-        "vm": VmTransport(store),
-        "container": ContainerTransport(),
-        "baremetal": BaremetalTransport(store, access),
+        "vm": VmTransport(client),
+        "container": ContainerTransport(ca_file),
+        "baremetal": BaremetalTransport(client, access),
     }

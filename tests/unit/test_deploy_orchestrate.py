@@ -90,6 +90,9 @@ class FakeTransport:
     ) -> None:
         self.removed.append(deployment)
 
+    def last_lines(self, details: dict[str, Any]) -> list[str]:
+        return [f"console of {details['where']}"]
+
 
 class FakeApi:
     """MasterApi: `statuses` per run id (None: no report); every node heartbeats unless
@@ -250,8 +253,10 @@ def test_a_silent_node_times_out_and_stays_recorded(
     fake_api.silent = True
     settings = DeploySettings(**{**SETTINGS.__dict__, "wait": "heartbeat", "timeout_s": 0.05})
     master = FakeMaster({"ctr-1": DEVICES["ctr-1"]})
-    [result] = deployer(master, kinds).deploy(["ctr-1"], settings)
+    said: list[str] = []
+    [result] = Deployer(master, "admin", kinds, said.append).deploy(["ctr-1"], settings)  # type: ignore[arg-type]
     assert result.status == "failed" and "no heartbeat from node ctr-1-" in (result.error or "")
+    assert "[ctr-1] console: console of ctr-1" in said
     assert master.devices["ctr-1"]["deployment"] is not None  # undeploy can still remove it
 
 
