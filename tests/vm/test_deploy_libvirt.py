@@ -163,7 +163,6 @@ def test_vm_placed_through_qemu_ssh_reports_and_is_removed(
     remote_pool: tuple[Any, Path],
     master: ServerProcess,
     baked_image: BakedImage,
-    capsys: pytest.CaptureFixture[str],
 ) -> None:
     pool, directory = remote_pool
     image = baked_image.image
@@ -176,6 +175,7 @@ def test_vm_placed_through_qemu_ssh_reports_and_is_removed(
         on_complete="none",
     )
     lines: list[str] = []
+    started = time.monotonic()
     # This machine lists KVM but cannot run guests with it, and a remote hypervisor is
     # taken at its libvirt's word: say TCG, as a device record on such a host would.
     details = place_vm(
@@ -184,6 +184,7 @@ def test_vm_placed_through_qemu_ssh_reports_and_is_removed(
     )  # fmt: skip
     try:
         print("\n".join(lines))
+        print(f"placed (upload, volumes, domain started) in {time.monotonic() - started:.1f} s")
         assert details["uri"] == hypervisor.uri and details["pool"] == pool.name()
         assert any("uploaded" in line for line in lines), lines
 
@@ -198,6 +199,7 @@ def test_vm_placed_through_qemu_ssh_reports_and_is_removed(
         names = {v.name() for v in pool_there.listAllVolumes(0)}
         assert {base_name, *details["volumes"][:2]} <= names, names
         base = pool_there.storageVolLookupByName(base_name)
+        assert Path(base.path()).parent == directory
         assert base.info()[1] == image_info(image).virtual_size
         assert sha256_file(Path(base.path())) == digest.removeprefix("sha256:")
         # Sparse: the pool's copy allocates no more than the image does.
@@ -225,7 +227,7 @@ def test_vm_placed_through_qemu_ssh_reports_and_is_removed(
             took = _wait(lambda: api.alive(node_id), "heartbeat", details)
             print(f"heartbeat {took:.0f} s after the domain started")
             assert node.run_id is not None
-            took = _wait(lambda: api.run_status(node.run_id) is not None, "report", details)
+            took += _wait(lambda: api.run_status(node.run_id) is not None, "report", details)
             print(f"report {took:.0f} s after the domain started")
             assert api.run_status(node.run_id) == "succeeded", console_tail(details, 30)
     finally:
