@@ -37,8 +37,8 @@ class Environment:
     digest: str
     size: int
     reference: str | None = None
-    """`HOST[:PORT]/REPO@sha256:...`, what a container host pulls (oci builds pushed to
-    the master's registry); None otherwise."""
+    """`HOST[:PORT]/REPO@sha256:...` (`http://` first for a plain-HTTP registry), what a
+    container host pulls (oci builds pushed to the master's registry); None otherwise."""
 
 
 def follow_build(
@@ -93,7 +93,8 @@ def environment_of(build: dict[str, Any]) -> Environment:
         repository, colon, tag = pushed["reference"].rpartition(":")
         if not colon or "/" in tag:  # no tag: the colon was the registry's port
             repository = pushed["reference"]
-        reference = f"{repository}@{pushed['digest']}"
+        scheme = "http://" if pushed.get("plain_http") else ""
+        reference = f"{scheme}{repository}@{pushed['digest']}"
     return Environment(
         build_id=build["build_id"],
         target=build["target"],

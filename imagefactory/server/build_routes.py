@@ -284,6 +284,8 @@ def build_router(
                 if not blobs.has(a["digest"]) or blobs.size(a["digest"]) != a["size"]:
                     raise HTTPException(400, f"artifact {a['name']} ({a['digest']}) not uploaded")
         pushed = body.pushed.model_dump() if body.pushed else None
+        if pushed is not None:  # what a puller must know, from the master's own setting
+            pushed["plain_http"] = (config.registry or "").startswith("http://")
         try:
             build = await run_in_threadpool(
                 queue.finish, lease_, body.state, body.stages, artifacts, body.error, pushed

@@ -44,6 +44,11 @@ class Artifact(Strict):
 class Pushed(Strict):
     reference: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
     digest: Digest
+    plain_http: bool = Field(
+        default=False,
+        description="Set by the master: its registry speaks plain HTTP (serve --registry "
+        "http://...), so pulls go without TLS.",
+    )
 
 
 class Build(BaseModel):

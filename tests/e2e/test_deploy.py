@@ -16,7 +16,9 @@ the master; undeploy leaves no domain, node volume, container or package behind.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,11 +41,12 @@ DEPLOY_TIMEOUT_S = 3600
 
 
 @contextmanager
-def transient_pool(tmp_path: Path) -> Iterator[str]:
+def transient_pool() -> Iterator[str]:
     """A transient directory pool on the local libvirtd, destroyed at the end."""
     name = f"fleetbake-e2e-{uuid.uuid4().hex[:8]}"
-    path = tmp_path / "pool"
-    path.mkdir()
+    # The hypervisor's QEMU runs as its own user: the pool must be where it can go.
+    path = Path(tempfile.mkdtemp(prefix="fleetbake-e2e-pool-", dir="/var/tmp"))
+    path.chmod(0o711)
     conn = open_connection()
     pool = conn.storagePoolCreateXML(
         f"<pool type='dir'><name>{name}</name><target><path>{path}</path></target></pool>"
@@ -60,6 +63,7 @@ def transient_pool(tmp_path: Path) -> Iterator[str]:
             volume.delete()
         pool.destroy()
         conn.close()
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def cli(server_url: str, admin_token: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -109,7 +113,7 @@ def test_one_pipeline_on_a_vm_a_container_and_a_bare_metal_device(tmp_path: Path
             assert published.returncode == 0, published.stderr
             builds.builder(server.url, "e2e-builder")
             with (
-                transient_pool(tmp_path) as pool,
+                transient_pool() as pool,
                 booted_device(tmp_path / "metal", server.url) as metal,
             ):
                 deploy_and_undeploy(server.url, token, server.secret_file, pool, metal, tmp_path)

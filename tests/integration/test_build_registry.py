@@ -85,6 +85,7 @@ def test_builder_pushes_oci_builds(registry: str, tmp_path: Path) -> None:
         pushed = done["pushed"]
         reference = f"fleetbake/{repository_name(name)}:{build['build_id']}"
         assert pushed["reference"] == f"{registry.removeprefix('http://')}/{reference}"
+        assert pushed["plain_http"] is True  # the master's setting: pullers go without TLS
         assert inspect_digest(registry, reference) == pushed["digest"]
         [artifact] = done["artifacts"]
         [env] = admin(server.url, "GET", "/v1/environments")

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from imagefactory.deploy import orchestrate
+from imagefactory.deploy.environment import environment_of
 from imagefactory.deploy.orchestrate import Deployer, DeploySettings, StepFailed
 from imagefactory.deploy.transports import Placement
 from imagefactory.errors import UserError, die
@@ -278,3 +279,23 @@ def test_choose_follows_the_preference_order() -> None:
     assert (kind, target.name) == ("container", "aarch64-linux")
     with pytest.raises(StepFailed, match="no target builds vm for riscv64"):
         orchestrate.choose({"arch": "riscv64", "kinds": ["vm"]})
+
+
+@pytest.mark.parametrize(
+    ("pushed", "reference"),
+    [
+        ({"reference": "reg.example:5000/fleetbake/etl:b1", "plain_http": False},
+         "reg.example:5000/fleetbake/etl@sha256:" + "cd" * 32),
+        ({"reference": "127.0.0.1:5000/fleetbake/etl:b1", "plain_http": True},
+         "http://127.0.0.1:5000/fleetbake/etl@sha256:" + "cd" * 32),
+        ({"reference": "127.0.0.1:5000/fleetbake/etl", "plain_http": False},
+         "127.0.0.1:5000/fleetbake/etl@sha256:" + "cd" * 32),
+    ],
+)  # fmt: skip
+def test_the_pull_reference_is_pinned_and_says_plain_http(
+    pushed: dict[str, Any], reference: str
+) -> None:
+    made = build("oci")
+    made["pushed"] = {**pushed, "digest": "sha256:" + "cd" * 32}
+    assert environment_of(made).reference == reference
+    assert environment_of(build("qcow2")).reference is None
