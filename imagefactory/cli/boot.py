@@ -62,8 +62,8 @@ def progress(message: str) -> None:
     nargs=2,
     metavar="MASTER_URL DIGEST",
     help="Instead of IMAGE: download the VM image DIGEST from the store of the core services "
-    "at MASTER_URL into the local cache (resumable, sha256-verified; --admin-token-file), "
-    "then boot it. The node's master defaults to MASTER_URL.",
+    "at MASTER_URL into the local cache (resumable, sha256-verified; with --admin-token-file, "
+    "else the node's own token), then boot it. The node's master defaults to MASTER_URL.",
 )
 @node_options("The master's URL as the HOST sees it, e.g. http://127.0.0.1:8080.")
 @click.option(
@@ -167,7 +167,7 @@ def boot_command(
     if source is not None:
         if runtime is not None:
             raise die("--from boots VM images; --runtime is for container images")
-        image, target = download(source, target, admin_token_file)
+        image, target = download(source, target, admin_token_file, node)
         node = dataclasses.replace(node, master=node.master or source[0])
     assert image is not None
     layout = find_layout(image)
@@ -218,29 +218,34 @@ def boot_command(
 
 
 def download(
-    source: tuple[str, str], target: str | None, admin_token_file: Path | None
-) -> tuple[Path, str]:
+    source: tuple[str, str], target: str | None, admin_token_file: Path | None, node: NodeOptions
+) -> tuple[Path, str | None]:
     """`--from MASTER_URL DIGEST`: the VM image in the local cache (downloaded, resumed
-    or found there) and its target as the store recorded it."""
+    or found there) and its target: as the store recorded it (admin token), else
+    --target, else the one its name says (a node's token may download but not list)."""
     from imagefactory.client import AdminClient
-    from imagefactory.deploy.pull import cached, environment
+    from imagefactory.deploy.pull import cached, described, file_name
 
     url, digest = source
     if not DIGEST.fullmatch(digest):
         raise die(f"--from: {digest!r} is not a digest like sha256:<64 hex>")
-    if admin_token_file is None:
-        raise die("--from needs --admin-token-file (the store's admin token)")
-    with AdminClient(url, read_admin_token(admin_token_file) or "") as client:
-        env = environment(client, digest)
-        if env["format"] != "qcow2":
+    node_id = None if admin_token_file is not None else node.node_id
+    token = read_admin_token(admin_token_file) or node.token_for(node.node_id)
+    if token is None:
+        raise die("--from needs --admin-token-file, or the node's --token or --secret-file")
+    with AdminClient(url, token) as client:
+        env = described(client, digest, node_id)
+        name = file_name(env)
+        if not name.endswith(".qcow2"):
             raise die(
-                f"--from boots VM images (format qcow2); {digest} is {env['name']} "
-                f"(format {env['format']})",
+                f"--from boots VM images (.qcow2); {digest} is {name}",
                 hint="an oci environment runs on a container host, an installer over SSH",
             )
-        if target is not None and target != env["target"]:
-            raise die(f"--target {target}: {digest} was built for {env['target']}")
-        return cached(client, digest, progress), str(env["target"])
+        recorded = env.get("target") or (name.removesuffix(".qcow2") if target is None else None)
+        if target is not None and recorded is not None and target != recorded:
+            raise die(f"--target {target}: {digest} was built for {recorded}")
+        image = cached(client, digest, progress, env, node_id)
+    return image, recorded if recorded in target_names() else target
 
 
 def read_admin_token(path: Path | None) -> str | None:

@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,27 @@ def environment(client: AdminClient, digest: str) -> dict[str, Any]:
     raise die(f"no environment {digest}", hint="see `imagefactory environments list`")
 
 
+def as_node(node_id: str | None) -> dict[str, str]:
+    """The header that makes the client's token a node's (which may download, not list)."""
+    return {} if node_id is None else {"X-Node-ID": node_id}
+
+
+def described(client: AdminClient, digest: str, node_id: str | None) -> dict[str, Any]:
+    """DIGEST's digest, name and size as a node sees them: a node's token may download but
+    not list, so a one-byte ranged download says them (Content-Disposition, Content-Range)."""
+    if node_id is None:
+        return environment(client, digest)
+    headers = {"Range": "bytes=0-0", **as_node(node_id)}
+    with client.stream(f"/v1/environments/{digest}", headers) as response:
+        client.check(response)
+        disposition = Message()
+        disposition["content-disposition"] = response.headers.get("content-disposition", "")
+        total = response.headers.get("content-range", "").rpartition("/")[2]
+    if response.status_code != 206 or not total.isdigit():
+        raise die(f"{client.url} answered a ranged download of {digest} without its size")
+    return {"digest": digest, "name": disposition.get_filename() or "", "size": int(total)}
+
+
 def file_name(env: dict[str, Any]) -> str:
     """The record's name as a plain file name (never a path, never hidden)."""
     name = str(env["name"])
@@ -53,15 +75,22 @@ def cache_dir(digest: str) -> Path:
     return cache_root() / "environments" / digest.removeprefix("sha256:")
 
 
-def cached(client: AdminClient, digest: str, progress: Callable[[str], None]) -> Path:
+def cached(
+    client: AdminClient,
+    digest: str,
+    progress: Callable[[str], None],
+    env: dict[str, Any] | None = None,
+    node_id: str | None = None,
+) -> Path:
     """pull() into the local cache; a file already there is returned without a download
-    (only a verified download is ever renamed into the cache)."""
-    env = environment(client, digest)
+    (only a verified download is ever renamed into the cache). `node_id`: the client's
+    token is that node's."""
+    env = env or described(client, digest, node_id)
     path = cache_dir(digest) / file_name(env)
     if _complete(path, env):
         progress(f"{path.name}: in the cache ({path})")
         return path
-    return pull(client, digest, cache_dir(digest), progress, env)
+    return pull(client, digest, cache_dir(digest), progress, env, node_id)
 
 
 def pull(
@@ -70,11 +99,13 @@ def pull(
     directory: Path,
     progress: Callable[[str], None],
     env: dict[str, Any] | None = None,
+    node_id: str | None = None,
 ) -> Path:
     """The environment DIGEST as DIRECTORY/<its name>: resumes DIRECTORY/.<hex>.part,
     verifies sha256 (a mismatch deletes the part and raises die(...)), renames into place.
-    Returns at once if the verified file is already there. `env`: its record, if known."""
-    env = env or environment(client, digest)
+    Returns at once if the verified file is already there. `env`: its record, if known;
+    `node_id`: the client's token is that node's."""
+    env = env or described(client, digest, node_id)
     final = directory / file_name(env)
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -86,7 +117,7 @@ def pull(
             return final
         part = directory / f".{digest.removeprefix('sha256:')}.part"
         meter = Meter(final.name, progress)
-        actual = _download(client, digest, part, meter)
+        actual = _download(client, digest, part, meter, as_node(node_id))
         if actual != digest:
             part.unlink(missing_ok=True)
             raise die(f"downloaded data has digest {actual}, not {digest}; removed it")
@@ -129,16 +160,19 @@ class Meter:
         self.progress(f"{self.name}: {self.line(now)} in {now - self.started:.1f} s")
 
 
-def _download(client: AdminClient, digest: str, part: Path, meter: Meter) -> str:
+def _download(
+    client: AdminClient, digest: str, part: Path, meter: Meter, extra: dict[str, str]
+) -> str:
     """Append to `part` from its size (Range, If-Range: the digest), or start over if the
     master sends the whole file; returns the sha256 digest of the whole part, hashed
     while it is written (a kept part is hashed first)."""
     have = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={have}-", "If-Range": f'"{digest}"'} if have else {}
+    headers.update(extra)
     with client.stream(f"/v1/environments/{digest}", headers) as response:
         if response.status_code == 416:  # the part is already whole (or longer): redo
             part.unlink()
-            return _download(client, digest, part, meter)
+            return _download(client, digest, part, meter, extra)
         client.check(response)
         resumed = response.status_code == 206
         total = int(response.headers.get("content-length", 0)) + (have if resumed else 0)

@@ -202,12 +202,15 @@ def test_boot_from_downloads_into_the_cache_and_boots_it(
     env = {"IMAGEFACTORY_CACHE": str(tmp_path / "cache"), "XDG_STATE_HOME": str(tmp_path / "st")}
     cached = tmp_path / "cache" / "environments" / stored.digest.removeprefix("sha256:")
 
-    def boot(url: str) -> subprocess.CompletedProcess[str]:
+    def boot(
+        url: str, admin: bool = True, cache: str = "cache"
+    ) -> subprocess.CompletedProcess[str]:
+        token = ("--admin-token-file", str(stored.server.admin_token_file)) if admin else ()
         return imagefactory(
-            "boot", "--from", url, stored.digest, "--node-id", "pulled",
-            "--admin-token-file", str(stored.server.admin_token_file),
+            "boot", "--from", url, stored.digest, "--node-id", "pulled", *token,
             "--secret-file", str(stored.server.secret_file),
-            "--accel", "tcg", "--wait", "none", "--json", env=env,
+            "--accel", "tcg", "--wait", "none", "--json",
+            env={**env, "IMAGEFACTORY_CACHE": str(tmp_path / cache)},
         )  # fmt: skip
 
     cut = boot(proxy.url)
@@ -231,6 +234,13 @@ def test_boot_from_downloads_into_the_cache_and_boots_it(
         finally:
             stopped = imagefactory("stop", "pulled", env=env)
         assert stopped.returncode == 0, stopped.stderr
+        # The node's own token (from --secret-file) may download: a fresh cache fills.
+        as_node = boot(stored.server.url, admin=False, cache="node-cache")
+        try:
+            assert as_node.returncode == 0, as_node.stderr
+            assert f"downloading {stored.qcow2.stat().st_size} bytes" in as_node.stderr
+        finally:
+            imagefactory("stop", "pulled", env=env)
         again = boot(stored.server.url)
         try:
             assert again.returncode == 0, again.stderr
@@ -247,5 +257,5 @@ def test_boot_from_refuses_what_is_not_a_vm_image(stored: Stored, tmp_path: Path
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     [line] = error_lines(done.stderr)
-    assert "--from boots VM images (format qcow2)" in line and "install.sh" in line
+    assert f"--from boots VM images (.qcow2); {stored.installer_digest} is install.sh" in line
     assert not (tmp_path / "cache").exists()
