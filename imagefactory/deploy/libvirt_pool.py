@@ -18,9 +18,10 @@ import contextlib
 import errno
 import os
 import re
+import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -33,8 +34,13 @@ FILE_POOL_TYPES = ("dir", "fs", "netfs")
 """Pools whose volumes are files in one directory: a qcow2 overlay can be backed by a
 base volume there, and the serial console can be written beside them."""
 CHUNK = 1 << 20
+HEADER_BYTES = 64 * 1024
+"""The start of the image that is uploaded last: a qcow2 header (and more) that makes
+libvirt see the volume as the finished image only once the rest is there."""
 PROGRESS_EVERY_S = 5.0
 DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})\Z")
+_GUARD = threading.Lock()
+_UPLOADS: dict[tuple[str, str, str], threading.Lock] = {}
 
 
 @dataclass(frozen=True)
@@ -154,12 +160,19 @@ def _create(pool: Any, xml: str, name: str) -> Any:
 
 
 def is_complete(vol: Any, image: ImageInfo) -> bool:
-    """A finished upload: libvirt sees the qcow2's virtual size and the file's full
-    length (an interrupted upload is shorter: its last extent never arrived)."""
+    """A finished upload. The image's first HEADER_BYTES are sent last, so libvirt probes
+    a qcow2 of the image's virtual size only once everything else has arrived; before
+    that, the volume is a raw file of zeros where the header belongs."""
     libvirt = load_libvirt()
+    fmt = ET.fromstring(vol.XMLDesc(0)).find("target/format")
     _kind, capacity, _alloc = vol.info()
     _kind, _cap, physical = vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)
-    return bool(capacity == image.virtual_size and physical == image.size)
+    return bool(
+        fmt is not None
+        and fmt.get("type") == "qcow2"
+        and capacity == image.virtual_size
+        and physical == image.size
+    )
 
 
 def upload_base(
@@ -172,29 +185,43 @@ def upload_base(
 ) -> tuple[Any, bool]:
     """The environment's base volume, uploaded unless a complete one is there already;
     (volume, whether it was uploaded now). A failed upload leaves no volume behind."""
-    vol = find_volume(pool, name)
-    if vol is not None:
-        if is_complete(vol, info):
-            progress(f"volume {name}: already in pool {pool.name()}, reused")
-            return vol, False
-        progress(f"volume {name}: incomplete (an interrupted upload), uploading again")
-        delete_volume(pool, name)
-    # Created raw and empty: the stream writes the qcow2 file byte for byte; a qcow2
-    # created by libvirt would leave its own header bytes inside the image's holes.
-    vol = _create(pool, _volume_xml(name, info.size, "raw", owner, 0o644), name)
-    try:
-        sent = send_sparse(pool.connect(), vol, image, progress)
-        pool.refresh(0)  # libvirt probes the uploaded file again: qcow2, virtual size
-        vol = pool.storageVolLookupByName(name)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            vol.delete(0)
-        raise
-    if not is_complete(vol, info):
-        delete_volume(pool, name)
-        raise die(f"volume {name}: the upload did not arrive whole")
+    with _upload_lock(pool, name):
+        vol = find_volume(pool, name)
+        if vol is not None:
+            if is_complete(vol, info):
+                progress(f"volume {name}: already in pool {pool.name()}, reused")
+                return vol, False
+            progress(f"volume {name}: incomplete (an interrupted upload), uploading again")
+            delete_volume(pool, name)
+        # Created raw and empty: the stream writes the qcow2 file byte for byte; a qcow2
+        # created by libvirt would leave its own header bytes inside the image's holes.
+        vol = _create(pool, _volume_xml(name, info.size, "raw", owner, 0o644), name)
+        try:
+            head = min(HEADER_BYTES, info.size)
+            sent = send_sparse(vol, image, head, info.size, progress)
+            sent += send_sparse(vol, image, 0, head, progress)  # the header last
+            pool.refresh(0)  # libvirt probes the uploaded file again: qcow2, virtual size
+            vol = pool.storageVolLookupByName(name)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                vol.delete(0)
+            raise
+        if not is_complete(vol, info):
+            delete_volume(pool, name)
+            raise die(f"volume {name}: the upload did not arrive whole")
     progress(f"volume {name}: uploaded {_mib(sent)} of data ({_mib(info.size)} image)")
     return vol, True
+
+
+@contextlib.contextmanager
+def _upload_lock(pool: Any, name: str) -> Iterator[None]:
+    """One upload of a volume at a time in this process (devices deployed in parallel
+    may share a hypervisor's pool); the second finds the first's volume complete."""
+    key = (pool.connect().getURI(), pool.UUIDString(), name)
+    with _GUARD:
+        lock = _UPLOADS.setdefault(key, threading.Lock())
+    with lock:
+        yield
 
 
 def _mib(n: int) -> str:
@@ -202,29 +229,32 @@ def _mib(n: int) -> str:
 
 
 class _SparseReader:
-    """The callbacks of virStream.sparseSendAll over one local file: data extents are
-    read, holes are reported by length (SEEK_DATA/SEEK_HOLE)."""
+    """The callbacks of virStream.sparseSendAll over bytes START..END of a local file:
+    data extents are read, holes are reported by length (SEEK_DATA/SEEK_HOLE)."""
 
-    def __init__(self, fd: int, size: int, name: str, progress: Callable[[str], None]) -> None:
-        self.fd, self.size, self.name, self.progress = fd, size, name, progress
+    def __init__(
+        self, fd: int, start: int, end: int, name: str, progress: Callable[[str], None]
+    ) -> None:
+        self.fd, self.end, self.name, self.progress = fd, end, name, progress
+        os.lseek(fd, start, os.SEEK_SET)
         self.sent = 0
         self.next_report = time.monotonic() + PROGRESS_EVERY_S
 
     def section(self, _stream: Any, _opaque: Any) -> list[Any]:
         """[in data?, bytes until the section changes] at the current offset."""
         offset = os.lseek(self.fd, 0, os.SEEK_CUR)
-        if offset >= self.size:
+        if offset >= self.end:
             return [False, 0]
         try:
-            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+            data = min(os.lseek(self.fd, offset, os.SEEK_DATA), self.end)
         except OSError as exc:
             if exc.errno != errno.ENXIO:  # ENXIO: only a hole up to the end
                 raise
-            data = self.size
+            data = self.end
         if data > offset:
             os.lseek(self.fd, offset, os.SEEK_SET)
             return [False, data - offset]
-        hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        hole = min(os.lseek(self.fd, offset, os.SEEK_HOLE), self.end)
         os.lseek(self.fd, offset, os.SEEK_SET)
         return [True, hole - offset]
 
@@ -245,13 +275,16 @@ class _SparseReader:
         self.next_report = time.monotonic() + PROGRESS_EVERY_S
         done = os.lseek(self.fd, 0, os.SEEK_CUR)
         self.progress(
-            f"volume {self.name}: {100 * done // max(self.size, 1)}% "
+            f"volume {self.name}: {100 * done // max(self.end, 1)}% "
             f"({_mib(self.sent)} of data sent)"
         )
 
 
-def send_sparse(conn: Any, vol: Any, image: Path, progress: Callable[[str], None]) -> int:
-    """Upload the file into the volume as a sparse stream; the bytes of data sent."""
+def send_sparse(
+    vol: Any, image: Path, start: int, end: int, progress: Callable[[str], None]
+) -> int:
+    """Upload bytes START..END of the file into the volume at the same offset, as a
+    sparse stream; the bytes of data sent."""
     libvirt = load_libvirt()
     name = vol.name()
     try:
@@ -259,11 +292,11 @@ def send_sparse(conn: Any, vol: Any, image: Path, progress: Callable[[str], None
     except OSError as exc:
         raise die(f"cannot read {image}: {exc.strerror}") from None
     try:
-        size = os.fstat(fd).st_size
-        reader = _SparseReader(fd, size, name, progress)
-        stream = conn.newStream(0)
+        reader = _SparseReader(fd, start, end, name, progress)
+        stream = vol.connect().newStream(0)
         try:
-            vol.upload(stream, 0, size, libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM)
+            flags = libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM
+            vol.upload(stream, start, end - start, flags)
             stream.sparseSendAll(reader.read, reader.section, reader.skip, None)
             stream.finish()
         except libvirt.libvirtError as exc:

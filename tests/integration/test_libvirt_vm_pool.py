@@ -91,10 +91,17 @@ def test_an_interrupted_upload_is_not_reused(pool: Any, sparse_image: Path) -> N
     info = libvirt_vm.image_info(sparse_image)
     owner = libvirt_domain.qemu_owner(pool.connect(), "qemu")
     name = libvirt_pool.base_volume_name(DIGEST)
-    # What a killed upload leaves: the volume, with only the first part of the file.
-    part = libvirt_pool.upload_bytes(pool, name, sparse_image.read_bytes()[: 1 << 20], owner)
-    pool.refresh(0)
-    assert not libvirt_pool.is_complete(part, info)
+    # What a killed upload leaves: the volume with everything but the header (sent last),
+    # or with only part of the body.
+    for end in (info.size, info.size // 2):
+        libvirt_pool.delete_volume(pool, name)
+        xml = libvirt_pool._volume_xml(name, info.size, "raw", owner, 0o644)
+        part = pool.createXML(xml, 0)
+        start = libvirt_pool.HEADER_BYTES
+        libvirt_pool.send_sparse(part, sparse_image, start, end, lambda _: None)
+        pool.refresh(0)
+        part = pool.storageVolLookupByName(name)
+        assert not libvirt_pool.is_complete(part, info)
     lines: list[str] = []
     vol, uploaded = libvirt_pool.upload_base(pool, name, sparse_image, info, owner, lines.append)
     assert uploaded and any("incomplete" in line for line in lines)
