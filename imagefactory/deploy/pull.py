@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from imagefactory.client import AdminClient
-from imagefactory.errors import die
+from imagefactory.errors import HostError, die
 from imagefactory.paths import cache_root
 
 CHUNK = 1024 * 1024
@@ -180,7 +180,7 @@ def _download(
         try:
             sha = _write(part, resumed, have, response.iter_bytes(CHUNK), meter)
         except OSError as exc:  # a full disk, say: the part stays for the next try
-            raise die(f"cannot write {part}: {exc.strerror or exc}") from None
+            raise HostError(f"{part}: {exc.strerror or exc}") from None
     meter.end()
     return "sha256:" + sha.hexdigest()
 

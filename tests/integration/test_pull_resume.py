@@ -195,6 +195,27 @@ def test_a_corrupted_part_is_refused_and_removed(stored: Stored, tmp_path: Path)
     assert f"sha256:{digest}" == stored.digest
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+def test_a_full_disk_keeps_the_part_for_the_next_try(stored: Stored, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
+    try:
+        full = pull(stored, stored.server.url, small)
+        assert full.returncode == 4, full.stderr
+        [line] = error_lines(full.stderr)
+        part = small / f".{stored.digest.removeprefix('sha256:')}.part"
+        assert line == f"Error: {part}: No space left on device"
+        kept = part.stat().st_size
+        assert kept > 0
+        subprocess.run(["mount", "-o", "remount,size=32m", str(small)], check=True)
+        resumed = pull(stored, stored.server.url, small)
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"resuming at {kept} of" in resumed.stderr
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU")
 def test_boot_from_downloads_into_the_cache_and_boots_it(
     stored: Stored, proxy: CuttingProxy, tmp_path: Path
