@@ -29,7 +29,7 @@ def test_the_cache_is_one_directory_per_digest(monkeypatch: pytest.MonkeyPatch) 
 
 def test_progress_lines_are_rate_limited(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [100.0]
-    monkeypatch.setattr(pull.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr("imagefactory.deploy.pull.time.monotonic", lambda: clock[0])
     lines: list[str] = []
     meter = pull.Meter("img.qcow2", lines.append)
     meter.begin(10 * pull.MIB, 100 * pull.MIB)
