@@ -28,6 +28,7 @@ from typing import Any
 
 from imagefactory.boot import container, engines, launch, netns, nodestate, runc, seed
 from imagefactory.builder.push import registry_destination
+from imagefactory.deploy.pull import locked
 from imagefactory.errors import UserError, die
 from imagefactory.host.doctor import require_runtime
 from imagefactory.paths import cache_root
@@ -201,11 +202,18 @@ def pull_layout(ref: ImageRef, ca_file: Path | None, progress: Callable[[str], N
     """The image as an OCI layout in the cache (its manifest named `latest`), copied
     from the registry by digest once; a layout already there is checked, not copied."""
     root = cache_root() / "oci-pulled"
+    root.mkdir(parents=True, exist_ok=True)
+    with locked(root):  # nodes placed in parallel pull an image once
+        return _pull_layout(root, ref, ca_file, progress)
+
+
+def _pull_layout(
+    root: Path, ref: ImageRef, ca_file: Path | None, progress: Callable[[str], None]
+) -> Path:
     dest = root / ref.digest.removeprefix("sha256:")
     if (dest / "index.json").is_file() and runc.manifest_digest(dest) == ref.digest:
         progress(f"{ref.pinned}: in the cache")
         return dest
-    root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         source, tls_verify = ref.source()
@@ -219,8 +227,8 @@ def pull_layout(ref: ImageRef, ca_file: Path | None, progress: Callable[[str], N
         got = runc.manifest_digest(scratch / "layout")
         if got != ref.digest:
             raise die(f"the registry gave {got} for {ref.pinned}")
-        with contextlib.suppress(OSError):  # a concurrent pull of the same image won
-            (scratch / "layout").rename(dest)
+        shutil.rmtree(dest, ignore_errors=True)  # one that is not this digest's (changed by hand)
+        (scratch / "layout").rename(dest)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return dest

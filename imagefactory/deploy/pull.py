@@ -111,7 +111,7 @@ def pull(
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise die(f"cannot make {directory}: {exc.strerror}") from None
-    with _locked(directory):
+    with locked(directory):
         if _complete(final, env) and _sha256(final) == digest:
             progress(f"{final.name}: already there, verified ({final})")
             return final
@@ -215,8 +215,8 @@ def _sha256(path: Path) -> str:
 
 
 @contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """One pull at a time into `directory` (the lock ends with the process)."""
+def locked(directory: Path) -> Iterator[None]:
+    """One writer at a time into `directory` (flock; the lock ends with the process)."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
