@@ -38,6 +38,7 @@ HEADER_BYTES = 64 * 1024
 """The start of the image that is uploaded last: a qcow2 header (and more) that makes
 libvirt see the volume as the finished image only once the rest is there."""
 PROGRESS_EVERY_S = 5.0
+REFRESH_WAIT_S = 60.0
 DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})\Z")
 _GUARD = threading.Lock()
 _UPLOADS: dict[tuple[str, str, str], threading.Lock] = {}
@@ -95,8 +96,24 @@ def open_pool(conn: Any, name: str, uri: str) -> Any:
         )
     if not pool.isActive():
         raise die(f"storage pool {name!r} at {uri} is not active", hint="virsh pool-start NAME")
-    pool.refresh(0)  # see files that appeared since libvirtd last looked
+    refresh(pool)  # see files that appeared since libvirtd last looked
     return pool
+
+
+def refresh(pool: Any) -> None:
+    """Make libvirtd look at the pool's directory again. It refuses while it builds a
+    volume there (another node's overlay, in a parallel deploy): wait for that."""
+    libvirt = load_libvirt()
+    deadline = time.monotonic() + REFRESH_WAIT_S
+    while True:
+        try:
+            pool.refresh(0)
+            return
+        except libvirt.libvirtError as exc:
+            if time.monotonic() > deadline:
+                message = exc.get_error_message()
+                raise die(f"cannot refresh storage pool {pool.name()!r}: {message}") from None
+        time.sleep(0.25)
 
 
 def pool_directory(pool: Any) -> PurePosixPath:
@@ -200,7 +217,7 @@ def upload_base(
             head = min(HEADER_BYTES, info.size)
             sent = send_sparse(vol, image, head, info.size, progress)
             sent += send_sparse(vol, image, 0, head, progress)  # the header last
-            pool.refresh(0)  # libvirt probes the uploaded file again: qcow2, virtual size
+            refresh(pool)  # libvirt probes the uploaded file again: qcow2, virtual size
             vol = pool.storageVolLookupByName(name)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -337,7 +354,7 @@ def download_tail(pool: Any, name: str, max_bytes: int) -> bytes:
     """The last MAX_BYTES of a volume, read over the connection (b"" if there is none):
     the node's console log, also from a hypervisor on another machine."""
     libvirt = load_libvirt()
-    pool.refresh(0)
+    refresh(pool)
     vol = find_volume(pool, name)
     if vol is None:
         return b""

@@ -194,7 +194,7 @@ def _pool_if_there(conn: Any, name: str) -> Any | None:
     pool = libvirt_backend.lookup(conn.storagePoolLookupByName, name)
     if pool is None or not pool.isActive():
         return None
-    pool.refresh(0)  # the console log appears as a volume only after a refresh
+    libvirt_pool.refresh(pool)  # the console log appears as a volume only after this
     return pool
 
 

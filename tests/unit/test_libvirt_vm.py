@@ -333,3 +333,31 @@ def test_the_sparse_reader_sends_exactly_a_range(tmp_path: Path, start: int, end
     content = sparse_file(path)
     stream, _ = send_range(path, start, end)
     assert bytes(stream.out) == content[start:end]
+
+
+class BusyPool:
+    """A pool whose libvirtd is building a volume for the first `busy` refreshes."""
+
+    def __init__(self, busy: int) -> None:
+        self.busy, self.calls = busy, 0
+
+    def name(self) -> str:
+        return "fleet"
+
+    def refresh(self, _flags: int) -> int:
+        import libvirt
+
+        self.calls += 1
+        if self.calls <= self.busy:
+            raise libvirt.libvirtError("pool 'fleet' has asynchronous jobs running.")
+        return 0
+
+
+def test_refresh_waits_for_a_busy_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("imagefactory.deploy.libvirt_pool.time.sleep", lambda _s: None)
+    pool = BusyPool(busy=3)
+    libvirt_pool.refresh(pool)
+    assert pool.calls == 4
+    monkeypatch.setattr(libvirt_pool, "REFRESH_WAIT_S", 0.0)
+    with pytest.raises(click.ClickException, match="cannot refresh storage pool 'fleet'"):
+        libvirt_pool.refresh(BusyPool(busy=10**6))
