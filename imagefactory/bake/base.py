@@ -29,7 +29,7 @@ from imagefactory.run import CommandError, run
 from imagefactory.stages import Stages, follow
 from imagefactory.targets import Target
 
-BASE_RECIPE = 1
+BASE_RECIPE = 2
 """Bump when the build steps change in a way the other inputs do not show."""
 
 COMMON_PACKAGES = (
@@ -47,13 +47,18 @@ DPKG_OPTIONS = (
     "path-include=/usr/share/doc/*/copyright",
 )
 
-# Installation runs no mkinitramfs at all; the setup script builds the initramfs once.
-DIVERT_UPDATE_INITRAMFS = (
-    'chroot "$1" dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs'
-    ' && ln -s /bin/true "$1/usr/sbin/update-initramfs"'
-)
 
 ROOT_UUID_NAMESPACE = uuid.UUID("6f6c9a59-2a53-4f0e-9b4e-2b1f5f0f2c11")
+
+
+def divert_deferred_tools() -> str:
+    """The essential hook: the tools in guestconfig.DEFERRED_TOOLS become `true` while the
+    packages install; the setup script puts them back and runs each once."""
+    return " && ".join(
+        f'chroot "$1" dpkg-divert --quiet --local --rename --add {tool}'
+        f' && ln -s /bin/true "$1{tool}"'
+        for tool in guestconfig.DEFERRED_TOOLS
+    )
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ def mmdebstrap_argv(spec: BaseSpec, rootfs: Path, overlay: Path, mirrors: list[s
         "--format=directory",
         f"--include={','.join(spec.packages)}",
         *(f"--dpkgopt={opt}" for opt in DPKG_OPTIONS),
-        f"--essential-hook={DIVERT_UPDATE_INITRAMFS}",
+        f"--essential-hook={divert_deferred_tools()}",
         f"--customize-hook=sync-in {overlay} /",
         '--customize-hook=chroot "$1" /bin/sh /fleetbake-setup.sh',
         spec.suite,

@@ -21,6 +21,18 @@ GRUB_MODULES_COMMON = (
 )  # fmt: skip
 GRUB_MODULES_PLATFORM = {"i386-pc": ("biosdisk",), "x86_64-efi": ("efi_gop",)}
 
+DEFERRED_TOOLS = {
+    # Every kernel, module or udev package would run mkinitramfs again.
+    "/usr/sbin/update-initramfs": "update-initramfs -c -k all",
+    # ca-certificates' postinst runs it, then triggers itself to run it again: a shell
+    # loop over ~150 certificates, 40 s under qemu-user; one run gives the same files.
+    "/usr/sbin/update-ca-certificates": (
+        "[ ! -x /usr/sbin/update-ca-certificates ] || update-ca-certificates"
+    ),
+}
+"""Tools that are `true` while the packages install (base.py's essential hook): the
+setup script puts each back and runs it once, with this command."""
+
 GRUB_OUT_DIR = "/boot/efi-images"
 """Where the setup script leaves GRUB images for the disk assembler (outside the rootfs)."""
 
@@ -55,12 +67,11 @@ def fstab(root_uuid: str) -> str:
 
 def setup_script(target: Target) -> str:
     """Runs once inside the root filesystem (chroot) after all packages are installed."""
-    lines = [
-        "set -eu",
-        # update-initramfs was diverted to `true` during installation: build it once now.
-        "rm -f /usr/sbin/update-initramfs",
-        "dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs",
-        "update-initramfs -c -k all",
+    lines = ["set -eu"]
+    for tool in DEFERRED_TOOLS:
+        lines += [f"rm -f {tool}", f"dpkg-divert --quiet --local --rename --remove {tool}"]
+    lines += [
+        *DEFERRED_TOOLS.values(),
         "systemctl enable systemd-networkd.service fleetbake-ssh-keygen.service",
         # Reaps LVM snapshots of e2scrub at every boot; the root here is plain ext4.
         "systemctl disable e2scrub_reap.service",
@@ -82,6 +93,21 @@ def setup_script(target: Target) -> str:
     lines.append("rm -f /fleetbake-setup.sh")
     return "\n".join(lines) + "\n"
 
+
+# FSTYPE names the root's type, which the fsck hook cannot find out in a chroot: the
+# initramfs then carries e2fsck and checks the root before mounting it, and
+# systemd-fsck-root.service (ConditionPathExists=!/run/initramfs/fsck-root) is skipped.
+INITRAMFS_CONF = "MODULES=list\nCOMPRESS=zstd\nFSTYPE=ext4\n"
+
+BESIDE_THE_AGENT_UNITS = ("cloud-config.service", "cloud-final.service")
+"""cloud-init's later stages, which start when the agent does (both follow the init stage)."""
+
+BESIDE_THE_AGENT = """\
+# fleetbake: the agent starts beside this stage; on a node's few (often emulated) CPUs
+# it goes first. The stage still runs in full, an operator's commands included.
+[Service]
+Nice=10
+"""
 
 SSH_KEYGEN_UNIT = """\
 [Unit]
@@ -149,7 +175,7 @@ def overlay_files(target: Target, root_uuid: str) -> dict[str, str]:
     """Files copied into the root filesystem before the setup script runs."""
     modules = COMMON_INITRAMFS_MODULES + target.initramfs_modules
     return {
-        "/etc/initramfs-tools/conf.d/fleetbake.conf": "MODULES=list\nCOMPRESS=zstd\n",
+        "/etc/initramfs-tools/conf.d/fleetbake.conf": INITRAMFS_CONF,
         "/etc/initramfs-tools/modules": "\n".join(modules) + "\n",
         "/etc/fleetbake/grub-embed.cfg": grub_embed_cfg(root_uuid),
         "/etc/fstab": fstab(root_uuid),
@@ -158,5 +184,9 @@ def overlay_files(target: Target, root_uuid: str) -> dict[str, str]:
         "/etc/systemd/system/fleetbake-ssh-keygen.service": SSH_KEYGEN_UNIT,
         "/etc/ssh/sshd_config.d/50-fleetbake.conf": SSHD_CONFIG,
         "/etc/cloud/cloud.cfg.d/90-fleetbake.cfg": CLOUD_CFG,
+        **{
+            f"/etc/systemd/system/{unit}.d/50-fleetbake.conf": BESIDE_THE_AGENT
+            for unit in BESIDE_THE_AGENT_UNITS
+        },
         "/fleetbake-setup.sh": setup_script(target),
     }

@@ -107,6 +107,43 @@ def test_x86_gets_bios_and_uefi_loaders() -> None:
     assert "update-initramfs -c -k all" in script
 
 
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: t.name)
+def test_deferred_tools_are_true_while_installing_then_run_once(target: Target) -> None:
+    hook = base.divert_deferred_tools()
+    script = guestconfig.setup_script(target).splitlines()
+    assert len(guestconfig.DEFERRED_TOOLS) == 2
+    for tool, command in guestconfig.DEFERRED_TOOLS.items():
+        assert f"dpkg-divert --quiet --local --rename --add {tool}" in hook
+        assert f'ln -s /bin/true "$1{tool}"' in hook
+        # The stand-in goes, the real tool comes back, and only then does it run, once.
+        remove = script.index(f"rm -f {tool}")
+        undivert = script.index(f"dpkg-divert --quiet --local --rename --remove {tool}")
+        assert remove < undivert < script.index(command)
+        assert sum(command in line for line in script) == 1
+    assert "update-initramfs -c -k all" in script
+    assert "[ ! -x /usr/sbin/update-ca-certificates ] || update-ca-certificates" in script
+    argv = base.mmdebstrap_argv(base.BaseSpec(target), Path("r"), Path("o"), ["m"])
+    assert f"--essential-hook={hook}" in argv
+
+
+def test_the_initramfs_checks_the_root_so_systemd_need_not() -> None:
+    conf = guestconfig.overlay_files(X86, "u")["/etc/initramfs-tools/conf.d/fleetbake.conf"]
+    assert conf.splitlines() == ["MODULES=list", "COMPRESS=zstd", "FSTYPE=ext4"]
+    assert guestconfig.fstab("u").split()[-1] == "1"  # the root is still checked at boot
+
+
+def test_later_cloud_init_stages_yield_the_cpu_to_the_agent_and_keep_their_order() -> None:
+    files = guestconfig.overlay_files(ARM, "u")
+    dropins = {k: v for k, v in files.items() if k.endswith(".service.d/50-fleetbake.conf")}
+    assert sorted(dropins) == [
+        "/etc/systemd/system/cloud-config.service.d/50-fleetbake.conf",
+        "/etc/systemd/system/cloud-final.service.d/50-fleetbake.conf",
+    ]
+    for text in dropins.values():
+        settings = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+        assert settings == ["[Service]", "Nice=10"]
+
+
 def test_layout_puts_root_last_after_bios_and_esp() -> None:
     layout = bootdisk.Layout(root_mib=2048)
     assert layout.root_start == 4096 + 65536

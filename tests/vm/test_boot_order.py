@@ -4,7 +4,9 @@ Boot the baked x86_64 image once and read systemd's own view over SSH: the agent
 direct ordering, every unit it is ordered after (transitively), and the services
 enabled. It fails if the agent is again ordered after cloud-init stages it does not need
 (cloud-config, cloud-final, cloud-init.target), or if a service is enabled that the
-image does not list on purpose. It checks no time (benchmarks/boot.py measures that).
+image does not list on purpose; also that those later stages run niced beside the agent
+and that the root was checked in the initramfs (so systemd-fsck-root is skipped). It
+checks no time (benchmarks/boot.py measures that).
 """
 
 from __future__ import annotations
@@ -72,11 +74,20 @@ GUEST_SCRIPT = textwrap.dedent(
     enabled = out("systemctl", "list-unit-files", "--state=enabled", "--type=service",
                   "--no-legend", "--plain")
     status = subprocess.run(["cloud-init", "status", "--wait"], capture_output=True, text=True)
+    nice = {unit: out("systemctl", "show", "-p", "Nice", "--value", unit).strip()
+            for unit in ("cloud-config.service", "cloud-final.service", "executor.service")}
+    fsck_root = out("systemctl", "show", "-p", "ConditionResult", "-p", "ActiveState",
+                    "systemd-fsck-root.service").split()
     print(json.dumps({
         "after": after,
         "agent": {k: v.split() for k, v in agent.items()},
         "enabled": sorted(line.split()[0] for line in enabled.splitlines() if line.split()),
         "cloud_init_status": status.stdout.strip().splitlines()[-1:],
+        "nice": nice,
+        "fsck_root": sorted(fsck_root),
+        # /run/initramfs is root's only (0700).
+        "fsck_root_in_initramfs": subprocess.run(
+            ["sudo", "-n", "test", "-e", "/run/initramfs/fsck-root"]).returncode == 0,
         "node_env": subprocess.run(["sudo", "-n", "test", "-s", "/etc/executor/node.env"]
                                    ).returncode == 0,
     }))
@@ -147,3 +158,18 @@ def test_cloud_init_still_finishes_and_wrote_the_identity(guest: dict[str, Any])
     ends, and node.env came from the seed."""
     assert guest["cloud_init_status"] == ["status: done"]
     assert guest["node_env"] is True
+
+
+def test_later_cloud_init_stages_run_niced_beside_the_agent(guest: dict[str, Any]) -> None:
+    assert guest["nice"] == {
+        "cloud-config.service": "10",
+        "cloud-final.service": "10",
+        "executor.service": "0",
+    }
+
+
+def test_the_initramfs_checked_the_root_and_systemd_skipped_its_own_check(
+    guest: dict[str, Any],
+) -> None:
+    assert guest["fsck_root_in_initramfs"] is True
+    assert guest["fsck_root"] == ["ActiveState=inactive", "ConditionResult=no"]
