@@ -214,9 +214,12 @@ def upload_base(
         # created by libvirt would leave its own header bytes inside the image's holes.
         vol = _create(pool, _volume_xml(name, info.size, "raw", owner, 0o644), name)
         try:
-            head = min(HEADER_BYTES, info.size)
-            sent = send_sparse(vol, image, head, info.size, progress)
-            sent += send_sparse(vol, image, 0, head, progress)  # the header last
+            head = _read_head(image, min(HEADER_BYTES, info.size))
+            sent = send_sparse(vol, image, len(head), info.size, progress)
+            # The header last, and not sparse: libvirt writes a hole at the end of a
+            # stream by truncating the file there, which would cut off the body.
+            send_bytes(vol, 0, head)
+            sent += len(head)
             refresh(pool)  # libvirt probes the uploaded file again: qcow2, virtual size
             vol = pool.storageVolLookupByName(name)
         except BaseException:
@@ -228,6 +231,14 @@ def upload_base(
             raise die(f"volume {name}: the upload did not arrive whole")
     progress(f"volume {name}: uploaded {_mib(sent)} of data ({_mib(info.size)} image)")
     return vol, True
+
+
+def _read_head(image: Path, size: int) -> bytes:
+    try:
+        with image.open("rb") as f:
+            return f.read(size)
+    except OSError as exc:
+        raise die(f"cannot read {image}: {exc.strerror}") from None
 
 
 @contextlib.contextmanager
@@ -333,11 +344,21 @@ def create_overlay(pool: Any, name: str, base: Any, info: ImageInfo, owner: Owne
 
 def upload_bytes(pool: Any, name: str, data: bytes, owner: Owner) -> Any:
     """A raw volume holding DATA (the seed ISO), readable by the node's QEMU only."""
-    libvirt = load_libvirt()
     vol = _create(pool, _volume_xml(name, len(data), "raw", owner, 0o600), name)
-    stream = pool.connect().newStream(0)
     try:
-        vol.upload(stream, 0, len(data), 0)
+        send_bytes(vol, 0, data)
+    except BaseException:
+        delete_volume(pool, name)
+        raise
+    return vol
+
+
+def send_bytes(vol: Any, offset: int, data: bytes) -> None:
+    """Write DATA into the volume at OFFSET, as a plain (not sparse) stream."""
+    libvirt = load_libvirt()
+    stream = vol.connect().newStream(0)
+    try:
+        vol.upload(stream, offset, len(data), 0)
         view = memoryview(data)
         while view:
             view = view[stream.send(bytes(view[:CHUNK])) :]
@@ -345,9 +366,7 @@ def upload_bytes(pool: Any, name: str, data: bytes, owner: Owner) -> Any:
     except libvirt.libvirtError as exc:
         with contextlib.suppress(libvirt.libvirtError):
             stream.abort()
-        delete_volume(pool, name)
-        raise die(f"upload of {name} failed: {exc.get_error_message()}") from None
-    return vol
+        raise die(f"upload of {vol.name()} failed: {exc.get_error_message()}") from None
 
 
 def download_tail(pool: Any, name: str, max_bytes: int) -> bytes:

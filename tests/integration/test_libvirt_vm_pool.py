@@ -60,6 +60,17 @@ def sparse_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([*create, str(image), "256M"], check=True)
     write = ["qemu-io", "-f", "qcow2", "-c", "write -P 0xab 100M 1M", str(image)]
     subprocess.run(write, check=True, capture_output=True)
+    # Zeros after the header inside the first cluster, as a hole (like a baked image):
+    # a sparse stream ending in a hole truncates the volume there.
+    with image.open("rb") as f:
+        f.seek(4096)
+        assert f.read(61440) == bytes(61440)
+    subprocess.run(["fallocate", "--punch-hole", "-o", "4096", "-l", "61440", str(image)])
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 4096
+    finally:
+        os.close(fd)
     return image
 
 
