@@ -181,21 +181,19 @@ def _place(conn: Any, wanted: Wanted, accel: str | None, progress: Say) -> dict[
 def _remove(conn: Any, details: dict[str, Any], pool: str, progress: Say) -> None:
     if libvirt_domain.remove_domain(conn, details["domain"]):
         progress(f"domain {details['domain']}: destroyed and undefined")
-    the_pool = _pool_if_there(conn, pool)
+    the_pool = libvirt_backend.lookup(conn.storagePoolLookupByName, pool)
     if the_pool is None:
         progress(f"pool {pool}: gone, and the node's volumes with it")
         return
+    if not the_pool.isActive():
+        raise die(
+            f"storage pool {pool!r} is not active: the node's volumes stay in it",
+            hint="start the pool (virsh pool-start) and undeploy again",
+        )
+    libvirt_pool.refresh(the_pool)  # the console log is a volume only once libvirt looked
     for name in details["volumes"]:
         if libvirt_pool.delete_volume(the_pool, name):
             progress(f"volume {name}: deleted")
-
-
-def _pool_if_there(conn: Any, name: str) -> Any | None:
-    pool = libvirt_backend.lookup(conn.storagePoolLookupByName, name)
-    if pool is None or not pool.isActive():
-        return None
-    libvirt_pool.refresh(pool)  # the console log appears as a volume only after this
-    return pool
 
 
 def checked_details(details: dict[str, Any]) -> dict[str, Any]:
@@ -241,8 +239,8 @@ def console_tail(details: dict[str, Any], lines: int = 15) -> list[str]:
     checked = checked_details(details)
     name = libvirt_pool.node_volume_names(checked["domain"].removeprefix("fleetbake-"))
     with libvirt_domain.connected(checked["uri"]) as conn:
-        pool = _pool_if_there(conn, checked["pool"])
-        if pool is None:
+        pool = libvirt_backend.lookup(conn.storagePoolLookupByName, checked["pool"])
+        if pool is None or not pool.isActive():
             return []
         data = libvirt_pool.download_tail(pool, name["console"], CONSOLE_TAIL_BYTES)
     return data.decode("utf-8", errors="replace").splitlines()[-lines:]

@@ -232,3 +232,35 @@ def test_deploy_domains_validate_and_libvirtd_starts_them(
 def make_qcow2(path: Path) -> Path:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
     return path
+
+
+def test_undeploy_from_an_inactive_pool_says_the_volumes_stay(conn: Any) -> None:
+    directory = Path(tempfile.mkdtemp(prefix="fleetbake-pool-", dir="/var/tmp"))
+    name = f"fleetbake-test-{uuid.uuid4().hex[:8]}"
+    xml = f"<pool type='dir'><name>{name}</name><target><path>{directory}</path></target></pool>"
+    defined = conn.storagePoolDefineXML(xml, 0)
+    try:
+        defined.create(0)
+        names = libvirt_pool.node_volume_names("n-2")
+        owner = libvirt_domain.qemu_owner(conn, "qemu")
+        libvirt_pool.upload_bytes(defined, names["seed"], b"seed", owner)
+        details = {
+            "uri": LOCAL,
+            "pool": name,
+            "domain": "fleetbake-n-2",
+            "volumes": [names["seed"]],
+        }
+        defined.destroy()
+        with pytest.raises(click.ClickException, match="not active: the node's volumes stay"):
+            libvirt_vm.remove_vm(details, lambda _: None)
+        assert (directory / names["seed"]).exists()
+        defined.create(0)
+        lines: list[str] = []
+        libvirt_vm.remove_vm(details, lines.append)
+        assert lines == [f"volume {names['seed']}: deleted"]
+        assert not (directory / names["seed"]).exists()
+    finally:
+        if defined.isActive():
+            defined.destroy()
+        defined.undefine()
+        shutil.rmtree(directory, ignore_errors=True)
