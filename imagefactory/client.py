@@ -90,6 +90,15 @@ class AdminClient:
     def post_json(self, path: str, body: Any = None) -> Any:
         return self._checked(self._request("POST", path, json=body)).json()
 
+    def poll_json(self, path: str) -> Any | None:
+        """GET for a caller that polls: the JSON; None for 404 (not there yet) and while
+        the services cannot be reached; other answers (a refused token) raise."""
+        try:
+            response = self._http.request("GET", path)
+        except httpx.HTTPError:
+            return None
+        return None if response.status_code == 404 else self._checked(response).json()
+
     def put_json(self, path: str, body: Any) -> Any:
         return self._checked(self._request("PUT", path, json=body)).json()
 

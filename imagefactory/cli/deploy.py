@@ -78,7 +78,7 @@ def ssh_options(f: F) -> F:
     return f
 
 
-def report(results: list[DeviceResult], as_json: bool, verb: str) -> None:
+def report(results: list[DeviceResult], as_json: bool, verb: str, cancelled: bool) -> None:
     if as_json:
         click.echo(json.dumps([r.summary() for r in results], indent=2))
     failed = [r for r in results if r.status == "failed"]
@@ -90,6 +90,9 @@ def report(results: list[DeviceResult], as_json: bool, verb: str) -> None:
         node = f" node {r.node_id}" if r.node_id else ""
         reason = f": {r.error}" if r.error else ""
         progress(f"  {r.device:<{width}}{kind}{node}: {what} ({r.elapsed_s:.0f} s){reason}")
+    if cancelled:
+        progress("interrupted; the summary above says where each device was left")
+        raise click.exceptions.Exit(130)
     if failed:
         names = ", ".join(r.device for r in failed)
         raise DeployFailed(f"failed on {len(failed)} of {len(results)} device(s): {names}")
@@ -99,8 +102,7 @@ def deployer(url: str, admin_token_file: Path, identity_file: Path | None,
              known_hosts: Path, accept_new_host_key: bool) -> Deployer:  # fmt: skip
     client = admin_client(url, admin_token_file)
     access = SshAccess(known_hosts, identity_file, accept_new_host_key)
-    ways = transports(client, access, tls_choice()[0])
-    return Deployer(client, read_secret(admin_token_file), ways, progress)
+    return Deployer(client, transports(client, access, tls_choice()[0]), progress)
 
 
 @click.command("deploy")
@@ -211,16 +213,23 @@ def deploy_command(
     with fleet.client:
         fleet.check_known(devices)
         results = fleet.deploy(devices, settings)
-    report(results, as_json, "deployed")
+    report(results, as_json, "deployed", fleet.cancelled.is_set())
 
 
 @click.command("undeploy")
 @devices_argument
+@click.option(
+    "--forget",
+    is_flag=True,
+    help="Only clear the deployment record; nothing on the device is touched (for a node "
+    "removed by hand, or one a stopped deploy left unrecorded).",
+)
 @ssh_options
 @admin_options
 @json_option
 def undeploy_command(
     devices: list[str],
+    forget: bool,
     identity_file: Path | None,
     known_hosts: Path,
     accept_new_host_key: bool,
@@ -234,5 +243,5 @@ def undeploy_command(
     fleet = deployer(url, admin_token_file, identity_file, known_hosts, accept_new_host_key)
     with fleet.client:
         fleet.check_known(devices)
-        results = fleet.undeploy(devices)
-    report(results, as_json, "undeployed")
+        results = fleet.undeploy(devices, forget)
+    report(results, as_json, "undeployed", fleet.cancelled.is_set())

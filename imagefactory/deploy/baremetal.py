@@ -45,15 +45,21 @@ def place_baremetal(
     ssh: dict[str, Any], access: SshAccess, script: Path, node: NodeVars,
     say: Callable[[str], None],
 ) -> dict[str, Any]:  # fmt: skip
-    """Install `node` on the device at `ssh["address"]` with `script` (install.sh)."""
+    """Install `node` on the device at `ssh["address"]` with `script` (install.sh); the
+    details name the address and host key it was installed at, for remove_baremetal."""
     dest = parse_destination(ssh["address"])
     outcome = _run(ssh, access, script, node_job(dest, node.env()), say)
-    return {"ssh": str(dest), "installed": outcome.status}
+    return {
+        "address": ssh["address"],
+        "host_key_fingerprint": ssh.get("host_key_fingerprint") or "",
+        "installed": outcome.status,
+    }
 
 
 def remove_baremetal(
     ssh: dict[str, Any], access: SshAccess, script: Path, say: Callable[[str], None]
 ) -> None:
-    """Uninstall the node (package, unit, user, node.env; the agent's state is kept)."""
+    """Uninstall the node (package, unit, user, node.env; the agent's state is kept) at
+    the address place_baremetal recorded, also when the device record changed since."""
     dest = parse_destination(ssh["address"])
     _run(ssh, access, script, Job(dest, None, ("--uninstall",)), say)

@@ -9,6 +9,7 @@ same environment wait for the same build.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,10 +43,14 @@ class Environment:
 
 
 def follow_build(
-    client: AdminClient, build: dict[str, Any], say: Callable[[str], None] | None
+    client: AdminClient,
+    build: dict[str, Any],
+    say: Callable[[str], None] | None,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Poll the build until it ends, telling `say` each state and stage as it starts and
-    ends (nothing when `say` is None); returns the ended build."""
+    ends (nothing when `say` is None); returns the ended build, or the build as it is
+    when `stop` is set."""
     shown_state, shown_stage, shown_done = None, None, set()
     while True:
         if say is not None:
@@ -60,23 +65,31 @@ def follow_build(
             if build["stage"] and build["stage"] != shown_stage:
                 say(f"==> {build['stage']}")
             shown_stage = build["stage"]
-        if build["state"] in TERMINAL:
+        if build["state"] in TERMINAL or (stop is not None and stop.is_set()):
             return build
         time.sleep(POLL_S)
         build = client.get_json(f"/v1/builds/{build['build_id']}")
 
 
 def environment_for(
-    client: AdminClient, target: str, kind: str, pipeline: str, say: Callable[[str], None]
+    client: AdminClient,
+    target: str,
+    kind: str,
+    pipeline: str,
+    say: Callable[[str], None],
+    stop: threading.Event | None = None,
 ) -> Environment:
-    """The stored environment of `pipeline` for (target, kind), built first if needed."""
+    """The stored environment of `pipeline` for (target, kind), built first if needed
+    (waiting for the build stops when `stop` is set; the build goes on)."""
     body = {"target": target, "format": get_kind(kind).format, "pipeline": pipeline}
     build = client.post_json("/v1/builds", body)
     if build["state"] == "succeeded":
         say(f"environment in the store (build {build['build_id']})")
     else:
         say(f"building {body['format']} for {target} (build {build['build_id']})")
-        build = follow_build(client, build, say)
+        build = follow_build(client, build, say, stop)
+    if build["state"] not in TERMINAL:
+        raise BuildFailed(f"interrupted while build {build['build_id']} was {build['state']}")
     if build["state"] != "succeeded":
         error = (build.get("error") or "").strip().splitlines()
         why = f": {error[-1]}" if error else ""

@@ -10,7 +10,10 @@ A device that fails does not stop the others: its result says at which step and 
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -19,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imagefactory.boot.seed import NodeVars
-from imagefactory.boot.waiting import MasterApi
 from imagefactory.client import AdminClient
 from imagefactory.deploy.environment import environment_for
 from imagefactory.deploy.transports import Placement, Transport
@@ -118,14 +120,14 @@ class Deployer:
     def __init__(
         self,
         client: AdminClient,
-        admin_token: str,
         transports: dict[str, Transport],
         progress: Callable[[str], None],
     ) -> None:
         self.client = client
-        self.admin_token = admin_token
         self.transports = transports
         self.progress = progress
+        self.cancelled = threading.Event()
+        """Set on Ctrl-C: builds and waits stop, what is in flight finishes its step."""
 
     def _each(
         self, device_ids: list[str], one: Callable[[DeviceResult, Callable[[str], None]], None]
@@ -147,7 +149,18 @@ class Deployer:
             return result
 
         with ThreadPoolExecutor(max_workers=min(16, len(device_ids))) as pool:
-            return list(pool.map(run, device_ids))
+            futures = [pool.submit(run, d) for d in device_ids]
+            while True:
+                try:
+                    return [f.result() for f in futures]
+                except KeyboardInterrupt:
+                    if self.cancelled.is_set():
+                        raise  # a second Ctrl-C: leave now
+                    self.cancelled.set()
+                    self.progress(
+                        "interrupted: finishing the steps in flight (Ctrl-C again to leave "
+                        "at once, which may leave nodes unrecorded)"
+                    )
 
     def check_known(self, device_ids: list[str]) -> None:
         """Refuse, before any work, device ids the inventory does not hold (also the one
@@ -160,10 +173,11 @@ class Deployer:
             )
 
     def deploy(self, device_ids: list[str], settings: DeploySettings) -> list[DeviceResult]:
+        fresh_node("check", settings, settings.master).env()  # bad --master/--env: now, once
         return self._each(device_ids, lambda r, say: self._deploy(r, settings, say))
 
-    def undeploy(self, device_ids: list[str]) -> list[DeviceResult]:
-        return self._each(device_ids, self._undeploy)
+    def undeploy(self, device_ids: list[str], forget: bool = False) -> list[DeviceResult]:
+        return self._each(device_ids, lambda r, say: self._undeploy(r, say, forget))
 
     def _device(self, device_id: str) -> dict[str, Any]:
         device: dict[str, Any] = self.client.get_json(f"/v1/devices/{device_id}")
@@ -185,7 +199,9 @@ class Deployer:
         kind, target = choose(device)
         result.kind, result.target = kind, target.name
         say(f"{kind} on {target.name}")
-        env = environment_for(self.client, target.name, kind, settings.pipeline, say)
+        env = environment_for(
+            self.client, target.name, kind, settings.pipeline, say, self.cancelled
+        )
         result.environment = env.digest
         master = settings.master
         if kind == "baremetal":
@@ -195,51 +211,72 @@ class Deployer:
             result.device, settings, master, kind == "baremetal" and settings.insecure
         )
         result.node_id, result.run_id = node.node_id, node.run_id
+        record = {
+            "kind": kind,
+            "target": target.name,
+            "environment": env.digest,
+            "node_id": node.node_id,
+            "run_id": node.run_id,
+            "details": {"placing_on": socket.gethostname()},
+        }
+        # Reserve the device first: a deploy beside this one gets 409, not a second node.
+        path = f"/v1/devices/{result.device}/deployment"
+        self.client.put_json(f"{path}?if_undeployed=true", record)
         say(f"starting node {node.node_id} (run {node.run_id})")
-        details = self.transports[kind].place(Placement(device, target, env, node), say)
-        self.client.put_json(
-            f"/v1/devices/{result.device}/deployment",
-            {
-                "kind": kind,
-                "target": target.name,
-                "environment": env.digest,
-                "node_id": node.node_id,
-                "run_id": node.run_id,
-                "details": details,
-            },
-        )
+        try:
+            details = self.transports[kind].place(Placement(device, target, env, node), say)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the transport cleaned up what it began
+                self.client.delete(path)
+            raise
+        details = {**details, "placed_on": socket.gethostname()}
+        try:
+            self.client.put_json(path, {**record, "details": details})
+        except Exception as exc:
+            say(f"could not record the deployment ({exc}); removing the node again")
+            self.transports[kind].remove(device, {**record, "details": details}, say)
+            raise
         result.details = details
         result.status = "deployed"
         if settings.wait != "none":
             try:
                 result.wait = self._wait(node, settings, say)
             except StepFailed:
-                for line in self.transports[kind].last_lines(details):
-                    say(f"console: {line}")
+                with contextlib.suppress(Exception):  # the reason must not be lost
+                    for line in self.transports[kind].last_lines(details):
+                        say(f"console: {line}")
                 raise
 
     def _wait(self, node: NodeVars, settings: DeploySettings, say: Callable[[str], None]) -> str:
-        api = MasterApi(self.client.url, self.admin_token)
+        """Poll the master (through the client, with its TLS settings) for the node."""
         assert node.run_id is not None
         say(f"waiting for the node's {settings.wait}")
         deadline = time.monotonic() + settings.timeout_s
-        while time.monotonic() < deadline:
-            status = api.run_status(node.run_id)
-            if status is not None:
+        while time.monotonic() < deadline and not self.cancelled.is_set():
+            report = self.client.poll_json(f"/v1/runs/{node.run_id}")
+            if report is not None:
+                status = str(report.get("status"))
                 if settings.wait == "report" and status != "succeeded":
                     raise StepFailed(f"the run ended {status}")
-                say(f"report ({status})" if settings.wait == "report" else "heartbeat")
-                return f"report ({status})" if settings.wait == "report" else "heartbeat"
-            if settings.wait == "heartbeat" and api.alive(node.node_id):
+                seen = f"report ({status})" if settings.wait == "report" else "heartbeat"
+                say(seen)
+                return seen
+            if settings.wait == "heartbeat" and self._alive(node.node_id):
                 say("heartbeat")
                 return "heartbeat"
             time.sleep(POLL_S)
+        if self.cancelled.is_set():
+            raise StepFailed(f"interrupted while waiting; node {node.node_id} keeps running")
         raise StepFailed(
             f"no {settings.wait} from node {node.node_id} within {settings.timeout_s:.0f} s "
             f"(it keeps running: `imagefactory undeploy` removes it)"
         )
 
-    def _undeploy(self, result: DeviceResult, say: Callable[[str], None]) -> None:
+    def _alive(self, node_id: str) -> bool:
+        nodes = self.client.poll_json("/v1/nodes") or []
+        return any(n.get("node_id") == node_id and n.get("alive") for n in nodes)
+
+    def _undeploy(self, result: DeviceResult, say: Callable[[str], None], forget: bool) -> None:
         device = self._device(result.device)
         deployment = device.get("deployment")
         if not deployment:
@@ -248,11 +285,29 @@ class Deployer:
             return
         result.kind, result.node_id = deployment["kind"], deployment["node_id"]
         result.environment, result.run_id = deployment["environment"], deployment["run_id"]
+        if forget:
+            self.client.delete(f"/v1/devices/{device['id']}/deployment")
+            say(f"forgot node {deployment['node_id']}; nothing on the device was touched")
+            result.status = "forgotten"
+            return
         self._remove(device, say)
         result.status = "undeployed"
 
     def _remove(self, device: dict[str, Any], say: Callable[[str], None]) -> None:
         deployment = device["deployment"]
+        details = deployment["details"]
+        if "placed_on" not in details:
+            raise StepFailed(
+                f"node {deployment['node_id']} was being placed from {details.get('placing_on')} "
+                "when that deploy stopped, and what it left is not recorded: check the device, "
+                f"then `imagefactory undeploy --forget {device['id']}`"
+            )
+        placed_on, here = details["placed_on"], socket.gethostname()
+        if self.transports[deployment["kind"]].local(device) and placed_on != here:
+            raise StepFailed(
+                f"node {deployment['node_id']} runs on {placed_on}, a local "
+                f"{deployment['kind']} there: undeploy it on {placed_on}, not {here}"
+            )
         say(f"removing node {deployment['node_id']} ({deployment['kind']})")
         self.transports[deployment["kind"]].remove(device, deployment, say)
         self.client.delete(f"/v1/devices/{device['id']}/deployment")

@@ -21,6 +21,7 @@ from imagefactory.client import AdminClient
 from imagefactory.deploy.baremetal import SshAccess
 from imagefactory.deploy.environment import Environment
 from imagefactory.errors import die
+from imagefactory.reach import LOCAL_CONTAINER_HOST, LOCAL_LIBVIRT
 from imagefactory.targets import Target
 
 Say = Callable[[str], None]
@@ -46,6 +47,11 @@ class Transport(Protocol):
 
     def last_lines(self, details: dict[str, Any]) -> list[str]:
         """The end of the node's console, for a wait that failed (empty if unknown)."""
+        ...
+
+    def local(self, device: dict[str, Any]) -> bool:
+        """Whether the device is "the machine deploy runs on" (`qemu:///system`, a
+        container host `local`): only that machine can undeploy its node."""
         ...
 
 
@@ -84,6 +90,9 @@ class VmTransport:
 
         return console_tail(details)
 
+    def local(self, device: dict[str, Any]) -> bool:
+        return bool(device["libvirt"] and device["libvirt"]["uri"] == LOCAL_LIBVIRT)
+
 
 @dataclass(frozen=True)
 class ContainerTransport:
@@ -115,6 +124,9 @@ class ContainerTransport:
         workdir = details.get("workdir")  # a container on this host: its console.log
         return tail(Path(workdir) / "console.log") if isinstance(workdir, str) else []
 
+    def local(self, device: dict[str, Any]) -> bool:
+        return bool(device["container"] and device["container"]["host"] == LOCAL_CONTAINER_HOST)
+
 
 @dataclass(frozen=True)
 class BaremetalTransport:
@@ -131,10 +143,13 @@ class BaremetalTransport:
         from imagefactory.deploy.baremetal import remove_baremetal
 
         script = from_store(self.client, deployment["environment"], say)
-        remove_baremetal(device["ssh"], self.access, script, say)
+        remove_baremetal(deployment["details"], self.access, script, say)
 
     def last_lines(self, details: dict[str, Any]) -> list[str]:
         return []  # the agent's journal is on the device: `journalctl -u executor`
+
+    def local(self, device: dict[str, Any]) -> bool:
+        return False
 
 
 def tail(path: Path, lines: int = 15) -> list[str]:

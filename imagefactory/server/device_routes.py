@@ -75,12 +75,20 @@ def device_router(config: ServerConfig, authority: Authority, store: DeviceStore
         raise HTTPException(404, f"no device {device_id}")
 
     @router.put("/v1/devices/{device_id}/deployment", response_model=Device)
-    async def put_deployment(device_id: DeviceId, body: DeploymentSpec) -> dict[str, Any]:
-        """Record what deploy put on the device (replaces the previous record)."""
-        device = await run_in_threadpool(store.set_deployment, device_id, body.model_dump())
-        if device is None:
-            raise HTTPException(404, f"no device {device_id}")
-        return device
+    async def put_deployment(
+        device_id: DeviceId, body: DeploymentSpec, if_undeployed: bool = False
+    ) -> dict[str, Any]:
+        """Record what deploy put on the device (replaces the previous record); with
+        if_undeployed=true only on a device without one, else 409, decided atomically
+        (deploy reserves the device so before it places anything)."""
+        spec = body.model_dump()
+        device = await run_in_threadpool(store.set_deployment, device_id, spec, if_undeployed)
+        if device is not None:
+            return device
+        if if_undeployed and (held := await run_in_threadpool(store.get, device_id)):
+            node = held["deployment"]["node_id"]
+            raise HTTPException(409, f"device {device_id} has a deployment (node {node})")
+        raise HTTPException(404, f"no device {device_id}")
 
     @router.delete("/v1/devices/{device_id}/deployment", status_code=204, response_class=Response)
     async def delete_deployment(device_id: DeviceId) -> Response:

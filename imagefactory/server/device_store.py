@@ -69,9 +69,10 @@ class DeviceStore:
         return done.rowcount > 0
 
     def set_deployment(
-        self, device_id: str, deployment: dict[str, Any] | None
+        self, device_id: str, deployment: dict[str, Any] | None, if_undeployed: bool = False
     ) -> dict[str, Any] | None:
-        """Record (or with None clear) the deployment; the device, or None if unknown."""
+        """Record (or with None clear) the deployment; the device, or None if unknown (or,
+        with `if_undeployed`, when it has a deployment: decided in the same statement)."""
         update = (
             sa.update(devices)
             .where(devices.c.device_id == device_id)
@@ -81,6 +82,8 @@ class DeviceStore:
             )
             .returning(*devices.c)
         )
+        if if_undeployed:
+            update = update.where(devices.c.deployment.is_(None))
         with self.engine.begin() as conn:
             _durable(conn)
             row = conn.execute(update).mappings().one_or_none()

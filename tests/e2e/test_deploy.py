@@ -160,6 +160,8 @@ def deploy_and_undeploy(
         assert any(vm_node in v for v in volumes(pool)), volumes(pool)
         status, _ = metal.run("dpkg-query -W fleetbake-node", check=False)
         assert status == 0
+        ctr_node = results["ctr-1"]["node_id"]
+        assert f"fleetbake-{ctr_node}" in runc_containers(tmp_path / "state")
     finally:
         undeployed = fleet.imagefactory(
             "undeploy", *names, "--json", *ssh[:4], "--url", url,
@@ -169,15 +171,19 @@ def deploy_and_undeploy(
     assert [r["status"] for r in json.loads(undeployed.stdout)] == ["undeployed"] * 3
     assert f"fleetbake-{vm_node}" not in domains()
     assert not any(vm_node in v for v in volumes(pool)), volumes(pool)
-    assert results["ctr-1"]["node_id"] not in runc_containers()
+    assert f"fleetbake-{results['ctr-1']['node_id']}" not in runc_containers(tmp_path / "state")
     status, _ = metal.run("dpkg-query -W fleetbake-node", check=False)
     assert status != 0
     for device in names:
         assert admin(url, "GET", f"/v1/devices/{device}")["deployment"] is None
 
 
-def runc_containers() -> str:
-    return subprocess.run(["runc", "list"], capture_output=True, text=True, check=True).stdout
+def runc_containers(state_home: Path) -> str:
+    """`runc list` of the runc root deploy used (boot/runc.py: under the state home)."""
+    root = state_home / "imagefactory" / "runc"
+    listed = subprocess.run(["runc", "--root", str(root), "list"], capture_output=True,
+                            text=True, check=True)  # fmt: skip
+    return listed.stdout
 
 
 def consoles(state_home: Path) -> str:

@@ -56,7 +56,8 @@ def test_add_list_show_remove(server: ServerProcess) -> None:
     edge = devices(server, "add", "edge-7", "--arch", "aarch64", "--kind", "container",
                    "--kind", "baremetal", "--container-host", "ssh://ops@edge-7:2200",
                    "--runtime", "podman", "--ssh", "root@[fd00::7]:2222",
-                   "--host-key-fingerprint", FINGERPRINT)  # fmt: skip
+                   "--host-key-fingerprint", FINGERPRINT,
+                   "--master-url", "https://10.0.0.5:8750")  # fmt: skip
     assert edge.returncode == 0, edge.stderr
     local = devices(server, "add", "box", "--arch", "x86_64", "--kind", "container",
                     "--container-host", "local", "--json")  # fmt: skip
@@ -66,7 +67,8 @@ def test_add_list_show_remove(server: ServerProcess) -> None:
     assert [d["id"] for d in listed] == ["box", "edge-7", "hv1-vm"]
     assert listed[1]["kinds"] == ["container", "baremetal"]
     assert listed[1]["ssh"] == {"address": "root@[fd00::7]:2222",
-                                "host_key_fingerprint": FINGERPRINT}  # fmt: skip
+                                "host_key_fingerprint": FINGERPRINT,
+                                "master_url": "https://10.0.0.5:8750"}  # fmt: skip
     table = devices(server, "list").stdout.splitlines()
     assert table[0].split() == ["ID", "ARCH", "KINDS", "REACH", "DEPLOYED"]
     assert table[2].split() == [
@@ -125,6 +127,10 @@ def test_add_list_show_remove(server: ServerProcess) -> None:
         (["--kind", "vm", "--libvirt-uri", "qemu+ssh://h/system?command=/bin/sh"],
          "'command' is not allowed"),
         (["--kind", "baremetal", "--ssh", "10.0.0.7"], "is not USER@HOST[:PORT]"),
+        (["--kind", "vm", "--libvirt-uri", "qemu:///system", "--master-url", "http://m:1"],
+         "Error: --master-url goes with --ssh"),
+        (["--kind", "baremetal", "--ssh", "r@h", "--master-url", "http://m/$(id)"],
+         "is not http[s]://HOST[:PORT][/PATH]"),
         (["--kind", "baremetal", "--ssh", "r@h", "--host-key-fingerprint", "x"],
          "is not a fingerprint"),
         (["--kind", "tape"], "Invalid value for '--kind'"),

@@ -5,6 +5,7 @@ The real parts run in tests/e2e/test_deploy.py."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,8 @@ class FakeMaster:
         self.build_state = builds or {}
         self.lock = threading.Lock()
         self.submitted: list[dict[str, Any]] = []
+        self.statuses: dict[str, str | None] = {}
+        self.silent = False
 
     def get_json(self, path: str, **_: Any) -> Any:
         if path == "/v1/devices":
@@ -65,9 +68,23 @@ class FakeMaster:
         return build(body["format"], state, "bake: error: boom" if state == "failed" else None)
 
     def put_json(self, path: str, body: Any) -> Any:
+        path, _, query = path.partition("?")
         device_id = path.removeprefix("/v1/devices/").removesuffix("/deployment")
-        self.devices[device_id]["deployment"] = body
+        with self.lock:
+            if query == "if_undeployed=true" and self.devices[device_id]["deployment"]:
+                raise die(f"PUT {path}: 409 device {device_id} has a deployment")
+            self.devices[device_id]["deployment"] = body
         return body
+
+    def poll_json(self, path: str) -> Any:
+        """The master's view of runs (`statuses`: run id -> status) and nodes."""
+        if path == "/v1/nodes":
+            return [] if self.silent else [{"node_id": n, "alive": True} for n in self.nodes()]
+        status = self.statuses.get(path.removeprefix("/v1/runs/"))
+        return None if status is None else {"status": status}
+
+    def nodes(self) -> list[str]:
+        return [d["deployment"]["node_id"] for d in self.devices.values() if d["deployment"]]
 
     def delete(self, path: str) -> None:
         device_id = path.removeprefix("/v1/devices/").removesuffix("/deployment")
@@ -94,22 +111,8 @@ class FakeTransport:
     def last_lines(self, details: dict[str, Any]) -> list[str]:
         return [f"console of {details['where']}"]
 
-
-class FakeApi:
-    """MasterApi: `statuses` per run id (None: no report); every node heartbeats unless
-    `silent`."""
-
-    statuses: dict[str, str | None] = {}
-    silent = False
-
-    def __init__(self, url: str, token: str) -> None:
-        pass
-
-    def run_status(self, run_id: str) -> str | None:
-        return self.statuses.get(run_id)
-
-    def alive(self, node_id: str) -> bool:
-        return not self.silent
+    def local(self, device: dict[str, Any]) -> bool:
+        return True
 
 
 DEVICES = {
@@ -125,7 +128,7 @@ SETTINGS = DeploySettings(pipeline="etl", master="http://127.0.0.1:8750", secret
 
 
 def deployer(master: FakeMaster, transports: dict[str, FakeTransport]) -> Deployer:
-    return Deployer(master, "admin", transports, lambda _line: None)  # type: ignore[arg-type]
+    return Deployer(master, transports, lambda _line: None)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -134,11 +137,8 @@ def kinds() -> dict[str, FakeTransport]:
 
 
 @pytest.fixture(autouse=True)
-def fake_api(monkeypatch: pytest.MonkeyPatch) -> type[FakeApi]:
-    monkeypatch.setattr(orchestrate, "MasterApi", FakeApi)
+def fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(orchestrate, "POLL_S", 0.01)
-    FakeApi.statuses, FakeApi.silent = {}, False
-    return FakeApi
 
 
 def test_each_device_gets_its_first_kind_a_fresh_node_and_a_record(
@@ -164,7 +164,8 @@ def test_each_device_gets_its_first_kind_a_fresh_node_and_a_record(
     assert metal.node.master_url == "https://10.0.0.5:8750"  # the device's own view
     record = master.devices["hv-1"]["deployment"]
     assert record["node_id"] == vm.node.node_id and record["run_id"] == vm.node.run_id
-    assert record["details"] == {"where": "hv-1"} and record["environment"] == DIGEST
+    assert record["details"] == {"where": "hv-1", "placed_on": socket.gethostname()}
+    assert record["environment"] == DIGEST
 
 
 def test_fresh_identities_differ_between_deploys(kinds: dict[str, FakeTransport]) -> None:
@@ -230,32 +231,31 @@ def test_a_device_removed_meanwhile_fails_alone(kinds: dict[str, FakeTransport])
 )
 def test_waits(
     kinds: dict[str, FakeTransport],
-    fake_api: type[FakeApi],
     wait: str,
     status: str | None,
     seen: str | None,
     error: str | None,
 ) -> None:
+    master = FakeMaster({"ctr-1": DEVICES["ctr-1"]})
+
     class Reporting(FakeTransport):
         def place(self, placement: Placement, say: Callable[[str], None]) -> dict[str, Any]:
             assert placement.node.run_id is not None
-            fake_api.statuses[placement.node.run_id] = status
+            master.statuses[placement.node.run_id] = status
             return super().place(placement, say)
 
     kinds["container"] = Reporting()
     settings = DeploySettings(**{**SETTINGS.__dict__, "wait": wait})
-    [result] = deployer(FakeMaster({"ctr-1": DEVICES["ctr-1"]}), kinds).deploy(["ctr-1"], settings)
+    [result] = deployer(master, kinds).deploy(["ctr-1"], settings)
     assert (result.wait, result.error) == (seen, error)
 
 
-def test_a_silent_node_times_out_and_stays_recorded(
-    kinds: dict[str, FakeTransport], fake_api: type[FakeApi]
-) -> None:
-    fake_api.silent = True
+def test_a_silent_node_times_out_and_stays_recorded(kinds: dict[str, FakeTransport]) -> None:
     settings = DeploySettings(**{**SETTINGS.__dict__, "wait": "heartbeat", "timeout_s": 0.05})
     master = FakeMaster({"ctr-1": DEVICES["ctr-1"]})
+    master.silent = True
     said: list[str] = []
-    [result] = Deployer(master, "admin", kinds, said.append).deploy(["ctr-1"], settings)  # type: ignore[arg-type]
+    [result] = Deployer(master, kinds, said.append).deploy(["ctr-1"], settings)  # type: ignore[arg-type]
     assert result.status == "failed" and "no heartbeat from node ctr-1-" in (result.error or "")
     assert "[ctr-1] console: console of ctr-1" in said
     assert master.devices["ctr-1"]["deployment"] is not None  # undeploy can still remove it
@@ -299,3 +299,60 @@ def test_the_pull_reference_is_pinned_and_says_plain_http(
     made["pushed"] = {**pushed, "digest": "sha256:" + "cd" * 32}
     assert environment_of(made).reference == reference
     assert environment_of(build("qcow2")).reference is None
+
+
+def test_a_failed_place_releases_the_reservation(kinds: dict[str, FakeTransport]) -> None:
+    kinds["container"] = FakeTransport(fail="ctr-1")
+    master = FakeMaster({"ctr-1": DEVICES["ctr-1"]})
+    [result] = deployer(master, kinds).deploy(["ctr-1"], SETTINGS)
+    assert result.status == "failed" and master.devices["ctr-1"]["deployment"] is None
+
+
+def test_a_deploy_beside_another_gets_no_second_node(kinds: dict[str, FakeTransport]) -> None:
+    """The device is reserved (PUT ...?if_undeployed=true) before anything is placed."""
+    master = FakeMaster({"ctr-1": DEVICES["ctr-1"]})
+
+    class Racing(FakeTransport):
+        def place(self, placement: Placement, say: Callable[[str], None]) -> dict[str, Any]:
+            [other] = deployer(master, {"container": FakeTransport()}).deploy(["ctr-1"], again)
+            assert other.status == "failed" and "already runs node" in (other.error or "")
+            return super().place(placement, say)
+
+    again = DeploySettings(**{**SETTINGS.__dict__, "replace": False})
+    master.devices["ctr-1"]["deployment"] = None
+    kinds["container"] = Racing()
+    [result] = deployer(master, kinds).deploy(["ctr-1"], SETTINGS)
+    assert result.status == "deployed" and len(kinds["container"].placed) == 1
+
+
+def test_a_local_node_is_undeployed_only_where_it_runs(
+    kinds: dict[str, FakeTransport], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    master = FakeMaster({"ctr-1": DEVICES["ctr-1"]})
+    deployer(master, kinds).deploy(["ctr-1"], SETTINGS)
+    assert master.devices["ctr-1"]["deployment"]["details"]["placed_on"] == socket.gethostname()
+    monkeypatch.setattr(socket, "gethostname", lambda: "elsewhere")
+    [result] = deployer(master, kinds).undeploy(["ctr-1"])
+    assert result.status == "failed" and "undeploy it on" in (result.error or "")
+    assert master.devices["ctr-1"]["deployment"] is not None and not kinds["container"].removed
+
+
+def test_forget_clears_the_record_and_touches_nothing(kinds: dict[str, FakeTransport]) -> None:
+    master = FakeMaster({"ctr-1": DEVICES["ctr-1"]})
+    master.devices["ctr-1"]["deployment"] = {
+        "kind": "container", "target": "x86_64-linux", "environment": DIGEST,
+        "node_id": "ctr-1-abcdef", "run_id": "r", "details": {"placing_on": "h"},
+    }  # fmt: skip
+    [stuck] = deployer(master, kinds).undeploy(["ctr-1"])
+    assert stuck.status == "failed" and "undeploy --forget ctr-1" in (stuck.error or "")
+    [forgotten] = deployer(master, kinds).undeploy(["ctr-1"], forget=True)
+    assert forgotten.status == "forgotten" and master.devices["ctr-1"]["deployment"] is None
+    assert not kinds["container"].removed
+
+
+def test_bad_node_settings_are_refused_before_any_device(kinds: dict[str, FakeTransport]) -> None:
+    master = FakeMaster({"ctr-1": DEVICES["ctr-1"]})
+    bad = DeploySettings(**{**SETTINGS.__dict__, "env": (("EXECUTOR_TOKEN", "x"),)})
+    with pytest.raises(UserError, match="--env cannot set EXECUTOR_TOKEN"):
+        deployer(master, kinds).deploy(["ctr-1"], bad)
+    assert not master.submitted

@@ -106,6 +106,23 @@ def test_create_replace_list_show_delete(client: TestClient, tmp_path: Path) -> 
     assert recreated.status_code == 201, "created again after the delete"
 
 
+def test_a_reservation_takes_only_a_device_without_a_deployment(client: TestClient) -> None:
+    """deploy reserves with PUT ...?if_undeployed=true before it places anything: a second
+    deploy beside it gets 409, and the first deploy's record is what stays."""
+    assert put(client, "edge-1", EVERY_KIND).status_code == 201
+    url = "/v1/devices/edge-1/deployment?if_undeployed=true"
+    assert client.put(url, json=DEPLOYMENT, headers=ADMIN).status_code == 200
+    second = client.put(url, json={**DEPLOYMENT, "node_id": "edge-1-000000"}, headers=ADMIN)
+    assert second.status_code == 409
+    node = DEPLOYMENT["node_id"]
+    assert second.json() == {"error": f"device edge-1 has a deployment (node {node})"}
+    held = client.get("/v1/devices/edge-1", headers=ADMIN).json()["deployment"]
+    assert held["node_id"] == node
+    missing = client.put("/v1/devices/nope/deployment?if_undeployed=true", json=DEPLOYMENT,
+                         headers=ADMIN)  # fmt: skip
+    assert missing.status_code == 404
+
+
 def test_deployment_is_recorded_kept_on_replace_and_cleared(client: TestClient) -> None:
     assert put(client, "edge-1", EVERY_KIND).status_code == 201
     url = "/v1/devices/edge-1/deployment"
