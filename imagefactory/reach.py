@@ -22,18 +22,11 @@ _LIBVIRT_SSH = re.compile(
     r"/system(?:\?(?P<query>.*))?",
     re.DOTALL,
 )
-LIBVIRT_PARAMETERS = (
-    "keyfile",
-    "known_hosts",
-    "known_hosts_verify",
-    "mode",
-    "no_tty",
-    "no_verify",
-    "socket",
-    "sshauth",
-)
-"""libvirt's ssh transport parameters a device may set (`command`, `netcat`, `proxy` and
-`name` may not: they choose programs and the remote URI)."""
+LIBVIRT_PARAMETERS = ("keyfile", "mode", "no_tty", "no_verify", "socket")
+"""libvirt's ssh transport parameters a device may set. `command`, `netcat`, `proxy` and
+`name` may not: they choose programs and the remote URI. `known_hosts`,
+`known_hosts_verify` and `sshauth` belong to the libssh transports: the ssh transport
+ignores them, so accepting them would suggest a host key check that does not happen."""
 _PARAMETER_VALUE = re.compile(r"[A-Za-z0-9_./%~+:,@-]{1,1024}")
 
 LOCAL_CONTAINER_HOST = "local"

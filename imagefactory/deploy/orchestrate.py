@@ -11,6 +11,7 @@ A device that fails does not stop the others: its result says at which step and 
 from __future__ import annotations
 
 import contextlib
+import re
 import secrets
 import socket
 import threading
@@ -114,6 +115,26 @@ def fresh_node(
         master_ca=settings.master_ca,
         insecure=insecure,
     )
+
+
+NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,55}-[0-9a-f]{6}")
+"""The node ids deploy makes (fresh_node); a record naming another was not written by it."""
+
+
+def check_record(device: dict[str, Any], deployment: dict[str, Any]) -> None:
+    """What undeploy is about to remove must be what deploy made on this device: the
+    record is stored on the master, and a tampered one must not make this host talk to
+    another hypervisor (or run what its URI names) or remove another node's volumes."""
+    if not NODE_ID.fullmatch(str(deployment.get("node_id"))):
+        raise StepFailed(f"the deployment names node {deployment.get('node_id')!r}, "
+                         "which deploy does not make")  # fmt: skip
+    if deployment["kind"] == "vm":
+        uri = deployment["details"].get("uri")
+        if device["libvirt"] is None or uri != device["libvirt"]["uri"]:
+            raise StepFailed(
+                f"the deployment names hypervisor {uri!r}, not the device's: remove the "
+                f"node there by hand, then `imagefactory undeploy --forget {device['id']}`"
+            )
 
 
 class Deployer:
@@ -302,6 +323,7 @@ class Deployer:
                 "when that deploy stopped, and what it left is not recorded: check the device, "
                 f"then `imagefactory undeploy --forget {device['id']}`"
             )
+        check_record(device, deployment)
         placed_on, here = details["placed_on"], socket.gethostname()
         if self.transports[deployment["kind"]].local(device) and placed_on != here:
             raise StepFailed(

@@ -150,7 +150,7 @@ def test_bad_input_is_refused_before_any_request(
 def test_server_refusals_come_back_as_one_line(server: ServerProcess) -> None:
     keyfile = "/k" + "x" * 1020
     long_uri = "qemu+ssh://h/system?" + "&".join(
-        f"{name}={keyfile}" for name in ("keyfile", "known_hosts", "socket")
+        f"{name}={keyfile}" for name in ("keyfile", "no_tty", "socket")
     )
     too_long = one_error_line(devices(server, "add", "edge-1", "--arch", "x86_64",
                                       "--kind", "vm", "--libvirt-uri", long_uri))  # fmt: skip

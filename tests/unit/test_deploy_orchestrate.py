@@ -101,7 +101,8 @@ class FakeTransport:
         if self.fail and placement.device["id"] == self.fail:
             raise die("the hypervisor is unreachable")
         self.placed.append(placement)
-        return {"where": placement.device["id"]}
+        libvirt = placement.device.get("libvirt")  # a VM's record names its hypervisor
+        return {"where": placement.device["id"], **({"uri": libvirt["uri"]} if libvirt else {})}
 
     def remove(
         self, device: dict[str, Any], deployment: dict[str, Any], say: Callable[[str], None]
@@ -164,7 +165,11 @@ def test_each_device_gets_its_first_kind_a_fresh_node_and_a_record(
     assert metal.node.master_url == "https://10.0.0.5:8750"  # the device's own view
     record = master.devices["hv-1"]["deployment"]
     assert record["node_id"] == vm.node.node_id and record["run_id"] == vm.node.run_id
-    assert record["details"] == {"where": "hv-1", "placed_on": socket.gethostname()}
+    assert record["details"] == {
+        "where": "hv-1",
+        "uri": "qemu:///system",
+        "placed_on": socket.gethostname(),
+    }
     assert record["environment"] == DIGEST
 
 
@@ -356,3 +361,22 @@ def test_bad_node_settings_are_refused_before_any_device(kinds: dict[str, FakeTr
     with pytest.raises(UserError, match="--env cannot set EXECUTOR_TOKEN"):
         deployer(master, kinds).deploy(["ctr-1"], bad)
     assert not master.submitted
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"node_id": "0123456789abcdef"}, "which deploy does not make"),
+        ({"details": {"uri": "qemu+ssh://h/system?command=/tmp/x", "placed_on": "h"}},
+         "names hypervisor 'qemu+ssh://h/system?command=/tmp/x', not the device's"),
+    ],
+)  # fmt: skip
+def test_a_tampered_record_is_not_followed(
+    kinds: dict[str, FakeTransport], change: dict[str, Any], error: str
+) -> None:
+    master = FakeMaster({"hv-1": DEVICES["hv-1"]})
+    deployer(master, kinds).deploy(["hv-1"], SETTINGS)
+    master.devices["hv-1"]["deployment"].update(change)
+    [result] = deployer(master, kinds).undeploy(["hv-1"])
+    assert result.status == "failed" and error in (result.error or ""), result.error
+    assert not kinds["vm"].removed

@@ -33,9 +33,10 @@ GOOD_URIS = [
     "qemu+ssh://root@192.0.2.7:2222/system",
     "qemu+ssh://root@[fd00::7]:22/system",
     "qemu+ssh://root@hv1/system?keyfile=/root/.ssh/id_ed25519&no_verify=1",
-    "qemu+ssh://root@hv1/system?known_hosts=/tmp/kh&known_hosts_verify=normal&sshauth=privkey",
+    "qemu+ssh://root@hv1/system?no_tty=1&mode=direct&socket=/run/libvirt/libvirt-sock",
 ]
 BAD_URIS = {
+    "qemu+ssh://hv1/system?known_hosts=/tmp/kh": "'known_hosts' is not allowed",
     "qemu:///session": "is not qemu:///system",
     "qemu+ssh://hv1/session": "is not qemu:///system",
     "qemu+tls://hv1/system": "is not qemu:///system",
