@@ -111,8 +111,9 @@ def devices_group() -> None:
     "--master-url",
     metavar="URL",
     callback=_checked_by(check_master_url),
-    help="With --ssh: the master's URL as this device reaches it, when it is not "
-    "deploy's --master (another network, a forward).",
+    help="The master's URL as this device (for vm and container: its hypervisor or "
+    "container host) reaches it, when that is not deploy's --master: another network, "
+    "a forward.",
 )
 @admin_options
 @json_option
@@ -150,9 +151,7 @@ def add_command(
         ssh=(ssh_address, host_key_fingerprint),
     )
     if master_url is not None:
-        if "ssh" not in body:
-            raise die("--master-url goes with --ssh")
-        body["ssh"]["master_url"] = master_url
+        body["master_url"] = master_url
     with admin_client(url, admin_token_file) as client:
         device = client.put_json(f"/v1/devices/{device_id}", body)
     if as_json:

@@ -47,14 +47,14 @@ class DeploySettings:
     """A pipeline published on the gateway: NAME or NAME@sha256:HEX."""
     master: str
     """The master's URL as the devices' hosts reach it (hypervisor, container host); a
-    bare-metal device's record may name its own (`ssh.master_url`)."""
+    device's record may name its own (`master_url`)."""
     secret: str
     """The fleet secret: each node's token is derived from it and the node's id."""
     wait: str = "heartbeat"
     timeout_s: float = 900.0
     master_ca: str | None = None
     insecure: bool = False
-    """EXECUTOR_INSECURE=1 for bare-metal devices reaching a plain http:// master."""
+    """EXECUTOR_INSECURE=1: the nodes may reach a plain http:// master over a network."""
     on_complete: str = "none"
     env: tuple[tuple[str, str], ...] = ()
     replace: bool = False
@@ -224,13 +224,10 @@ class Deployer:
             self.client, target.name, kind, settings.pipeline, say, self.cancelled
         )
         result.environment = env.digest
-        master = settings.master
-        if kind == "baremetal":
-            master = device["ssh"].get("master_url") or master
-        # A bare-metal device reaches a plain http:// master over a network: only if allowed.
-        node = fresh_node(
-            result.device, settings, master, kind == "baremetal" and settings.insecure
-        )
+        master = device.get("master_url") or settings.master
+        # --insecure: a plain http:// master reached over a network (the transports set
+        # EXECUTOR_INSECURE themselves for a forward that stays on a host's loopback).
+        node = fresh_node(result.device, settings, master, settings.insecure)
         result.node_id, result.run_id = node.node_id, node.run_id
         record = {
             "kind": kind,

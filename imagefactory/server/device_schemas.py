@@ -159,11 +159,6 @@ class SshReach(Strict):
     host_key_fingerprint: Fingerprint | None = Field(
         default=None, description="The device's SSH host key (`ssh-keygen -lf`)."
     )
-    master_url: MasterUrl | None = Field(
-        default=None,
-        description="The master's URL as the device reaches it, when it is not deploy's "
-        "--master (another network, a forward).",
-    )
 
 
 def _reach_required() -> dict[str, Any]:
@@ -198,6 +193,11 @@ class DeviceSpec(Strict):
     libvirt: LibvirtReach | None = None
     container: ContainerReach | None = None
     ssh: SshReach | None = None
+    master_url: MasterUrl | None = Field(
+        default=None,
+        description="The master's URL as the device (for vm and container: its "
+        "hypervisor or container host) reaches it, when that is not deploy's --master.",
+    )
 
     @model_validator(mode="after")
     def _each_kind_is_reachable(self) -> DeviceSpec:
@@ -241,6 +241,7 @@ class Device(BaseModel):
     libvirt: LibvirtReach | None
     container: ContainerReach | None
     ssh: SshReach | None
+    master_url: str | None = None
     deployment: Deployment | None = Field(description="What deploy last put on the device.")
     created_at: str
     updated_at: str

@@ -122,7 +122,8 @@ DEVICES = {
     "metal-1": {
         "arch": "aarch64",
         "kinds": ["baremetal"],
-        "ssh": {"address": "root@10.0.0.7", "master_url": "https://10.0.0.5:8750"},
+        "ssh": {"address": "root@10.0.0.7"},
+        "master_url": "https://10.0.0.5:8750",
     },
 }
 SETTINGS = DeploySettings(pipeline="etl", master="http://127.0.0.1:8750", secret="s3cret")

@@ -26,11 +26,8 @@ EVERY_KIND: dict[str, Any] = {
     "kinds": ["vm", "container", "baremetal"],
     "libvirt": {"uri": "qemu+ssh://root@hv1:2222/system?keyfile=/root/.ssh/id_ed25519"},
     "container": {"host": "local", "runtime": "runc"},
-    "ssh": {
-        "address": "root@10.0.0.7:22",
-        "host_key_fingerprint": FINGERPRINT,
-        "master_url": "https://10.0.0.5:8750",
-    },
+    "ssh": {"address": "root@10.0.0.7:22", "host_key_fingerprint": FINGERPRINT},
+    "master_url": "https://10.0.0.5:8750",
 }
 DEPLOYMENT: dict[str, Any] = {
     "kind": "vm",
@@ -188,7 +185,7 @@ def test_deployment_is_recorded_kept_on_replace_and_cleared(client: TestClient) 
         (changed(ssh={"address": "root@h\nx"}), "is not USER@HOST[:PORT]"),
         (changed(ssh={"address": "root@h", "host_key_fingerprint": "MD5:aa"}),
          "invalid ssh.host_key_fingerprint"),
-        (changed(ssh={"address": "root@h", "master_url": "http://m/$(reboot)"}),
+        (changed(master_url="http://m/$(reboot)"),
          "is not http[s]://HOST[:PORT][/PATH]"),
         (changed(colour="red"), "invalid colour: Extra inputs are not permitted"),
         (changed(arch="x" * 200), "invalid arch"),
