@@ -133,8 +133,9 @@ def deployer(url: str, admin_token_file: Path, identity_file: Path | None,
 @click.option(
     "--master",
     metavar="URL",
-    help="The master's URL as the devices' hosts reach it (the hypervisor, the container "
-    "host); a bare-metal device's record may give its own. Default: --url.",
+    help="The master's URL as the devices reach it (for vm and container: their "
+    "hypervisor or container host); a device's record may give its own "
+    "(`devices add --master-url`). Default: --url.",
 )
 @secret_option
 @click.option(
