@@ -160,8 +160,9 @@ def deploy_and_undeploy(
         assert any(vm_node in v for v in volumes(pool)), volumes(pool)
         status, _ = metal.run("dpkg-query -W fleetbake-node", check=False)
         assert status == 0
-        ctr_node = results["ctr-1"]["node_id"]
-        assert f"fleetbake-{ctr_node}" in runc_containers(tmp_path / "state")
+        # The container ended with its run (runc removes it); its node directory stays.
+        ctr_dir = tmp_path / "state" / "imagefactory" / "nodes" / results["ctr-1"]["node_id"]
+        assert (ctr_dir / "console.log").is_file()
     finally:
         undeployed = fleet.imagefactory(
             "undeploy", *names, "--json", *ssh[:4], "--url", url,
@@ -172,6 +173,7 @@ def deploy_and_undeploy(
     assert f"fleetbake-{vm_node}" not in domains()
     assert not any(vm_node in v for v in volumes(pool)), volumes(pool)
     assert f"fleetbake-{results['ctr-1']['node_id']}" not in runc_containers(tmp_path / "state")
+    assert not ctr_dir.exists()
     status, _ = metal.run("dpkg-query -W fleetbake-node", check=False)
     assert status != 0
     for device in names:
