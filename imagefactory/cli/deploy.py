@@ -150,7 +150,8 @@ def deployer(url: str, admin_token_file: Path, identity_file: Path | None,
     type=click.Choice(["none", "poweroff"]),
     default="none",
     show_default=True,
-    help="What an agent does once its report is delivered; `none` keeps the node until `undeploy`.",
+    help="What an agent does once its report is delivered; with `none` a VM or bare-metal "
+    "node stays up until `undeploy` (a container ends with its run).",
 )
 @click.option(
     "--replace", is_flag=True, help="Undeploy what a device runs first, instead of refusing."
@@ -185,6 +186,9 @@ def deploy_command(
     with a fresh node id and run id; record the deployment on the master; wait. A
     device that fails does not stop the others; the summary names each failure and its
     cause (exit 1).
+
+    --ca-file is also what the nodes verify an https:// master with; --insecure also
+    lets them reach a plain http:// master over a network (EXECUTOR_INSECURE=1).
     """
     from imagefactory.boot.nodeenv import parse_assignment
 
