@@ -1,8 +1,9 @@
 """`deploy` and `undeploy` across devices, each device in its own thread:
 
     deploy:   device record ─► kind (first preferred that has a target) ─► environment
-              (store, or a build now) ─► transport.place ─► deployment record on the
-              master ─► wait (the master's admin API: heartbeat or report)
+              (store, or a build now) ─► reserve the device on the master ─►
+              transport.place ─► deployment record ─► wait (the admin API: heartbeat
+              or report)
     undeploy: device record ─► its deployment ─► transport.remove ─► record cleared
 
 A device that fails does not stop the others: its result says at which step and why.
