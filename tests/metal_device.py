@@ -46,14 +46,19 @@ class Device:
     def ssh(self) -> str:
         return f"ops@127.0.0.1:{self.ssh_port}"
 
-    def run(self, command: str, check: bool = True) -> tuple[int, str]:
-        """Run a command as root on the device (sudo); (status, stdout+stderr)."""
+    def _connect(self) -> paramiko.SSHClient:
+        """A login as `ops` with the test's key (the test trusts its own device)."""
         client = paramiko.SSHClient()
         client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
         client.connect(
             "127.0.0.1", port=self.ssh_port, username="ops", key_filename=str(self.key),
             allow_agent=False, look_for_keys=False, timeout=30,
         )  # fmt: skip
+        return client
+
+    def run(self, command: str, check: bool = True) -> tuple[int, str]:
+        """Run a command as root on the device (sudo); (status, stdout+stderr)."""
+        client = self._connect()
         try:
             _, out, _ = client.exec_command(f"sudo -n sh -c {shlex.quote(command)} 2>&1")
             text = out.read().decode()
@@ -66,12 +71,7 @@ class Device:
 
     def put(self, name: str, data: bytes) -> str:
         """Upload a file to /tmp on the device; its path."""
-        client = paramiko.SSHClient()
-        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-        client.connect(
-            "127.0.0.1", port=self.ssh_port, username="ops", key_filename=str(self.key),
-            allow_agent=False, look_for_keys=False, timeout=30,
-        )  # fmt: skip
+        client = self._connect()
         try:
             with client.open_sftp() as sftp, sftp.open(f"/tmp/{name}", "wb") as f:
                 f.write(data)

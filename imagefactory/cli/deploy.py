@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from imagefactory.cli.install import progress  # one line at a time from device threads
 from imagefactory.cli.services import (
     admin_client,
     admin_options,
@@ -26,18 +26,12 @@ from imagefactory.errors import die
 from imagefactory.tokens import read_secret
 
 F = TypeVar("F", bound=Callable[..., Any])
-_echo_lock = threading.Lock()
 
 
 class DeployFailed(click.ClickException):
     """At least one device failed (exit 1); the summary above says which and why."""
 
     exit_code = 1
-
-
-def progress(message: str) -> None:
-    with _echo_lock:  # one line at a time from the devices' threads
-        click.echo(message, err=True)
 
 
 def check_devices(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[str]:
