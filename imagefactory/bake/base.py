@@ -15,7 +15,9 @@ import glob
 import hashlib
 import json
 import re
+import shlex
 import shutil
+import sys
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from imagefactory.run import CommandError, run
 from imagefactory.stages import Stages, follow
 from imagefactory.targets import Target
 
-BASE_RECIPE = 2
+BASE_RECIPE = 3
 """Bump when the build steps change in a way the other inputs do not show."""
 
 COMMON_PACKAGES = (
@@ -53,11 +55,12 @@ ROOT_UUID_NAMESPACE = uuid.UUID("6f6c9a59-2a53-4f0e-9b4e-2b1f5f0f2c11")
 
 def divert_deferred_tools() -> str:
     """The essential hook: the tools in guestconfig.DEFERRED_TOOLS become `true` while the
-    packages install; the setup script puts them back and runs each once."""
+    packages install, and those in RECORDED_TOOLS are diverted for the stand-ins that
+    the next hook copies in; the setup script puts them all back."""
+    divert = 'chroot "$1" dpkg-divert --quiet --local --rename --add'
     return " && ".join(
-        f'chroot "$1" dpkg-divert --quiet --local --rename --add {tool}'
-        f' && ln -s /bin/true "$1{tool}"'
-        for tool in guestconfig.DEFERRED_TOOLS
+        [f'{divert} {tool} && ln -s /bin/true "$1{tool}"' for tool in guestconfig.DEFERRED_TOOLS]
+        + [f"{divert} {tool}" for tool in guestconfig.RECORDED_TOOLS]
     )
 
 
@@ -135,6 +138,7 @@ def base_inputs(spec: BaseSpec) -> dict[str, Any]:
         "mirrors": mirrors,
         "root_mib": spec.root_mib,
         "files": guestconfig.overlay_files(spec.target, placeholder),
+        "standins": guestconfig.RECORDED_TOOLS,
         "grub_platforms": list(spec.target.grub_platforms),
     }
 
@@ -148,7 +152,17 @@ def root_uuid(key: str) -> str:
     return str(uuid.uuid5(ROOT_UUID_NAMESPACE, key))
 
 
-def mmdebstrap_argv(spec: BaseSpec, rootfs: Path, overlay: Path, mirrors: list[str]) -> list[str]:
+def pycompile_hook(target: Target) -> str:
+    """The customize hook that byte-compiles once, on the host (bake/pycompile.py)."""
+    kind = "native" if target.is_native else "foreign"
+    return f'{shlex.quote(sys.executable)} -m imagefactory.bake.pycompile "$1" {kind}'
+
+
+def mmdebstrap_argv(
+    spec: BaseSpec, rootfs: Path, overlay: Path, mirrors: list[str], standins: Path | None = None
+) -> list[str]:
+    """`standins` holds guestconfig.RECORDED_TOOLS' stand-ins (default: beside `overlay`)."""
+    standins = standins or overlay.parent / "standins"
     return [
         "mmdebstrap",
         "--mode=root",
@@ -158,20 +172,23 @@ def mmdebstrap_argv(spec: BaseSpec, rootfs: Path, overlay: Path, mirrors: list[s
         f"--include={','.join(spec.packages)}",
         *(f"--dpkgopt={opt}" for opt in DPKG_OPTIONS),
         f"--essential-hook={divert_deferred_tools()}",
+        f"--essential-hook=sync-in {standins} /",
         f"--customize-hook=sync-in {overlay} /",
         '--customize-hook=chroot "$1" /bin/sh /fleetbake-setup.sh',
+        f"--customize-hook={pycompile_hook(spec.target)}",
         spec.suite,
         str(rootfs),
         *mirrors,
     ]
 
 
-def write_overlay(overlay: Path, files: dict[str, str]) -> None:
+def write_overlay(overlay: Path, files: dict[str, str], mode: int | None = None) -> None:
+    """Files (guest path -> content) under `overlay`; scripts are executable."""
     for name, content in files.items():
         path = overlay / name.lstrip("/")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content)
-        path.chmod(0o755 if name.endswith(".sh") else 0o644)
+        path.chmod(mode or (0o755 if name.endswith(".sh") else 0o644))
 
 
 def kernel_version(rootfs: Path) -> str:
@@ -227,8 +244,9 @@ def build_base(spec: BaseSpec, cache: BaseCache, stages: Stages) -> BaseImage:
     with cache.building(key, inputs) as work:
         rootfs, overlay, grub_dir = work / "rootfs", work / "overlay", work / "grub"
         write_overlay(overlay, guestconfig.overlay_files(target, fs_uuid))
+        write_overlay(work / "standins", guestconfig.RECORDED_TOOLS, mode=0o755)
         log_path = work.parent / f"{key[:12]}-mmdebstrap.log"
-        argv = mmdebstrap_argv(spec, rootfs, overlay, mirror_args(spec))
+        argv = mmdebstrap_argv(spec, rootfs, overlay, mirror_args(spec), work / "standins")
         run_mmdebstrap(argv, spec, work, log_path, stages)
         version = kernel_version(rootfs)
         (rootfs / "boot/grub").mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ key) are visible and testable.
 
 from __future__ import annotations
 
+from imagefactory.bake import pycompile
 from imagefactory.targets import Target
 
 # Modules a virtio guest needs to find its root disk; the rest of the kernel's modules
@@ -32,6 +33,10 @@ DEFERRED_TOOLS = {
 }
 """Tools that are `true` while the packages install (base.py's essential hook): the
 setup script puts each back and runs it once, with this command."""
+
+RECORDED_TOOLS = {pycompile.PY3COMPILE: pycompile.STANDIN}
+"""Tools replaced by a stand-in that records their calls while the packages install: the
+setup script puts each back, and the calls are run once afterwards (bake/pycompile.py)."""
 
 GRUB_OUT_DIR = "/boot/efi-images"
 """Where the setup script leaves GRUB images for the disk assembler (outside the rootfs)."""
@@ -68,7 +73,9 @@ def fstab(root_uuid: str) -> str:
 def setup_script(target: Target) -> str:
     """Runs once inside the root filesystem (chroot) after all packages are installed."""
     lines = ["set -eu"]
-    for tool in DEFERRED_TOOLS:
+    # The last diversion removed is the one recipe 2 removed last: dpkg's diversions-old
+    # (its backup of the previous list) stays the same.
+    for tool in (*RECORDED_TOOLS, *DEFERRED_TOOLS):
         lines += [f"rm -f {tool}", f"dpkg-divert --quiet --local --rename --remove {tool}"]
     lines += [
         *DEFERRED_TOOLS.values(),
