@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import NoReturn
 
 from executor import __version__
-from executor.pipeline import MissingRequirements, PipelineError, load_pipeline
-from executor.services.wire import ServiceError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_OS, EXIT_INTERRUPTED = 4, 130  # 3 is the agent's (executor/agent/main.py)
@@ -122,23 +120,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         debug = args.debug
         code: int = args.handler(args)
         return code
-    except MissingRequirements as exc:
+    except KeyboardInterrupt:
+        return _unexpected("interrupted", EXIT_INTERRUPTED, debug)
+    except Exception as exc:
+        return _error_exit(exc, debug)
+
+
+def _error_exit(exc: Exception, debug: bool) -> int:
+    """One line and the exit code for an error of the caller's or the host's making; any
+    other exception is a bug and propagates with its traceback."""
+    # Imported here, not at the top: `executor agent` executes itself once more before it
+    # imports anything heavy (executor/agent/secret.py), and every import counts at boot.
+    from executor.pipeline import MissingRequirements, PipelineError
+    from executor.services.wire import ServiceError
+
+    if isinstance(exc, MissingRequirements):
         for line in exc.lines:
             print(f"Error: {line}", file=sys.stderr)
         print(f"(install them into {sys.executable}; executor installs nothing)", file=sys.stderr)
         return EXIT_USAGE
-    except (UsageError, PipelineError) as exc:
+    if isinstance(exc, (UsageError, PipelineError)):
         print(f"Error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except ServiceError as exc:
+    if isinstance(exc, ServiceError):
         print(f"Error: the run's store and events failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        return _unexpected("interrupted", EXIT_INTERRUPTED, debug)
-    except OSError as exc:
+    if isinstance(exc, OSError):
         where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
         text = f"{where}: {exc.strerror}" if where is not None and exc.strerror else str(exc)
         return _unexpected(text, EXIT_OS, debug)
+    raise exc
 
 
 def _unexpected(message: str, code: int, debug: bool) -> int:
@@ -152,6 +163,7 @@ def _unexpected(message: str, code: int, debug: bool) -> int:
 def _run(args: argparse.Namespace) -> int:
     from executor import settings
     from executor.engine.manager import RunConfig, run
+    from executor.pipeline import load_pipeline
 
     try:
         node_id = settings.check_id("--node-id", args.node_id or settings.node_id())
@@ -200,6 +212,8 @@ def _progress_printer() -> Callable[[int, int], None] | None:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from executor.pipeline import load_pipeline
+
     pipeline = load_pipeline(args.pipeline)
     if args.json:
         document = {
@@ -215,10 +229,12 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from executor.agent.main import main as agent_main
     from executor.agent.secret import reexec_without_token
 
     reexec_without_token()  # the token must not stay in /proc/PID/environ
+    # Only now: what was imported before the re-execution would be imported twice.
+    from executor.agent.main import main as agent_main
+
     return agent_main(args.agent_args)
 
 

@@ -16,6 +16,7 @@ import logging
 import ssl
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,9 +80,11 @@ class Master:
     @cached_property
     def _opener(self) -> urllib.request.OpenerDirector:
         # Straight to the master: never through an http_proxy from the environment.
-        return urllib.request.build_opener(
-            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=self.tls())
-        )
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        # Only for https: reading the trust store is slow on a small or emulated CPU.
+        if urllib.parse.urlsplit(self.url).scheme == "https":
+            handlers.append(urllib.request.HTTPSHandler(context=self.tls()))
+        return urllib.request.build_opener(*handlers)
 
     def tls(self) -> ssl.SSLContext:
         """Verify the chain and the host name (create_default_context's defaults)."""

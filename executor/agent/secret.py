@@ -12,7 +12,6 @@ from the agent, so no worker's memory holds the token either (executor/agent/run
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 from collections.abc import MutableMapping
@@ -58,6 +57,8 @@ def take_token(environ: MutableMapping[str, str] = os.environ) -> str | None:
 
 def make_undumpable() -> None:
     """No /proc access or ptrace by unprivileged processes of the same user."""
+    import ctypes  # here: this module is imported before the re-execution, ctypes after
+
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc

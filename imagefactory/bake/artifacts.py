@@ -86,8 +86,10 @@ _POWER_OFF_IF_ASKED = (
 )
 
 
-# node.env is written by cloud-init's init stage (cloud-init.service, write-files); the
-# agent waits for nothing later (cloud-config and cloud-final run beside it).
+# node.env is written by cloud-init's init modules (write-files): in cloud-init-local for
+# imagefactory's seeds (dsmode local; cloud-init.service is then skipped), else in
+# cloud-init.service. The agent waits for nothing later (cloud-config and cloud-final run
+# beside it).
 _UNIT_ORDERING = """\
 Wants=cloud-init.service network-online.target
 After=cloud-init.service network-online.target

@@ -68,6 +68,12 @@ def test_meta_data_has_identity_and_no_token() -> None:
     assert "SECRET" not in made.files["meta-data"]
 
 
+def test_meta_data_has_cloud_init_local_apply_the_whole_seed() -> None:
+    """dsmode local: node.env is written before the network, by the stage the agent's
+    ordering reaches first (docs/bake.md)."""
+    assert docs(seed.render_seed(seed.NodeVars(node_id="n")))["meta-data"]["dsmode"] == "local"
+
+
 def test_every_render_gets_a_fresh_instance_id() -> None:
     node = seed.NodeVars(node_id="n")
     assert seed.render_seed(node).instance_id != seed.render_seed(node).instance_id

@@ -4,8 +4,9 @@ Boot the baked x86_64 image once and read systemd's own view over SSH: the agent
 direct ordering, every unit it is ordered after (transitively), and the services
 enabled. It fails if the agent is again ordered after cloud-init stages it does not need
 (cloud-config, cloud-final, cloud-init.target), or if a service is enabled that the
-image does not list on purpose; also that those later stages run niced beside the agent
-and that the root was checked in the initramfs (so systemd-fsck-root is skipped). It
+image does not list on purpose; also that cloud-init-local applied the seed (so the
+network stage was skipped), that those later stages run niced beside the agent and that
+the root was checked in the initramfs (so systemd-fsck-root is skipped). It
 checks no time (benchmarks/boot.py measures that).
 """
 
@@ -26,7 +27,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]
 
 NODE = "vmo"
 
-# node.env is written by cloud-init's init stage; the agent needs it and the network.
+# node.env is written by cloud-init's init modules (in cloud-init-local for imagefactory's
+# seeds, else in cloud-init.service); the agent needs it and the network.
 NEEDED = {"cloud-init.service", "cloud-init-local.service", "network-online.target"}
 NOT_NEEDED = {
     "cloud-config.service",
@@ -76,15 +78,21 @@ GUEST_SCRIPT = textwrap.dedent(
     status = subprocess.run(["cloud-init", "status", "--wait"], capture_output=True, text=True)
     nice = {unit: out("systemctl", "show", "-p", "Nice", "--value", unit).strip()
             for unit in ("cloud-config.service", "cloud-final.service", "executor.service")}
-    fsck_root = out("systemctl", "show", "-p", "ConditionResult", "-p", "ActiveState",
-                    "systemd-fsck-root.service").split()
+    def skipped(unit):
+        return sorted(out("systemctl", "show", "-p", "ConditionResult", "-p", "ActiveState",
+                          unit).split())
+    stages = json.load(open("/run/cloud-init/status.json"))["v1"]
     print(json.dumps({
         "after": after,
         "agent": {k: v.split() for k, v in agent.items()},
         "enabled": sorted(line.split()[0] for line in enabled.splitlines() if line.split()),
         "cloud_init_status": status.stdout.strip().splitlines()[-1:],
         "nice": nice,
-        "fsck_root": sorted(fsck_root),
+        "fsck_root": skipped("systemd-fsck-root.service"),
+        "network_stage": skipped("cloud-init.service"),
+        "stages_run": sorted(k for k, v in stages.items()
+                             if isinstance(v, dict) and v.get("finished")),
+        "hosts": out("getent", "hosts", out("hostname").strip()).split()[:1],
         # /run/initramfs is root's only (0700).
         "fsck_root_in_initramfs": subprocess.run(
             ["sudo", "-n", "test", "-e", "/run/initramfs/fsck-root"]).returncode == 0,
@@ -158,6 +166,16 @@ def test_cloud_init_still_finishes_and_wrote_the_identity(guest: dict[str, Any])
     ends, and node.env came from the seed."""
     assert guest["cloud_init_status"] == ["status: done"]
     assert guest["node_env"] is True
+
+
+def test_cloud_init_local_applied_the_seed_and_the_network_stage_was_skipped(
+    guest: dict[str, Any],
+) -> None:
+    """The seed's `dsmode: local`: the init modules (node.env) ran before the network, and
+    cloud-init.service, on the agent's path through sysinit.target, was skipped."""
+    assert guest["network_stage"] == ["ActiveState=inactive", "ConditionResult=no"]
+    assert guest["stages_run"] == ["init-local", "modules-config", "modules-final"]
+    assert guest["hosts"] == ["127.0.1.1"]
 
 
 def test_later_cloud_init_stages_run_niced_beside_the_agent(guest: dict[str, Any]) -> None:
