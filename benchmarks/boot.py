@@ -390,6 +390,13 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def node_env_written(boot: Boot) -> float | None:
+    """When the last cloud-init stage that can run the init modules (write-files) ended."""
+    done = [boot.timeline[k] for k in ("cloud-init-local done", "cloud-init done")
+            if k in boot.timeline]  # fmt: skip
+    return max(done) if done else None
+
+
 def table(boots: list[Boot]) -> str:
     ok = {c: [b for b in boots if b.config == c and b.error is None] for c in CONFIGS}
     head = f"{'seconds since QEMU start (median)':36}" + "".join(
@@ -420,6 +427,13 @@ def table(boots: list[Boot]) -> str:
     ]
     if agent:
         lines.append(f"agent exec -> first heartbeat (project): median {median(agent):.2f} s")
+    seeded = median([t for b in ok["project"] if (t := node_env_written(b)) is not None])
+    stock_beat = median([b.heartbeat_s for b in ok["stock"] if b.heartbeat_s is not None])
+    if seeded is not None and stock_beat:
+        lines.append(
+            f"floor: node.env written (project) {seeded:.1f} s = {seeded / stock_beat:.2f}x "
+            "the stock first heartbeat; no ordering of the agent gets below it"
+        )
     errors = [b.kernel_offset_error_s for b in boots if b.kernel_offset_error_s is not None]
     if errors:
         lines.append(f"guest->host clock alignment: within +-{max(errors):.2f} s")

@@ -31,15 +31,12 @@ from typing import Any
 from executor import jsontext
 from executor.agent.config import AgentConfig, AgentConfigError, load_config
 from executor.agent.delivery import Deliverer, Spool, Undelivered
-from executor.agent.gateway import Sha256Mismatch, obtain_pipeline
 from executor.agent.heartbeat import Heartbeats
 from executor.agent.master import Master, Refused
 from executor.agent.reportlog import log_for_report
-from executor.agent.runner import run_pipeline
 from executor.agent.secret import TOKEN, make_undumpable, take_token
 from executor.engine.combined_log import CombinedLog
 from executor.files import write_output
-from executor.pipeline import PipelineError
 from executor.timefmt import now
 
 log = logging.getLogger("executor.agent")
@@ -150,6 +147,13 @@ class Agent:
         return code, state
 
     def _produce_report(self) -> tuple[int, str]:
+        # Imported only now, once the heartbeats have started: the engine and the pipeline
+        # loader take about a second to import on an emulated CPU, and the master hears of
+        # the node meanwhile.
+        from executor.agent.gateway import Sha256Mismatch, obtain_pipeline
+        from executor.agent.runner import run_pipeline
+        from executor.pipeline import PipelineError
+
         config = self.config
         log_path = config.run_dir / "combined.log"
         try:

@@ -54,12 +54,13 @@ def test_an_agent_error_during_the_run_still_produces_a_report(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from executor.agent import main as agent_main
+    from executor.agent import runner
     from executor.agent.config import load_config
 
     def broken(*_args: object) -> dict[str, object]:
         raise RuntimeError("engine exploded")
 
-    monkeypatch.setattr(agent_main, "run_pipeline", broken)
+    monkeypatch.setattr(runner, "run_pipeline", broken)
     env = {
         "EXECUTOR_NODE_ID": "node-a",
         "EXECUTOR_RUN_ID": "r1",
@@ -73,7 +74,7 @@ def test_an_agent_error_during_the_run_still_produces_a_report(
     log = (config.run_dir / "combined.log").read_text()
     assert "RuntimeError: engine exploded" in log
     # A second start finds the outcome and does not run again.
-    monkeypatch.setattr(agent_main, "run_pipeline", None)
+    monkeypatch.setattr(runner, "run_pipeline", None)
     assert agent_main.Agent(config).run() == (1, "failed")
 
 
