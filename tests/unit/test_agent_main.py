@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,24 @@ def test_take_token_reads_once_and_closes() -> None:
     assert environ == {} and secret.take_token(environ) is None
     with pytest.raises(OSError):
         os.fstat(fd)  # closed
+
+
+def test_the_agent_executes_itself_again_before_it_imports_anything_heavy() -> None:
+    """What is imported before the re-execution is imported twice at every boot: by then
+    only the command line and the token hand-over may be loaded."""
+    probe = (
+        "import sys\n"
+        "import executor.agent.secret as secret\n"
+        "def stop(*_args):\n"
+        "    heavy = ('executor.agent.main', 'executor.pipeline', 'executor.engine',\n"
+        "             'executor.services', 'tenacity', 'packaging', 'ctypes', 'ssl')\n"
+        "    print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
+        "    raise SystemExit(0)\n"
+        "secret.reexec_without_token = stop\n"
+        "from executor.cli import main\n"
+        "main(['agent'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"
