@@ -53,8 +53,11 @@ def describe(path: Path) -> Entry:
 def manifest(root: Path, ignore: list[str]) -> dict[str, Entry]:
     """Every path below `root` (as the guest sees it, `/etc/...`) -> describe()."""
     out: dict[str, Entry] = {}
+    device = root.stat().st_dev
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        # Like `find -xdev`: a tree with /proc or /dev mounted in it (a build still
+        # running) would otherwise be read through them, and /proc/kmsg never ends.
+        dirnames[:] = sorted(d for d in dirnames if (Path(dirpath) / d).lstat().st_dev == device)
         for name in sorted(dirnames + filenames):
             full = Path(dirpath) / name
             guest = "/" + str(full.relative_to(root))

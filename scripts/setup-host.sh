@@ -6,7 +6,7 @@ set -euo pipefail
 
 APT_PACKAGES=(
   packer qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64 seabios ipxe-qemu
-  mmdebstrap arch-test qemu-user-static binfmt-support xorriso mtools dosfstools e2fsprogs fdisk
+  mmdebstrap arch-test qemu-user-static binfmt-support xorriso mtools dosfstools e2fsprogs fdisk zstd
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config libxml2-utils
   python3-venv python3-dev gcc make git
   vagrant vagrant-libvirt

@@ -152,10 +152,11 @@ def root_uuid(key: str) -> str:
     return str(uuid.uuid5(ROOT_UUID_NAMESPACE, key))
 
 
-def pycompile_hook(target: Target) -> str:
-    """The customize hook that byte-compiles once, on the host (bake/pycompile.py)."""
+def finish_hook(target: Target) -> str:
+    """The last customize hook: py3compile's calls and the deferred tools, run once from
+    the host (bake/finish.py)."""
     kind = "native" if target.is_native else "foreign"
-    return f'{shlex.quote(sys.executable)} -m imagefactory.bake.pycompile "$1" {kind}'
+    return f'{shlex.quote(sys.executable)} -m imagefactory.bake.finish "$1" {kind}'
 
 
 def mmdebstrap_argv(
@@ -175,7 +176,7 @@ def mmdebstrap_argv(
         f"--essential-hook=sync-in {standins} /",
         f"--customize-hook=sync-in {overlay} /",
         '--customize-hook=chroot "$1" /bin/sh /fleetbake-setup.sh',
-        f"--customize-hook={pycompile_hook(spec.target)}",
+        f"--customize-hook={finish_hook(spec.target)}",
         spec.suite,
         str(rootfs),
         *mirrors,

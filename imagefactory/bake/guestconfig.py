@@ -6,8 +6,6 @@ key) are visible and testable.
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
-
 from imagefactory.bake import pycompile
 from imagefactory.targets import Target
 
@@ -34,7 +32,7 @@ DEFERRED_TOOLS = {
     ),
 }
 """Tools that are `true` while the packages install (base.py's essential hook): the
-setup script puts each back and runs it once, with this command."""
+setup script puts each back, and bake/finish.py runs each once, with this command."""
 
 RECORDED_TOOLS = {pycompile.PY3COMPILE: pycompile.STANDIN}
 """Tools replaced by a stand-in that records their calls while the packages install: the
@@ -80,7 +78,6 @@ def setup_script(target: Target) -> str:
     for tool in (*RECORDED_TOOLS, *DEFERRED_TOOLS):
         lines += [f"rm -f {tool}", f"dpkg-divert --quiet --local --rename --remove {tool}"]
     lines += [
-        *DEFERRED_TOOLS.values(),
         "systemctl enable systemd-networkd.service fleetbake-ssh-keygen.service",
         # Reaps LVM snapshots of e2scrub at every boot; the root here is plain ext4.
         "systemctl disable e2scrub_reap.service",
@@ -147,26 +144,19 @@ KbdInteractiveAuthentication no
 PermitRootLogin prohibit-password
 """
 
-INIT_MODULES_RAN = "/run/fleetbake/init-modules-ran"
-"""Touched by bootcmd, one of the first init modules, in every boot: when it exists before
-cloud-init.service starts, cloud-init-local is the stage that ran them."""
-
-CLOUD_CFG = f"""\
+CLOUD_CFG = """\
 # fleetbake: the NoCloud seed is the only datasource, so boot never probes the network
 # for metadata; the network itself is systemd-networkd with DHCP (see
 # /etc/systemd/network/20-wired.network).
 datasource_list: [NoCloud, None]
-network: {{config: disabled}}
-# Only the modules a node's seed needs, all in the init stage that the agent waits for:
-# node.env (write-files), the root filesystem grown to the disk, the hostname, the `ops`
-# user and the SSH host key. A seed whose meta-data says `dsmode: local` (imagefactory's
-# do) has them run by cloud-init-local, before the network, and bootcmd's marker then
-# skips cloud-init.service (see its drop-in); any other seed has them run there.
+network: {config: disabled}
+# Only the modules a node's seed needs, all in the init stage that the agent waits for
+# (executor.service is ordered after cloud-init.service): node.env (write-files), the
+# root filesystem grown to the disk, the hostname, the `ops` user and the SSH host key.
 # The later stages keep only the runners of an operator's own commands and scripts, and
 # run beside the agent, not before it.
 cloud_init_modules:
   - seed_random
-  - bootcmd
   - write-files
   - growpart
   - resizefs
@@ -184,18 +174,6 @@ cloud_final_modules:
   - scripts-user
   - final-message
   - power-state-change
-# The node's host name resolves (127.0.1.1, Debian's way), so sudo need not ask DNS.
-manage_etc_hosts: localhost
-bootcmd:
-  - [mkdir, -p, {PurePosixPath(INIT_MODULES_RAN).parent}]
-  - [touch, {INIT_MODULES_RAN}]
-"""
-
-INIT_STAGE_DROPIN = f"""\
-# fleetbake: with a `dsmode: local` seed cloud-init-local has run the init modules; this
-# stage would only start Python to find that out, on the agent's path (sysinit.target).
-[Unit]
-ConditionPathExists=!{INIT_MODULES_RAN}
 """
 
 
@@ -212,7 +190,6 @@ def overlay_files(target: Target, root_uuid: str) -> dict[str, str]:
         "/etc/systemd/system/fleetbake-ssh-keygen.service": SSH_KEYGEN_UNIT,
         "/etc/ssh/sshd_config.d/50-fleetbake.conf": SSHD_CONFIG,
         "/etc/cloud/cloud.cfg.d/90-fleetbake.cfg": CLOUD_CFG,
-        "/etc/systemd/system/cloud-init.service.d/50-fleetbake.conf": INIT_STAGE_DROPIN,
         **{
             f"/etc/systemd/system/{unit}.d/50-fleetbake.conf": BESIDE_THE_AGENT
             for unit in BESIDE_THE_AGENT_UNITS

@@ -81,27 +81,6 @@ def test_cloud_init_runs_what_the_seed_needs_in_the_stage_the_agent_waits_for() 
     assert cfg["datasource_list"] == ["NoCloud", "None"]
 
 
-def test_a_local_mode_seed_skips_the_network_stage_and_only_that_one() -> None:
-    """bootcmd's marker, touched by the init modules, is the network stage's skip condition:
-    written in cloud-init-local only when that stage runs the modules (dsmode local)."""
-    cfg = yaml.safe_load(guestconfig.CLOUD_CFG)
-    init = cfg["cloud_init_modules"]
-    assert init.index("bootcmd") < init.index("write-files")
-    assert ["touch", guestconfig.INIT_MODULES_RAN] in cfg["bootcmd"]
-    assert guestconfig.INIT_MODULES_RAN.startswith("/run/")  # per boot, never persisted
-    dropins = {
-        path: text
-        for path, text in guestconfig.overlay_files(X86, "1234").items()
-        if guestconfig.INIT_MODULES_RAN in text and path.endswith(".conf")
-    }
-    assert dropins == {
-        "/etc/systemd/system/cloud-init.service.d/50-fleetbake.conf": (
-            guestconfig.INIT_STAGE_DROPIN
-        )
-    }
-    assert f"ConditionPathExists=!{guestconfig.INIT_MODULES_RAN}\n" in guestconfig.INIT_STAGE_DROPIN
-
-
 def test_unit_waits_for_the_init_stage_only() -> None:
     unit = artifacts.executor_unit("ab" * 32).split("[Service]")[0].splitlines()
     assert "After=cloud-init.service network-online.target" in unit
@@ -125,7 +104,6 @@ def test_guest_files_boot_on_the_serial_console_with_nocloud_only() -> None:
 def test_x86_gets_bios_and_uefi_loaders() -> None:
     script = guestconfig.setup_script(X86)
     assert "-O i386-pc" in script and "boot.img" in script and "-O x86_64-efi" in script
-    assert "update-initramfs -c -k all" in script
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: t.name)
@@ -136,15 +114,20 @@ def test_deferred_tools_are_true_while_installing_then_run_once(target: Target) 
     for tool, command in guestconfig.DEFERRED_TOOLS.items():
         assert f"dpkg-divert --quiet --local --rename --add {tool}" in hook
         assert f'ln -s /bin/true "$1{tool}"' in hook
-        # The stand-in goes, the real tool comes back, and only then does it run, once.
+        # The setup script removes the stand-in and brings the real tool back; the finishing
+        # hook after it (bake/finish.py) runs the tool, once.
         remove = script.index(f"rm -f {tool}")
-        undivert = script.index(f"dpkg-divert --quiet --local --rename --remove {tool}")
-        assert remove < undivert < script.index(command)
-        assert sum(command in line for line in script) == 1
-    assert "update-initramfs -c -k all" in script
-    assert "[ ! -x /usr/sbin/update-ca-certificates ] || update-ca-certificates" in script
+        assert remove < script.index(f"dpkg-divert --quiet --local --rename --remove {tool}")
+        assert not any(command in line for line in script)
+    assert "update-initramfs -c -k all" in guestconfig.DEFERRED_TOOLS.values()
+    assert (
+        "[ ! -x /usr/sbin/update-ca-certificates ] || update-ca-certificates"
+        in guestconfig.DEFERRED_TOOLS.values()
+    )
     argv = base.mmdebstrap_argv(base.BaseSpec(target), Path("r"), Path("o"), ["m"])
     assert f"--essential-hook={hook}" in argv
+    setup = argv.index('--customize-hook=chroot "$1" /bin/sh /fleetbake-setup.sh')
+    assert setup + 1 == argv.index(f"--customize-hook={base.finish_hook(target)}")
 
 
 def test_the_initramfs_checks_the_root_so_systemd_need_not() -> None:
@@ -155,7 +138,7 @@ def test_the_initramfs_checks_the_root_so_systemd_need_not() -> None:
 
 def test_later_cloud_init_stages_yield_the_cpu_to_the_agent_and_keep_their_order() -> None:
     files = guestconfig.overlay_files(ARM, "u")
-    dropins = {k: v for k, v in files.items() if "Nice=" in v}
+    dropins = {k: v for k, v in files.items() if k.endswith(".service.d/50-fleetbake.conf")}
     assert sorted(dropins) == [
         "/etc/systemd/system/cloud-config.service.d/50-fleetbake.conf",
         "/etc/systemd/system/cloud-final.service.d/50-fleetbake.conf",

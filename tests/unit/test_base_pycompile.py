@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imagefactory.bake import base, guestconfig, pycompile
+from imagefactory.bake import base, guestconfig, hosttools, pycompile
 from imagefactory.targets import get_target
 
 HOSTILE_ARGS = ["-p", "python3-yaml:arm64", "/usr/share/my dir/", "it's", "a\nb", "", "-X", "^x$"]
@@ -84,30 +84,6 @@ def test_the_replay_stops_at_the_first_failing_call(tmp_path: Path) -> None:
     assert (tmp_path / "log").read_text() == "bad\n"
 
 
-STATUS = """\
-Package: python3.11-minimal
-Status: install ok installed
-Architecture: arm64
-Version: 3.11.2-6+deb12u9
-
-Package: python3.12-minimal
-Status: deinstall ok config-files
-Version: 3.12.1-1
-
-Package: libfoo
-Status: install ok installed
-Description: has: colons: in it
-Version: 1.0
-"""
-
-
-def test_installed_version_reads_dpkg_status() -> None:
-    assert pycompile.installed_version(STATUS, "python3.11-minimal") == "3.11.2-6+deb12u9"
-    assert pycompile.installed_version(STATUS, "python3.12-minimal") is None  # config-files
-    assert pycompile.installed_version(STATUS, "python3.13-minimal") is None
-    assert pycompile.installed_version(STATUS, "libfoo") == "1.0"
-
-
 def test_the_interpreters_are_the_versioned_binaries_only(tmp_path: Path) -> None:
     bindir = tmp_path / "usr/bin"
     bindir.mkdir(parents=True)
@@ -118,32 +94,21 @@ def test_the_interpreters_are_the_versioned_binaries_only(tmp_path: Path) -> Non
     assert pycompile.interpreters(tmp_path) == ["/usr/bin/python3.11", "/usr/bin/python3.13"]
 
 
-def test_the_native_script_binds_probes_then_replays() -> None:
-    binds = [
-        pycompile.Bind(Path("/usr/lib/x86_64-linux-gnu"), "/usr/lib/x86_64-linux-gnu"),
-        pycompile.Bind(Path("/usr/bin/python3.11"), "/usr/bin/python3.11"),
-    ]
-    script = pycompile.native_script(binds, "/usr/bin/python3.11", "py3compile -p 'a b'\n")
-    lines = script.splitlines()
-    assert lines[0] == "set -eu"
-    assert lines[1] == 'mount --bind /usr/lib/x86_64-linux-gnu "$1"/usr/lib/x86_64-linux-gnu'
-    assert lines[2] == 'mount --bind /usr/bin/python3.11 "$1"/usr/bin/python3.11'
-    assert lines[3] == f'chroot "$1" /usr/bin/python3.11 -S -c "" || exit {pycompile.PROBE_FAILED}'
-    assert lines[4].startswith('exec chroot "$1" /bin/sh -c ')
-    assert "py3compile -p '\"'\"'a b'\"'\"'" in script  # the replay, quoted once more
-
-
 def test_a_foreign_target_with_another_python_compiles_in_the_chroot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "usr/bin").mkdir(parents=True)
     (tmp_path / "usr/bin/python3.11").write_text("")
     (tmp_path / "var/lib/dpkg").mkdir(parents=True)
-    (tmp_path / "var/lib/dpkg/status").write_text(STATUS)
-    monkeypatch.setattr(pycompile, "host_version", lambda package: "3.11.2-6+deb12u6")
+    (tmp_path / "var/lib/dpkg/status").write_text(
+        "Package: python3.11-minimal\nStatus: install ok installed\nVersion: 3.11.2-6+deb12u9\n"
+    )
+    monkeypatch.setattr(hosttools, "host_version", lambda package: "3.11.2-6+deb12u6")
     binds, reasons = pycompile.native_binds(tmp_path)
     assert reasons == ["host python3.11-minimal 3.11.2-6+deb12u6, target's 3.11.2-6+deb12u9"]
-    assert all(b.guest != "/usr/bin/python3.11" for b in binds)
+    assert binds == []
+    (tmp_path / "usr/bin/python3.11").unlink()
+    assert pycompile.native_binds(tmp_path) == ([], ["the target has no python3.X"])
 
 
 def test_the_hooks_record_then_replay_around_the_setup_script(tmp_path: Path) -> None:
@@ -154,8 +119,8 @@ def test_the_hooks_record_then_replay_around_the_setup_script(tmp_path: Path) ->
     assert hooks[0].endswith(divert)  # diverted first, so the stand-in is not renamed away
     assert hooks[1] == f"--essential-hook=sync-in {tmp_path / 'standins'} /"
     assert hooks[-2] == '--customize-hook=chroot "$1" /bin/sh /fleetbake-setup.sh'
-    assert hooks[-1].endswith(' -m imagefactory.bake.pycompile "$1" foreign')
-    assert base.pycompile_hook(x86).endswith('"$1" native')
+    assert hooks[-1].endswith(' -m imagefactory.bake.finish "$1" foreign')
+    assert base.finish_hook(x86).endswith('"$1" native')
     script = guestconfig.setup_script(arm).splitlines()
     assert script.index(f"rm -f {pycompile.PY3COMPILE}") < script.index(
         f"dpkg-divert --quiet --local --rename --remove {pycompile.PY3COMPILE}"

@@ -1,0 +1,247 @@
+"""The host's own binaries in a foreign chroot, in place of the target's identical ones.
+
+Under qemu-user every process the chroot starts costs about 0.07 s before it does any
+work (Python 0.34 s); a base build's last steps start thousands. When the host has a
+package at the very same Debian version as the target, its binaries do the same thing,
+so they can stand in for the target's while a command runs:
+
+    unshare --mount (private)
+      mount --bind /usr/lib/<host multiarch>        onto a new, empty directory
+      mount --bind <the host's ld.so>                onto a new, empty LOADER file
+      mount --bind <copy of /usr/bin/sed ...>        onto the target's /usr/bin/sed ...
+      chroot ROOT PROBE || exit 100                  the host's binaries start there
+      exec chroot ROOT /bin/sh -c COMMAND
+
+The copies name LOADER as their ELF interpreter (PT_INTERP), so the root never gets a
+top-level /lib64, which mkinitramfs would copy into the initramfs (`for d in /lib*`).
+Nothing is written into the root filesystem: the mounts end with the namespace, and the
+directory and file made for them are removed. Binaries of other packages (or versions)
+stay the target's, emulated, so a command still works if a tool is missing; it is only
+slower. What a command copies into the target (mkinitramfs copies binaries) must not be
+one of the stand-ins: callers check that (bake/initramfs.py).
+"""
+
+from __future__ import annotations
+
+import shlex
+import struct
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagefactory.run import CommandError, run
+
+PROBE_FAILED = 100
+"""Exit code of the script when the host's binaries cannot start in the chroot."""
+
+LOADER = "/tmp/fleetbake-ld.so"
+"""Where the host's dynamic loader appears in the chroot: short enough for any PT_INTERP
+(`/lib64/ld-linux-x86-64.so.2` is 27 bytes), and not a directory mkinitramfs looks at."""
+
+_PT_INTERP = 3
+
+_MERGED = {"/bin/": "/usr/bin/", "/sbin/": "/usr/sbin/", "/lib/": "/usr/lib/"}
+_TOOL_DIRS = ("/usr/bin/", "/usr/sbin/")
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host path bind-mounted at a guest path."""
+
+    host: Path
+    guest: str
+
+
+def installed_version(status: str, package: str) -> str | None:
+    """The version of `package` if dpkg's status file (text) says it is installed."""
+    for paragraph in status.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in paragraph.splitlines() if ": " in line)
+        if fields.get("Package") == package and fields.get("Status", "").endswith(" installed"):
+            return fields.get("Version")
+    return None
+
+
+def host_version(package: str) -> str | None:
+    try:
+        out = run(["dpkg-query", "-W", "-f=${Status}|${Version}", package])
+    except (CommandError, OSError):
+        return None
+    status, _, version = out.stdout.partition("|")
+    return version if status.endswith(" installed") else None
+
+
+def merged(path: str) -> str:
+    """The path as it is stored in a merged-/usr root (`/bin/sed` -> `/usr/bin/sed`)."""
+    for old, new in _MERGED.items():
+        if path.startswith(old):
+            return new + path.removeprefix(old)
+    return path
+
+
+def inside(root: Path, guest: str) -> Path | None:
+    """`guest` in `root` if it and every directory above it are real (no symlink can take
+    the path out of the root), else None."""
+    path = root
+    for part in guest.strip("/").split("/"):
+        path = path / part
+        if path.is_symlink() or not path.exists():
+            return None
+    return path
+
+
+def package_tools(root: Path, package: str, list_text: str) -> list[Bind]:
+    """The package's executables in /usr/bin and /usr/sbin that are plain files both in
+    the target and on the host (guest path = host path), from its dpkg file list."""
+    binds = {}
+    for line in list_text.splitlines():
+        guest = merged(line.strip())
+        if not guest.startswith(_TOOL_DIRS):
+            continue
+        target, host = inside(root, guest), Path(guest)
+        if target is None or not target.is_file() or host.is_symlink() or not host.is_file():
+            continue
+        if target.stat().st_mode & 0o111 and host.stat().st_mode & 0o111:
+            binds[guest] = Bind(host, guest)
+    return sorted(binds.values(), key=lambda b: b.guest)
+
+
+def dpkg_list(root: Path, package: str) -> str:
+    """The target's file list of `package` (`name.list` or `name:arch.list`), or ''."""
+    info = root / "var/lib/dpkg/info"
+    for path in (info / f"{package}.list", *sorted(info.glob(f"{package}:*.list"))):
+        if path.is_file():
+            return path.read_text(encoding="utf-8", errors="replace")
+    return ""
+
+
+def same_packages(root: Path, packages: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(the packages installed at the same version on the host and in the target, the
+    reasons for the others)."""
+    status = (root / "var/lib/dpkg/status").read_text(encoding="utf-8")
+    same, reasons = [], []
+    for package in packages:
+        ours, theirs = host_version(package), installed_version(status, package)
+        if ours is not None and ours == theirs:
+            same.append(package)
+        elif theirs is not None:
+            reasons.append(f"host {package} {ours or 'not installed'}, target's {theirs}")
+    return same, reasons
+
+
+def interpreter(binary: bytes) -> tuple[int, int, str] | None:
+    """(offset, size, path) of a 64-bit ELF binary's PT_INTERP, or None (static, not ELF64)."""
+    if binary[:4] != b"\x7fELF" or binary[4] != 2 or binary[5] not in (1, 2):
+        return None
+    order = "<" if binary[5] == 1 else ">"
+    phoff, phentsize, phnum = (
+        struct.unpack_from(order + "Q", binary, 0x20)[0],
+        *struct.unpack_from(order + "HH", binary, 0x36),
+    )
+    for i in range(phnum):
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(
+            order + "IIQQQQ", binary, phoff + i * phentsize
+        )
+        if p_type == _PT_INTERP:
+            path = binary[p_offset : p_offset + p_filesz].split(b"\0")[0].decode()
+            return p_offset, p_filesz, path
+    return None
+
+
+def with_interpreter(binary: bytes, path: str) -> bytes:
+    """The binary with `path` as its ELF interpreter (it must fit the old one's space)."""
+    found = interpreter(binary)
+    if found is None:
+        return binary
+    offset, size, _ = found
+    new = path.encode() + b"\0"
+    if len(new) > size:
+        raise ValueError(f"{path} does not fit a {size}-byte PT_INTERP")
+    return binary[:offset] + new.ljust(size, b"\0") + binary[offset + size :]
+
+
+def library_binds(root: Path) -> tuple[list[Bind], list[str]]:
+    """The host's library directory and dynamic loader, and why they cannot be used."""
+    multiarch = getattr(sys.implementation, "_multiarch", "")
+    found = interpreter(Path(sys.executable).resolve().read_bytes()[:65536])
+    if not multiarch or not Path(f"/usr/lib/{multiarch}").is_dir() or found is None:
+        return [], ["the host's library directory or loader is unknown"]
+    binds = [Bind(Path(f"/usr/lib/{multiarch}"), f"/usr/lib/{multiarch}"),
+             Bind(Path(found[2]).resolve(), LOADER)]  # fmt: skip
+    taken = [b.guest for b in binds if (root / b.guest[1:]).exists()]
+    return binds, [f"{guest} exists in the target" for guest in taken]
+
+
+def tool_binds(root: Path, packages: tuple[str, ...]) -> tuple[list[Bind], list[str]]:
+    """Everything that puts the host's binaries of `packages` (those at the target's
+    version) in the chroot; and why some (or, with library problems, all) cannot be."""
+    binds, reasons = library_binds(root)
+    same, others = same_packages(root, packages)
+    tools = [b for package in same for b in package_tools(root, package, dpkg_list(root, package))]
+    return ([], reasons + others) if reasons else (binds + tools, others)
+
+
+def native_script(binds: list[Bind], probe: list[str], command: str) -> str:
+    """Run inside `unshare --mount` with the root as $1: bind, probe, run the command."""
+    lines = ["set -eu"]
+    lines += [f'mount --bind {shlex.quote(str(b.host))} "$1"{shlex.quote(b.guest)}' for b in binds]
+    lines += [
+        f'chroot "$1" {shlex.join(probe)} || exit {PROBE_FAILED}',
+        f'exec chroot "$1" /bin/sh -c {shlex.quote(command)}',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _mountpoint(root: Path, bind: Bind) -> Path | None:
+    """Make the missing mount point of `bind` (a directory or an empty file); None if the
+    root has it already."""
+    path = root / bind.guest[1:]
+    if path.exists() or path.is_symlink():
+        return None
+    if bind.host.is_dir():
+        path.mkdir()
+    else:
+        path.touch()
+    return path
+
+
+def _relocated(binds: list[Bind], scratch: Path) -> list[Bind]:
+    """Binaries become copies in `scratch` whose interpreter is LOADER."""
+    out = []
+    for bind in binds:
+        if bind.host.is_file() and bind.guest != LOADER:
+            data = bind.host.read_bytes()
+            if interpreter(data) is not None:
+                copy = scratch / bind.guest.strip("/").replace("/", "_")
+                copy.write_bytes(with_interpreter(data, LOADER))
+                copy.chmod(bind.host.stat().st_mode & 0o7777)
+                bind = Bind(copy, bind.guest)
+        out.append(bind)
+    return out
+
+
+def run_native(root: Path, binds: list[Bind], probe: list[str], command: str) -> bool:
+    """Run `command` in the chroot with `binds`; False (nothing run) if `probe` fails."""
+    made: list[Path] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="fleetbake-hosttools-") as scratch:
+            mounts = _relocated(binds, Path(scratch))
+            made = [p for b in mounts if (p := _mountpoint(root, b)) is not None]
+            unshare = ["unshare", "--mount", "--propagation", "private"]
+            script = native_script(mounts, probe, command)
+            argv = [*unshare, "sh", "-c", script, "sh", str(root)]
+            done = run(argv, check=False)
+    finally:
+        for path in reversed(made):
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink()
+    if done.returncode not in (0, PROBE_FAILED):
+        raise CommandError(argv, done.returncode, done.stdout, done.stderr)
+    return done.returncode == 0
+
+
+def run_in_chroot(root: Path, command: str) -> None:
+    """`command` in the chroot with the target's own binaries (emulated if foreign)."""
+    run(["chroot", str(root), "/bin/sh", "-c", command])
