@@ -6,6 +6,8 @@ key) are visible and testable.
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 from imagefactory.bake import pycompile
 from imagefactory.targets import Target
 
@@ -144,19 +146,26 @@ KbdInteractiveAuthentication no
 PermitRootLogin prohibit-password
 """
 
-CLOUD_CFG = """\
+INIT_MODULES_RAN = "/run/fleetbake/init-modules-ran"
+"""Touched by bootcmd, one of the first init modules, in every boot: when it exists before
+cloud-init.service starts, cloud-init-local is the stage that ran them."""
+
+CLOUD_CFG = f"""\
 # fleetbake: the NoCloud seed is the only datasource, so boot never probes the network
 # for metadata; the network itself is systemd-networkd with DHCP (see
 # /etc/systemd/network/20-wired.network).
 datasource_list: [NoCloud, None]
-network: {config: disabled}
-# Only the modules a node's seed needs, all in the init stage that the agent waits for
-# (executor.service is ordered after cloud-init.service): node.env (write-files), the
-# root filesystem grown to the disk, the hostname, the `ops` user and the SSH host key.
+network: {{config: disabled}}
+# Only the modules a node's seed needs, all in the init stage that the agent waits for:
+# node.env (write-files), the root filesystem grown to the disk, the hostname, the `ops`
+# user and the SSH host key. A seed whose meta-data says `dsmode: local` (imagefactory's
+# do) has them run by cloud-init-local, before the network, and bootcmd's marker then
+# skips cloud-init.service (see its drop-in); any other seed has them run there.
 # The later stages keep only the runners of an operator's own commands and scripts, and
 # run beside the agent, not before it.
 cloud_init_modules:
   - seed_random
+  - bootcmd
   - write-files
   - growpart
   - resizefs
@@ -174,6 +183,18 @@ cloud_final_modules:
   - scripts-user
   - final-message
   - power-state-change
+# The node's host name resolves (127.0.1.1, Debian's way), so sudo need not ask DNS.
+manage_etc_hosts: localhost
+bootcmd:
+  - [mkdir, -p, {PurePosixPath(INIT_MODULES_RAN).parent}]
+  - [touch, {INIT_MODULES_RAN}]
+"""
+
+INIT_STAGE_DROPIN = f"""\
+# fleetbake: with a `dsmode: local` seed cloud-init-local has run the init modules; this
+# stage would only start Python to find that out, on the agent's path (sysinit.target).
+[Unit]
+ConditionPathExists=!{INIT_MODULES_RAN}
 """
 
 
@@ -190,6 +211,7 @@ def overlay_files(target: Target, root_uuid: str) -> dict[str, str]:
         "/etc/systemd/system/fleetbake-ssh-keygen.service": SSH_KEYGEN_UNIT,
         "/etc/ssh/sshd_config.d/50-fleetbake.conf": SSHD_CONFIG,
         "/etc/cloud/cloud.cfg.d/90-fleetbake.cfg": CLOUD_CFG,
+        "/etc/systemd/system/cloud-init.service.d/50-fleetbake.conf": INIT_STAGE_DROPIN,
         **{
             f"/etc/systemd/system/{unit}.d/50-fleetbake.conf": BESIDE_THE_AGENT
             for unit in BESIDE_THE_AGENT_UNITS

@@ -81,6 +81,27 @@ def test_cloud_init_runs_what_the_seed_needs_in_the_stage_the_agent_waits_for() 
     assert cfg["datasource_list"] == ["NoCloud", "None"]
 
 
+def test_a_local_mode_seed_skips_the_network_stage_and_only_that_one() -> None:
+    """bootcmd's marker, touched by the init modules, is the network stage's skip condition:
+    written in cloud-init-local only when that stage runs the modules (dsmode local)."""
+    cfg = yaml.safe_load(guestconfig.CLOUD_CFG)
+    init = cfg["cloud_init_modules"]
+    assert init.index("bootcmd") < init.index("write-files")
+    assert ["touch", guestconfig.INIT_MODULES_RAN] in cfg["bootcmd"]
+    assert guestconfig.INIT_MODULES_RAN.startswith("/run/")  # per boot, never persisted
+    dropins = {
+        path: text
+        for path, text in guestconfig.overlay_files(X86, "1234").items()
+        if guestconfig.INIT_MODULES_RAN in text and path.endswith(".conf")
+    }
+    assert dropins == {
+        "/etc/systemd/system/cloud-init.service.d/50-fleetbake.conf": (
+            guestconfig.INIT_STAGE_DROPIN
+        )
+    }
+    assert f"ConditionPathExists=!{guestconfig.INIT_MODULES_RAN}\n" in guestconfig.INIT_STAGE_DROPIN
+
+
 def test_unit_waits_for_the_init_stage_only() -> None:
     unit = artifacts.executor_unit("ab" * 32).split("[Service]")[0].splitlines()
     assert "After=cloud-init.service network-online.target" in unit
@@ -138,7 +159,7 @@ def test_the_initramfs_checks_the_root_so_systemd_need_not() -> None:
 
 def test_later_cloud_init_stages_yield_the_cpu_to_the_agent_and_keep_their_order() -> None:
     files = guestconfig.overlay_files(ARM, "u")
-    dropins = {k: v for k, v in files.items() if k.endswith(".service.d/50-fleetbake.conf")}
+    dropins = {k: v for k, v in files.items() if "Nice=" in v}
     assert sorted(dropins) == [
         "/etc/systemd/system/cloud-config.service.d/50-fleetbake.conf",
         "/etc/systemd/system/cloud-final.service.d/50-fleetbake.conf",
