@@ -43,6 +43,9 @@ _PT_INTERP = 3
 
 _MERGED = {"/bin/": "/usr/bin/", "/sbin/": "/usr/sbin/", "/lib/": "/usr/lib/"}
 _TOOL_DIRS = ("/usr/bin/", "/usr/sbin/")
+MACHINE_TOOLS = frozenset({"/usr/bin/uname", "/usr/bin/arch"})
+"""Tools whose answer is the machine they run on (qemu-user says the target's): never
+the host's."""
 
 
 @dataclass(frozen=True)
@@ -92,11 +95,12 @@ def inside(root: Path, guest: str) -> Path | None:
 
 def package_tools(root: Path, package: str, list_text: str) -> list[Bind]:
     """The package's executables in /usr/bin and /usr/sbin that are plain files both in
-    the target and on the host (guest path = host path), from its dpkg file list."""
+    the target and on the host (guest path = host path), from its dpkg file list;
+    MACHINE_TOOLS excepted."""
     binds = {}
     for line in list_text.splitlines():
         guest = merged(line.strip())
-        if not guest.startswith(_TOOL_DIRS):
+        if not guest.startswith(_TOOL_DIRS) or guest in MACHINE_TOOLS:
             continue
         target, host = inside(root, guest), Path(guest)
         if target is None or not target.is_file() or host.is_symlink() or not host.is_file():

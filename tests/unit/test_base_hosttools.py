@@ -70,6 +70,19 @@ def test_package_tools_are_plain_executables_on_both_sides(tmp_path: Path) -> No
     assert binds == [hosttools.Bind(Path("/usr/bin/sed"), "/usr/bin/sed")]
 
 
+@pytest.mark.skipif(not Path("/usr/bin/uname").is_file(), reason="needs coreutils")
+def test_tools_that_name_the_machine_stay_the_targets(tmp_path: Path) -> None:
+    """Under qemu-user `uname -m` says aarch64; the host's would say x86_64."""
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    for name in ("uname", "arch", "cat"):
+        (tmp_path / "usr/bin" / name).write_text("")
+        (tmp_path / "usr/bin" / name).chmod(0o755)
+    listing = "/bin/uname\n/usr/bin/arch\n/bin/cat\n"
+    guests = [b.guest for b in hosttools.package_tools(tmp_path, "coreutils", listing)]
+    assert guests == ["/usr/bin/cat"]
+    assert {"/usr/bin/uname", "/usr/bin/arch"} == hosttools.MACHINE_TOOLS
+
+
 def test_dpkg_list_finds_arch_qualified_lists(tmp_path: Path) -> None:
     info = tmp_path / "var/lib/dpkg/info"
     info.mkdir(parents=True)
