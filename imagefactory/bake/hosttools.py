@@ -173,7 +173,16 @@ def library_binds(root: Path) -> tuple[list[Bind], list[str]]:
     binds = [Bind(Path(f"/usr/lib/{multiarch}"), f"/usr/lib/{multiarch}"),
              Bind(Path(found[2]).resolve(), LOADER)]  # fmt: skip
     taken = [b.guest for b in binds if (root / b.guest[1:]).exists()]
-    return binds, [f"{guest} exists in the target" for guest in taken]
+    reasons = [f"{guest} exists in the target" for guest in taken]
+    # The mount points are made in these directories: a symlink must not lead out.
+    parents = sorted({b.guest.rsplit("/", 1)[0] for b in binds})
+    reasons += [f"{d} is not a directory in the target" for d in parents if not _real_dir(root, d)]
+    return binds, reasons
+
+
+def _real_dir(root: Path, guest: str) -> bool:
+    path = inside(root, guest)
+    return path is not None and path.is_dir()
 
 
 def tool_binds(root: Path, packages: tuple[str, ...]) -> tuple[list[Bind], list[str]]:

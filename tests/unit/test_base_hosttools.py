@@ -184,3 +184,15 @@ def test_a_copy_names_the_relocated_loader_as_its_interpreter() -> None:
     script = b"#!/bin/sh\n" * 10
     assert hosttools.interpreter(script) is None
     assert hosttools.with_interpreter(script, hosttools.LOADER) == script
+
+
+def test_mount_points_are_only_made_in_real_directories(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "usr/lib").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "tmp").symlink_to(tmp_path / "elsewhere")
+    binds, reasons = hosttools.library_binds(root)
+    assert binds and reasons == ["/tmp is not a directory in the target"]
+    (root / "tmp").unlink()
+    (root / "tmp").mkdir()
+    assert hosttools.library_binds(root)[1] == []
