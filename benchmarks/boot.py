@@ -7,6 +7,12 @@ One run boots the same baked image two ways, one VM at a time, alternating:
              image's own /etc/cloud/cloud.cfg, in a cloud.cfg.d file that sorts last) and a
              drop-in that orders executor.service after cloud-final.service
 
+Everything else is shared, on purpose: the base (its initramfs, drop-ins and cloud.cfg
+settings) and the seed (`dsmode: local`, so the stock copy's init modules also run in
+cloud-init-local and its network stage is skipped too). The comparison is the agent's
+place in the boot and the module lists, nothing else; the stock figures of runs before
+the seed said `dsmode: local` are therefore not comparable with later ones.
+
 The stock copy is made here, from the image, with no loop mount: the qcow2 is converted to
 raw, the two files are written into its root filesystem with `debugfs -w`, read back, and
 the raw disk converted to qcow2 again.

@@ -131,8 +131,11 @@ def _error_exit(exc: Exception, debug: bool) -> int:
     other exception is a bug and propagates with its traceback."""
     # Imported here, not at the top: `executor agent` executes itself once more before it
     # imports anything heavy (executor/agent/secret.py), and every import counts at boot.
-    from executor.pipeline import MissingRequirements, PipelineError
-    from executor.services.wire import ServiceError
+    try:
+        from executor.pipeline import MissingRequirements, PipelineError
+        from executor.services.wire import ServiceError
+    except ImportError:  # a broken installation: the error at hand is the one to show
+        raise exc from None
 
     if isinstance(exc, MissingRequirements):
         for line in exc.lines:

@@ -93,6 +93,10 @@ def power_off(config: AgentConfig) -> None:
         log.error("poweroff command failed: %s", exc)
 
 
+class NotRun(Exception):
+    """The pipeline could not be obtained or loaded: the run ends `invalid`."""
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -147,23 +151,13 @@ class Agent:
         return code, state
 
     def _produce_report(self) -> tuple[int, str]:
-        # Imported only now, once the heartbeats have started: the engine and the pipeline
-        # loader take about a second to import on an emulated CPU, and the master hears of
-        # the node meanwhile.
-        from executor.agent.gateway import Sha256Mismatch, obtain_pipeline
-        from executor.agent.runner import run_pipeline
-        from executor.pipeline import PipelineError
-
         config = self.config
         log_path = config.run_dir / "combined.log"
         try:
-            pipeline = obtain_pipeline(config, self.master)
-            if self.beats is not None:
-                self.beats.update(state="running")
-            results = run_pipeline(config, pipeline, log_path, self._progress)
+            results = self._pipeline_results(log_path)
             code, state = STATUS_EXIT.get(results["status"], EXIT_FAILED), results["status"]
             self._keep("results.json", json.dumps(results).encode())
-        except (Sha256Mismatch, Refused, FileNotFoundError, PipelineError) as exc:
+        except NotRun as exc:
             reason = f"pipeline not run: {exc}"
             log.error("%s", reason)
             results, code, state = self._not_run(log_path, reason), EXIT_INVALID, "invalid"
@@ -183,6 +177,23 @@ class Agent:
         outcome = {"exit": code, "state": state, "status": results["status"]}
         self._keep(OUTCOME_FILE, json.dumps(outcome).encode())
         return code, state
+
+    def _pipeline_results(self, log_path: Path) -> dict[str, Any]:
+        """Obtain the pipeline and run it; NotRun when it cannot run at all."""
+        # Imported only now, once the heartbeats have started: the engine and the pipeline
+        # loader take about a second to import on an emulated CPU, and the master hears of
+        # the node meanwhile. An image that cannot import them still reports (the caller).
+        from executor.agent.gateway import Sha256Mismatch, obtain_pipeline
+        from executor.agent.runner import run_pipeline
+        from executor.pipeline import PipelineError
+
+        try:
+            pipeline = obtain_pipeline(self.config, self.master)
+            if self.beats is not None:
+                self.beats.update(state="running")
+            return run_pipeline(self.config, pipeline, log_path, self._progress)
+        except (Sha256Mismatch, Refused, FileNotFoundError, PipelineError) as exc:
+            raise NotRun(str(exc)) from exc
 
     def _keep(self, name: str, data: bytes) -> None:
         """Write a state file of this run; a failure is noted, not fatal."""

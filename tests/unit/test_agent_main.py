@@ -80,6 +80,27 @@ def test_an_agent_error_during_the_run_still_produces_a_report(
     assert agent_main.Agent(config).run() == (1, "failed")
 
 
+def test_an_image_that_cannot_import_the_engine_still_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine is imported after the heartbeats start; failing there is a failed run
+    with a report, not a crash without one."""
+    from executor.agent import main as agent_main
+    from executor.agent.config import load_config
+
+    monkeypatch.setitem(sys.modules, "executor.agent.runner", None)  # import fails
+    env = {
+        "EXECUTOR_NODE_ID": "node-a",
+        "EXECUTOR_RUN_ID": "r2",
+        "EXECUTOR_PIPELINE": str(tmp_path),
+        "EXECUTOR_STATE_DIR": str(tmp_path / "state"),
+    }
+    config = load_config(env)
+    assert agent_main.Agent(config).run() == (1, "failed")
+    assert '"status": "failed"' in (config.run_dir / "results.json").read_text()
+    assert "import of executor.agent.runner halted" in (config.run_dir / "combined.log").read_text()
+
+
 def test_the_token_hand_over_survives_a_failed_reexec(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
