@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from executor.agent.config import AgentConfig, load_config
 from executor.agent.main import main
 from executor.cli import main as executor_main
 
@@ -52,24 +53,29 @@ def test_help_through_the_executor_command(capsys: pytest.CaptureFixture[str]) -
     assert "EXECUTOR_POWEROFF_COMMAND" in out and "EXECUTOR-STATUS node=<id>" in out
 
 
+def standalone(tmp_path: Path) -> AgentConfig:
+    """A node without a master, its pipeline path an empty directory."""
+    return load_config(
+        {
+            "EXECUTOR_NODE_ID": "node-a",
+            "EXECUTOR_RUN_ID": "r1",
+            "EXECUTOR_PIPELINE": str(tmp_path),
+            "EXECUTOR_STATE_DIR": str(tmp_path / "state"),
+        }
+    )
+
+
 def test_an_agent_error_during_the_run_still_produces_a_report(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from executor.agent import main as agent_main
     from executor.agent import runner
-    from executor.agent.config import load_config
 
     def broken(*_args: object) -> dict[str, object]:
         raise RuntimeError("engine exploded")
 
     monkeypatch.setattr(runner, "run_pipeline", broken)
-    env = {
-        "EXECUTOR_NODE_ID": "node-a",
-        "EXECUTOR_RUN_ID": "r1",
-        "EXECUTOR_PIPELINE": str(tmp_path),
-        "EXECUTOR_STATE_DIR": str(tmp_path / "state"),
-    }
-    config = load_config(env)
+    config = standalone(tmp_path)
     assert agent_main.Agent(config).run() == (1, "failed")
     results = (config.run_dir / "results.json").read_text()
     assert '"tasks": {}' in results and '"status": "failed"' in results
@@ -86,16 +92,9 @@ def test_an_image_that_cannot_import_the_engine_still_reports(
     """The engine is imported after the heartbeats start; failing there is a failed run
     with a report, not a crash without one."""
     from executor.agent import main as agent_main
-    from executor.agent.config import load_config
 
     monkeypatch.setitem(sys.modules, "executor.agent.runner", None)  # import fails
-    env = {
-        "EXECUTOR_NODE_ID": "node-a",
-        "EXECUTOR_RUN_ID": "r2",
-        "EXECUTOR_PIPELINE": str(tmp_path),
-        "EXECUTOR_STATE_DIR": str(tmp_path / "state"),
-    }
-    config = load_config(env)
+    config = standalone(tmp_path)
     assert agent_main.Agent(config).run() == (1, "failed")
     assert '"status": "failed"' in (config.run_dir / "results.json").read_text()
     assert "import of executor.agent.runner halted" in (config.run_dir / "combined.log").read_text()
