@@ -30,7 +30,11 @@ REFERENCE_BINARY = "/usr/bin/dpkg"
 
 
 def target_machine(root: Path) -> int:
-    machine = initramfs.elf_machine((root / REFERENCE_BINARY[1:]).read_bytes()[:64])
+    path = hosttools.target_file(root, REFERENCE_BINARY)
+    if path is None:
+        raise ValueError(f"{REFERENCE_BINARY} in the root filesystem is not a regular file")
+    with path.open("rb") as binary:
+        machine = initramfs.elf_machine(binary.read(64))
     if machine is None:
         raise ValueError(f"{REFERENCE_BINARY} in the root filesystem is not an ELF file")
     return machine
@@ -38,9 +42,12 @@ def target_machine(root: Path) -> int:
 
 def wrong_initramfs(root: Path, machine: int) -> list[str]:
     """Files of the root's initramfs images that are ELF for another machine."""
+    images = (
+        hosttools.target_file(root, f"/boot/{p.name}") for p in root.glob("boot/initrd.img-*")
+    )
     return [
         f"{image.name}: {name}"
-        for image in sorted((root / "boot").glob("initrd.img-*"))
+        for image in sorted(i for i in images if i is not None)
         for name in initramfs.foreign_elves(image, machine)
     ]
 

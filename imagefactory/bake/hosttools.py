@@ -6,11 +6,11 @@ package at the very same Debian version as the target, its binaries do the same 
 so they can stand in for the target's while a command runs:
 
     unshare --mount (private)
-      mount --bind /usr/lib/<host multiarch>        onto a new, empty directory
-      mount --bind <the host's ld.so>                onto a new, empty LOADER file
-      mount --bind <copy of /usr/bin/sed ...>        onto the target's /usr/bin/sed ...
-      chroot ROOT PROBE || exit 100                  the host's binaries start there
-      exec chroot ROOT /bin/sh -c COMMAND
+      mount --bind -o ro /usr/lib/<host multiarch>  onto a new, empty directory
+      mount --bind -o ro <the host's ld.so>          onto a new, empty LOADER file
+      mount --bind -o ro <copy of /usr/bin/sed ...>  onto the target's /usr/bin/sed ...
+      chroot ROOT PROBE                              the host's binaries start there
+      exec chroot ROOT /bin/sh -c COMMAND            (a failed bind or probe: nothing run)
 
 The copies name LOADER as their ELF interpreter (PT_INTERP), so the root never gets a
 top-level /lib64, which mkinitramfs would copy into the initramfs (`for d in /lib*`).
@@ -23,7 +23,9 @@ one of the stand-ins: callers check that (bake/initramfs.py).
 
 from __future__ import annotations
 
+import posixpath
 import shlex
+import stat
 import struct
 import sys
 import tempfile
@@ -32,9 +34,6 @@ from pathlib import Path
 
 from imagefactory.run import CommandError, run
 
-PROBE_FAILED = 100
-"""Exit code of the script when the host's binaries cannot start in the chroot."""
-
 LOADER = "/tmp/fleetbake-ld.so"
 """Where the host's dynamic loader appears in the chroot: short enough for any PT_INTERP
 (`/lib64/ld-linux-x86-64.so.2` is 27 bytes), and not a directory mkinitramfs looks at."""
@@ -42,7 +41,7 @@ LOADER = "/tmp/fleetbake-ld.so"
 _PT_INTERP = 3
 
 _MERGED = {"/bin/": "/usr/bin/", "/sbin/": "/usr/sbin/", "/lib/": "/usr/lib/"}
-_TOOL_DIRS = ("/usr/bin/", "/usr/sbin/")
+_TOOL_DIRS = ("/usr/bin", "/usr/sbin")
 MACHINE_TOOLS = frozenset({"/usr/bin/uname", "/usr/bin/arch"})
 """Tools whose answer is the machine they run on (qemu-user says the target's): never
 the host's."""
@@ -83,14 +82,23 @@ def merged(path: str) -> str:
 
 
 def inside(root: Path, guest: str) -> Path | None:
-    """`guest` in `root` if it and every directory above it are real (no symlink can take
-    the path out of the root), else None."""
+    """`guest` in `root` if it is a normal absolute path (no `.` or `..`) and it and every
+    directory above it are real (no symlink can take the path out of the root), else None."""
+    if not guest.startswith("/") or posixpath.normpath(guest) != guest or guest == "/":
+        return None
     path = root
     for part in guest.strip("/").split("/"):
         path = path / part
         if path.is_symlink() or not path.exists():
             return None
     return path
+
+
+def target_file(root: Path, guest: str) -> Path | None:
+    """`guest` in `root` if it is a regular file there (see `inside`), else None: what the
+    host reads from the target is never a device, a FIFO or a host file behind a link."""
+    path = inside(root, guest)
+    return path if path is not None and stat.S_ISREG(path.lstat().st_mode) else None
 
 
 def package_tools(root: Path, package: str, list_text: str) -> list[Bind]:
@@ -100,10 +108,10 @@ def package_tools(root: Path, package: str, list_text: str) -> list[Bind]:
     binds = {}
     for line in list_text.splitlines():
         guest = merged(line.strip())
-        if not guest.startswith(_TOOL_DIRS) or guest in MACHINE_TOOLS:
+        if posixpath.dirname(guest) not in _TOOL_DIRS or guest in MACHINE_TOOLS:
             continue
-        target, host = inside(root, guest), Path(guest)
-        if target is None or not target.is_file() or host.is_symlink() or not host.is_file():
+        target, host = target_file(root, guest), Path(guest)
+        if target is None or host.is_symlink() or not host.is_file():
             continue
         if target.stat().st_mode & 0o111 and host.stat().st_mode & 0o111:
             binds[guest] = Bind(host, guest)
@@ -113,8 +121,9 @@ def package_tools(root: Path, package: str, list_text: str) -> list[Bind]:
 def dpkg_list(root: Path, package: str) -> str:
     """The target's file list of `package` (`name.list` or `name:arch.list`), or ''."""
     info = root / "var/lib/dpkg/info"
-    for path in (info / f"{package}.list", *sorted(info.glob(f"{package}:*.list"))):
-        if path.is_file():
+    names = [f"{package}.list", *sorted(p.name for p in info.glob(f"{package}:*.list"))]
+    for name in names:
+        if (path := target_file(root, f"/var/lib/dpkg/info/{name}")) is not None:
             return path.read_text(encoding="utf-8", errors="replace")
     return ""
 
@@ -122,7 +131,10 @@ def dpkg_list(root: Path, package: str) -> str:
 def same_packages(root: Path, packages: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """(the packages installed at the same version on the host and in the target, the
     reasons for the others)."""
-    status = (root / "var/lib/dpkg/status").read_text(encoding="utf-8")
+    status_file = target_file(root, "/var/lib/dpkg/status")
+    if status_file is None:
+        return [], ["the target has no dpkg status file"]
+    status = status_file.read_text(encoding="utf-8")
     same, reasons = [], []
     for package in packages:
         ours, theirs = host_version(package), installed_version(status, package)
@@ -195,11 +207,17 @@ def tool_binds(root: Path, packages: tuple[str, ...]) -> tuple[list[Bind], list[
 
 
 def native_script(binds: list[Bind], probe: list[str], command: str) -> str:
-    """Run inside `unshare --mount` with the root as $1: bind, probe, run the command."""
-    lines = ["set -eu"]
-    lines += [f'mount --bind {shlex.quote(str(b.host))} "$1"{shlex.quote(b.guest)}' for b in binds]
+    """Run inside `unshare --mount` with the root as $1 and a marker path as $2: bind
+    (read-only: nothing in the chroot may write to the host's files), probe, run the
+    command. A bind or the probe failing touches the marker, so that the command's own
+    exit status never reads as "the host's binaries cannot be used"."""
+    lines = ["set -u", "marker=$2", 'fallback() { : > "$marker"; exit 1; }']
     lines += [
-        f'chroot "$1" {shlex.join(probe)} || exit {PROBE_FAILED}',
+        f'mount --bind -o ro {shlex.quote(str(b.host))} "$1"{shlex.quote(b.guest)} || fallback'
+        for b in binds
+    ]
+    lines += [
+        f'chroot "$1" {shlex.join(probe)} || fallback',
         f'exec chroot "$1" /bin/sh -c {shlex.quote(command)}',
     ]
     return "\n".join(lines) + "\n"
@@ -239,20 +257,25 @@ def run_native(root: Path, binds: list[Bind], probe: list[str], command: str) ->
     try:
         with tempfile.TemporaryDirectory(prefix="fleetbake-hosttools-") as scratch:
             mounts = _relocated(binds, Path(scratch))
-            made = [p for b in mounts if (p := _mountpoint(root, b)) is not None]
+            for bind in mounts:  # one by one: a failure still removes what was made
+                if (point := _mountpoint(root, bind)) is not None:
+                    made.append(point)
+            fell_back = Path(scratch) / "fallback"
             unshare = ["unshare", "--mount", "--propagation", "private"]
             script = native_script(mounts, probe, command)
-            argv = [*unshare, "sh", "-c", script, "sh", str(root)]
+            argv = [*unshare, "sh", "-c", script, "sh", str(root), str(fell_back)]
             done = run(argv, check=False)
+            if fell_back.exists():
+                return False
     finally:
         for path in reversed(made):
             if path.is_dir():
                 path.rmdir()
             else:
                 path.unlink()
-    if done.returncode not in (0, PROBE_FAILED):
+    if done.returncode != 0:
         raise CommandError(argv, done.returncode, done.stdout, done.stderr)
-    return done.returncode == 0
+    return True
 
 
 def run_in_chroot(root: Path, command: str) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from imagefactory.bake import hosttools
+from imagefactory.run import CommandError
 
 STATUS = """\
 Package: sed
@@ -113,10 +114,12 @@ def test_the_native_script_binds_probes_then_runs() -> None:
     command = "echo 'a b'"
     script = hosttools.native_script(binds, ["/bin/sh", "-c", ":"], command)
     assert script.splitlines() == [
-        "set -eu",
-        'mount --bind /usr/lib/x86_64-linux-gnu "$1"/usr/lib/x86_64-linux-gnu',
-        'mount --bind /usr/bin/sed "$1"/usr/bin/sed',
-        f'chroot "$1" /bin/sh -c : || exit {hosttools.PROBE_FAILED}',
+        "set -u",
+        "marker=$2",
+        'fallback() { : > "$marker"; exit 1; }',
+        'mount --bind -o ro /usr/lib/x86_64-linux-gnu "$1"/usr/lib/x86_64-linux-gnu || fallback',
+        'mount --bind -o ro /usr/bin/sed "$1"/usr/bin/sed || fallback',
+        'chroot "$1" /bin/sh -c : || fallback',
         f'exec chroot "$1" /bin/sh -c {shlex.quote(command)}',
     ]
 
@@ -155,6 +158,63 @@ def test_a_real_run_uses_the_host_binaries_and_leaves_the_root_as_it_was(tmp_pat
     (root / "etc/ran").unlink()
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before
     assert (root / "usr/bin/dash").read_text() == "" and str(root) not in _mounts()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "chroot")),
+    reason="needs root (mount namespaces, chroot)",
+)
+def test_the_host_files_are_read_only_and_the_commands_status_is_its_own(tmp_path: Path) -> None:
+    """Nothing run in the chroot can write through a bind to the host's file; a command
+    that fails (even with the status a probe failure once had) is an error, not a fallback."""
+    root = tmp_path / "root"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/lib").mkdir()
+    (root / "tmp").mkdir()
+    (root / "usr/bin/dash").write_text("")
+    (root / "usr/bin/dash").chmod(0o755)
+    (root / "usr/bin/sh").symlink_to("dash")
+    (root / "bin").symlink_to("usr/bin")
+    (root / "lib").symlink_to("usr/lib")
+    host_file = tmp_path / "host-tool"
+    host_file.write_text("#!/bin/sh\n")
+    host_file.chmod(0o755)
+    (root / "usr/bin/tool").write_text("")
+    libs, _ = hosttools.library_binds(root)
+    binds = [*libs, hosttools.Bind(Path("/usr/bin/dash"), "/usr/bin/dash"),
+             hosttools.Bind(host_file, "/usr/bin/tool")]  # fmt: skip
+    probe = ["/usr/bin/dash", "-c", ":"]
+    with pytest.raises(CommandError) as failed:
+        hosttools.run_native(root, binds, probe, "echo overwritten > /usr/bin/tool")
+    assert "Read-only file system" in failed.value.stderr
+    assert host_file.read_text() == "#!/bin/sh\n"
+    with pytest.raises(CommandError):
+        hosttools.run_native(root, binds, probe, "exit 100")
+    assert str(root) not in _mounts()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount namespaces, chroot)")
+def test_a_bind_that_fails_runs_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/tool").write_text("")
+    missing = hosttools.Bind(tmp_path / "no-such-host-file", "/usr/bin/tool")
+    assert not hosttools.run_native(root, [missing], ["/bin/true"], "touch /ran")
+    assert not (root / "ran").exists()
+
+
+def test_paths_that_leave_the_root_or_are_not_regular_files_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    (tmp_path / "usr/bin/sed").write_text("")
+    (tmp_path / "usr/bin/zero").symlink_to("/dev/zero")
+    (tmp_path / "usr/bin/fifo").mkdir()
+    for guest in ("/usr/bin/../bin/sed", "/usr/bin/./sed", "usr/bin/sed", "/", "/usr//bin/sed"):
+        assert hosttools.inside(tmp_path, guest) is None, guest
+    assert hosttools.target_file(tmp_path, "/usr/bin/sed") == tmp_path / "usr/bin/sed"
+    assert hosttools.target_file(tmp_path, "/usr/bin/zero") is None
+    assert hosttools.target_file(tmp_path, "/usr/bin/fifo") is None
+    listed = "/usr/bin/../../etc/passwd\n/usr/bin/sed/../sed\n/usr/lib/x/sed\n"
+    assert hosttools.package_tools(tmp_path, "sed", listed) == []
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount namespaces, chroot)")

@@ -98,6 +98,8 @@ def test_a_foreign_target_with_another_python_compiles_in_the_chroot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "usr/bin").mkdir(parents=True)
+    (tmp_path / "usr/lib").mkdir()
+    (tmp_path / "tmp").mkdir()  # the mount points' parents: only the versions differ
     (tmp_path / "usr/bin/python3.11").write_text("")
     (tmp_path / "var/lib/dpkg").mkdir(parents=True)
     (tmp_path / "var/lib/dpkg/status").write_text(
