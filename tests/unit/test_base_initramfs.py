@@ -139,6 +139,17 @@ def test_when_the_host_binaries_cannot_start_all_runs_emulated(
     assert "update-ca-certificates" in emulated[0] and "the probe failed" in how
 
 
+def test_a_native_target_runs_each_deferred_tool_once_in_the_chroot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emulated = _fake_native(monkeypatch, probe_ok=True)
+    how = finish.deferred_tools(tmp_path, foreign=False)
+    assert len(emulated) == 1 and emulated[0].startswith("set -e\n")
+    for command in ("update-initramfs -c -k all", "update-ca-certificates"):
+        assert sum(command in line for line in emulated[0].splitlines()) == 1
+    assert how == "deferred tools run in the chroot (a native target)"
+
+
 def test_finish_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert finish.main(["/r"]) == 2
     assert finish.main(["/r", "sideways"]) == 2
