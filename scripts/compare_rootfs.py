@@ -1,7 +1,8 @@
 """Compare two root filesystem directories file by file, and their Debian package lists.
 
 For every path: its type, mode, owner, group, link target (symlinks), device numbers
-(device nodes) and the sha256 of its contents (regular files). Timestamps are left out:
+(device nodes), the sha256 of its contents (regular files) and its extended attributes
+(file capabilities among them). Timestamps are left out:
 two builds of the same recipe never agree on them. The package lists are the
 `Package Version Architecture` triples of each tree's `var/lib/dpkg/status`.
 
@@ -47,7 +48,17 @@ def describe(path: Path) -> Entry:
         content = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
     else:
         content = ""
-    return (kind, f"{stat.S_IMODE(st.st_mode):04o}", str(st.st_uid), str(st.st_gid), content)
+    mode = f"{stat.S_IMODE(st.st_mode):04o}"
+    return (kind, mode, str(st.st_uid), str(st.st_gid), content, extended_attributes(path))
+
+
+def extended_attributes(path: Path) -> str:
+    """name=hex of each extended attribute (file capabilities live there), sorted."""
+    try:
+        names = sorted(os.listxattr(path, follow_symlinks=False))
+    except OSError:  # a file system without them
+        return ""
+    return ",".join(f"{n}={os.getxattr(path, n, follow_symlinks=False).hex()}" for n in names)
 
 
 def manifest(root: Path, ignore: list[str]) -> dict[str, Entry]:
@@ -57,8 +68,9 @@ def manifest(root: Path, ignore: list[str]) -> dict[str, Entry]:
     for dirpath, dirnames, filenames in os.walk(root):
         # Like `find -xdev`: a tree with /proc or /dev mounted in it (a build still
         # running) would otherwise be read through them, and /proc/kmsg never ends.
+        names = sorted(dirnames + filenames)  # a mount point is listed, not entered
         dirnames[:] = sorted(d for d in dirnames if (Path(dirpath) / d).lstat().st_dev == device)
-        for name in sorted(dirnames + filenames):
+        for name in names:
             full = Path(dirpath) / name
             guest = "/" + str(full.relative_to(root))
             if not any(fnmatch.fnmatchcase(guest, pattern) for pattern in ignore):
@@ -79,7 +91,7 @@ def packages(root: Path) -> dict[str, str]:
 
 def differences(old: dict[str, Entry], new: dict[str, Entry]) -> dict[str, list[str]]:
     """Paths only in one tree, and paths whose description differs, with what differs."""
-    fields = ("type", "mode", "uid", "gid", "content")
+    fields = ("type", "mode", "uid", "gid", "content", "xattrs")
     changed = []
     for path in sorted(old.keys() & new.keys()):
         if old[path] != new[path]:
@@ -120,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
             what = "not a directory" if not root.is_dir() else f"no {STATUS} (--files-only?)"
             print(f"Error: {root}: {what}", file=sys.stderr)
             return 2
-    old, new = manifest(args.old, args.ignore), manifest(args.new, args.ignore)
+    try:
+        old, new = manifest(args.old, args.ignore), manifest(args.new, args.ignore)
+    except OSError as exc:
+        print(f"Error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
     diff = differences(old, new)
     pkgs = [] if args.files_only else package_differences(packages(args.old), packages(args.new))
     same = not pkgs and not any(diff.values())

@@ -57,13 +57,18 @@ def test_every_kind_of_difference_is_found(
     (new / "etc/new-only").write_text("")
     if os.geteuid() == 0:
         os.chown(new / "etc/same", 1, 1)
+    try:  # like security.capability; not every file system (tmpfs before 6.6) has user.*
+        os.setxattr(new / "etc/content", "user.fleetbake", b"x")
+        content = "/etc/content (content, xattrs)"
+    except OSError:
+        content = "/etc/content (content)"
     assert compare.main([str(old), str(new), "--json"]) == 1
     result = json.loads(capsys.readouterr().out)
     assert result["packages"] == ["a:arm64: 1.0 -> 1.1"]  # config-files is not installed
     assert result["only_old"] == ["/etc/old-only"]
     assert result["only_new"] == ["/etc/new-only"]
     changed = [
-        "/etc/content (content)",
+        content,
         "/etc/link (content)",
         "/etc/mode (mode)",
         "/etc/type (type, mode, content)",
