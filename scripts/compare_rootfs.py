@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from imagefactory.bake.cache import sha256_file
+from imagefactory.bake.hosttools import installed
 
 Entry = tuple[str, ...]
 STATUS = "var/lib/dpkg/status"
@@ -80,13 +81,10 @@ def manifest(root: Path, ignore: list[str]) -> dict[str, Entry]:
 
 def packages(root: Path) -> dict[str, str]:
     """`name:arch` -> version of every installed package in the tree's dpkg status."""
-    status = root / STATUS
-    found: dict[str, str] = {}
-    for paragraph in status.read_text(encoding="utf-8").split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in paragraph.splitlines() if ": " in line[:80])
-        if "installed" in fields.get("Status", "").split():
-            found[f"{fields['Package']}:{fields.get('Architecture', '')}"] = fields["Version"]
-    return found
+    return {
+        f"{fields['Package']}:{fields.get('Architecture', '')}": fields["Version"]
+        for fields in installed((root / STATUS).read_text(encoding="utf-8"))
+    }
 
 
 def differences(old: dict[str, Entry], new: dict[str, Entry]) -> dict[str, list[str]]:
@@ -138,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
     diff = differences(old, new)
-    pkgs = [] if args.files_only else package_differences(packages(args.old), packages(args.new))
+    new_packages = {} if args.files_only else packages(args.new)
+    pkgs = [] if args.files_only else package_differences(packages(args.old), new_packages)
     same = not pkgs and not any(diff.values())
     if args.json:
         print(json.dumps({"same": same, "paths": len(new), "packages": pkgs, **diff}, indent=2))
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(items) > args.limit:
             print(f"{kind}: ... {len(items) - args.limit} more")
     counts = ", ".join(f"{len(v)} {k}" for k, v in (("packages differ", pkgs), *diff.items()))
-    count = "" if args.files_only else f", {len(packages(args.new))} packages"
+    count = "" if args.files_only else f", {len(new_packages)} packages"
     print(f"{len(old)} vs {len(new)} paths{count}: {counts}")
     return 0 if same else 1
 

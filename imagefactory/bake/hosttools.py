@@ -29,6 +29,7 @@ import stat
 import struct
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,13 +56,22 @@ class Bind:
     guest: str
 
 
+def installed(status: str) -> Iterator[dict[str, str]]:
+    """The fields of each package dpkg's status file (text) says is installed (its
+    continuation lines, which hold no field of their own, left out)."""
+    for paragraph in status.split("\n\n"):
+        fields = dict(
+            line.split(": ", 1)
+            for line in paragraph.splitlines()
+            if ": " in line and not line[:1].isspace()
+        )
+        if fields.get("Status", "").endswith(" installed"):
+            yield fields
+
+
 def installed_version(status: str, package: str) -> str | None:
     """The version of `package` if dpkg's status file (text) says it is installed."""
-    for paragraph in status.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in paragraph.splitlines() if ": " in line)
-        if fields.get("Package") == package and fields.get("Status", "").endswith(" installed"):
-            return fields.get("Version")
-    return None
+    return next((f.get("Version") for f in installed(status) if f.get("Package") == package), None)
 
 
 def host_version(package: str) -> str | None:
