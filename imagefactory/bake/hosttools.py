@@ -189,7 +189,8 @@ def with_interpreter(binary: bytes, path: str) -> bytes:
 def library_binds(root: Path) -> tuple[list[Bind], list[str]]:
     """The host's library directory and dynamic loader, and why they cannot be used."""
     multiarch = getattr(sys.implementation, "_multiarch", "")
-    found = interpreter(Path(sys.executable).resolve().read_bytes()[:65536])
+    with Path(sys.executable).resolve().open("rb") as python:  # its headers, not 6 MB
+        found = interpreter(python.read(65536))
     if not multiarch or not Path(f"/usr/lib/{multiarch}").is_dir() or found is None:
         return [], ["the host's library directory or loader is unknown"]
     binds = [Bind(Path(f"/usr/lib/{multiarch}"), f"/usr/lib/{multiarch}"),

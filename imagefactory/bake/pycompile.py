@@ -71,9 +71,9 @@ def interpreters(root: Path) -> list[str]:
     )
 
 
-def native_binds(root: Path) -> tuple[list[hosttools.Bind], list[str]]:
-    """The host's interpreters for the chroot, or why they cannot be used."""
-    found = interpreters(root)
+def native_binds(root: Path, found: list[str]) -> tuple[list[hosttools.Bind], list[str]]:
+    """The host's binaries for the target's interpreters `found` (`interpreters`) in the
+    chroot, or why they cannot be used."""
     if not found:
         return [], ["the target has no python3.X"]
     packages = tuple(f"{Path(guest).name}-minimal" for guest in found)
@@ -89,10 +89,11 @@ def replay(root: Path, foreign: bool) -> str:
     if not queue.exists():
         return "nothing to byte-compile"
     script = replay_script(parse_queue(queue.read_bytes()))
-    binds, reasons = native_binds(root) if foreign else ([], [])
-    probe = [*interpreters(root)[:1], "-S", "-c", ""]
+    found = interpreters(root)
+    binds, reasons = native_binds(root, found) if foreign else ([], [])
+    probe = [*found[:1], "-S", "-c", ""]
     if foreign and not reasons and hosttools.run_native(root, binds, probe, script):
-        how = f"byte-compiled with the host's {', '.join(interpreters(root))}"
+        how = f"byte-compiled with the host's {', '.join(found)}"
     else:
         hosttools.run_in_chroot(root, script)
         why = "; ".join(reasons) or ("a native target" if not foreign else "the probe failed")

@@ -106,11 +106,14 @@ def test_a_foreign_target_with_another_python_compiles_in_the_chroot(
         "Package: python3.11-minimal\nStatus: install ok installed\nVersion: 3.11.2-6+deb12u9\n"
     )
     monkeypatch.setattr(hosttools, "host_version", lambda package: "3.11.2-6+deb12u6")
-    binds, reasons = pycompile.native_binds(tmp_path)
+    binds, reasons = pycompile.native_binds(tmp_path, pycompile.interpreters(tmp_path))
     assert reasons == ["host python3.11-minimal 3.11.2-6+deb12u6, target's 3.11.2-6+deb12u9"]
     assert binds == []
     (tmp_path / "usr/bin/python3.11").unlink()
-    assert pycompile.native_binds(tmp_path) == ([], ["the target has no python3.X"])
+    assert pycompile.native_binds(tmp_path, pycompile.interpreters(tmp_path)) == (
+        [],
+        ["the target has no python3.X"],
+    )
 
 
 def test_the_hooks_record_then_replay_around_the_setup_script(tmp_path: Path) -> None:
