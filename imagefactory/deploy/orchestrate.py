@@ -230,13 +230,14 @@ class Deployer:
         # EXECUTOR_INSECURE themselves for a forward that stays on a host's loopback).
         node = fresh_node(result.device, settings, master, settings.insecure)
         result.node_id, result.run_id = node.node_id, node.run_id
+        here = socket.gethostname()
         record = {
             "kind": kind,
             "target": target.name,
             "environment": env.digest,
             "node_id": node.node_id,
             "run_id": node.run_id,
-            "details": {"placing_on": socket.gethostname()},
+            "details": {"placing_on": here},
         }
         # Reserve the device first: a deploy beside this one gets 409, not a second node.
         path = f"/v1/devices/{result.device}/deployment"
@@ -248,12 +249,13 @@ class Deployer:
             with contextlib.suppress(Exception):  # the transport cleaned up what it began
                 self.client.delete(path)
             raise
-        details = {**details, "placed_on": socket.gethostname()}
+        details = {**details, "placed_on": here}
+        placed = {**record, "details": details}
         try:
-            self.client.put_json(path, {**record, "details": details})
+            self.client.put_json(path, placed)
         except Exception as exc:
             say(f"could not record the deployment ({exc}); removing the node again")
-            self.transports[kind].remove(device, {**record, "details": details}, say)
+            self.transports[kind].remove(device, placed, say)
             raise
         result.details = details
         result.status = "deployed"
