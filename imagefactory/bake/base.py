@@ -31,7 +31,7 @@ from imagefactory.run import CommandError, run
 from imagefactory.stages import Stages, follow
 from imagefactory.targets import Target
 
-BASE_RECIPE = 3
+BASE_RECIPE = 4
 """Bump when the build steps change in a way the other inputs do not show."""
 
 COMMON_PACKAGES = (
@@ -159,12 +159,32 @@ def finish_hook(target: Target) -> str:
     return f'{shlex.quote(sys.executable)} -m imagefactory.bake.finish "$1" {kind}'
 
 
+def hostinstall_hooks(target: Target, state: Path) -> tuple[list[str], list[str]]:
+    """A foreign target's essential and customize hooks that put the host's binaries in
+    place while the packages install (bake/hostinstall.py); a native target needs none."""
+    if target.is_native:
+        return [], []
+    command = f"{shlex.quote(sys.executable)} -m imagefactory.bake.hostinstall"
+    where = f'"$1" {shlex.quote(str(state))}'
+    return [f"--essential-hook={command} bind {where}"], [
+        f"--customize-hook={command} unbind {where}"
+    ]
+
+
+PRIVATE_MOUNTS = ("unshare", "--mount", "--propagation", "private")
+"""How mmdebstrap runs when its hooks mount: those mounts, and its own (/proc, /sys, /dev),
+end with it whatever happens."""
+
+
 def mmdebstrap_argv(
     spec: BaseSpec, rootfs: Path, overlay: Path, mirrors: list[str], standins: Path | None = None
 ) -> list[str]:
-    """`standins` holds guestconfig.RECORDED_TOOLS' stand-ins (default: beside `overlay`)."""
+    """`standins` holds guestconfig.RECORDED_TOOLS' stand-ins (default: beside `overlay`);
+    the host binaries' copies go beside it too."""
     standins = standins or overlay.parent / "standins"
+    bind, unbind = hostinstall_hooks(spec.target, standins.parent / "hostinstall")
     return [
+        *(PRIVATE_MOUNTS if bind else ()),
         "mmdebstrap",
         "--mode=root",
         "--variant=minbase",
@@ -174,6 +194,8 @@ def mmdebstrap_argv(
         *(f"--dpkgopt={opt}" for opt in DPKG_OPTIONS),
         f"--essential-hook={divert_deferred_tools()}",
         f"--essential-hook=sync-in {standins} /",
+        *bind,
+        *unbind,
         f"--customize-hook=sync-in {overlay} /",
         '--customize-hook=chroot "$1" /bin/sh /fleetbake-setup.sh',
         f"--customize-hook={finish_hook(spec.target)}",

@@ -66,9 +66,7 @@ def deferred_tools(root: Path, foreign: bool) -> str:
     if wrong := wrong_initramfs(root, target_machine(root)):
         hosttools.run_in_chroot(root, "update-initramfs -u -k all")
         return f"initramfs made again in the chroot: a host binary was copied in ({wrong[0]})"
-    tools = sum(b.host.is_file() and b.guest != hosttools.LOADER for b in binds)
-    note = f"; emulated: {'; '.join(reasons)}" if reasons else ""
-    return f"deferred tools run with {tools} of the host's binaries{note}"
+    return f"deferred tools run with {hosttools.summary(binds, reasons)}"
 
 
 def main(argv: list[str]) -> int:

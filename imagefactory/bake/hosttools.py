@@ -217,6 +217,15 @@ def tool_binds(root: Path, packages: tuple[str, ...]) -> tuple[list[Bind], list[
     return ([], reasons + others) if reasons else (binds + tools, others)
 
 
+def summary(binds: list[Bind], reasons: list[str]) -> str:
+    """`N of the host's binaries` (its tools, not its library directory or loader), and
+    why the others stay emulated."""
+    tools = sum(b.host.is_file() and b.guest != LOADER for b in binds)
+    return f"{tools} of the host's binaries" + (
+        f"; emulated: {'; '.join(reasons)}" if reasons else ""
+    )
+
+
 def native_script(binds: list[Bind], probe: list[str], command: str) -> str:
     """Run inside `unshare --mount` with the root as $1 and a marker path as $2: bind
     (read-only: nothing in the chroot may write to the host's files), probe, run the
@@ -234,7 +243,7 @@ def native_script(binds: list[Bind], probe: list[str], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _mountpoint(root: Path, bind: Bind) -> Path | None:
+def mountpoint(root: Path, bind: Bind) -> Path | None:
     """Make the missing mount point of `bind` (a directory or an empty file); None if the
     root has it already."""
     path = root / bind.guest[1:]
@@ -247,7 +256,7 @@ def _mountpoint(root: Path, bind: Bind) -> Path | None:
     return path
 
 
-def _relocated(binds: list[Bind], scratch: Path) -> list[Bind]:
+def relocated(binds: list[Bind], scratch: Path) -> list[Bind]:
     """Binaries become copies in `scratch` whose interpreter is LOADER."""
     out = []
     for bind in binds:
@@ -267,9 +276,9 @@ def run_native(root: Path, binds: list[Bind], probe: list[str], command: str) ->
     made: list[Path] = []
     try:
         with tempfile.TemporaryDirectory(prefix="fleetbake-hosttools-") as scratch:
-            mounts = _relocated(binds, Path(scratch))
+            mounts = relocated(binds, Path(scratch))
             for bind in mounts:  # one by one: a failure still removes what was made
-                if (point := _mountpoint(root, bind)) is not None:
+                if (point := mountpoint(root, bind)) is not None:
                     made.append(point)
             fell_back = Path(scratch) / "fallback"
             unshare = ["unshare", "--mount", "--propagation", "private"]

@@ -132,7 +132,7 @@ def test_the_hooks_record_then_replay_around_the_setup_script(tmp_path: Path) ->
     )
     inputs = base.base_inputs(base.BaseSpec(arm, mirror="http://m"))
     assert inputs["standins"] == {pycompile.PY3COMPILE: pycompile.STANDIN}
-    assert inputs["recipe"] == base.BASE_RECIPE == 3
+    assert inputs["recipe"] == base.BASE_RECIPE == 4
 
 
 def test_stand_ins_are_written_executable(tmp_path: Path) -> None:
