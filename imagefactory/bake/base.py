@@ -255,6 +255,17 @@ def _from_entry(entry: Entry, source: str) -> BaseImage:
     return BaseImage(entry.image, entry.sha256, entry.key, entry.inputs, source)
 
 
+def build_rootfs(spec: BaseSpec, work: Path, fs_uuid: str, log_path: Path, stages: Stages) -> Path:
+    """The base's root filesystem, made by mmdebstrap in `work`/rootfs (the files it is
+    given, and the host binaries' copies, beside it); mmdebstrap's log goes to `log_path`."""
+    rootfs, overlay, standins = work / "rootfs", work / "overlay", work / "standins"
+    write_overlay(overlay, guestconfig.overlay_files(spec.target, fs_uuid))
+    write_overlay(standins, guestconfig.RECORDED_TOOLS, mode=0o755)
+    argv = mmdebstrap_argv(spec, rootfs, overlay, mirror_args(spec), standins)
+    run_mmdebstrap(argv, spec, work, log_path, stages)
+    return rootfs
+
+
 def build_base(spec: BaseSpec, cache: BaseCache, stages: Stages) -> BaseImage:
     """Return the cached base for `spec`, building it first if needed."""
     inputs = base_inputs(spec)
@@ -265,12 +276,8 @@ def build_base(spec: BaseSpec, cache: BaseCache, stages: Stages) -> BaseImage:
     target = spec.target
     fs_uuid = root_uuid(key)
     with cache.building(key, inputs) as work:
-        rootfs, overlay, grub_dir = work / "rootfs", work / "overlay", work / "grub"
-        write_overlay(overlay, guestconfig.overlay_files(target, fs_uuid))
-        write_overlay(work / "standins", guestconfig.RECORDED_TOOLS, mode=0o755)
         log_path = work.parent / f"{key[:12]}-mmdebstrap.log"
-        argv = mmdebstrap_argv(spec, rootfs, overlay, mirror_args(spec), work / "standins")
-        run_mmdebstrap(argv, spec, work, log_path, stages)
+        rootfs, grub_dir = build_rootfs(spec, work, fs_uuid, log_path, stages), work / "grub"
         version = kernel_version(rootfs)
         (rootfs / "boot/grub").mkdir(parents=True, exist_ok=True)
         (rootfs / "boot/grub/grub.cfg").write_text(guestconfig.grub_cfg(target, fs_uuid, version))
