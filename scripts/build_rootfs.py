@@ -16,12 +16,13 @@ host's Debian apt sources or --mirror.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from imagefactory.bake.base import BaseSpec, build_rootfs
-from imagefactory.errors import UserError
+from imagefactory.bake.base import BaseSpec, build_rootfs, mirror_args
+from imagefactory.errors import HostError, UserError, die
 from imagefactory.stages import Stages
 from imagefactory.targets import get_target, target_names
 
@@ -34,20 +35,21 @@ def main() -> int:
     parser.add_argument("dir", type=Path, help="a new directory for the root and its log")
     parser.add_argument("--mirror", help="Debian mirror URL (default: the host's apt sources)")
     args = parser.parse_args()
-    try:
-        args.dir.mkdir(parents=True)
-    except OSError as exc:
-        print(f"Error: {args.dir}: {exc.strerror}", file=sys.stderr)
-        return 2
     spec = BaseSpec(get_target(args.target), mirror=args.mirror)
     started = time.monotonic()
     try:
-        root = build_rootfs(
-            spec, args.dir, PLACEHOLDER_UUID, args.dir / "mmdebstrap.log", Stages(out=sys.stderr)
-        )
-    except UserError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
+        if os.geteuid() != 0:
+            raise die("run it as root: mmdebstrap builds the root in its root mode")
+        mirror_args(spec)  # no apt sources: say so before DIR exists
+        args.dir.mkdir(parents=True)
+        log = args.dir / "mmdebstrap.log"
+        root = build_rootfs(spec, args.dir, PLACEHOLDER_UUID, log, Stages(out=sys.stderr))
+    except (UserError, HostError) as exc:
+        print(f"Error: {exc.format_message()}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"Error: {exc.filename or args.dir}: {exc.strerror}", file=sys.stderr)
+        return 2
     print(f"{root}: {time.monotonic() - started:.1f} s")
     return 0
 

@@ -193,10 +193,10 @@ def mmdebstrap_argv(
         f"--include={','.join(spec.packages)}",
         *(f"--dpkgopt={opt}" for opt in DPKG_OPTIONS),
         f"--essential-hook={divert_deferred_tools()}",
-        f"--essential-hook=sync-in {standins} /",
+        f"--essential-hook=sync-in {shlex.quote(str(standins))} /",  # split like a shell
         *bind,
         *unbind,
-        f"--customize-hook=sync-in {overlay} /",
+        f"--customize-hook=sync-in {shlex.quote(str(overlay))} /",
         '--customize-hook=chroot "$1" /bin/sh /fleetbake-setup.sh',
         f"--customize-hook={finish_hook(spec.target)}",
         spec.suite,

@@ -12,17 +12,27 @@ binds them read-only), from the end of the essential set until the customize hoo
 later package replaces those files: the essential set installed them from the same
 archive at the same versions. dpkg itself, apt and everything else stay the target's.
 
+Perl sees the modules the target's own Perl would: perl-base's (the same version on both
+sides), the target's arch-independent ones, and, from the host's other arch-specific
+directories, only those of a `libperl5.X` the target has at the same version; the rest are
+hidden behind an empty directory. A target with arch-specific Perl modules of its own
+(`/usr/lib/*/perl5`) keeps its Perl emulated.
+
 mmdebstrap runs in a mount namespace of its own (base.mmdebstrap_argv), so the mounts
 end with it even when the build fails; `unbind` removes them, and the mount points made for
 them, before the root is customized. STATE (a directory outside the root) holds the
-relocated copies and the list of what `bind` mounted and made. If a bind or the probe
-fails, `bind` undoes what it did and the packages install emulated, as before: slower,
-the same result. Either way the hook says what happened in one `I:` line.
+relocated copies and the list of what `bind` mounted and made. If anything in `bind`
+fails, a bind or a probe among them, it undoes what it did and the packages install
+emulated, as before: slower, the same result. Either way the hook says what happened in
+one `I:` line. A package that did replace a bound file would fail loudly (dpkg cannot
+rename onto a mount point: "Device or resource busy"), never install something else.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import struct
 import sys
 from pathlib import Path
 
@@ -34,21 +44,39 @@ INSTALL_TOOL_PACKAGES = (
     "debianutils", "perl-base",
 )  # fmt: skip
 """What maintainer scripts start most: the shells and their tools, and Perl (debconf's
-frontend, deb-systemd-helper, update-rc.d). Perl's modules come along: the host's library
-directory is bound whole, and the arch-independent ones are the target's."""
+frontend, deb-systemd-helper, update-rc.d)."""
 
 PROBES = {
     "/usr/bin/dash": ["/bin/sh", "-c", ":"],
+    "/usr/bin/true": ["/usr/bin/true"],
+    "/usr/bin/sed": ["/usr/bin/sed", "--version"],
+    "/usr/bin/grep": ["/usr/bin/grep", "--version"],
+    "/usr/bin/find": ["/usr/bin/find", "--version"],
     "/usr/bin/perl": ["/usr/bin/perl", "-MPOSIX", "-e", "1"],  # and its XS modules load
 }
-"""A host binary that is bound must start in the chroot, or none of them is used."""
+"""Each bound binary here must start in the chroot, and at least one must be bound, or
+none of the host's binaries is used: the copies share the loader, the library directory
+and STATE's file system, so one that starts shows the others can."""
+
+FAILURES = (CommandError, OSError, ValueError, struct.error)
+"""What makes `bind` fall back to emulation (ValueError: a binary whose loader path does
+not fit; struct.error: a truncated ELF file)."""
 
 _RECORD = "mounts.json"
+_LIBPERL = re.compile(r"libperl5\.\d+")
 
 
-def _record(state: Path, mounted: list[str], made: list[Path]) -> None:
-    data = {"mounted": mounted, "made": [str(p) for p in made]}
-    (state / _RECORD).write_text(json.dumps(data) + "\n")
+def _record(state: Path, mounted: list[str], made: list[str]) -> None:
+    (state / _RECORD).write_text(json.dumps({"mounted": mounted, "made": made}) + "\n")
+
+
+def _inside(root: Path, guest: str) -> Path:
+    """`guest` in the root, checked again: ~190 packages' scripts ran since `bind`, and
+    nothing on the host may be unmounted or removed through a link they left."""
+    path = hosttools.inside(root, guest)
+    if path is None:
+        raise ValueError(f"{guest} is no longer a plain path inside the root; left as it is")
+    return path
 
 
 def unbind(root: Path, state: Path) -> int:
@@ -59,43 +87,83 @@ def unbind(root: Path, state: Path) -> int:
         return 0
     data = json.loads(record.read_text())
     for guest in reversed(data["mounted"]):
-        run(["umount", "--lazy", str(root / guest.lstrip("/"))])
-    for made in reversed(data["made"]):
-        path = Path(made)
-        if path.is_dir() and not path.is_symlink():
-            path.rmdir()
+        run(["umount", "--lazy", str(_inside(root, guest))])
+    for guest in reversed(data["made"]):
+        path = _inside(root, guest)
+        if path.is_dir():
+            path.rmdir()  # empty: the mount point made for the library directory
         else:
-            path.unlink(missing_ok=True)
+            path.unlink()
     record.unlink()
     return len(data["mounted"])
+
+
+def perl_view(root: Path, binds: list[hosttools.Bind], empty: Path) -> list[hosttools.Bind]:
+    """The binds that hide the host's arch-specific Perl modules the target's Perl would
+    not see (see above), behind `empty`; ValueError if the host's Perl cannot stand in."""
+    if any(root.glob("usr/lib/*/perl5/*")):
+        raise ValueError("the target has Perl modules built for its own machine")
+    status = hosttools.target_file(root, "/var/lib/dpkg/status")
+    text = status.read_text(encoding="utf-8") if status is not None else ""
+    libperls = [f["Package"] for f in hosttools.installed(text) if _LIBPERL.fullmatch(f["Package"])]
+    same, reasons = hosttools.same_packages(root, tuple(libperls))
+    if reasons:
+        raise ValueError("; ".join(reasons))
+    library = next(b for b in binds if b.host.is_dir()).guest
+    hidden = ["perl5"] + ([] if same else ["perl"])
+    return [
+        hosttools.Bind(empty, f"{library}/{name}")
+        for name in hidden
+        if Path(library, name).is_dir()
+    ]
+
+
+def _binds(root: Path, state: Path) -> tuple[list[hosttools.Bind], list[str]]:
+    """What to bind (the host's copies made in STATE), and why the rest stays emulated."""
+    binds, reasons = hosttools.tool_binds(root, INSTALL_TOOL_PACKAGES)
+    if not binds:
+        return [], reasons
+    if "/usr/bin/perl" in {b.guest for b in binds}:
+        empty = state / "empty"
+        empty.mkdir(parents=True, exist_ok=True)
+        try:
+            binds += perl_view(root, binds, empty)
+        except ValueError as exc:
+            perl_base = hosttools.package_tools(
+                root, "perl-base", hosttools.dpkg_list(root, "perl-base")
+            )
+            binds = [b for b in binds if b not in perl_base]
+            reasons.append(f"perl: {exc}")
+    return hosttools.relocated(binds, state), reasons
 
 
 def bind(root: Path, state: Path) -> str:
     """Bind the host's binaries into the root for the rest of the installation; says how
     many, or why none."""
-    binds, reasons = hosttools.tool_binds(root, INSTALL_TOOL_PACKAGES)
-    if not binds:
-        return f"the packages install emulated ({'; '.join(reasons)})"
-    state.mkdir(parents=True, exist_ok=True)
-    mounts = hosttools.relocated(binds, state)
     mounted: list[str] = []
-    made: list[Path] = []
+    made: list[str] = []
     try:
+        state.mkdir(parents=True, exist_ok=True)
+        mounts, reasons = _binds(root, state)
+        if not mounts:
+            return f"the packages install emulated ({'; '.join(reasons)})"
         for mount in mounts:  # recorded one by one: a failure still undoes what was done
-            if (point := hosttools.mountpoint(root, mount)) is not None:
-                made.append(point)
+            if hosttools.mountpoint(root, mount) is not None:
+                made.append(mount.guest)
             _record(state, mounted, made)
             target = str(root / mount.guest.lstrip("/"))
             run(["mount", "--bind", "-o", "ro", str(mount.host), target])
             mounted.append(mount.guest)
             _record(state, mounted, made)
-        for binary, probe in PROBES.items():
-            if binary in mounted:
-                run(["chroot", str(root), *probe])
-    except (CommandError, OSError) as exc:
+        probes = [probe for binary, probe in PROBES.items() if binary in mounted]
+        if not probes:
+            raise ValueError("none of the bound binaries has a probe")
+        for probe in probes:
+            run(["chroot", str(root), *probe])
+    except FAILURES as exc:
         unbind(root, state)
         return f"the packages install emulated (the host's binaries do not work there: {exc})"
-    return f"the packages install with {hosttools.summary(binds, reasons)}"
+    return f"the packages install with {hosttools.summary(mounts, reasons)}"
 
 
 def main(argv: list[str]) -> int:
@@ -108,8 +176,10 @@ def main(argv: list[str]) -> int:
         if action == "bind":
             print(f"I: fleetbake: {bind(root, state)}", flush=True)
         else:
-            print(f"I: fleetbake: {unbind(root, state)} of the host's files unbound", flush=True)
-    except (CommandError, ValueError, OSError) as exc:
+            print(
+                f"I: fleetbake: {unbind(root, state)} binds of the host's files removed", flush=True
+            )
+    except FAILURES as exc:
         print(f"E: fleetbake: {action}ing the host's binaries failed: {exc}", flush=True)
         return 1
     return 0

@@ -61,9 +61,14 @@ def _fake_root(root: Path) -> None:
     (root / "etc/motd").write_text("hello from the target\n")
 
 
-def _tree(root: Path) -> list[tuple[str, str]]:
+def _tree(root: Path) -> list[tuple[str, int, str]]:
+    """Every path's name, type and mode, and a file's contents or a link's target."""
     return sorted(
-        (str(p.relative_to(root)), p.read_text() if p.is_file() and not p.is_symlink() else "")
+        (
+            str(p.relative_to(root)),
+            p.lstat().st_mode,
+            str(p.readlink()) if p.is_symlink() else p.read_text() if p.is_file() else "",
+        )
         for p in root.rglob("*")
     )
 
@@ -90,7 +95,7 @@ def test_the_installation_between_the_hooks_runs_the_hosts_binaries(tmp_path: Pa
     )
     assert done.returncode == 0, done.stderr
     assert "I: fleetbake: the packages install with 2 of the host's binaries" in done.stdout
-    assert "I: fleetbake: 4 of the host's files unbound" in done.stdout
+    assert "I: fleetbake: 4 binds of the host's files removed" in done.stdout
     assert (root / "etc/copied").read_text() == "hello from the target\n"
     (root / "etc/copied").unlink()
     assert _tree(root) == before
@@ -114,14 +119,23 @@ def test_a_failed_bind_undoes_everything_and_the_packages_install_emulated(
 
 
 @needs_root
-def test_a_failed_probe_undoes_every_mount(tmp_path: Path) -> None:
-    """The library directory, the loader and both tools were bound when the probe fails."""
+@pytest.mark.parametrize(
+    ("probes", "said"),
+    [({"/usr/bin/cat": ["/usr/bin/cat", "/no-such-file"]}, "/no-such-file"),
+     ({}, "none of the bound binaries has a probe")],
+    ids=["fails", "none"],
+)  # fmt: skip
+def test_a_failed_or_missing_probe_undoes_every_mount(
+    tmp_path: Path, probes: dict[str, list[str]], said: str
+) -> None:
+    """The library directory, the loader and both tools were bound when the probe fails
+    (or when none of them has one)."""
     root, state = tmp_path / "root", tmp_path / "state"
     _fake_root(root)
     before = _tree(root)
     code = (
         "import sys; from pathlib import Path; from imagefactory.bake import hostinstall\n"
-        "hostinstall.PROBES = {'/usr/bin/cat': ['/usr/bin/cat', '/no-such-file']}\n"
+        f"hostinstall.PROBES = {probes!r}\n"
         "print(hostinstall.bind(Path(sys.argv[1]), Path(sys.argv[2])))\n"
         "print(open('/proc/self/mountinfo').read())\n"
     )
@@ -129,9 +143,9 @@ def test_a_failed_probe_undoes_every_mount(tmp_path: Path) -> None:
         [*base.PRIVATE_MOUNTS, sys.executable, "-c", code, str(root), str(state)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    said, _, mounts = done.stdout.partition("\n")
-    assert said.startswith("the packages install emulated (the host's binaries do not work")
-    assert "/no-such-file" in said
+    first, _, mounts = done.stdout.partition("\n")
+    assert first.startswith("the packages install emulated (the host's binaries do not work")
+    assert said in first
     assert str(root) not in mounts
     assert _tree(root) == before
 
@@ -152,10 +166,61 @@ def test_nothing_to_bind_says_why(tmp_path: Path) -> None:
     said = hostinstall.bind(tmp_path, tmp_path / "state")
     assert said.startswith("the packages install emulated (")
     assert said.endswith("the target has no dpkg status file)")
-    assert not (tmp_path / "state").exists()
+    assert not (tmp_path / "state/mounts.json").exists()
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert hostinstall.main(["bind", "root"]) == 2
     assert hostinstall.main(["mount", "root", "state"]) == 2
     assert "usage:" in capsys.readouterr().err
+
+
+def test_unbind_never_follows_a_link_out_of_the_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A maintainer script replaced the root's /tmp by a link to a host directory after
+    `bind`: the host's file of the same name stays, and the hook fails, saying why."""
+    root, state, host_dir = tmp_path / "root", tmp_path / "state", tmp_path / "host"
+    host_dir.mkdir()
+    (host_dir / "fleetbake-ld.so").write_text("the host's\n")
+    root.mkdir()
+    (root / "tmp").symlink_to(host_dir)
+    state.mkdir()
+    (state / "mounts.json").write_text('{"mounted": [], "made": ["/tmp/fleetbake-ld.so"]}')
+    assert hostinstall.main(["unbind", str(root), str(state)]) == 1
+    out = capsys.readouterr().out
+    assert out == (
+        "E: fleetbake: unbinding the host's binaries failed: /tmp/fleetbake-ld.so is no "
+        "longer a plain path inside the root; left as it is\n"
+    )
+    assert (host_dir / "fleetbake-ld.so").read_text() == "the host's\n"
+
+
+LIBRARY = f"/usr/lib/{getattr(sys.implementation, '_multiarch', 'x')}"
+
+
+def _perl_root(root: Path, libperl: str | None) -> None:
+    (root / "var/lib/dpkg").mkdir(parents=True)
+    status = "Package: perl-base\nStatus: install ok installed\nVersion: 1\n"
+    if libperl is not None:
+        status += f"\nPackage: libperl5.36\nStatus: install ok installed\nVersion: {libperl}\n"
+    (root / "var/lib/dpkg/status").write_text(status)
+
+
+@pytest.mark.skipif(not Path(LIBRARY).is_dir(), reason="needs the host's library directory")
+def test_the_hosts_perl_sees_only_modules_the_targets_perl_would(tmp_path: Path) -> None:
+    library = [hosttools.Bind(Path(LIBRARY), LIBRARY)]
+    empty = tmp_path / "empty"
+    # No libperl in the target: the host's libperl and lib*-perl modules are hidden.
+    _perl_root(tmp_path / "a", None)
+    hidden = {b.guest for b in hostinstall.perl_view(tmp_path / "a", library, empty)}
+    assert hidden == {f"{LIBRARY}/{d}" for d in ("perl5", "perl") if Path(LIBRARY, d).is_dir()}
+    # The target's libperl at another version than the host's: Perl stays emulated.
+    _perl_root(tmp_path / "b", "0.0-other")
+    with pytest.raises(ValueError, match="libperl5.36"):
+        hostinstall.perl_view(tmp_path / "b", library, empty)
+    # Arch-specific Perl modules of the target's own: emulated too.
+    _perl_root(tmp_path / "c", None)
+    (tmp_path / "c/usr/lib/aarch64-linux-gnu/perl5/5.36").mkdir(parents=True)
+    with pytest.raises(ValueError, match="built for its own machine"):
+        hostinstall.perl_view(tmp_path / "c", library, empty)
