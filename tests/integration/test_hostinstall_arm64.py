@@ -4,25 +4,22 @@ them, and the two roots are compared file by file (scripts/compare_rootfs.py).""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from imagefactory.bake import base, hosttools
 from imagefactory.host.doctor import binfmt_check
 from imagefactory.targets import get_target
+from tests.scripts import load_script
 
 ARM = get_target("aarch64-linux")
 PACKAGES = "locales,cron"
 """Maintainer scripts that start shells, sed and grep, debconf's Perl frontend,
 deb-systemd-helper and update-rc.d; small enough for every CI run."""
-
-COMPARE = Path(__file__).resolve().parents[2] / "scripts/compare_rootfs.py"
 
 pytestmark = [
     pytest.mark.timeout(1800),  # two emulated builds on a loaded machine
@@ -34,14 +31,6 @@ pytestmark = [
     ),
     pytest.mark.skipif(not base.host_sources(), reason="needs the host's Debian apt sources"),
 ]
-
-
-def _compare_rootfs() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("compare_rootfs", COMPARE)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _build(root: Path, hooks: list[str]) -> str:
@@ -68,7 +57,7 @@ def test_a_root_installed_with_the_hosts_binaries_is_the_emulated_one(tmp_path: 
     assert not (tmp_path / "host" / library.lstrip("/")).exists()
     assert not (tmp_path / "host/tmp/fleetbake-ld.so").exists()
     assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
-    compare = _compare_rootfs()
+    compare = load_script("compare_rootfs")
     old, new = compare.manifest(tmp_path / "emulated", []), compare.manifest(tmp_path / "host", [])
     assert compare.differences(old, new) == {"only_old": [], "only_new": [], "changed": []}
     assert compare.packages(tmp_path / "emulated") == compare.packages(tmp_path / "host")

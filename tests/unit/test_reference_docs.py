@@ -7,11 +7,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 from pathlib import Path
 from types import ModuleType
+
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE = REPO / "docs" / "reference"
@@ -20,12 +21,7 @@ VARIABLE = re.compile(r"\bEXECUTOR_[A-Z0-9_]+")
 
 
 def _exporter() -> ModuleType:
-    path = REPO / "scripts" / "export_openapi.py"
-    spec = importlib.util.spec_from_file_location("export_openapi", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("export_openapi")
 
 
 def _variables(text: str) -> set[str]:
