@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -20,8 +21,15 @@ def process_alive(pid: int) -> bool:
 def signal_when(
     argv: Sequence[str], sig: int, started: Path, env: dict[str, str] | None = None
 ) -> tuple[int, str]:
-    """Start argv, send it `sig` once the file `started` exists; (exit code, stderr)."""
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    """Start argv, send it `sig` once the file `started` exists; (exit code, stderr).
+
+    The child starts with `sig`'s default disposition: a test run started in the background
+    by a non-interactive shell (`cmd &`) inherits SIGINT ignored, and Python then never
+    installs its KeyboardInterrupt handler."""
+    process = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL),
+    )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not started.exists():
