@@ -21,12 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from imagefactory.bake.base import BaseSpec, build_rootfs, mirror_args
+from imagefactory.bake.base import PLACEHOLDER_UUID, BaseSpec, build_rootfs, mirror_args
 from imagefactory.errors import HostError, UserError, die
 from imagefactory.stages import Stages
 from imagefactory.targets import get_target, target_names
-
-PLACEHOLDER_UUID = "00000000-0000-0000-0000-000000000000"
 
 
 def main() -> int:

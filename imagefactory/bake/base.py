@@ -52,6 +52,10 @@ DPKG_OPTIONS = (
 
 ROOT_UUID_NAMESPACE = uuid.UUID("6f6c9a59-2a53-4f0e-9b4e-2b1f5f0f2c11")
 
+PLACEHOLDER_UUID = "00000000-0000-0000-0000-000000000000"
+"""The root filesystem UUID where the real one (root_uuid, derived from the cache key)
+cannot be used yet: in the cache key's inputs, and in roots built only to be compared."""
+
 
 def divert_deferred_tools() -> str:
     """The essential hook: the tools in guestconfig.DEFERRED_TOOLS become `true` while the
@@ -127,7 +131,6 @@ def mirror_args(spec: BaseSpec) -> list[str]:
 
 def base_inputs(spec: BaseSpec) -> dict[str, Any]:
     """Everything the base image depends on (the cache key is their sha256)."""
-    placeholder = "00000000-0000-0000-0000-000000000000"
     mirrors = [spec.mirror] if spec.mirror else [p.read_text() for p in host_sources()]
     return {
         "recipe": BASE_RECIPE,
@@ -137,7 +140,7 @@ def base_inputs(spec: BaseSpec) -> dict[str, Any]:
         "dpkg_options": list(DPKG_OPTIONS),
         "mirrors": mirrors,
         "root_mib": spec.root_mib,
-        "files": guestconfig.overlay_files(spec.target, placeholder),
+        "files": guestconfig.overlay_files(spec.target, PLACEHOLDER_UUID),
         "standins": guestconfig.RECORDED_TOOLS,
         "grub_platforms": list(spec.target.grub_platforms),
     }
