@@ -89,11 +89,7 @@ def unbind(root: Path, state: Path) -> int:
     for guest in reversed(data["mounted"]):
         run(["umount", "--lazy", str(_inside(root, guest))])
     for guest in reversed(data["made"]):
-        path = _inside(root, guest)
-        if path.is_dir():
-            path.rmdir()  # empty: the mount point made for the library directory
-        else:
-            path.unlink()
+        hosttools.remove_mountpoint(_inside(root, guest))
     record.unlink()
     return len(data["mounted"])
 

@@ -256,6 +256,15 @@ def mountpoint(root: Path, bind: Bind) -> Path | None:
     return path
 
 
+def remove_mountpoint(path: Path) -> None:
+    """Remove what `mountpoint` made, once nothing is mounted on it: an empty directory or
+    an empty file."""
+    if path.is_dir() and not path.is_symlink():
+        path.rmdir()
+    else:
+        path.unlink()
+
+
 def relocated(binds: list[Bind], scratch: Path) -> list[Bind]:
     """Binaries become copies in `scratch` whose interpreter is LOADER."""
     out = []
@@ -289,10 +298,7 @@ def run_native(root: Path, binds: list[Bind], probe: list[str], command: str) ->
                 return False
     finally:
         for path in reversed(made):
-            if path.is_dir():
-                path.rmdir()
-            else:
-                path.unlink()
+            remove_mountpoint(path)
     if done.returncode != 0:
         raise CommandError(argv, done.returncode, done.stdout, done.stderr)
     return True
