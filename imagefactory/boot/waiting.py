@@ -155,13 +155,17 @@ def wait_for(
     pending = list(nodes)
     while pending:
         for node in list(pending):
+            # Ask whether the VM runs before checking the condition: a VM that
+            # meets it and then ends between the two checks (a node powering
+            # off after its report) must not read as one that ended before it.
+            was_running = node.machine.running()
             outcome = met(wait, node, api)
             if outcome is not None:
                 node.outcome = outcome
                 node.elapsed_s = time.monotonic() - node.started
                 pending.remove(node)
                 progress(f"node {node.record.node_id}: {outcome} after {node.elapsed_s:.0f} s")
-            elif not node.machine.running():
+            elif not was_running:
                 raise BootTimeout(
                     f"node {node.record.node_id} stopped before '{wait}'\n" + last_lines(node)
                 )

@@ -183,3 +183,20 @@ def test_a_vm_that_ends_early_fails_at_once(tmp_path: Path) -> None:
     node = booted(tmp_path, STARTING, running=False)
     with pytest.raises(waiting.BootTimeout, match="stopped before 'report'"):
         waiting.wait_for("report", 3600, [node], lambda _: None)
+
+
+class StopsWhenAsked(FakeMachine):
+    """A VM that ends right after its first `running()` answer."""
+
+    def running(self) -> bool:
+        was_running = self.is_running
+        self.is_running = False
+        return was_running
+
+
+@pytest.mark.parametrize("wait", ["poweroff", "report"])
+def test_a_vm_that_ends_while_meeting_the_condition_meets_it(tmp_path: Path, wait: str) -> None:
+    node = booted(tmp_path, STARTING + DONE)
+    node.machine = StopsWhenAsked()
+    waiting.wait_for(wait, 3600, [node], lambda _: None)
+    assert node.outcome == {"poweroff": "powered off", "report": "report (succeeded)"}[wait]
