@@ -111,6 +111,7 @@ def spawn(
     stdout: int | None = subprocess.PIPE,
     stderr: int | None = subprocess.STDOUT,
     die_with_parent: bool = False,
+    interruptible: bool = False,
     pass_fds: tuple[int, ...] = (),
 ) -> subprocess.Popen[bytes]:
     """Start a command in its own process group, so that it can be killed as a whole.
@@ -118,6 +119,10 @@ def spawn(
     `die_with_parent`: the command gets SIGTERM when this process dies, even by SIGKILL
     (Linux's parent-death signal), so that no VM outlives the `imagefactory boot` that
     was to clean it up.
+
+    `interruptible`: SIGINT gets its default action back in the command, for callers that
+    stop it with SIGINT. A process started in the background by a shell inherits SIGINT
+    ignored, and an exec keeps that: Python would then never raise KeyboardInterrupt.
     """
     args = _argv(argv)
     log.debug("spawn: %s", shlex.join(args))
@@ -129,20 +134,26 @@ def spawn(
         stdout=stdout,
         stderr=stderr,
         start_new_session=True,
-        preexec_fn=_terminate_with(os.getpid()) if die_with_parent else None,
+        preexec_fn=_child_setup(os.getpid() if die_with_parent else None, interruptible),
         pass_fds=pass_fds,
     )
 
 
-def _terminate_with(parent: int) -> Callable[[], None]:
+def _child_setup(parent: int | None, interruptible: bool) -> Callable[[], None] | None:
+    """What the child runs between fork and exec; None when there is nothing to do."""
+    if parent is None and not interruptible:
+        return None
     prctl = ctypes.CDLL(None).prctl  # loaded here: the child only calls it
 
-    def arm() -> None:  # runs in the child between fork and exec
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:
-            os._exit(1)  # the parent died before the signal was armed
+    def setup() -> None:
+        if interruptible:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if parent is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:
+                os._exit(1)  # the parent died before the signal was armed
 
-    return arm
+    return setup
 
 
 def which(program: str) -> Path | None:

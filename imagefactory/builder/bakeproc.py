@@ -64,7 +64,11 @@ class BakeProcess:
         self._stdout = log_path.with_suffix(".json")
         with self._stdout.open("wb") as out:
             self.proc: subprocess.Popen[bytes] = spawn(
-                argv, stdout=out.fileno(), stderr=subprocess.PIPE, die_with_parent=True
+                argv,
+                stdout=out.fileno(),
+                stderr=subprocess.PIPE,
+                die_with_parent=True,
+                interruptible=True,  # a cancel is its Ctrl-C
             )
         self._reader = threading.Thread(target=self._read, name="bake-stderr", daemon=True)
         self._reader.start()

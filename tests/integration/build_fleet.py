@@ -18,7 +18,7 @@ import httpx
 from executor.pack import pack
 from imagefactory.tokens import builder_token
 from tests.integration.services_harness import BIN, ServerProcess
-from tests.processes import default_sigint, process_alive
+from tests.processes import process_alive
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello"
 TARGET = "x86_64-linux"
@@ -51,8 +51,7 @@ class BuilderProcess:
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=default_sigint,  # its bakes inherit it; a cancel sends them SIGINT
+                argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
             )  # fmt: skip
         return self
 

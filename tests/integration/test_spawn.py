@@ -1,5 +1,6 @@
 """imagefactory.run.spawn with real processes: a VM started for a command that dies
-must not outlive it (the parent-death signal), unless it is meant to."""
+must not outlive it (the parent-death signal), unless it is meant to; a command that is
+stopped with SIGINT gets it even from a parent that ignores SIGINT."""
 
 from __future__ import annotations
 
@@ -48,3 +49,33 @@ def test_a_spawned_process_dies_with_its_killed_parent_only_when_asked(
     finally:
         if process_alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+INTERRUPTED = """
+import signal, subprocess, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a job a shell starts with `&`
+from imagefactory.run import spawn
+child = spawn(["sleep", "300"], stdout=None, interruptible=sys.argv[1] == "1")
+child.send_signal(signal.SIGINT)
+try:
+    print(child.wait(timeout=float(sys.argv[2])))
+except subprocess.TimeoutExpired:
+    child.kill()
+    child.wait()
+    print("still running")
+"""
+
+
+@pytest.mark.parametrize("interruptible", [True, False])
+def test_sigint_stops_a_spawned_process_from_an_ignoring_parent_only_when_asked(
+    interruptible: bool,
+) -> None:
+    argv = [
+        sys.executable,
+        "-c",
+        INTERRUPTED,
+        "1" if interruptible else "0",
+        "10" if interruptible else "1",
+    ]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == (str(-signal.SIGINT) if interruptible else "still running")
