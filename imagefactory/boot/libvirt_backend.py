@@ -23,7 +23,7 @@ from pathlib import PurePath
 from typing import Any
 
 from imagefactory.boot import qemu
-from imagefactory.errors import die
+from imagefactory.errors import HostError, die
 
 URI = "qemu:///system"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -149,12 +149,18 @@ def load_libvirt() -> Any:
 
 
 def lookup(find: Callable[[str], Any], name: str) -> Any | None:
-    """find(name) (a domain, pool or volume by name), or None when libvirt has none."""
+    """find(name) (a domain, pool or volume by name), or None when libvirt has none. Any
+    other failure (a lost connection, a refused permission) is an error: read as "none", it
+    made a running VM look stopped, and would make an existing pool look missing."""
     libvirt = load_libvirt()
     try:
         return find(name)
-    except libvirt.libvirtError:
-        return None
+    except libvirt.libvirtError as exc:
+        missing = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_NO_STORAGE_POOL,
+                   libvirt.VIR_ERR_NO_STORAGE_VOL)  # fmt: skip
+        if exc.get_error_code() in missing:
+            return None
+        raise HostError(f"libvirt: looking up {name!r} failed: {exc.get_error_message()}") from None
 
 
 def open_connection() -> Any:

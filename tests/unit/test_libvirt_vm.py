@@ -361,3 +361,19 @@ def test_refresh_waits_for_a_busy_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(libvirt_pool, "REFRESH_WAIT_S", 0.0)
     with pytest.raises(click.ClickException, match="cannot refresh storage pool 'fleet'"):
         libvirt_pool.refresh(BusyPool(busy=10**6))
+
+
+def test_lookup_is_none_only_for_what_libvirt_does_not_have() -> None:
+    """libvirt's own test driver (in process, no daemon): a missing domain, pool or volume
+    is None; a lost connection is an error, not a stopped VM."""
+    libvirt = libvirt_backend.load_libvirt()
+    conn = libvirt.open("test:///default")
+    pool = conn.storagePoolLookupByName("default-pool")
+    assert libvirt_backend.lookup(conn.lookupByName, "nope") is None
+    assert libvirt_backend.lookup(conn.storagePoolLookupByName, "nope") is None
+    assert libvirt_backend.lookup(pool.storageVolLookupByName, "nope") is None
+    machine = libvirt_backend.LibvirtMachine(conn, "test")  # the driver's running domain
+    assert machine.running()
+    conn.close()
+    with pytest.raises(click.ClickException, match="libvirt: looking up 'test' failed: invalid"):
+        machine.running()
