@@ -139,7 +139,7 @@ class AdminClient:
         except httpx.HTTPError as exc:
             raise die(
                 f"cannot reach core services at {self.url}: {describe(exc)}",
-                hint="start them with `imagefactory serve` or pass --url",
+                hint="check the URL, and that `imagefactory serve` runs there",
             ) from None
 
     def _checked(self, response: httpx.Response) -> httpx.Response:

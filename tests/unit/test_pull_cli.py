@@ -41,5 +41,6 @@ def test_a_master_that_is_down_is_one_line(tmp_path: Path) -> None:
     token.write_text("t0k\n")
     code, output = boot("--from", CLOSED, DIGEST, "--admin-token-file", str(token))
     assert code == 2 and "Error: cannot reach core services at http://127.0.0.1:9" in output
+    assert "--url" not in output, "boot --from has no --url to point at"
     code, output = boot("--from", CLOSED, DIGEST, "--token", "node-token")
     assert code == 2 and "Error: download from http://127.0.0.1:9 failed" in output
