@@ -3,6 +3,9 @@ environment store (admin; downloads also node tokens). docs/build-service.md.
 
 A builder may only touch the build it holds: every builder endpoint names the build, its
 attempt and (in X-Builder-ID) the builder, and answers 409 once the lease is lost.
+
+Tokens are checked by dependencies, which FastAPI runs before it validates a body: a caller
+without the right token learns nothing about the schema.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -54,8 +57,14 @@ def build_router(
 ) -> APIRouter:  # fmt: skip
     router = APIRouter()
 
-    def admin(authorization: str | None, x_node_id: str | None) -> None:
+    def admin(authorization: Authorization = None, x_node_id: XNodeId = None) -> None:
         authority.require_admin(bearer_token(authorization), x_node_id)
+
+    def builder(authorization: Authorization = None, x_builder_id: XBuilderId = None) -> str:
+        return authority.require_builder(bearer_token(authorization), x_builder_id)
+
+    admin_only = [Depends(admin)]
+    the_builder = Depends(builder)  # a default, not an annotation: those are module-level names
 
     async def build_or_404(build_id: str) -> dict[str, Any]:
         build = await run_in_threadpool(queue.get, build_id)
@@ -65,13 +74,16 @@ def build_router(
 
     # -- builds (admin) ---------------------------------------------------------------------
 
-    @router.post("/v1/builds", response_model=Build, status_code=201, responses={200: {}})
-    async def submit_build(
-        body: BuildRequest, authorization: Authorization = None, x_node_id: XNodeId = None
-    ) -> JSONResponse:
+    @router.post(
+        "/v1/builds",
+        response_model=Build,
+        status_code=201,
+        responses={200: {}},
+        dependencies=admin_only,
+    )
+    async def submit_build(body: BuildRequest) -> JSONResponse:
         """Queue a build: 201. The same inputs while queued, building or built: that
         build, 200 (a succeeded one is not rebuilt)."""
-        admin(authorization, x_node_id)
         if body.target not in target_names():
             raise HTTPException(400, f"unknown target {body.target!r}: {', '.join(target_names())}")
         if body.format not in config.formats:
@@ -89,35 +101,26 @@ def build_router(
         build, created = await run_in_threadpool(queue.submit, body.target, body.format, name, sha)
         return JSONResponse(build, status_code=201 if created else 200)
 
-    @router.get("/v1/builds", response_model=list[Build])
+    @router.get("/v1/builds", response_model=list[Build], dependencies=admin_only)
     async def list_builds(
-        authorization: Authorization = None,
-        x_node_id: XNodeId = None,
         limit: Annotated[int, Query(ge=1, le=10000)] = 100,
         state: Annotated[
             str | None, Query(pattern=r"^(queued|building|succeeded|failed|cancelled)$")
         ] = None,  # noqa: E501
     ) -> list[dict[str, Any]]:
         """Builds, newest first."""
-        admin(authorization, x_node_id)
         return await run_in_threadpool(queue.listing, limit, state)
 
-    @router.get("/v1/builds/{build_id}", response_model=Build)
-    async def get_build(
-        build_id: BuildId, authorization: Authorization = None, x_node_id: XNodeId = None
-    ) -> dict[str, Any]:
+    @router.get("/v1/builds/{build_id}", response_model=Build, dependencies=admin_only)
+    async def get_build(build_id: BuildId) -> dict[str, Any]:
         """One build: state, builder, attempt, stage in progress, stage timings, artifacts."""
-        admin(authorization, x_node_id)
         await run_in_threadpool(queue.expire_leases)
         return await build_or_404(build_id)
 
-    @router.post("/v1/builds/{build_id}/cancel", response_model=Build)
-    async def cancel_build(
-        build_id: BuildId, authorization: Authorization = None, x_node_id: XNodeId = None
-    ) -> dict[str, Any]:
+    @router.post("/v1/builds/{build_id}/cancel", response_model=Build, dependencies=admin_only)
+    async def cancel_build(build_id: BuildId) -> dict[str, Any]:
         """Cancel: a queued build at once; a running one when its builder has stopped the
         bake (cancel_requested until then). An ended build is returned unchanged."""
-        admin(authorization, x_node_id)
         build = await run_in_threadpool(queue.cancel, build_id)
         if build is None:
             raise HTTPException(404, f"no build {build_id}")
@@ -127,31 +130,19 @@ def build_router(
         "/v1/builds/{build_id}/log",
         response_class=StreamingResponse,
         responses={200: {"content": {"text/plain": {}}}},
+        dependencies=admin_only,
     )
-    async def build_log(
-        build_id: BuildId,
-        authorization: Authorization = None,
-        x_node_id: XNodeId = None,
-        follow: bool = True,
-    ) -> StreamingResponse:
+    async def build_log(build_id: BuildId, follow: bool = True) -> StreamingResponse:
         """The build log as text; with follow (the default) it streams until the build ends."""
-        admin(authorization, x_node_id)
         await build_or_404(build_id)
         return StreamingResponse(_log_lines(queue, build_id, follow), media_type="text/plain")
 
-    @router.get("/v1/builders", response_model=list[BuilderInfo])
-    async def list_builders(
-        authorization: Authorization = None, x_node_id: XNodeId = None
-    ) -> list[dict[str, Any]]:
+    @router.get("/v1/builders", response_model=list[BuilderInfo], dependencies=admin_only)
+    async def list_builders() -> list[dict[str, Any]]:
         """Registered builders, with the targets and formats they can build."""
-        admin(authorization, x_node_id)
         return await run_in_threadpool(queue.builders)
 
     # -- the builder API --------------------------------------------------------------------
-
-    def lease(build_id: str, attempt: int, authorization: str | None, builder: str | None) -> Lease:
-        builder_id = authority.require_builder(bearer_token(authorization), builder)
-        return Lease(build_id, builder_id, attempt)
 
     async def held(lease_: Lease, renew: bool = False) -> None:
         check = queue.touch if renew else queue.holds
@@ -162,12 +153,10 @@ def build_router(
     async def claim(
         body: ClaimRequest,
         request: Request,
-        authorization: Authorization = None,
-        x_builder_id: XBuilderId = None,
+        builder_id: str = the_builder,
     ) -> Response:
         """Register, then wait up to wait_s for a queued build this builder can make:
         200 with the job (the lease starts now) or 204."""
-        builder_id = authority.require_builder(bearer_token(authorization), x_builder_id)
         await run_in_threadpool(queue.register, builder_id, body.targets, body.formats)
         deadline = time.monotonic() + body.wait_s
         while True:
@@ -188,11 +177,10 @@ def build_router(
     async def job_pipeline(
         build_id: BuildId,
         attempt: Attempt,
-        authorization: Authorization = None,
-        x_builder_id: XBuilderId = None,
+        builder_id: str = the_builder,
     ) -> Response:
         """The pipeline archive of the build this builder holds."""
-        lease_ = lease(build_id, attempt, authorization, x_builder_id)
+        lease_ = Lease(build_id, builder_id, attempt)
         await held(lease_)
         build = await build_or_404(build_id)
         data = await run_in_threadpool(blobs.read_bytes, f"sha256:{build['pipeline_sha256']}")
@@ -204,11 +192,10 @@ def build_router(
     async def heartbeat(
         build_id: BuildId,
         body: Progress,
-        authorization: Authorization = None,
-        x_builder_id: XBuilderId = None,
+        builder_id: str = the_builder,
     ) -> dict[str, Any]:
         """Renew the lease, record the stage, stage timings and new log lines."""
-        lease_ = lease(build_id, body.attempt, authorization, x_builder_id)
+        lease_ = Lease(build_id, builder_id, body.attempt)
         try:
             cancel = await run_in_threadpool(queue.renew, lease_, body.stage, body.stages, body.log)
         except LeaseLost:
@@ -219,11 +206,10 @@ def build_router(
     async def start_upload(
         build_id: BuildId,
         body: UploadStart,
-        authorization: Authorization = None,
-        x_builder_id: XBuilderId = None,
+        builder_id: str = the_builder,
     ) -> dict[str, Any]:
         """Announce an artifact (or ask where its upload stands, to resume it)."""
-        lease_ = lease(build_id, body.attempt, authorization, x_builder_id)
+        lease_ = Lease(build_id, builder_id, body.attempt)
         await held(lease_, renew=True)
         await run_in_threadpool(queue.uploaded, lease_, body.digest)
         offset = await run_in_threadpool(blobs.upload_offset, _upload_id(lease_, body.digest),
@@ -248,13 +234,12 @@ def build_router(
         attempt: Attempt,
         offset: Annotated[int, Query(ge=0, le=INT64_MAX)],
         size: Annotated[int, Query(ge=0, le=INT64_MAX)],
-        authorization: Authorization = None,
-        x_builder_id: XBuilderId = None,
+        builder_id: str = the_builder,
     ) -> Any:
         """Append a chunk at `offset`; 409 with the stored offset if it is not where the
         upload ends. The last chunk is verified against the digest (400 if it differs:
         the upload starts over)."""
-        lease_ = lease(build_id, attempt, authorization, x_builder_id)
+        lease_ = Lease(build_id, builder_id, attempt)
         await held(lease_, renew=True)
         data = await request.body()
         try:
@@ -269,12 +254,11 @@ def build_router(
     async def finish(
         build_id: BuildId,
         body: Finish,
-        authorization: Authorization = None,
-        x_builder_id: XBuilderId = None,
+        builder_id: str = the_builder,
     ) -> dict[str, Any]:
         """End the attempt. A success names its uploaded artifacts, which become
         environments; 409 once the lease is lost (nothing is recorded)."""
-        lease_ = lease(build_id, body.attempt, authorization, x_builder_id)
+        lease_ = Lease(build_id, builder_id, body.attempt)
         await held(lease_)
         artifacts = [a.model_dump() for a in body.artifacts]
         if body.state == "succeeded":
@@ -297,12 +281,9 @@ def build_router(
 
     # -- environments -----------------------------------------------------------------------
 
-    @router.get("/v1/environments", response_model=list[Environment])
-    async def list_environments(
-        authorization: Authorization = None, x_node_id: XNodeId = None
-    ) -> list[dict[str, Any]]:
+    @router.get("/v1/environments", response_model=list[Environment], dependencies=admin_only)
+    async def list_environments() -> list[dict[str, Any]]:
         """Environments built: target, format, pipeline sha256, build, digest, size, time."""
-        admin(authorization, x_node_id)
         return await run_in_threadpool(queue.environments)
 
     @router.get(
@@ -337,12 +318,9 @@ def build_router(
             headers={"ETag": etag},
         )
 
-    @router.post("/v1/environments/prune", response_model=PruneResult)
-    async def prune(
-        authorization: Authorization = None, x_node_id: XNodeId = None
-    ) -> dict[str, Any]:
+    @router.post("/v1/environments/prune", response_model=PruneResult, dependencies=admin_only)
+    async def prune() -> dict[str, Any]:
         """Remove the stored blobs nothing references, and uploads of builds that ended."""
-        admin(authorization, x_node_id)
         return await run_in_threadpool(_prune, queue, blobs)
 
     return router

@@ -314,3 +314,25 @@ def test_prune_keeps_what_is_referenced(client: TestClient, store: Path) -> None
     assert r.json()["freed_bytes"] >= 100
     assert client.get(f"/v1/environments/{digest}", headers=ADMIN).content == data
     assert client.post("/v1/environments/prune", headers=ADMIN).json()["removed"] == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/builds",
+        "/v1/builder/claim",
+        f"/v1/builder/jobs/{'0' * 32}/heartbeat",
+        f"/v1/builder/jobs/{'0' * 32}/uploads",
+        f"/v1/builder/jobs/{'0' * 32}/finish",
+    ],
+)
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": f"Bearer {node_token(SECRET, 'b1')}", "X-Builder-ID": "b1"}]
+)
+def test_the_token_is_checked_before_the_body(
+    client: TestClient, path: str, headers: dict[str, str]
+) -> None:
+    """A caller without the right token learns nothing about the schema (http-api.md)."""
+    r = client.post(path, json={"nonsense": [1, 2]}, headers=headers)
+    assert r.status_code == 401, r.text
+    assert "nonsense" not in r.text and "field" not in r.text.lower()
