@@ -2,8 +2,8 @@
 standard library and tenacity).
 
 Exit codes (every error is one ``Error: ...`` line on stderr; ``--debug`` adds the traceback
-of an OS error or an interrupt): 0 success; 1 a task failed, the run was cancelled, or its
-store and events failed; 2 invalid pipeline, setting or usage; 3 only ``agent``: report
+of an OS error or an interrupt): 0 success; 1 a task failed, the run was cancelled, its
+store and events failed, or the reader of stdout stopped early (then nothing is said); 2 invalid pipeline, setting or usage; 3 only ``agent``: report
 refused or not delivered; 4 a file could not be read or written (an OS error), the same
 code as ``imagefactory``'s for a failing host; 130 interrupted outside a run.
 """
@@ -137,6 +137,8 @@ def _error_exit(exc: Exception, debug: bool) -> int:
     except ImportError:  # a broken installation: the error at hand is the one to show
         raise exc from None
 
+    if isinstance(exc, BrokenPipeError) and _stdout_closed():
+        return _reader_gone()
     if isinstance(exc, MissingRequirements):
         for line in exc.lines:
             print(f"Error: {line}", file=sys.stderr)
@@ -153,6 +155,25 @@ def _error_exit(exc: Exception, debug: bool) -> int:
         text = f"{where}: {exc.strerror}" if where is not None and exc.strerror else str(exc)
         return _unexpected(text, EXIT_OS, debug)
     raise exc
+
+
+def _stdout_closed() -> bool:
+    """Whether whoever read standard output has closed it (`executor ... | head`), rather
+    than some other pipe breaking: the write end of a pipe without a reader polls POLLERR."""
+    import select
+
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _reader_gone() -> int:
+    """Exit quietly, as `imagefactory` (click) does: the reader wanted no more. Standard
+    output now writes to /dev/null, so that the flush at exit does not fail again."""
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_FAILED
 
 
 def _unexpected(message: str, code: int, debug: bool) -> int:

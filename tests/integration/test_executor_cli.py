@@ -150,3 +150,21 @@ def test_missing_requirements_are_named_one_line_each_and_nothing_runs(tmp_path:
     assert not (state / "logs").exists()  # no run started, no log written
     packed = _executor("pack", str(source), "-o", str(tmp_path / "p.tar.gz"))
     assert packed.returncode == 0, packed.stderr  # packing needs no installed requirements
+
+
+@pytest.mark.parametrize("command", [["validate", "--json"], ["run", "--json"]])
+def test_a_reader_that_stops_early_gets_no_error(tmp_path: Path, command: list[str]) -> None:
+    """`executor ... | head`: the reader closed the pipe before the output was written."""
+    source = make_pipeline(tmp_path / "p", [task("a", "add")])
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    args = [*EXECUTOR, command[0], str(source), *command[1:]]
+    if command[0] == "run":
+        args += ["--log", str(tmp_path / "log")]
+    try:
+        done = subprocess.run(
+            args, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (1, "")
