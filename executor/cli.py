@@ -3,9 +3,10 @@ standard library and tenacity).
 
 Exit codes (every error is one ``Error: ...`` line on stderr; ``--debug`` adds the traceback
 of an OS error or an interrupt): 0 success; 1 a task failed, the run was cancelled, its
-store and events failed, or the reader of stdout stopped early (then nothing is said); 2 invalid pipeline, setting or usage; 3 only ``agent``: report
-refused or not delivered; 4 a file could not be read or written (an OS error), the same
-code as ``imagefactory``'s for a failing host; 130 interrupted outside a run.
+store and events failed, or the reader of stdout stopped early (then nothing is said);
+2 invalid pipeline, setting or usage; 3 only ``agent``: report refused or not delivered;
+4 a file could not be read or written (an OS error), the same code as ``imagefactory``'s
+for a failing host; 130 interrupted outside a run.
 """
 
 from __future__ import annotations
