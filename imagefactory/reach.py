@@ -36,7 +36,7 @@ _CONTAINER_SSH = re.compile(
 RUNTIMES = ("runc", "docker", "podman")
 LOCAL_ONLY_RUNTIMES = ("runc",)
 
-# As `imagefactory install --ssh` takes it (install/destination.py): user@host[:port].
+# As `imagefactory install --ssh` takes it: user@host[:port].
 _SSH_ADDRESS = re.compile(rf"(?P<user>{_USER})@(?P<host>{_HOST})(?::(?P<port>{_PORT}))?")
 
 # The master as a device reaches it: a plain URL, one word for a shell or install.sh.
@@ -115,11 +115,18 @@ def check_runtime(host: str, runtime: str) -> str:
 
 def check_ssh_address(text: str) -> str:
     """`user@host[:port]`, `user@[v6addr][:port]`."""
+    split_ssh_address(text)
+    return text
+
+
+def split_ssh_address(text: str) -> tuple[str, str, int]:
+    """The user, the host (an IPv6 address without its brackets) and the port (22 if not
+    given) of an SSH address; ValueError if it is not one."""
     match = _SSH_ADDRESS.fullmatch(text)
     if match is None:
         raise ValueError(f"{text!r} is not USER@HOST[:PORT] (e.g. root@10.0.0.7:22)")
     _check_port(text, match["port"])
-    return text
+    return match["user"], match["host"].strip("[]"), int(match["port"] or 22)
 
 
 def check_master_url(text: str) -> str:
