@@ -9,6 +9,11 @@ verified by sha256 once it reaches its announced size and only then renamed into
 so a retried chunk racing the first (threads, or replicas sharing the store) is refused
 rather than written twice. A blob that already exists is not written twice: the upload is
 dropped and the existing file stays. Every file is created 0600 under 0700 directories.
+
+Pruning reads what the database still references, then deletes the other blobs and
+uploads. A request that writes a blob or records what needs one holds STORE/prune.lock
+shared while it does both (`in_use`), and prune holds it exclusively (`pruning`): it sees
+such a change whole or not at all, never a finished build's artifact as unreferenced.
 """
 
 from __future__ import annotations
@@ -127,6 +132,19 @@ class BlobStore:
 
     # -- listing and pruning ----------------------------------------------------------------
 
+    @contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Held (shared, by any number of requests at once) while blobs are written and
+        what needs them is recorded."""
+        with self._store_lock(fcntl.LOCK_SH):
+            yield
+
+    @contextmanager
+    def pruning(self) -> Iterator[None]:
+        """Held (exclusively) while prune decides what is unreferenced and deletes it."""
+        with self._store_lock(fcntl.LOCK_EX):
+            yield
+
     def digests(self) -> Iterator[str]:
         for bucket in self._listed(self.blobs):
             for path in self._listed(bucket):
@@ -148,6 +166,16 @@ class BlobStore:
         if "/" in upload_id or upload_id.startswith("."):
             raise ValueError(f"bad upload id {upload_id!r}")
         return self.uploads / upload_id
+
+    @contextmanager
+    def _store_lock(self, operation: int) -> Iterator[None]:
+        _private_dirs(self.root)
+        fd = os.open(self.root / "prune.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, operation)  # (closing the file releases it)
+            yield
+        finally:
+            os.close(fd)
 
     @contextmanager
     def _locked(self, path: Path) -> Iterator[int]:

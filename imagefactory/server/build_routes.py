@@ -96,9 +96,13 @@ def build_router(
         data, sha = found
         if pinned and pinned != sha:
             raise HTTPException(409, f"pipeline {name} has sha256 {sha}, not {pinned}")
-        # The build keeps its own copy: republishing the name does not change it.
-        await run_in_threadpool(blobs.put_bytes, data)
-        build, created = await run_in_threadpool(queue.submit, body.target, body.format, name, sha)
+
+        def keep_and_queue() -> tuple[dict[str, Any], bool]:
+            with blobs.in_use():  # The build keeps its own copy: republishing the name
+                blobs.put_bytes(data)  # does not change it.
+                return queue.submit(body.target, body.format, name, sha)
+
+        build, created = await run_in_threadpool(keep_and_queue)
         return JSONResponse(build, status_code=201 if created else 200)
 
     @router.get("/v1/builds", response_model=list[Build], dependencies=admin_only)
@@ -211,10 +215,13 @@ def build_router(
         """Announce an artifact (or ask where its upload stands, to resume it)."""
         lease_ = Lease(build_id, builder_id, body.attempt)
         await held(lease_, renew=True)
-        await run_in_threadpool(queue.uploaded, lease_, body.digest)
-        offset = await run_in_threadpool(blobs.upload_offset, _upload_id(lease_, body.digest),
-                                         body.digest)  # fmt: skip
-        return _status(body.digest, body.size, offset, blobs)
+
+        def record() -> int:
+            with blobs.in_use():
+                queue.uploaded(lease_, body.digest)
+                return blobs.upload_offset(_upload_id(lease_, body.digest), body.digest)
+
+        return _status(body.digest, body.size, await run_in_threadpool(record), blobs)
 
     @router.patch(
         "/v1/builder/jobs/{build_id}/uploads/{digest}",
@@ -242,10 +249,13 @@ def build_router(
         lease_ = Lease(build_id, builder_id, attempt)
         await held(lease_, renew=True)
         data = await request.body()
+
+        def append() -> int:
+            with blobs.in_use():
+                return blobs.append(_upload_id(lease_, digest), digest, size, offset, data)
+
         try:
-            stored = await run_in_threadpool(
-                blobs.append, _upload_id(lease_, digest), digest, size, offset, data
-            )
+            stored = await run_in_threadpool(append)
         except UploadError as exc:
             return _error(400 if exc.invalid else 409, str(exc), offset=exc.offset)
         return _status(digest, size, stored, blobs)
@@ -261,19 +271,23 @@ def build_router(
         lease_ = Lease(build_id, builder_id, body.attempt)
         await held(lease_)
         artifacts = [a.model_dump() for a in body.artifacts]
-        if body.state == "succeeded":
-            if not artifacts:
-                raise HTTPException(400, "a succeeded build needs at least one artifact")
-            for a in artifacts:
-                if not blobs.has(a["digest"]) or blobs.size(a["digest"]) != a["size"]:
-                    raise HTTPException(400, f"artifact {a['name']} ({a['digest']}) not uploaded")
+        if body.state == "succeeded" and not artifacts:
+            raise HTTPException(400, "a succeeded build needs at least one artifact")
         pushed = body.pushed.model_dump() if body.pushed else None
         if pushed is not None:  # what a puller must know, from the master's own setting
             pushed["plain_http"] = (config.registry or "").startswith("http://")
+
+        def check_and_finish() -> dict[str, Any]:
+            with blobs.in_use():  # the artifacts are there, and stay until recorded
+                for a in artifacts if body.state == "succeeded" else []:
+                    if not blobs.has(a["digest"]) or blobs.size(a["digest"]) != a["size"]:
+                        raise HTTPException(
+                            400, f"artifact {a['name']} ({a['digest']}) not uploaded"
+                        )
+                return queue.finish(lease_, body.state, body.stages, artifacts, body.error, pushed)
+
         try:
-            build = await run_in_threadpool(
-                queue.finish, lease_, body.state, body.stages, artifacts, body.error, pushed
-            )
+            build = await run_in_threadpool(check_and_finish)
         except LeaseLost:
             raise HTTPException(409, f"build {build_id}: lease lost") from None
         await run_in_threadpool(blobs.discard_uploads, f"{build_id}.")
@@ -339,6 +353,11 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
 
 
 def _prune(queue: BuildQueue, blobs: BlobStore) -> dict[str, Any]:
+    with blobs.pruning():
+        return _remove_unreferenced(queue, blobs)
+
+
+def _remove_unreferenced(queue: BuildQueue, blobs: BlobStore) -> dict[str, Any]:
     keep = queue.referenced()
     removed, freed = [], 0
     for digest in blobs.digests():

@@ -9,8 +9,10 @@ import io
 import os
 import stat
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from imagefactory.server.app import create_app
+from imagefactory.server.buildqueue import BuildQueue
 from imagefactory.server.config import ServerConfig, database_url
 from imagefactory.tokens import builder_token, node_token
 
@@ -314,6 +317,55 @@ def test_prune_keeps_what_is_referenced(client: TestClient, store: Path) -> None
     assert r.json()["freed_bytes"] >= 100
     assert client.get(f"/v1/environments/{digest}", headers=ADMIN).content == data
     assert client.post("/v1/environments/prune", headers=ADMIN).json()["removed"] == []
+
+
+def test_a_build_finishing_while_prune_reads_keeps_its_artifact(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The builder's finish lands between prune's reads of what is referenced (after the
+    environments, before the uploads of builds in progress): the artifact must survive,
+    because finish waits for prune."""
+    publish(client)
+    submit(client)
+    job = claim(client).json()["build"]
+    data = os.urandom(3000)
+    digest = upload(client, job, data)
+    artifact = {"name": "x86_64-linux.qcow2", "digest": digest, "size": len(data)}
+    finished: list[Any] = []
+    builder_finish = threading.Thread(
+        target=lambda: finished.append(finish(client, job, artifacts=[artifact]))
+    )
+    read = BuildQueue.referenced
+
+    def finish_after_the_first_read(queue: BuildQueue) -> set[str]:
+        connect = queue.engine.connect
+
+        @contextmanager
+        def connection() -> Iterator[Any]:
+            with connect() as conn:
+                execute = conn.execute
+
+                def execute_then_finish(*args: Any, **kwargs: Any) -> Any:
+                    result = execute(*args, **kwargs)
+                    if not builder_finish.is_alive() and not finished:
+                        builder_finish.start()
+                        builder_finish.join(1.0)  # done by now unless it waits for prune
+                    return result
+
+                conn.execute = execute_then_finish  # type: ignore[method-assign]
+                yield conn
+
+        monkeypatch.setattr(queue.engine, "connect", connection)
+        try:
+            return read(queue)
+        finally:
+            monkeypatch.setattr(queue.engine, "connect", connect)
+
+    monkeypatch.setattr(BuildQueue, "referenced", finish_after_the_first_read)
+    assert client.post("/v1/environments/prune", headers=ADMIN).status_code == 200
+    builder_finish.join(30)
+    assert finished[0].status_code == 200, finished[0].text
+    assert client.get(f"/v1/environments/{digest}", headers=ADMIN).content == data
 
 
 @pytest.mark.parametrize(
