@@ -73,9 +73,10 @@ def follow(
     """Run a long command, writing all its output to `log_path` and handing each line to
     `on_line`. On failure raise `CommandError` with the tail of the output. If we are
     interrupted (Ctrl-C) or fail, the command's process group gets SIGTERM, then SIGKILL
-    after `grace_s`, so no VM or build outlives us."""
+    after `grace_s`, so no VM or build outlives us; if we are killed outright, the command
+    gets SIGTERM (Packer then stops its VM)."""
     tail: deque[str] = deque(maxlen=TAIL_LINES)
-    proc = spawn(argv, env=env, cwd=cwd)
+    proc = spawn(argv, env=env, cwd=cwd, die_with_parent=True)
     assert proc.stdout is not None
     try:
         with proc.stdout, log_path.open("a", encoding="utf-8") as log:

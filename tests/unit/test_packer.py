@@ -98,18 +98,12 @@ exit 1
     assert f"full log: {tmp_path / 'packer.log'}" in message
 
 
-def test_interrupt_kills_packer_and_its_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C during a build: Packer's whole process group (the VM with it) is stopped."""
-    _fake_packer(
-        tmp_path,
-        monkeypatch,
-        f"""\
-sleep 300 &
-echo $! > {tmp_path}/vm.pid
-echo "==> qemu.fleetbake: Starting VM, booting disk image"
-wait
-""",
-    )
+def _booting_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, packer_body: str
+) -> tuple[subprocess.Popen[str], int]:
+    """A bake's Packer step in a child process, once its boot stage began (the fake Packer
+    has started its "VM" and written its pid): the child, and the VM's pid."""
+    _fake_packer(tmp_path, monkeypatch, packer_body)
     (tmp_path / "hcl").mkdir()
     driver = (
         "import pathlib, signal, sys\n"
@@ -124,15 +118,37 @@ wait
     proc = subprocess.Popen([sys.executable, "-c", driver], stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
-        # Interrupt only once the build reads Packer's output (the boot stage began), as a
-        # user would: not while the driver is still inside Popen starting Packer.
+        # Only once the build reads Packer's output (the boot stage began), as a user
+        # would: not while the driver is still inside Popen starting Packer.
         seen = ""
         while "==> boot" not in seen:
             line = proc.stderr.readline()
             assert line, f"the build ended before its boot stage: {seen}"
             seen += line
-        pid_file = tmp_path / "vm.pid"
-        vm = int(pid_file.read_text())  # written before the boot line
+        return proc, int((tmp_path / "vm.pid").read_text())  # written before the boot line
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+
+
+def _wait_gone(pid: int, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while process_alive(pid):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_interrupt_kills_packer_and_its_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during a build: Packer's whole process group (the VM with it) is stopped."""
+    body = f"""\
+sleep 300 &
+echo $! > {tmp_path}/vm.pid
+echo "==> qemu.fleetbake: Starting VM, booting disk image"
+wait
+"""
+    proc, vm = _booting_build(tmp_path, monkeypatch, body)
+    try:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode != 0 and "KeyboardInterrupt" in err
@@ -140,7 +156,25 @@ wait
         if proc.poll() is None:  # a failure above: do not leak the driver into other tests
             proc.kill()
             proc.communicate()
-    deadline = time.monotonic() + 10
-    while process_alive(vm):
-        assert time.monotonic() < deadline, "the VM process outlived the interrupted build"
-        time.sleep(0.05)
+    _wait_gone(vm, "the VM process outlived the interrupted build")
+
+
+def test_a_killed_bake_tells_packer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bake itself killed (SIGKILL: the OOM killer, a builder's cancel past its grace):
+    Packer, in its own session, still gets SIGTERM, on which it stops its VM."""
+    body = f"""\
+sleep 300 &
+vm=$!
+echo $vm > {tmp_path}/vm.pid
+trap 'kill $vm; exit 143' TERM
+echo "==> qemu.fleetbake: Starting VM, booting disk image"
+wait
+"""
+    proc, vm = _booting_build(tmp_path, monkeypatch, body)
+    proc.kill()
+    proc.communicate()
+    try:
+        _wait_gone(vm, "Packer went on (and its VM with it) after the bake was killed")
+    finally:
+        if process_alive(vm):  # a failure: the fake Packer ends with its VM
+            os.kill(vm, signal.SIGKILL)
