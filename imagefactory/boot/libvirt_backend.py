@@ -189,6 +189,9 @@ class LibvirtMachine:
         return bool(dom is not None and dom.isActive())
 
     def stop(self) -> None:
+        """Destroy and undefine the domain. Only "not running" and "no such domain" mean
+        it ended by itself meanwhile; any other failure is an error: undefining a domain
+        that still runs would make it transient and leave it running unseen."""
         libvirt = load_libvirt()
         dom = self._domain()
         if dom is None:
@@ -196,9 +199,18 @@ class LibvirtMachine:
         try:
             if dom.isActive():
                 dom.destroy()
-        except libvirt.libvirtError:
-            pass  # it stopped by itself in the meantime
-        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        except libvirt.libvirtError as exc:
+            _raise_unless_gone(exc, f"stop domain {self.name}", libvirt.VIR_ERR_OPERATION_INVALID)
+        try:
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        except libvirt.libvirtError as exc:
+            _raise_unless_gone(exc, f"undefine domain {self.name}")
+
+
+def _raise_unless_gone(exc: Any, doing: str, *gone: int) -> None:
+    """Pass over a libvirt error that says the domain is gone (or one of `gone`)."""
+    if exc.get_error_code() not in (load_libvirt().VIR_ERR_NO_DOMAIN, *gone):
+        raise HostError(f"libvirt: cannot {doing}: {exc}") from None
 
 
 def start(config: qemu.VmConfig) -> LibvirtMachine:

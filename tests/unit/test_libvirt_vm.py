@@ -377,3 +377,30 @@ def test_lookup_is_none_only_for_what_libvirt_does_not_have() -> None:
     conn.close()
     with pytest.raises(click.ClickException, match="libvirt: looking up 'test' failed: invalid"):
         machine.running()
+
+
+class StuckDomain:
+    """A domain whose QEMU cannot be killed (stuck in the kernel)."""
+
+    undefined = False
+
+    def isActive(self) -> bool:  # noqa: N802 (libvirt's name)
+        return True
+
+    def destroy(self) -> None:
+        import libvirt
+
+        libvirt.virResetLastError()  # the error is this message, not an earlier test's
+        raise libvirt.libvirtError("Failed to terminate process 4242 with SIGKILL: busy")
+
+    def undefineFlags(self, _flags: int) -> None:  # noqa: N802 (libvirt's name)
+        self.undefined = True
+
+
+def test_a_domain_that_cannot_be_stopped_is_an_error_and_stays_defined() -> None:
+    domain = StuckDomain()
+    conn = type("Conn", (), {"lookupByName": lambda _self, _name: domain})()
+    machine = libvirt_backend.LibvirtMachine(conn, "fleetbake-n1")
+    with pytest.raises(click.ClickException, match="cannot stop domain fleetbake-n1: .*busy"):
+        machine.stop()
+    assert not domain.undefined, "a running domain undefined becomes transient and runs on"
