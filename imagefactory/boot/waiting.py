@@ -2,8 +2,8 @@
 
     none       nothing to wait for (the nodes keep running)
     ssh        the node's SSH server answers through its port forward
-    heartbeat  the master lists the node alive (admin API), else the agent's `starting`
-               status line appears on the console
+    heartbeat  the master lists the node alive in its run (admin API), else the agent's
+               `starting` status line appears on the console
     report     the master holds the node's report (admin API), else a final status line
                (succeeded, failed, ...) appears on the console
     poweroff   the VM has ended (the agent powers off after its report by default)
@@ -94,11 +94,16 @@ class MasterApi:
             raise die(f"the master refused the admin token ({response.status_code})")
         return response
 
-    def alive(self, node_id: str) -> bool:
+    def alive(self, node_id: str, run_id: str) -> bool:
+        """Whether the master lists the node alive in this run: the same node id may still
+        be listed alive (3 intervals) after a heartbeat of the node it replaced."""
         response = self._get("/v1/nodes")
         if response is None or response.status_code != 200:
             return False
-        return any(n.get("node_id") == node_id and n.get("alive") for n in response.json())
+        return any(
+            n.get("node_id") == node_id and n.get("run_id") == run_id and n.get("alive")
+            for n in response.json()
+        )
 
     def run_status(self, run_id: str) -> str | None:
         """The status in the run's stored report; None while there is none."""
@@ -119,7 +124,8 @@ def met(wait: str, node: BootedNode, api: MasterApi | None) -> str | None:
         return "ssh up" if ssh.banner_ready(node.record.ssh_port) else None
     if wait == "heartbeat":
         if api is not None:
-            return "heartbeat" if api.alive(node.record.node_id) else None
+            alive = api.alive(node.record.node_id, node.record.run_id)
+            return "heartbeat" if alive else None
         return "agent started" if last is not None else None
     if wait == "report":
         if api is not None:

@@ -112,7 +112,7 @@ def waiter(
             progress(f"[{dest}] {text}")
 
         try:
-            if wait == "report" and api is not None and not record.run_id:
+            if wait in ("heartbeat", "report") and api is not None and not record.run_id:
                 # The run's id is the agent's own: read it off its first status line.
                 waiting.wait_for("heartbeat", timeout_s, [node], say, None)
                 last = node.follower.last

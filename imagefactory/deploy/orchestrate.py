@@ -282,7 +282,7 @@ class Deployer:
                 seen = f"report ({status})" if settings.wait == "report" else "heartbeat"
                 say(seen)
                 return seen
-            if settings.wait == "heartbeat" and self._alive(node.node_id):
+            if settings.wait == "heartbeat" and self._alive(node.node_id, node.run_id):
                 say("heartbeat")
                 return "heartbeat"
             time.sleep(POLL_S)
@@ -293,9 +293,12 @@ class Deployer:
             f"(it keeps running: `imagefactory undeploy` removes it)"
         )
 
-    def _alive(self, node_id: str) -> bool:
+    def _alive(self, node_id: str, run_id: str) -> bool:
         nodes = self.client.poll_json("/v1/nodes") or []
-        return any(n.get("node_id") == node_id and n.get("alive") for n in nodes)
+        return any(
+            n.get("node_id") == node_id and n.get("run_id") == run_id and n.get("alive")
+            for n in nodes
+        )
 
     def _undeploy(self, result: DeviceResult, say: Callable[[str], None], forget: bool) -> None:
         device = self._device(result.device)

@@ -68,7 +68,7 @@ def wait_until(what: str, check: MasterApi, node_id: str, run_id: str) -> None:
     deadline = time.monotonic() + 300
     seen_alive = False
     while time.monotonic() < deadline:
-        seen_alive = seen_alive or check.alive(node_id)
+        seen_alive = seen_alive or check.alive(node_id, run_id)
         if seen_alive and check.run_status(run_id) is not None:
             return
         time.sleep(0.5)

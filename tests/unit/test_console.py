@@ -120,7 +120,7 @@ def test_conditions_asked_from_the_master(tmp_path: Path) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         assert request.headers["authorization"] == "Bearer admin"
         if request.url.path == "/v1/nodes":
-            return httpx.Response(200, json=[{"node_id": "n-1", "alive": True}])
+            return httpx.Response(200, json=[{"node_id": "n-1", "run_id": "r-1", "alive": True}])
         if request.url.path == "/v1/runs/r-1":
             return httpx.Response(200, json={"run_id": "r-1", "status": "failed"})
         return httpx.Response(404, json={})
@@ -129,6 +129,13 @@ def test_conditions_asked_from_the_master(tmp_path: Path) -> None:
     assert waiting.met("heartbeat", node, api(handler)) == "heartbeat"
     assert waiting.met("report", node, api(handler)) == "report (failed)"
     assert node.run_status == "failed" and node.summary()["run_status"] == "failed"
+
+
+def test_a_heartbeat_of_the_nodes_previous_run_is_not_this_ones(tmp_path: Path) -> None:
+    """The node id was booted before: the master still lists that run's node alive."""
+    earlier = [{"node_id": "n-1", "run_id": "r-0", "state": "done", "alive": True}]
+    master = api(lambda request: httpx.Response(200, json=earlier))
+    assert waiting.met("heartbeat", booted(tmp_path, STARTING), master) is None
 
 
 def test_a_report_not_stored_yet_is_still_awaited(tmp_path: Path) -> None:

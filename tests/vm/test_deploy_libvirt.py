@@ -224,12 +224,13 @@ def test_vm_placed_through_qemu_ssh_reports_and_is_removed(
 
         api = MasterApi(master.url, master.admin_token)
         with api.client:
-            took = _wait(lambda: api.alive(node_id), "heartbeat", details)
+            run_id = node.run_id
+            assert run_id is not None
+            took = _wait(lambda: api.alive(node_id, run_id), "heartbeat", details)
             print(f"heartbeat {took:.0f} s after the domain started")
-            assert node.run_id is not None
-            took += _wait(lambda: api.run_status(node.run_id) is not None, "report", details)
+            took += _wait(lambda: api.run_status(run_id) is not None, "report", details)
             print(f"report {took:.0f} s after the domain started")
-            assert api.run_status(node.run_id) == "succeeded", console_tail(details, 30)
+            assert api.run_status(run_id) == "succeeded", console_tail(details, 30)
     finally:
         remove_vm(details, lines.append)
 
