@@ -1,10 +1,18 @@
 """One device over SSH (paramiko): connect with the host-key policy, upload files with
-SFTP, run a command while streaming its output, follow the agent's journal."""
+SFTP, run a command while streaming its output, follow the agent's journal.
+
+A device that loses power or its network mid-install sends nothing, not even a reset, and
+a plain read would wait for it forever. So the connection sends a keepalive every
+KEEPALIVE_S, and the kernel drops it once data has gone unacknowledged for DEAD_PEER_S
+(TCP_USER_TIMEOUT): every read on it then ends. A device that is up but whose command
+prints nothing for IDLE_S (a hung install.sh) fails that step too.
+"""
 
 from __future__ import annotations
 
 import io
 import shlex
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +23,9 @@ from imagefactory.install.destination import Destination
 from imagefactory.install.hostkeys import HostKeyPolicy, HostKeyRefused, fingerprint
 
 CONNECT_TIMEOUT_S = 20.0
+KEEPALIVE_S = 15
+DEAD_PEER_S = 60
+IDLE_S = 600.0
 
 
 class RemoteError(Exception):
@@ -62,15 +73,24 @@ def connect(
     except (OSError, EOFError, paramiko.SSHException) as exc:
         client.close()
         raise RemoteError(f"cannot connect to {dest}: {exc or type(exc).__name__}") from None
+    transport = client.get_transport()
+    assert transport is not None
+    transport.set_keepalive(KEEPALIVE_S)
+    sock = transport.sock
+    if isinstance(sock, socket.socket):  # (not when a proxy command carries the session)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, DEAD_PEER_S * 1000)
     return client
 
 
 def run_quiet(client: paramiko.SSHClient, command: str, timeout: float = 60.0) -> str:
     """Run a short command; its stdout, or RemoteError with its output."""
     _, stdout, stderr = client.exec_command(command, timeout=timeout)
-    out = stdout.read().decode("utf-8", "replace")
-    err = stderr.read().decode("utf-8", "replace")
-    status = stdout.channel.recv_exit_status()
+    try:
+        out = stdout.read().decode("utf-8", "replace")
+        err = stderr.read().decode("utf-8", "replace")
+    except TimeoutError:
+        raise RemoteError(f"`{command}` gave no answer in {timeout:.0f} s") from None
+    status = _exit_status(client, stdout.channel)
     if status != 0:
         detail = (err or out).strip().splitlines()
         raise RemoteError(
@@ -82,6 +102,7 @@ def run_quiet(client: paramiko.SSHClient, command: str, timeout: float = 60.0) -
 def upload(client: paramiko.SSHClient, files: dict[str, tuple[bytes, int]]) -> None:
     """Write each remote path (its parent exists) with its mode, set before any data."""
     with client.open_sftp() as sftp:
+        sftp.get_channel().settimeout(IDLE_S)  # type: ignore[union-attr]
         for path, (data, mode) in files.items():
             with sftp.open(path, "wb") as f:
                 f.chmod(mode)
@@ -89,21 +110,40 @@ def upload(client: paramiko.SSHClient, files: dict[str, tuple[bytes, int]]) -> N
                 f.write(data)
 
 
-def run_streaming(client: paramiko.SSHClient, command: str, on_line: Callable[[str], None]) -> int:
+def run_streaming(
+    client: paramiko.SSHClient,
+    command: str,
+    on_line: Callable[[str], None],
+    idle_s: float = IDLE_S,
+) -> int:
     """Run `command` (stderr merged into stdout), hand each output line to `on_line`
-    as it comes, and return its exit status."""
+    as it comes, and return its exit status; RemoteError after `idle_s` without output."""
     channel = client.get_transport().open_session()  # type: ignore[union-attr]
     try:
         channel.set_combine_stderr(True)
+        channel.settimeout(idle_s)
         channel.exec_command(command)
         reader = io.TextIOWrapper(
             io.BufferedReader(_ChannelRaw(channel)), encoding="utf-8", errors="replace"
         )
-        for line in reader:
-            on_line(line.rstrip("\n"))
-        return channel.recv_exit_status()
+        try:
+            for line in reader:
+                on_line(line.rstrip("\n"))
+        except TimeoutError:
+            raise RemoteError(f"no output from the device for {idle_s:.0f} s; gave up") from None
+        return _exit_status(client, channel)
     finally:
         channel.close()
+
+
+def _exit_status(client: paramiko.SSHClient, channel: paramiko.Channel) -> int:
+    """The command's exit status, once its output has ended; RemoteError when the output
+    ended because the connection did."""
+    status = channel.recv_exit_status()
+    transport = client.get_transport()
+    if status == -1 and (transport is None or not transport.is_active()):
+        raise RemoteError("lost the connection to the device")
+    return status
 
 
 class _ChannelRaw(io.RawIOBase):
