@@ -35,7 +35,7 @@ from executor.agent.heartbeat import Heartbeats
 from executor.agent.master import Master, Refused
 from executor.agent.reportlog import log_for_report
 from executor.agent.secret import TOKEN, make_undumpable, take_token
-from executor.engine.combined_log import CombinedLog
+from executor.engine.combined_log import CombinedLog, truncation
 from executor.files import write_output
 from executor.timefmt import now
 
@@ -165,6 +165,8 @@ class Agent:
             reason = f"run failed in the agent:\n{traceback.format_exc()}"
             log.error("%s", reason)
             results, code, state = self._not_run(log_path, reason), EXIT_FAILED, "failed"
+        if (why := truncation(log_path)) is not None:  # the run went on without its log
+            self.unwritten.append(f"the combined log: {why}")
         if self.beats is not None:
             self.beats.update(state="reporting")
         report = {**results, "log": self._report_log(log_path)}
@@ -225,11 +227,8 @@ class Agent:
 
     def _not_run(self, log_path: Path, reason: str) -> dict[str, Any]:
         """The report of a run that never started: status failed, no tasks, reason in log."""
-        try:
-            with CombinedLog(log_path) as combined:
-                combined.executor(reason, stream="err")
-        except OSError as exc:
-            self._unwritable("the combined log", exc)
+        with CombinedLog(log_path) as combined:
+            combined.executor(reason, stream="err")
         stamp = now()
         results: dict[str, Any] = {
             "run_id": self.config.run.run_id,

@@ -341,8 +341,8 @@ def test_full_state_disk_still_reports_from_memory(
     proc = agent(server, write_pipeline(tmp_path / "p"), EXECUTOR_STATE_DIR=str(full_disk))
     assert proc.start().wait() == 4, proc.tail()  # the documented "state lost" code
     [stored] = reports(server)
-    assert stored["status"] == "failed"
-    assert "No space left on device" in stored["log"]
+    assert stored["status"] == "succeeded", "the run went on without its log"
+    assert set(stored["tasks"]) == {"first", "second"}
     truncated = "[the combined log is truncated: cannot write the combined log: No space"
     assert truncated in stored["log"]
     assert not list(full_disk.glob("spool/*.json")), "delivered from memory, not from the spool"
