@@ -40,8 +40,9 @@ RUNTIMES = ("runc", *engines.ENGINES)
 STATE = "state"
 """The agent's state directory, in the node's directory (kept after cleanup)."""
 _outliving: list[subprocess.Popen[bytes]] = []
-"""Handles of the kept nodes' processes (runc run, forwarder) this process started: held
-for its lifetime, as a handle collected while its process runs is a ResourceWarning."""
+"""Handles of processes this process started that no machine holds (the forwarders, and
+the kept nodes' runc run): held until stop() reaps them, as a handle collected while its
+process runs is a ResourceWarning, and a process never waited for stays a zombie."""
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,7 @@ def start_forwarder(
             die_with_parent=die_with_parent,
             pass_fds=(fd,),
         )
-    if not die_with_parent:
-        _outliving.append(proc)
+    _outliving.append(proc)
     return proc.pid
 
 
@@ -168,6 +168,14 @@ class Image:
     """runc: the unpacked image (rootfs + umoci's config.json)."""
     name: str | None = None
     """docker, podman: the loaded image's name."""
+
+
+@dataclass
+class _Started:
+    """The node's record as far as its start got: a failed start must stop what it made
+    (a forwarder of kept nodes outlives boot, and nothing else would know its pid)."""
+
+    record: nodestate.NodeRecord
 
 
 def start_node(plan: ContainerPlan, image: Image, node: seed.NodeVars) -> BootedNode:
@@ -185,48 +193,50 @@ def start_node(plan: ContainerPlan, image: Image, node: seed.NodeVars) -> Booted
         console_log=str(workdir / "console.log"),
         netns=netns.netns_name(node.node_id) if image.bundle is not None else None,
     )
-    machine = ContainerMachine(record)
+    started = _Started(record)
+    machine = None
     try:
         state = workdir / STATE
         state.mkdir(mode=0o700)
         os.chown(state, *image.user)
         if image.bundle is not None:
-            record, proc = _start_runc(plan, image.bundle, node, record, state)
+            record, proc = _start_runc(plan, image.bundle, node, started, state)
         else:
             assert image.name is not None
-            record, proc = _start_engine(plan, image.name, node, record, state)
+            record, proc = _start_engine(plan, image.name, node, started, state)
         machine = ContainerMachine(record, proc)
         nodestate.save(record)
         if plan.keeps_nodes:
             _outliving.append(proc)
     except BaseException:
-        launch.cleanup(record, machine)
+        launch.cleanup(started.record, machine or ContainerMachine(started.record))
         raise
     follower = console.ConsoleFollower(Path(record.console_log))
     return BootedNode(record, machine, follower, time.monotonic())
 
 
 def _forward(
-    plan: ContainerPlan, ns: Path, record: nodestate.NodeRecord, node: seed.NodeVars
-) -> tuple[nodestate.NodeRecord, seed.NodeVars]:
-    """The master forward into `ns`, and the node's variables with the inside URL."""
+    plan: ContainerPlan, ns: Path, started: _Started, node: seed.NodeVars
+) -> seed.NodeVars:
+    """The master forward into `ns` (its pid in `started`), and the node's variables with
+    the inside URL."""
     if plan.master_url is None:
-        return record, node
+        return node
     host, port, inside = master_inside(plan.master_url)
+    record = started.record
     log = Path(record.workdir) / "forward.log"
     pid = start_forwarder(ns, host, port, record.instance_id, log, not plan.keeps_nodes)
-    return dataclasses.replace(record, forwarder_pid=pid), dataclasses.replace(
-        node, master_url=inside
-    )
+    started.record = dataclasses.replace(record, forwarder_pid=pid)
+    return dataclasses.replace(node, master_url=inside)
 
 
 def _start_runc(
-    plan: ContainerPlan, bundle: Path, node: seed.NodeVars, record: nodestate.NodeRecord,
-    state: Path,
-) -> tuple[nodestate.NodeRecord, subprocess.Popen[bytes]]:  # fmt: skip
-    assert record.netns is not None
-    ns = netns.create(record.netns)
-    record, node = _forward(plan, ns, record, node)
+    plan: ContainerPlan, bundle: Path, node: seed.NodeVars, started: _Started, state: Path
+) -> tuple[nodestate.NodeRecord, subprocess.Popen[bytes]]:
+    assert started.record.netns is not None
+    ns = netns.create(started.record.netns)
+    node = _forward(plan, ns, started, node)
+    record = started.record
     spec = runc.ContainerSpec(
         record.instance_id, bundle / "rootfs", seed.hostname_for(node.node_id),
         tuple(node.env()), state, ns,
@@ -237,13 +247,14 @@ def _start_runc(
         record.instance_id, workdir / "bundle", Path(record.console_log),
         die_with_parent=not plan.keeps_nodes,
     )  # fmt: skip
-    return dataclasses.replace(record, pid=proc.pid), proc
+    started.record = dataclasses.replace(record, pid=proc.pid)
+    return started.record, proc
 
 
 def _start_engine(
-    plan: ContainerPlan, image: str, node: seed.NodeVars, record: nodestate.NodeRecord,
-    state: Path,
-) -> tuple[nodestate.NodeRecord, subprocess.Popen[bytes]]:  # fmt: skip
+    plan: ContainerPlan, image: str, node: seed.NodeVars, started: _Started, state: Path
+) -> tuple[nodestate.NodeRecord, subprocess.Popen[bytes]]:
+    record = started.record
     engine, name = plan.runtime, record.instance_id
     if plan.master_url is not None:  # the URL inside is known before the forward exists
         node = dataclasses.replace(node, master_url=master_inside(plan.master_url)[2])
@@ -253,11 +264,11 @@ def _start_engine(
     hostname = seed.hostname_for(node.node_id)
     pid = engines.start(engine, engines.run_argv(engine, name, image, hostname, env_file, state))
     env_file.unlink()
+    started.record = dataclasses.replace(record, pid=pid)
     logs = engines.follow_logs(engine, name, Path(record.console_log), not plan.keeps_nodes)
-    record = dataclasses.replace(record, pid=pid)
     if pid:
-        record, _ = _forward(plan, Path(f"/proc/{pid}/ns/net"), record, node)
-    return record, logs
+        _forward(plan, Path(f"/proc/{pid}/ns/net"), started, node)
+    return started.record, logs
 
 
 def prepare_image(plan: ContainerPlan, progress: Callable[[str], None]) -> Image:

@@ -183,7 +183,11 @@ def start_node(plan: BootPlan, config: qemu.VmConfig, record: nodestate.NodeReco
         started = qemu.start(config, workdir / "qemu.log", die_with_parent=not plan.keeps_nodes)
         machine = started
         record = dataclasses.replace(record, pid=started.pid)
-    nodestate.save(record)
+    try:
+        nodestate.save(record)
+    except BaseException:
+        machine.stop()  # the caller's cleanup has only the record from before the start
+        raise
     return BootedNode(
         record, machine, console.ConsoleFollower(config.console_log), time.monotonic()
     )

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
-from imagefactory.boot import launch, nodestate
+from imagefactory.boot import launch, nodestate, qemu
 from imagefactory.cli import boot as cmd_boot
 from imagefactory.cli.main import main
 
@@ -103,3 +105,32 @@ def test_an_unreadable_image_leaves_no_node_behind(tmp_path: Path, state_home: P
     code, output = invoke("boot", str(image), "--node-id", "n", "--accel", "tcg")
     assert code == 2 and "is not a disk image QEMU can read" in output, output
     assert not nodestate.node_dir("n").exists()
+
+
+def test_a_started_vm_whose_record_cannot_be_saved_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller's cleanup knows only the record from before the start (no pid): a kept
+    VM would run on, unrecorded, for `stop` to never find."""
+    stopped: list[str] = []
+
+    class StartedQemu:
+        pid = 4242
+
+        def stop(self) -> None:
+            stopped.append("qemu")
+
+    def disk_full(_record: nodestate.NodeRecord) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(qemu, "start", lambda *_args, **_kwargs: StartedQemu())
+    monkeypatch.setattr(nodestate, "save", disk_full)
+    plan = SimpleNamespace(backend="qemu", keeps_nodes=True)
+    config = SimpleNamespace(console_log=tmp_path / "console.log", name="fleetbake-n")
+    record = nodestate.NodeRecord(
+        node_id="n", run_id="r", instance_id="i", backend="qemu", ssh_port=1, ssh_user="ops",
+        ssh_key="k", workdir=str(tmp_path), console_log=str(tmp_path / "console.log"),
+    )  # fmt: skip
+    with pytest.raises(OSError, match="No space left"):
+        launch.start_node(plan, config, record)  # type: ignore[arg-type]
+    assert stopped == ["qemu"]
