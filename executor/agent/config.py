@@ -26,6 +26,11 @@ PEM_BEGIN = "-----BEGIN CERTIFICATE-----"
 _PEM_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
 RUN_ID_FILE = "run-id"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_TOKEN = re.compile(r"[!-~]+")
+_TOKEN_RULE = (
+    "the token must be printable ASCII without spaces (it goes into an HTTP header): "
+    "no line break, control or non-ASCII character"
+)
 MASTER_URL = re.compile(r"https?://[^\s/]+(/\S*)?")
 """What EXECUTOR_MASTER_URL must look like (tools that write node.env check it too)."""
 log = logging.getLogger("executor.agent.config")
@@ -101,7 +106,7 @@ def _load(env: Mapping[str, str]) -> AgentConfig:
     insecure = _insecure(env, master_url)
     master_ca = _master_ca(env, master_url)
     client_cert = _client_cert(env)
-    token = env.get("EXECUTOR_TOKEN", "").strip() or _token_file(env)
+    token = _token(env)
     if master_url and not token:
         raise AgentConfigError(
             "EXECUTOR_TOKEN is required when EXECUTOR_MASTER_URL is set (or EXECUTOR_TOKEN_FILE)"
@@ -245,6 +250,18 @@ def _run_id(env: Mapping[str, str], state_dir: Path) -> str:
     return run_id
 
 
+def _token(env: Mapping[str, str]) -> str | None:
+    """EXECUTOR_TOKEN, else EXECUTOR_TOKEN_FILE; it goes into an HTTP header, so visible
+    ASCII only (http.client would refuse a newline or a non-Latin-1 character at every
+    request). The token itself never appears in a message."""
+    token = env.get("EXECUTOR_TOKEN", "").strip()
+    if token:
+        if not _TOKEN.fullmatch(token):
+            raise AgentConfigError(f"EXECUTOR_TOKEN: {_TOKEN_RULE}")
+        return token
+    return _token_file(env)
+
+
 def _token_file(env: Mapping[str, str]) -> str | None:
     """EXECUTOR_TOKEN_FILE: the token in a file (kept out of every environment)."""
     path = env.get("EXECUTOR_TOKEN_FILE", "").strip()
@@ -256,6 +273,8 @@ def _token_file(env: Mapping[str, str]) -> str | None:
         raise AgentConfigError(f"EXECUTOR_TOKEN_FILE: cannot read {path}: {exc}") from None
     if not token:
         raise AgentConfigError(f"EXECUTOR_TOKEN_FILE: {path} is empty")
+    if not _TOKEN.fullmatch(token):
+        raise AgentConfigError(f"EXECUTOR_TOKEN_FILE: {path}: {_TOKEN_RULE}")
     return token
 
 

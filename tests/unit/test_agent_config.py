@@ -124,3 +124,32 @@ def test_unwritable_state_dir(base: dict[str, str], tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(AgentConfigError, match="EXECUTOR_STATE_DIR"):
         load_config({**base, "EXECUTOR_STATE_DIR": str(blocker / "sub")})
+
+
+@pytest.mark.parametrize(
+    "token", ["abc\ndef", "t\u00f6ken", "tok\u20acen", "a b", "tab\tbed", "nul\x00"]
+)
+def test_a_token_that_cannot_go_into_an_http_header_is_refused(
+    base: dict[str, str], token: str
+) -> None:
+    env = {**base, "EXECUTOR_MASTER_URL": "http://127.0.0.1:1", "EXECUTOR_TOKEN": token}
+    with pytest.raises(AgentConfigError) as raised:
+        load_config(env)
+    message = str(raised.value)
+    assert message.startswith("EXECUTOR_TOKEN: the token must be printable ASCII")
+    assert token not in message and "\n" not in message, "the token is secret, the line one"
+
+
+def test_a_token_file_with_two_lines_is_refused(base: dict[str, str], tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("abc\ndef\n")
+    env = {
+        **base,
+        "EXECUTOR_MASTER_URL": "http://127.0.0.1:1",
+        "EXECUTOR_TOKEN_FILE": str(token_file),
+    }
+    with pytest.raises(
+        AgentConfigError,
+        match=f"^EXECUTOR_TOKEN_FILE: {token_file}: the token must be printable ASCII",
+    ):
+        load_config(env)

@@ -146,3 +146,26 @@ def test_the_agent_executes_itself_again_before_it_imports_anything_heavy() -> N
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_a_token_with_a_newline_is_a_configuration_error_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "p").mkdir()
+    monkeypatch.delenv("EXECUTOR_TOKEN_FILE", raising=False)
+    for name, value in {
+        "EXECUTOR_NODE_ID": "node-a",
+        "EXECUTOR_RUN_ID": "r1",
+        "EXECUTOR_STATE_DIR": str(tmp_path / "state"),
+        "EXECUTOR_PIPELINE": str(tmp_path / "p"),
+        "EXECUTOR_MASTER_URL": "http://127.0.0.1:9",
+        "EXECUTOR_TOKEN": "abc\ndef",
+    }.items():
+        monkeypatch.setenv(name, value)
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        "EXECUTOR-STATUS node=node-a run=r1 state=starting",
+        "EXECUTOR-STATUS node=node-a run=r1 state=invalid",
+    ]
+    assert err.startswith("executor agent: error: EXECUTOR_TOKEN: ") and err.count("\n") == 1
