@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from tenacity import Retrying, retry_if_exception_type
+from tenacity.stop import stop_after_delay, stop_base, stop_never
 
 from executor.agent.config import GATEWAY_PREFIX, AgentConfig
 from executor.agent.master import Master, TooLarge, Transient, backoff
@@ -21,6 +22,10 @@ class Sha256Mismatch(Exception):
     """The pipeline's sha256 is not EXECUTOR_PIPELINE_SHA256; str() says both."""
 
 
+class NotDownloaded(Exception):
+    """The gateway download was given up at the poweroff grace period; str() says why."""
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -29,15 +34,23 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download(master: Master, name: str, target: Path, max_bytes: int) -> Path:
+def download(
+    master: Master, name: str, target: Path, max_bytes: int, give_up_after_s: float | None = None
+) -> Path:
     """Fetch pipeline `name` into `target`, retrying transient failures with backoff.
 
     The body streams to disk, hashed as it arrives, and replaces `target` only when it
     matches the X-Pipeline-SHA256 header (a mismatch is a broken transfer: transient).
-    Raises Refused for a 4xx (unknown pipeline, bad token), and PipelineError for a
-    download over `max_bytes` (EXECUTOR_PIPELINE_MAX_DOWNLOAD_BYTES).
+    Raises Refused for a 4xx (unknown pipeline, bad token), PipelineError for a download
+    over `max_bytes` (EXECUTOR_PIPELINE_MAX_DOWNLOAD_BYTES), and the last Transient once
+    `give_up_after_s` have passed (None: retry until the master answers).
     """
     where = f"{GATEWAY_PREFIX}{name}"
+    stop: stop_base = stop_never
+    patience = "retrying until the master answers"
+    if give_up_after_s is not None:
+        stop = stop_after_delay(give_up_after_s)
+        patience = f"giving up {give_up_after_s:g} s after the first attempt"
 
     def fetch() -> None:
         with output_file(target, mode=0o600) as out:
@@ -50,11 +63,13 @@ def download(master: Master, name: str, target: Path, max_bytes: int) -> Path:
     retrying = Retrying(
         retry=retry_if_exception_type(Transient),
         wait=backoff(),
+        stop=stop,
         reraise=True,
         before_sleep=lambda state: log.warning(
-            "pipeline %s not downloaded yet (attempt %d): %s",
+            "pipeline %s not downloaded yet (attempt %d), %s: %s",
             name,
             state.attempt_number,
+            patience,
             state.outcome.exception() if state.outcome else "?",
         ),
     )
@@ -68,13 +83,22 @@ def download(master: Master, name: str, target: Path, max_bytes: int) -> Path:
 def obtain_pipeline(config: AgentConfig, master: Master | None) -> Path:
     """The local path of the pipeline to run, checked against EXECUTOR_PIPELINE_SHA256.
 
-    Raises Sha256Mismatch, Refused (gateway), or FileNotFoundError.
+    Raises Sha256Mismatch, Refused (gateway), FileNotFoundError, or NotDownloaded: with
+    EXECUTOR_ON_COMPLETE=poweroff an ephemeral node waits for the gateway no longer than
+    EXECUTOR_POWEROFF_GRACE_S, as for the report's delivery.
     """
     name = config.gateway_name
     if name is not None:
         assert master is not None, "config requires a master URL for gateway pipelines"
         limit = config.archive_limits.max_download_bytes
-        path = download(master, name, config.run_dir / f"{name}.tar.gz", limit)
+        grace = config.poweroff_grace_s if config.on_complete == "poweroff" else None
+        try:
+            path = download(master, name, config.run_dir / f"{name}.tar.gz", limit, grace)
+        except Transient as exc:  # only with a grace period: time is up
+            raise NotDownloaded(
+                f"pipeline {name} not downloaded within EXECUTOR_POWEROFF_GRACE_S "
+                f"({grace:g} s): {exc}"
+            ) from None
     else:
         path = Path(config.pipeline)
         if not path.exists():

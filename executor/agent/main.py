@@ -97,6 +97,10 @@ class NotRun(Exception):
     """The pipeline could not be obtained or loaded: the run ends `invalid`."""
 
 
+class GaveUp(Exception):
+    """The gateway did not answer within the poweroff grace period: the run ends `failed`."""
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -107,6 +111,10 @@ class Agent:
         """What could not be written to the state directory (full disk, read-only)."""
         self.unspooled: bytes | None = None
         """This run's report, when the spool could not keep it: delivered from memory."""
+        self.delivery_grace_s = (
+            config.poweroff_grace_s if config.on_complete == "poweroff" else None
+        )
+        """How long delivery may take before the node powers off anyway; None: no limit."""
         if config.master_url is not None and config.token is not None:
             self.master = Master(
                 config.master_url,
@@ -161,6 +169,11 @@ class Agent:
             reason = f"pipeline not run: {exc}"
             log.error("%s", reason)
             results, code, state = self._not_run(log_path, reason), EXIT_INVALID, "invalid"
+        except GaveUp as exc:
+            reason = f"pipeline not run: {exc}"
+            log.error("%s", reason)
+            results, code, state = self._not_run(log_path, reason), EXIT_FAILED, "failed"
+            self.delivery_grace_s = 0.0  # the master had its grace period: one try, then off
         except Exception:  # still report: the master must hear of a node whose run broke
             reason = f"run failed in the agent:\n{traceback.format_exc()}"
             log.error("%s", reason)
@@ -185,7 +198,7 @@ class Agent:
         # Imported only now, once the heartbeats have started: the engine and the pipeline
         # loader take about a second to import on an emulated CPU, and the master hears of
         # the node meanwhile. An image that cannot import them still reports (the caller).
-        from executor.agent.gateway import Sha256Mismatch, obtain_pipeline
+        from executor.agent.gateway import NotDownloaded, Sha256Mismatch, obtain_pipeline
         from executor.agent.runner import run_pipeline
         from executor.pipeline import PipelineError
 
@@ -196,6 +209,8 @@ class Agent:
             return run_pipeline(self.config, pipeline, log_path, self._progress)
         except (Sha256Mismatch, Refused, FileNotFoundError, PipelineError) as exc:
             raise NotRun(str(exc)) from exc
+        except NotDownloaded as exc:
+            raise GaveUp(str(exc)) from exc
 
     def _keep(self, name: str, data: bytes) -> None:
         """Write a state file of this run; a failure is noted, not fatal."""
@@ -249,7 +264,7 @@ class Agent:
         """Deliver every pending report, older runs first; the result for this run decides."""
         assert self.master is not None
         deliverer = Deliverer(self.master, self.spool)
-        grace = self.config.poweroff_grace_s if self.config.on_complete == "poweroff" else None
+        grace = self.delivery_grace_s
         deadline = None if grace is None else time.monotonic() + grace
         mine = f"{self.config.run.run_id}.json"
         pending = sorted(self.spool.pending(), key=lambda p: p.name == mine)

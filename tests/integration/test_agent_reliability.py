@@ -220,21 +220,60 @@ def test_refused_report_stays_on_disk(
     assert "refused by the master" in (proc.workdir / "agent.err").read_text()
 
 
+def poweroff_after(grace_s: float, marker: Path) -> dict[str, str]:
+    """The agent's poweroff settings, its "power off" a harmless `touch marker`."""
+    return {
+        "EXECUTOR_ON_COMPLETE": "poweroff",
+        "EXECUTOR_POWEROFF_GRACE_S": f"{grace_s:g}",
+        "EXECUTOR_POWEROFF_COMMAND": f"touch {marker}",
+    }
+
+
 def test_poweroff_after_the_grace_period_when_undeliverable(
     stopped_server: ServerProcess, agent: AgentFactory, tmp_path: Path
 ) -> None:
     marker = tmp_path / "powered-off"
-    proc = agent(
-        stopped_server,
-        write_pipeline(tmp_path / "p"),
-        EXECUTOR_ON_COMPLETE="poweroff",
-        EXECUTOR_POWEROFF_GRACE_S="3",
-        EXECUTOR_POWEROFF_COMMAND=f"touch {marker}",
-    )
+    proc = agent(stopped_server, write_pipeline(tmp_path / "p"), **poweroff_after(3, marker))
     assert proc.start().wait() == 3, proc.tail()
     assert marker.exists()
     assert statuses(proc)[-1].endswith("state=undelivered")
     assert len(list((proc.state_dir / "spool").glob("*.json"))) == 1
+
+
+def test_poweroff_after_the_grace_period_when_the_gateway_is_unreachable(
+    stopped_server: ServerProcess, agent: AgentFactory, tmp_path: Path
+) -> None:
+    marker = tmp_path / "powered-off"
+    env = poweroff_after(3, marker)
+    first = agent(stopped_server, "gateway:slow", EXECUTOR_RUN_ID="r-gw-down", **env)
+    assert first.start().wait(timeout_s=120) == 3, first.tail()
+    assert marker.exists(), "an ephemeral node must not stay up waiting for its pipeline"
+    assert statuses(first)[-1].endswith("run=r-gw-down state=undelivered")
+    [kept] = (first.state_dir / "spool").glob("*.json")
+    spooled = json.loads(kept.read_text())
+    assert (spooled["status"], spooled["tasks"]) == ("failed", {})
+    assert "pipeline slow not downloaded within EXECUTOR_POWEROFF_GRACE_S (3 s)" in spooled["log"]
+    # The next boot delivers it once the master is back, and does not run it again.
+    stopped_server.start()
+    again = agent(stopped_server, "gateway:slow", EXECUTOR_RUN_ID="r-gw-down")
+    again.env["EXECUTOR_STATE_DIR"] = str(first.state_dir)
+    assert again.start().wait() == 1, again.tail()
+    [stored] = reports(stopped_server)
+    assert (stored["run_id"], stored["status"]) == ("r-gw-down", "failed")
+
+
+def test_without_poweroff_the_gateway_download_waits_for_the_master(
+    stopped_server: ServerProcess, agent: AgentFactory
+) -> None:
+    proc = agent(stopped_server, "gateway:slow", EXECUTOR_POWEROFF_GRACE_S="1").start()
+    errors = proc.workdir / "agent.err"
+    deadline = time.monotonic() + 60
+    while "retrying until the master answers" not in errors.read_text():
+        assert time.monotonic() < deadline, proc.tail()
+        time.sleep(0.2)
+    time.sleep(2)  # past EXECUTOR_POWEROFF_GRACE_S, which applies only with poweroff
+    assert proc.proc is not None and proc.proc.poll() is None, proc.tail()
+    proc.kill()
 
 
 def test_poweroff_once_acknowledged(

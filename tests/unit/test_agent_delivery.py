@@ -18,7 +18,13 @@ import pytest
 
 from executor.agent.config import load_config
 from executor.agent.delivery import Deliverer, Spool, Undelivered
-from executor.agent.gateway import Sha256Mismatch, download, obtain_pipeline, sha256_of
+from executor.agent.gateway import (
+    NotDownloaded,
+    Sha256Mismatch,
+    download,
+    obtain_pipeline,
+    sha256_of,
+)
 from executor.agent.heartbeat import Heartbeats
 from executor.agent.master import Master, Refused, Transient
 from executor.pipeline import PipelineError
@@ -204,6 +210,27 @@ def test_gateway_download_checks_the_announced_sha(scripted: Scripted, tmp_path:
     assert scripted.requests[0][2]["x-node-id"] == "node-a"
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["etl.tar.gz"]  # no partial file left
+
+
+def test_a_lasting_sha_mismatch_is_given_up_at_the_poweroff_grace_period(
+    scripted: Scripted, tmp_path: Path
+) -> None:
+    scripted.script((200, {"X-Pipeline-SHA256": "0" * 64}, b"never the announced bytes"))
+    config = load_config(
+        {
+            "EXECUTOR_PIPELINE": "gateway:etl",
+            "EXECUTOR_MASTER_URL": scripted.url,
+            "EXECUTOR_TOKEN": "tok",
+            "EXECUTOR_STATE_DIR": str(tmp_path / "s"),
+            "EXECUTOR_ON_COMPLETE": "poweroff",
+            "EXECUTOR_POWEROFF_GRACE_S": "0.5",
+        }
+    )
+    started = time.monotonic()
+    with pytest.raises(NotDownloaded, match=r"^pipeline etl not downloaded within EXECUTOR_PO"):
+        obtain_pipeline(config, master(scripted.url))
+    assert time.monotonic() - started < 30 and len(scripted.requests) >= 2
+    assert not list((tmp_path / "s").glob("runs/*/etl.tar.gz")), "no unchecked download kept"
 
 
 def test_gateway_download_over_the_limit_is_refused_and_leaves_nothing(
