@@ -35,6 +35,57 @@ def write_frame(fd: int, data: bytes) -> None:
             view = view[os.write(fd, view) :]
 
 
+class PipeFrameWriter:
+    """Frames to a non-blocking pipe, in order, never waiting for room.
+
+    What the pipe takes now is written at once; the rest is kept and written by flush()
+    when the pipe has room again (the caller watches for that while ``backlog``). A
+    writer that waited instead could deadlock with a reader that is itself waiting for
+    the writer to read its output.
+    """
+
+    __slots__ = ("_fd", "_unsent")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._unsent = bytearray()
+
+    @property
+    def backlog(self) -> bool:
+        """Some bytes wait for room in the pipe."""
+        return bool(self._unsent)
+
+    def send(self, data: bytes) -> bool:
+        """Write ``data`` or keep what does not fit; True when this starts a backlog.
+
+        Raises OSError (the reader is gone: EPIPE) like os.write.
+        """
+        if self._unsent:
+            self._unsent += data
+            return False
+        try:
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            written = 0
+        if written == len(data):
+            return False
+        self._unsent += memoryview(data)[written:]
+        return True
+
+    def flush(self) -> bool:
+        """Write what the pipe takes of the backlog; True while some is left."""
+        try:
+            written = os.write(self._fd, self._unsent)
+        except BlockingIOError:
+            return True
+        del self._unsent[:written]
+        return bool(self._unsent)
+
+    def discard(self) -> None:
+        """Forget the backlog (its reader is gone)."""
+        self._unsent.clear()
+
+
 class PipeFrameReader:
     """Cuts a byte stream into messages."""
 

@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -66,7 +66,7 @@ from executor.services.wire import ServiceError
 ProgressCallback = Callable[[int, int], None]
 
 # Selector priorities: a batch is handled output first, then results, then deaths.
-_STREAM, _RESULT, _SENTINEL, _WAKEUP = 0, 1, 2, 3
+_STREAM, _RESULT, _SENTINEL, _WAKEUP, _WRITABLE = 0, 1, 2, 3, 4
 _READ_SIZE = 64 * 1024
 _STOP = frame_stop()
 _ACK = frame_ack()
@@ -229,6 +229,10 @@ class _Manager:
                 self.log_flush_armed = True
                 self._after(_LOG_FLUSH_S, self._flush_log)
             events = wait(self._next_timeout(), SPIN_S if self._results_due_soon() else 0.0)
+            if self.cancel_signal is not None and not self.cancelling:
+                # Before the deaths in this batch: a service stop signals every process
+                # at once, and its workers' deaths are part of the cancel, not crashes.
+                self._cancel()
             if len(events) > 1:
                 events.sort(key=_kind)
             for kind, worker, index in events:
@@ -250,6 +254,8 @@ class _Manager:
             self._read_stream(worker, index)
         elif kind == _RESULT:
             self._read_results(worker)
+        elif kind == _WRITABLE:
+            self._write_backlog(worker)
         else:
             self._worker_died(worker)
 
@@ -276,10 +282,8 @@ class _Manager:
                 if not ready:
                     break
         for worker in sent:
-            try:
-                worker.flush()
-            except OSError:
-                pass  # the worker just died: its sentinel fails or returns these attempts
+            data, worker.outbox = b"".join(worker.outbox), []
+            self._write(worker, data)
 
     def _results_due_soon(self) -> bool:
         """Worth looking for a result before sleeping: tasks run, they are short on
@@ -420,8 +424,7 @@ class _Manager:
                 worker.blocked_topic = message.topic
                 self.blocked += 1
             self.generation += 1
-            with suppress(OSError):
-                worker.send_task(_ACK)  # the worker gives back what is queued behind
+            self._write(worker, _ACK)  # the worker gives back what is queued behind
         elif isinstance(message, Unblocked):
             worker.waits = max(0, worker.waits - 1)
             if worker.blocked_topic is not None:
@@ -434,8 +437,7 @@ class _Manager:
             self.waited = True  # tasks that coordinate through events keep their order
             if not self.lifecycle_on:
                 self._start_lifecycle()
-            with suppress(OSError):
-                worker.send_task(_ACK)
+            self._write(worker, _ACK)
 
     def _start_lifecycle(self) -> None:
         """A task uses events: from now on publish every lifecycle event, starting with
@@ -594,6 +596,26 @@ class _Manager:
         self.workers.append(worker)
         self.idle.append(worker)
 
+    def _write(self, worker: WorkerHandle, data: bytes) -> None:
+        """Send frames to ``worker`` without waiting: a worker whose task prints more
+        than its output pipe holds reads its next tasks only once the manager has read
+        that output, so a blocked write would stop both for good. What the task pipe
+        cannot take now goes out when epoll says it has room."""
+        try:
+            if worker.writer.send(data):
+                fd = worker.tasks.fileno()
+                self.poller.register(fd, (_WRITABLE, worker, 0), select.EPOLLOUT)
+        except OSError:
+            pass  # the worker just died: its sentinel fails or returns these attempts
+
+    def _write_backlog(self, worker: WorkerHandle) -> None:
+        try:
+            if worker.writer.flush():
+                return
+        except OSError:
+            worker.writer.discard()  # the worker just died (as above)
+        self.poller.unregister(worker.tasks.fileno())
+
     def _retire(self, worker: WorkerHandle) -> None:
         """Collect a finished worker's last output, stop watching it, close its pipes."""
         for slot in range(CAPTURE_SLOTS):
@@ -602,7 +624,7 @@ class _Manager:
         self.workers.remove(worker)
         if worker in self.idle:
             self.idle.remove(worker)
-        for connection in (*worker.streams, worker.results):
+        for connection in (*worker.streams, worker.results, worker.tasks):
             self.poller.unregister(connection.fileno())
         self.poller.unregister(worker.death_fd)
         worker.close()
@@ -610,13 +632,10 @@ class _Manager:
 
     def _stop_workers(self) -> None:
         for worker in self.workers:
-            if worker.task is not None:
-                worker.signal_group(signal.SIGKILL)
-            else:
-                try:
-                    worker.send_task(_STOP)
-                except OSError:
-                    pass
+            if worker.task is None:
+                self._write(worker, _STOP)
+            if worker.task is not None or worker.writer.backlog:
+                worker.signal_group(signal.SIGKILL)  # (no loop is left to write a backlog)
         deadline = time.monotonic() + self.config.grace_s
         for worker in list(self.workers):
             worker.process.join(max(0.0, deadline - time.monotonic()))
@@ -773,8 +792,8 @@ class _Poller:
         self._epoll = select.epoll()
         self._watched: dict[int, Watched] = {}
 
-    def register(self, fd: int, watched: Watched) -> None:
-        self._epoll.register(fd, select.EPOLLIN)
+    def register(self, fd: int, watched: Watched, events: int = select.EPOLLIN) -> None:
+        self._epoll.register(fd, events)
         self._watched[fd] = watched
 
     def unregister(self, fd: int) -> None:

@@ -5,6 +5,8 @@ each (stdout, stderr, log records): one for the running task, one per task queue
 behind it. The manager keeps the write end of ``tasks`` and the read
 ends of the others; its copies of the worker's ends are closed right after the start,
 so a dead worker's pipes report end-of-file and nothing it wrote before dying is lost.
+Every end the manager holds is non-blocking: it never waits on a worker (a batch of tasks
+bigger than the pipe is written as the worker reads it, see PipeFrameWriter).
 
     manager                                   worker (own process group)
     tasks    ──RunTask | Ack | Stop────────►  fn(ctx, **args)
@@ -27,7 +29,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from executor.engine.combined_log import ERR, LOG, OUT, LineSplitter
-from executor.engine.framing import PipeFrameReader, write_frame
+from executor.engine.framing import PipeFrameReader, PipeFrameWriter
 from executor.engine.worker import WorkerBoot, worker_main
 
 STREAMS = (OUT, ERR, LOG)
@@ -70,6 +72,8 @@ class WorkerHandle:
         self.death_fd = _death_fd(process)
         """Readable once the worker process has ended (a pidfd; else its sentinel)."""
         self.tasks = tasks
+        self.writer = PipeFrameWriter(tasks.fileno())
+        """Sends frames (executor/engine/framing.py) on ``tasks``."""
         self.results = results
         self.streams = streams
         self.splitters = [LineSplitter(STREAMS[i % 3]) for i in range(len(streams))]
@@ -97,27 +101,38 @@ class WorkerHandle:
         self.retired = False
         """Set once the manager has reaped it and closed its pipes."""
         self.outbox: list[bytes] = []
-        """Frames to send with the next flush (one write for a batch of tasks)."""
+        """Frames to send together: a write that wakes a sleeping worker costs tens of
+        microseconds on a virtual machine, one per batch of tasks is enough."""
 
     def source(self, index: int) -> str:
         """The combined log source of output read now from ``streams[index]``."""
         task_id = self.owners[index // 3]
         return "executor" if task_id is None else f"task:{task_id}"
 
-    def send_task(self, data: bytes) -> None:
-        """Send one frame (executor/engine/framing.py) to the worker."""
-        write_frame(self.tasks.fileno(), data)
-
-    def flush(self) -> None:
-        """Send the frames in the outbox in one write: a write that wakes a sleeping
-        worker costs tens of microseconds on a virtual machine, one per batch is enough."""
-        data, self.outbox = b"".join(self.outbox), []
-        self.send_task(data)
-
     def signal_group(self, signum: int) -> None:
-        """Signal the worker's process group: its task and every child the task started."""
+        """Signal the worker's process group: its task and every child the task started.
+
+        A worker started by forkserver or spawn makes that group itself when it starts
+        (the manager cannot do it for a process that is not its child, or has exec'd):
+        until then the worker alone is signalled. It has run no task yet, so no child of
+        a task can be missed; one started in between is killed with the group when the
+        worker is retired.
+        """
         try:
             os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            self._signal_worker(signum)
+        except PermissionError:
+            pass
+
+    def _signal_worker(self, signum: int) -> None:
+        if self.death_fd < 0:
+            return  # reaped and closed: nothing left to signal, and the pid may be reused
+        try:
+            if self.death_fd != self.process.sentinel:
+                signal.pidfd_send_signal(self.death_fd, signum)  # this process, never a reuse
+            else:  # pragma: no cover - no pidfd (old kernel)
+                os.kill(self.pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -134,6 +149,7 @@ class WorkerHandle:
             connection.close()
         if self.death_fd != self.process.sentinel:
             os.close(self.death_fd)
+        self.death_fd = -1
 
 
 def _death_fd(process: BaseProcess) -> int:
@@ -173,4 +189,5 @@ def spawn_worker(context: BaseContext, boot_fields: dict[str, Any]) -> WorkerHan
     for reader, _ in stream_pairs:
         os.set_blocking(reader.fileno(), False)
     os.set_blocking(result_r.fileno(), False)
+    os.set_blocking(task_w.fileno(), False)
     return WorkerHandle(process, task_w, result_r, [reader for reader, _ in stream_pairs])
