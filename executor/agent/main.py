@@ -33,7 +33,7 @@ from executor.agent.config import AgentConfig, AgentConfigError, load_config
 from executor.agent.delivery import Deliverer, Spool, Undelivered
 from executor.agent.heartbeat import Heartbeats
 from executor.agent.master import Master, Refused
-from executor.agent.reportlog import log_for_report
+from executor.agent.reportlog import fit_report, log_for_report
 from executor.agent.secret import TOKEN, make_undumpable, take_token
 from executor.engine.combined_log import CombinedLog, truncation
 from executor.files import write_output
@@ -182,14 +182,16 @@ class Agent:
             self.unwritten.append(f"the combined log: {why}")
         if self.beats is not None:
             self.beats.update(state="reporting")
-        report = {**results, "log": self._report_log(log_path)}
+        report = self._report(results, log_path)
         if self.master is not None:
+            if report["status"] != results["status"]:  # its results did not fit: left out
+                code, state = EXIT_FAILED, "failed"
             try:
                 self.spool.save(report)  # durable before the first send attempt
             except OSError as exc:
                 self._unwritable("the report spool", exc)
                 self.unspooled = jsontext.dumps(report).encode()
-        outcome = {"exit": code, "state": state, "status": results["status"]}
+        outcome = {"exit": code, "state": state, "status": report["status"]}
         self._keep(OUTCOME_FILE, json.dumps(outcome).encode())
         return code, state
 
@@ -223,8 +225,9 @@ class Agent:
         log.error("cannot write %s in the state directory: %s", what, exc)
         self.unwritten.append(f"{what}: {exc.strerror or exc}")
 
-    def _report_log(self, log_path: Path) -> str:
-        """The combined log for the report, marked truncated if the state directory failed."""
+    def _report(self, results: dict[str, Any], log_path: Path) -> dict[str, Any]:
+        """Results and combined log, the log marked truncated if the state directory failed,
+        the whole within the server's body limit (reportlog.py)."""
         try:
             text = log_for_report(log_path)
         except OSError as exc:
@@ -234,7 +237,14 @@ class Agent:
             f"{now()} executor err [the combined log is truncated: cannot write {what}]\n"
             for what in self.unwritten
         )
-        return text + marks
+
+        def recut(limit: int) -> str:
+            try:
+                return log_for_report(log_path, limit) + marks
+            except OSError:
+                return marks
+
+        return fit_report(results, text + marks, recut)
 
     def _progress(self, done: int, total: int) -> None:
         if self.beats is not None:

@@ -390,6 +390,57 @@ def test_full_state_disk_still_reports_from_memory(
     assert "Traceback" not in "\n".join(proc.console())
 
 
+BIG_TASKS = """
+import sys
+
+
+def escapes(ctx):
+    line = "\\x1b" * 1023 + "\\n"  # 1 byte in the log, 6 in JSON (\\u001b)
+    for _ in range(17 * 1024):
+        sys.stdout.write(line)
+    return "printed"
+
+
+def huge(ctx):
+    return "r" * (40 * 1024 * 1024)
+"""
+
+
+def big_pipeline(directory: Path, call: str) -> Path:
+    directory.mkdir()
+    document = {"format": 1, "name": "big", "tasks": [{"id": "big", "call": f"bigtasks:{call}"}]}
+    (directory / "pipeline.json").write_text(json.dumps(document))
+    (directory / "bigtasks.py").write_text(BIG_TASKS)
+    return directory
+
+
+def test_a_log_that_grows_in_json_still_fits_the_servers_body_limit(
+    server: ServerProcess, agent: AgentFactory, tmp_path: Path
+) -> None:
+    proc = agent(server, big_pipeline(tmp_path / "p", "escapes"), EXECUTOR_RUN_ID="r-esc")
+    assert proc.start().wait() == 0, proc.tail()
+    [stored] = reports(server)
+    assert stored["tasks"]["big"]["result"] == "printed"
+    assert len(json.dumps(stored, ensure_ascii=False).encode()) <= 32 * 1024 * 1024
+    assert "bytes of the combined log left out of this report" in stored["log"]
+    assert "task big attempt 1 succeeded" in stored["log"][-4096:], "the end is kept"
+
+
+def test_results_over_the_servers_body_limit_are_replaced_by_a_note(
+    server: ServerProcess, agent: AgentFactory, tmp_path: Path
+) -> None:
+    proc = agent(server, big_pipeline(tmp_path / "p", "huge"), EXECUTOR_RUN_ID="r-huge")
+    assert proc.start().wait() == 1, proc.tail()
+    assert statuses(proc)[-1].endswith("run=r-huge state=failed")
+    [stored] = reports(server)
+    assert stored["status"] == "failed", "the master cannot see the results: not a success"
+    assert stored["tasks"]["big"]["status"] == "succeeded"
+    assert stored["tasks"]["big"]["result"] is None
+    assert "results left out of this report" in stored["log"]
+    kept = json.loads((proc.state_dir / "runs" / "r-huge" / "results.json").read_text())
+    assert len(kept["tasks"]["big"]["result"]) == 40 * 1024 * 1024, "the node keeps them"
+
+
 SNOOP_TASK = '''
 import gc, os, re
 
