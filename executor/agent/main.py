@@ -183,15 +183,17 @@ class Agent:
         if self.beats is not None:
             self.beats.update(state="reporting")
         report = self._report(results, log_path)
+        status = results["status"]  # standalone: results.json on the node is the record
         if self.master is not None:
-            if report["status"] != results["status"]:  # its results did not fit: left out
+            status = report["status"]
+            if status != results["status"]:  # its results did not fit: left out
                 code, state = EXIT_FAILED, "failed"
             try:
                 self.spool.save(report)  # durable before the first send attempt
             except OSError as exc:
                 self._unwritable("the report spool", exc)
                 self.unspooled = jsontext.dumps(report).encode()
-        outcome = {"exit": code, "state": state, "status": report["status"]}
+        outcome = {"exit": code, "state": state, "status": status}
         self._keep(OUTCOME_FILE, json.dumps(outcome).encode())
         return code, state
 
@@ -252,8 +254,11 @@ class Agent:
 
     def _not_run(self, log_path: Path, reason: str) -> dict[str, Any]:
         """The report of a run that never started: status failed, no tasks, reason in log."""
-        with CombinedLog(log_path) as combined:
-            combined.executor(reason, stream="err")
+        try:  # (opening can fail: a read-only or full state disk; writes never raise)
+            with CombinedLog(log_path) as combined:
+                combined.executor(reason, stream="err")
+        except OSError as exc:
+            self._unwritable("the combined log", exc)
         stamp = now()
         results: dict[str, Any] = {
             "run_id": self.config.run.run_id,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,6 +88,43 @@ def test_an_agent_error_during_the_run_still_produces_a_report(
     # A second start finds the outcome and does not run again.
     monkeypatch.setattr(runner, "run_pipeline", None)
     assert agent_main.Agent(config).run() == (1, "failed")
+
+
+def test_a_combined_log_that_cannot_be_opened_still_ends_with_a_report(
+    tmp_path: Path,
+) -> None:
+    """A read-only or full state disk can refuse the log file itself (here: a directory
+    in its place): the run still ends with its results and outcome, not a crash."""
+    from executor.agent import main as agent_main
+
+    config = standalone(tmp_path)
+    (config.run_dir / "combined.log").mkdir(parents=True)
+    assert agent_main.Agent(config).run() == (4, "failed")  # 4: the state disk failed it
+    assert '"status": "failed"' in (config.run_dir / "results.json").read_text()
+    assert '"state": "failed"' in (config.run_dir / "outcome.json").read_text()
+
+
+def test_a_standalone_outcome_keeps_the_runs_own_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a master nothing is sent, so no result is left out for size: the outcome
+    says what results.json says, even for results over the server's body limit."""
+    from executor.agent import main as agent_main
+    from executor.agent import reportlog
+    from tests.integration.executor_pipelines import make_pipeline, task
+
+    def small_limit(
+        results: dict[str, Any], log_text: str, recut: Callable[[int], str]
+    ) -> dict[str, Any]:
+        return reportlog.fit_report(results, log_text, recut, limit=64 * 1024)
+
+    monkeypatch.setattr(agent_main, "fit_report", small_limit)
+    pipeline = make_pipeline(tmp_path / "p", [task("big", "echo", args={"value": "x" * 200_000})])
+    config = standalone(tmp_path)
+    config = dataclasses.replace(config, pipeline=str(pipeline))
+    assert agent_main.Agent(config).run() == (0, "succeeded")
+    outcome = json.loads((config.run_dir / "outcome.json").read_text())
+    assert outcome == {"exit": 0, "state": "succeeded", "status": "succeeded"}
 
 
 def test_an_image_that_cannot_import_the_engine_still_reports(
