@@ -84,12 +84,15 @@ def connect(
 
 def run_quiet(client: paramiko.SSHClient, command: str, timeout: float = 60.0) -> str:
     """Run a short command; its stdout, or RemoteError with its output."""
-    _, stdout, stderr = client.exec_command(command, timeout=timeout)
     try:
+        _, stdout, stderr = client.exec_command(command, timeout=timeout)
         out = stdout.read().decode("utf-8", "replace")
         err = stderr.read().decode("utf-8", "replace")
     except TimeoutError:
         raise RemoteError(f"`{command}` gave no answer in {timeout:.0f} s") from None
+    except (EOFError, OSError, paramiko.SSHException):
+        _raise_if_lost(client)
+        raise
     status = _exit_status(client, stdout.channel)
     if status != 0:
         detail = (err or out).strip().splitlines()
@@ -101,13 +104,19 @@ def run_quiet(client: paramiko.SSHClient, command: str, timeout: float = 60.0) -
 
 def upload(client: paramiko.SSHClient, files: dict[str, tuple[bytes, int]]) -> None:
     """Write each remote path (its parent exists) with its mode, set before any data."""
-    with client.open_sftp() as sftp:
-        sftp.get_channel().settimeout(IDLE_S)  # type: ignore[union-attr]
-        for path, (data, mode) in files.items():
-            with sftp.open(path, "wb") as f:
-                f.chmod(mode)
-                f.set_pipelined(True)
-                f.write(data)
+    try:
+        with client.open_sftp() as sftp:
+            sftp.get_channel().settimeout(IDLE_S)  # type: ignore[union-attr]
+            for path, (data, mode) in files.items():
+                with sftp.open(path, "wb") as f:
+                    f.chmod(mode)
+                    f.set_pipelined(True)
+                    f.write(data)
+    except TimeoutError:
+        raise RemoteError(f"the upload made no progress for {IDLE_S:.0f} s; gave up") from None
+    except (EOFError, OSError, paramiko.SSHException):
+        _raise_if_lost(client)
+        raise
 
 
 def run_streaming(
@@ -140,10 +149,16 @@ def _exit_status(client: paramiko.SSHClient, channel: paramiko.Channel) -> int:
     """The command's exit status, once its output has ended; RemoteError when the output
     ended because the connection did."""
     status = channel.recv_exit_status()
-    transport = client.get_transport()
-    if status == -1 and (transport is None or not transport.is_active()):
-        raise RemoteError("lost the connection to the device")
+    if status == -1:
+        _raise_if_lost(client)
     return status
+
+
+def _raise_if_lost(client: paramiko.SSHClient) -> None:
+    """RemoteError if the connection is gone: the reason whatever failed had to fail."""
+    transport = client.get_transport()
+    if transport is None or not transport.is_active():
+        raise RemoteError("lost the connection to the device") from None
 
 
 class _ChannelRaw(io.RawIOBase):

@@ -124,3 +124,13 @@ def test_the_connection_watches_for_a_device_that_vanished(
     timeout_ms = transport.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
     assert timeout_ms == remote.DEAD_PEER_S * 1000
     assert transport.packetizer._Packetizer__keepalive_interval == remote.KEEPALIVE_S  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("device", ["drop"], indirect=True)
+def test_an_upload_after_the_device_dropped_says_so(device: tuple[Server, object]) -> None:
+    _, client = device
+    assert isinstance(client, paramiko.SSHClient)
+    with pytest.raises(remote.RemoteError, match="lost the connection"):
+        remote.run_streaming(client, "sh install.sh", lambda _line: None, idle_s=5.0)
+    with pytest.raises(remote.RemoteError, match="lost the connection to the device"):
+        remote.upload(client, {"/tmp/install.sh": (b"#!/bin/sh\n", 0o700)})
