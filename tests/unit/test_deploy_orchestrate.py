@@ -51,6 +51,7 @@ class FakeMaster:
         self.submitted: list[dict[str, Any]] = []
         self.statuses: dict[str, str | None] = {}
         self.silent = False
+        self.earlier_run = False
 
     def get_json(self, path: str, **_: Any) -> Any:
         if path == "/v1/devices":
@@ -79,7 +80,10 @@ class FakeMaster:
     def poll_json(self, path: str) -> Any:
         """The master's view of runs (`statuses`: run id -> status) and nodes."""
         if path == "/v1/nodes":
-            return [] if self.silent else [{"node_id": n, "alive": True} for n in self.nodes()]
+            deployed = [d["deployment"] for d in self.devices.values() if d["deployment"]]
+            if self.earlier_run:  # the node id's previous node, still listed alive
+                return [{**d, "run_id": "r-earlier", "alive": True} for d in deployed]
+            return [] if self.silent else [{**d, "alive": True} for d in deployed]
         status = self.statuses.get(path.removeprefix("/v1/runs/"))
         return None if status is None else {"status": status}
 
@@ -256,10 +260,13 @@ def test_waits(
     assert (result.wait, result.error) == (seen, error)
 
 
-def test_a_silent_node_times_out_and_stays_recorded(kinds: dict[str, FakeTransport]) -> None:
+@pytest.mark.parametrize("listed", ["nothing", "an earlier run"])
+def test_a_silent_node_times_out_and_stays_recorded(
+    kinds: dict[str, FakeTransport], listed: str
+) -> None:
     settings = DeploySettings(**{**SETTINGS.__dict__, "wait": "heartbeat", "timeout_s": 0.05})
     master = FakeMaster({"ctr-1": DEVICES["ctr-1"]})
-    master.silent = True
+    master.silent, master.earlier_run = listed == "nothing", listed == "an earlier run"
     said: list[str] = []
     [result] = Deployer(master, kinds, said.append).deploy(["ctr-1"], settings)  # type: ignore[arg-type]
     assert result.status == "failed" and "no heartbeat from node ctr-1-" in (result.error or "")
