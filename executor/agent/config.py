@@ -85,6 +85,12 @@ class AgentConfig:
         return None
 
     @property
+    def master_patience_s(self) -> float | None:
+        """How long the node waits on its master (download, delivery) before it powers off
+        anyway: the poweroff grace period with poweroff, else None (no limit)."""
+        return self.poweroff_grace_s if self.on_complete == "poweroff" else None
+
+    @property
     def run_dir(self) -> Path:
         return self.run.state_dir / "runs" / self.run.run_id
 

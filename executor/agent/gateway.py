@@ -91,7 +91,7 @@ def obtain_pipeline(config: AgentConfig, master: Master | None) -> Path:
     if name is not None:
         assert master is not None, "config requires a master URL for gateway pipelines"
         limit = config.archive_limits.max_download_bytes
-        grace = config.poweroff_grace_s if config.on_complete == "poweroff" else None
+        grace = config.master_patience_s
         try:
             path = download(master, name, config.run_dir / f"{name}.tar.gz", limit, grace)
         except Transient as exc:  # only with a grace period: time is up

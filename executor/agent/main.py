@@ -111,9 +111,7 @@ class Agent:
         """What could not be written to the state directory (full disk, read-only)."""
         self.unspooled: bytes | None = None
         """This run's report, when the spool could not keep it: delivered from memory."""
-        self.delivery_grace_s = (
-            config.poweroff_grace_s if config.on_complete == "poweroff" else None
-        )
+        self.delivery_grace_s = config.master_patience_s
         """How long delivery may take before the node powers off anyway; None: no limit."""
         if config.master_url is not None and config.token is not None:
             self.master = Master(
