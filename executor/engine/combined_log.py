@@ -25,6 +25,7 @@ from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
 
+from executor.engine.framing import write_frame
 from executor.timefmt import rfc3339
 
 EXECUTOR = "executor"
@@ -111,10 +112,7 @@ class CombinedLog:
             mark = f"[{self._lost} bytes of the combined log lost: {reason}]"
             data = f"{rfc3339(time.time())} {EXECUTOR} err {mark}\n".encode() + records
         try:
-            with memoryview(data) as view:
-                written = 0
-                while written < len(data):
-                    written += os.write(self._fd, view[written:])
+            write_frame(self._fd, data)
         except OSError as exc:
             with suppress(OSError):  # a half-written line would garble the next one
                 os.ftruncate(self._fd, self._size)

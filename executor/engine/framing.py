@@ -25,7 +25,8 @@ def frame(message: Any) -> bytes:
 
 
 def write_frame(fd: int, data: bytes) -> None:
-    """Write all of ``data`` to a blocking pipe: one os.write, unless a signal cuts it short."""
+    """Write all of ``data`` to a blocking pipe or file: one os.write, unless a signal (or
+    a nearly full disk) cuts it short."""
     if not data:
         return
     written = os.write(fd, data)
