@@ -13,7 +13,7 @@ def process_alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie (one that nobody may ever reap)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or reaped between open and read
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 

@@ -198,7 +198,7 @@ def pending_signals(pid: int) -> int:
     """The signals waiting for a (stopped) process, as the kernel's bit mask."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or reaped between open and read
         return 0
     masks = [line.split()[1] for line in status.splitlines() if line[:6] in ("SigPnd", "ShdPnd")]
     return sum(int(mask, 16) for mask in masks)
