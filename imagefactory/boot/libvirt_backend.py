@@ -158,9 +158,8 @@ def lookup(find: Callable[[str], Any], name: str) -> Any | None:
     except libvirt.libvirtError as exc:
         missing = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_NO_STORAGE_POOL,
                    libvirt.VIR_ERR_NO_STORAGE_VOL)  # fmt: skip
-        if exc.get_error_code() in missing:
-            return None
-        raise HostError(f"libvirt: looking up {name!r} failed: {exc.get_error_message()}") from None
+        _pass_over(exc, f"look up {name!r}", *missing)
+        return None
 
 
 def open_connection() -> Any:
@@ -200,16 +199,18 @@ class LibvirtMachine:
             if dom.isActive():
                 dom.destroy()
         except libvirt.libvirtError as exc:
-            _raise_unless_gone(exc, f"stop domain {self.name}", libvirt.VIR_ERR_OPERATION_INVALID)
+            gone = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID)  # not running
+            _pass_over(exc, f"stop domain {self.name}", *gone)
         try:
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
         except libvirt.libvirtError as exc:
-            _raise_unless_gone(exc, f"undefine domain {self.name}")
+            _pass_over(exc, f"undefine domain {self.name}", libvirt.VIR_ERR_NO_DOMAIN)
 
 
-def _raise_unless_gone(exc: Any, doing: str, *gone: int) -> None:
-    """Pass over a libvirt error that says the domain is gone (or one of `gone`)."""
-    if exc.get_error_code() not in (load_libvirt().VIR_ERR_NO_DOMAIN, *gone):
+def _pass_over(exc: Any, doing: str, *expected: int) -> None:
+    """Pass over a libvirt error whose code is one of `expected` (the thing is missing or
+    already stopped); any other error is one line."""
+    if exc.get_error_code() not in expected:
         raise HostError(f"libvirt: cannot {doing}: {exc}") from None
 
 

@@ -73,6 +73,14 @@ class BootedNode:
         }
 
 
+def listed_alive(nodes: list[dict[str, Any]], node_id: str, run_id: str) -> bool:
+    """Whether `GET /v1/nodes` lists the node alive in this run: the same node id may still
+    be listed alive (3 intervals) after a heartbeat of the node it replaced."""
+    return any(
+        n.get("node_id") == node_id and n.get("run_id") == run_id and n.get("alive") for n in nodes
+    )
+
+
 class MasterApi:
     """The two admin endpoints that tell whether a node heartbeats or has reported."""
 
@@ -95,15 +103,11 @@ class MasterApi:
         return response
 
     def alive(self, node_id: str, run_id: str) -> bool:
-        """Whether the master lists the node alive in this run: the same node id may still
-        be listed alive (3 intervals) after a heartbeat of the node it replaced."""
+        """Whether the master lists the node alive in this run (`listed_alive`)."""
         response = self._get("/v1/nodes")
         if response is None or response.status_code != 200:
             return False
-        return any(
-            n.get("node_id") == node_id and n.get("run_id") == run_id and n.get("alive")
-            for n in response.json()
-        )
+        return listed_alive(response.json(), node_id, run_id)
 
     def run_status(self, run_id: str) -> str | None:
         """The status in the run's stored report; None while there is none."""

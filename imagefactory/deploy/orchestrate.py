@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imagefactory.boot.seed import NodeVars
+from imagefactory.boot.waiting import listed_alive
 from imagefactory.client import AdminClient
 from imagefactory.deploy.environment import environment_for
 from imagefactory.deploy.transports import Placement, Transport
@@ -294,11 +295,7 @@ class Deployer:
         )
 
     def _alive(self, node_id: str, run_id: str) -> bool:
-        nodes = self.client.poll_json("/v1/nodes") or []
-        return any(
-            n.get("node_id") == node_id and n.get("run_id") == run_id and n.get("alive")
-            for n in nodes
-        )
+        return listed_alive(self.client.poll_json("/v1/nodes") or [], node_id, run_id)
 
     def _undeploy(self, result: DeviceResult, say: Callable[[str], None], forget: bool) -> None:
         device = self._device(result.device)

@@ -375,7 +375,7 @@ def test_lookup_is_none_only_for_what_libvirt_does_not_have() -> None:
     machine = libvirt_backend.LibvirtMachine(conn, "test")  # the driver's running domain
     assert machine.running()
     conn.close()
-    with pytest.raises(click.ClickException, match="libvirt: looking up 'test' failed: invalid"):
+    with pytest.raises(click.ClickException, match="libvirt: cannot look up 'test': invalid"):
         machine.running()
 
 
