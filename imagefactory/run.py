@@ -83,8 +83,10 @@ def run(
     cwd: Path | None = None,
     input: str | None = None,
     timeout: float | None = None,
+    die_with_parent: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command to completion, capturing its output as text."""
+    """Run a command to completion, capturing its output as text. `die_with_parent`, for
+    commands that may run for minutes: as in `spawn`, a killed caller takes it along."""
     args = _argv(argv)
     log.debug("run: %s", shlex.join(args))
     proc = subprocess.run(
@@ -96,6 +98,7 @@ def run(
         input=input,
         timeout=timeout,
         check=False,
+        preexec_fn=_child_setup(os.getpid() if die_with_parent else None, interruptible=False),
     )
     if check and proc.returncode != 0:
         log.debug("failed (%d): %s", proc.returncode, shlex.join(args))

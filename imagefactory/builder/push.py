@@ -71,6 +71,6 @@ def push_oci(
             cert_dir.mkdir()
             shutil.copyfile(ca_file, cert_dir / "fleet-ca.crt")
         argv = skopeo_copy_argv(layout, destination, tls_verify, digestfile, cert_dir)
-        run(argv, timeout=3600)
+        run(argv, timeout=3600, die_with_parent=True)
         digest = digestfile.read_text().strip()
     return {"reference": destination.removeprefix("docker://"), "digest": digest}

@@ -221,7 +221,7 @@ def _pull_layout(
         with _cert_dir(ca_file if tls_verify else None) as certs:
             argv = skopeo_pull_argv(source, scratch / "layout", tls_verify, certs)
             try:
-                run(argv, timeout=PULL_TIMEOUT_S)
+                run(argv, timeout=PULL_TIMEOUT_S, die_with_parent=True)
             except CommandError as exc:
                 raise die(f"cannot pull {ref.pinned}: {last_line(exc.stderr)}") from None
         got = runc.manifest_digest(scratch / "layout")

@@ -57,7 +57,12 @@ def kvm_works(target: Target) -> tuple[bool, str]:
         disk = Path(tmp) / "probe.img"
         disk.write_bytes(PROBE_SECTOR)
         try:
-            proc = run(probe_argv(str(qemu), target, disk), check=False, timeout=PROBE_TIMEOUT_S)
+            proc = run(
+                probe_argv(str(qemu), target, disk),
+                check=False,
+                timeout=PROBE_TIMEOUT_S,
+                die_with_parent=True,  # no guest outlives an interrupted probe
+            )
         except subprocess.TimeoutExpired:
             return False, f"a KVM guest did not finish within {PROBE_TIMEOUT_S:.0f}s"
     if proc.returncode == PROBE_EXIT_CODE:
