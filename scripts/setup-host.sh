@@ -57,9 +57,22 @@ if [ -c /dev/kvm ] && getent group kvm >/dev/null; then
   sudo_ chgrp kvm /dev/kvm && sudo_ chmod 0660 /dev/kvm || echo "setup-host: warning: cannot set /dev/kvm permissions" >&2
 fi
 
+# A daemon started from here must not keep the caller's open files: run under
+# `flock LOCK make test`, libvirtd held the lock for good, and a test that takes the same
+# lock waited forever. (sudo closes them itself; root runs the command directly.)
+daemon() {
+  (
+    for fd in /proc/self/fd/*; do
+      fd=${fd##*/}
+      if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+    done
+    "$@"
+  )
+}
+
 # libvirtd: started directly when no init system manages it (containers, CI).
 if ! pgrep -x libvirtd >/dev/null 2>&1; then
   sudo_ mkdir -p /run/libvirt
-  pgrep -x virtlogd >/dev/null 2>&1 || sudo_ virtlogd -d || true
-  sudo_ libvirtd -d || echo "setup-host: warning: libvirtd did not start" >&2
+  pgrep -x virtlogd >/dev/null 2>&1 || daemon sudo_ virtlogd -d || true
+  daemon sudo_ libvirtd -d || echo "setup-host: warning: libvirtd did not start" >&2
 fi
