@@ -22,7 +22,6 @@ import pytest
 from imagefactory.bake.base import BaseSpec, build_base
 from imagefactory.bake.cache import BaseCache
 from imagefactory.boot import qemu, seed
-from imagefactory.boot.launch import free_ports
 from imagefactory.boot.nodestate import make_ssh_key
 from imagefactory.boot.ssh import banner_ready
 from imagefactory.host.accel import pick_accelerator
@@ -125,7 +124,6 @@ def booted_device(tmp: Path, master_url: str, name: str = "metal-1") -> Iterator
     host_key = seed.HostKey.generate()
     seed_iso = tmp / "seed.iso"
     seed.write_iso(device_seed(public, host_key, name), seed_iso)
-    (port,) = free_ports(1)
     config = qemu.VmConfig(
         name=f"fleetbake-{name}",
         target=target,
@@ -133,16 +131,17 @@ def booted_device(tmp: Path, master_url: str, name: str = "metal-1") -> Iterator
         disk=overlay,
         seed=seed_iso,
         console_log=tmp / "console.log",
-        ssh_port=port,
+        ssh_port=0,  # QEMU's pick
         master=qemu.master_forward(master_url),
         memory_mib=1024,
         cpus=2,
     )
-    machine = qemu.start(config, tmp / "qemu.log", die_with_parent=True)
     key_type, key_data = host_key.public.split()[:2]
     host_public = paramiko.PKey.from_type_string(key_type, base64.b64decode(key_data))
-    dev = Device(port, key_file, fingerprint(host_public), config.console_log, tmp)
+    machine = qemu.start(config, tmp / "qemu.log", die_with_parent=True)
     try:
+        port = machine.ssh_port()
+        dev = Device(port, key_file, fingerprint(host_public), config.console_log, tmp)
         deadline = BOOT_TIMEOUT_S
         while deadline > 0 and machine.running():
             if banner_ready(port):

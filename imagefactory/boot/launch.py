@@ -18,7 +18,6 @@ import dataclasses
 import os
 import shutil
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -70,15 +69,6 @@ def node_ids(base: str, count: int) -> list[str]:
     return [base] if count == 1 else [f"{base}-{i}" for i in range(1, count + 1)]
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct free TCP ports on 127.0.0.1 (all held until all are picked)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-
-
 def find_image(path: Path) -> Path:
     """The image file itself, also when given the directory a bake wrote."""
     if path.is_dir():
@@ -106,25 +96,30 @@ def claim_workdir(node_id: str) -> Path:
     return workdir
 
 
-def prepare_node(
-    plan: BootPlan, node: seed.NodeVars, ssh_port: int
-) -> tuple[qemu.VmConfig, nodestate.NodeRecord]:
+@dataclass(frozen=True)
+class PreparedNode:
+    """A node's files, ready to start; its SSH port is known only once QEMU runs."""
+
+    config: qemu.VmConfig
+    record: nodestate.NodeRecord
+    host_key: str
+    """The public SSH host key the seed gives the guest, pinned once the port is known."""
+
+
+def prepare_node(plan: BootPlan, node: seed.NodeVars) -> PreparedNode:
     """Write everything one node boots from into its state directory."""
     workdir = claim_workdir(node.node_id)
     try:
-        return _prepare_files(plan, node, ssh_port, workdir)
+        return _prepare_files(plan, node, workdir)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)  # nothing of a node that never started
         raise
 
 
-def _prepare_files(
-    plan: BootPlan, node: seed.NodeVars, ssh_port: int, workdir: Path
-) -> tuple[qemu.VmConfig, nodestate.NodeRecord]:
+def _prepare_files(plan: BootPlan, node: seed.NodeVars, workdir: Path) -> PreparedNode:
     key_file, public_key = nodestate.make_ssh_key(workdir, f"fleetbake-{node.node_id}")
     host_key = seed.HostKey.generate()
     node = dataclasses.replace(node, ssh_keys=(public_key, *node.ssh_keys), host_key=host_key)
-    nodestate.pin_host_key(workdir, ssh_port, host_key.public)
     made = seed.render_seed(node)
     seed.write_iso(made, workdir / "seed.iso")
     qemu.create_overlay(plan.image, workdir / "overlay.qcow2")
@@ -135,7 +130,7 @@ def _prepare_files(
         disk=workdir / "overlay.qcow2",
         seed=workdir / "seed.iso",
         console_log=workdir / "console.log",
-        ssh_port=ssh_port,
+        ssh_port=0,  # QEMU binds a free port: one picked here could be taken before that
         master=qemu.master_forward(plan.master_url) if plan.master_url else None,
         firmware=uefi_vars(plan.target, workdir),
         memory_mib=plan.memory_mib,
@@ -146,13 +141,13 @@ def _prepare_files(
         run_id=node.run_id or "",
         instance_id=made.instance_id,
         backend=plan.backend,
-        ssh_port=ssh_port,
+        ssh_port=0,  # known once QEMU runs
         ssh_user=seed.OPS_USER,
         ssh_key=str(key_file),
         workdir=str(workdir),
         console_log=str(config.console_log),
     )
-    return config, record
+    return PreparedNode(config, record, host_key.public)
 
 
 def uefi_vars(target: Target, workdir: Path) -> qemu.PflashPair | None:
@@ -172,18 +167,21 @@ def uefi_vars(target: Target, workdir: Path) -> qemu.PflashPair | None:
     return qemu.PflashPair(code=found.code, vars=vars_copy)
 
 
-def start_node(plan: BootPlan, config: qemu.VmConfig, record: nodestate.NodeRecord) -> BootedNode:
+def start_node(plan: BootPlan, prepared: PreparedNode) -> BootedNode:
+    """Start the VM, then record where its SSH is (node.json, known_hosts)."""
+    config, record = prepared.config, prepared.record
     workdir = Path(record.workdir)
-    machine: Machine
+    machine: qemu.QemuMachine | libvirt_backend.LibvirtMachine
     if plan.backend == "libvirt":
         machine = libvirt_backend.start(config)
         record = dataclasses.replace(record, domain=config.name)
     else:
         # A node that is not kept must not outlive this process, even if it is killed.
-        started = qemu.start(config, workdir / "qemu.log", die_with_parent=not plan.keeps_nodes)
-        machine = started
-        record = dataclasses.replace(record, pid=started.pid)
+        machine = qemu.start(config, workdir / "qemu.log", die_with_parent=not plan.keeps_nodes)
+        record = dataclasses.replace(record, pid=machine.pid)
     try:
+        record = dataclasses.replace(record, ssh_port=machine.ssh_port())
+        nodestate.pin_host_key(workdir, record.ssh_port, prepared.host_key)
         nodestate.save(record)
     except BaseException:
         machine.stop()  # the caller's cleanup has only the record from before the start
@@ -268,16 +266,18 @@ def boot(
     booted: list[BootedNode] = []
     with sigterm_as_interrupt():
         try:
-            for node, port in zip(nodes, free_ports(len(nodes)), strict=True):
-                config, record = prepare_node(plan, node, port)
+            for node in nodes:
+                prepared = prepare_node(plan, node)
                 try:
-                    booted.append(start_node(plan, config, record))
+                    started = start_node(plan, prepared)
                 except BaseException:
-                    cleanup(record, machine_of(record))
+                    cleanup(prepared.record, machine_of(prepared.record))
                     raise
+                booted.append(started)
                 progress(
                     f"node {node.node_id}: booting ({plan.backend}, {plan.accel}, "
-                    f"ssh 127.0.0.1:{port}, console {config.console_log})"
+                    f"ssh 127.0.0.1:{started.record.ssh_port}, "
+                    f"console {prepared.config.console_log})"
                 )
             wait_for(plan.wait, plan.timeout_s, booted, progress, api)
         finally:

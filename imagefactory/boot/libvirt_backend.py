@@ -162,6 +162,21 @@ def lookup(find: Callable[[str], Any], name: str) -> Any | None:
         return None
 
 
+def ssh_forward_port(dom: Any) -> int | None:
+    """The port the domain's QEMU picked for the guest's SSH on its host's 127.0.0.1 (the
+    rule asks for port 0: a port picked before QEMU binds it could be taken meanwhile)."""
+    import libvirt_qemu
+
+    libvirt = load_libvirt()
+    try:
+        text = libvirt_qemu.qemuMonitorCommand(
+            dom, "info usernet", libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+        )
+    except libvirt.libvirtError:
+        return None
+    return qemu.forwarded_ssh_port(text)
+
+
 def open_connection() -> Any:
     libvirt = load_libvirt()
     try:
@@ -186,6 +201,14 @@ class LibvirtMachine:
     def running(self) -> bool:
         dom = self._domain()
         return bool(dom is not None and dom.isActive())
+
+    def ssh_port(self) -> int:
+        """The host port the domain's QEMU bound for the guest's SSH."""
+        dom = self._domain()
+        port = ssh_forward_port(dom) if dom is not None else None
+        if port is None:
+            raise HostError(f"libvirt: the domain {self.name} reports no SSH forward")
+        return port
 
     def stop(self) -> None:
         """Destroy and undefine the domain. Only "not running" and "no such domain" mean

@@ -5,7 +5,8 @@ and the few impure steps around them (overlay creation, starting and stopping QE
     image ──overlay_argv()──► `qemu-img create` of a qcow2 overlay backed by the image
 
 The guest gets user-mode networking with `restrict=on`: it can reach nothing but
-what is forwarded. `hostfwd` carries SSH from 127.0.0.1:<port>; `guestfwd` maps
+what is forwarded. `hostfwd` carries SSH from 127.0.0.1:<port> (port 0: QEMU binds a
+free one, and says which in `info usernet`); `guestfwd` maps
 GUEST_MASTER_IP:<port> to the master on the host's loopback, through a relay process
 that QEMU starts per connection (a chardev target would be one connection for the
 VM's whole life, and would fail if the master is not up when QEMU starts). The relay is
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from imagefactory.errors import die
+from imagefactory.boot import qmp
+from imagefactory.errors import HostError, die
 from imagefactory.run import CommandError, run, spawn
 from imagefactory.targets import Target
 
@@ -40,6 +42,11 @@ RELAYS = ("imagefactory", "socat")
 SOCAT_LINGER_S = 30
 """After one side of a relayed connection ends, how long socat waits for the other."""
 _HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\Z")
+_SSH_FORWARD = re.compile(  # a row of `info usernet`: ... 127.0.0.1 <port> 10.0.2.15 22 ...
+    rf"HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+{GUEST_SSH_PORT}\b"
+)
+MONITOR_TIMEOUT_S = 60.0
+"""How long QEMU may take to start listening on its monitor (TCG on a loaded host)."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,8 @@ class VmConfig:
     console_log: Path
     """Where the serial console is written."""
     ssh_port: int
-    """Host port on 127.0.0.1 forwarded to the guest's port 22."""
+    """Host port on 127.0.0.1 forwarded to the guest's port 22; 0: QEMU picks a free one
+    (`QemuMachine.ssh_port`, `libvirt_backend.ssh_forward_port`)."""
     master: MasterForward | None = None
     firmware: PflashPair | None = None
     memory_mib: int = 1024
@@ -182,8 +190,15 @@ def firmware_args(firmware: PflashPair | None) -> list[str]:
     ]
 
 
-def qemu_argv(config: VmConfig) -> list[str]:
-    """The full QEMU command line of one node."""
+def forwarded_ssh_port(usernet: str) -> int | None:
+    """The host port of the SSH forward in the text of QEMU's `info usernet`."""
+    match = _SSH_FORWARD.search(usernet)
+    return int(match[1]) if match else None
+
+
+def qemu_argv(config: VmConfig, monitor_fd: int | None = None) -> list[str]:
+    """The full QEMU command line of one node; `monitor_fd`: a QMP monitor on that
+    inherited listening socket (imagefactory.boot.qmp)."""
     t = config.target
     return [
         t.qemu_binary,
@@ -229,6 +244,7 @@ def qemu_argv(config: VmConfig) -> list[str]:
         f"file,id=console0,path={_opt(config.console_log)}",
         "-serial",
         "chardev:console0",
+        *(qmp.listener_argv(monitor_fd) if monitor_fd is not None else []),
     ]
 
 
@@ -264,9 +280,13 @@ def create_overlay(image: Path, overlay: Path) -> None:
 class QemuMachine:
     """A running QEMU process (in its own process group); stop() is idempotent."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], name: str) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], name: str, monitor: qmp.Monitor, log: Path
+    ) -> None:
         self.proc = proc
         self.name = name
+        self.monitor = monitor
+        self.log = log
 
     @property
     def pid(self) -> int:
@@ -275,8 +295,33 @@ class QemuMachine:
     def running(self) -> bool:
         return self.proc.poll() is None
 
+    def ssh_port(self) -> int:
+        """The host port QEMU bound for the guest's SSH (asked once, at start)."""
+        try:
+            port = forwarded_ssh_port(self.monitor.human("info usernet"))
+        except qmp.MonitorError as exc:
+            raise HostError(f"QEMU of {self.name} failed at start: {self._why(exc)}") from None
+        finally:
+            self.monitor.close()  # QEMU keeps listening on a socket nobody else can reach
+        if port is None:
+            raise HostError(f"QEMU of {self.name} reports no SSH forward")
+        return port
+
+    def _why(self, exc: qmp.MonitorError) -> str:
+        """QEMU's last message if it has exited, else what the monitor said."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)  # a monitor that is gone: QEMU is exiting
+        if self.proc.returncode is None:
+            return str(exc.message)
+        with contextlib.suppress(OSError):
+            lines = self.log.read_text(errors="replace").strip().splitlines()
+            if lines:
+                return lines[-1]
+        return f"exit code {self.proc.returncode}, see {self.log}"
+
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM (QEMU exits cleanly), then SIGKILL after `grace_s`."""
+        self.monitor.close()
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
             if self.proc.poll() is not None:
                 return
@@ -287,13 +332,21 @@ class QemuMachine:
 
 
 def start(config: VmConfig, log: Path, *, die_with_parent: bool = False) -> QemuMachine:
-    """Start QEMU in the background; its own messages go to `log`. `die_with_parent`:
-    QEMU gets SIGTERM when this process dies, however it dies."""
-    with log.open("wb") as out:
-        proc = spawn(
-            qemu_argv(config),
-            stdout=out.fileno(),
-            stderr=subprocess.STDOUT,
-            die_with_parent=die_with_parent,
-        )
-    return QemuMachine(proc, config.name)
+    """Start QEMU in the background, with a private monitor; its own messages go to `log`.
+    `die_with_parent`: QEMU gets SIGTERM when this process dies, however it dies."""
+    monitor = qmp.Monitor(MONITOR_TIMEOUT_S)
+    try:
+        fd = monitor.listener.fileno()
+        with log.open("wb") as out:
+            proc = spawn(
+                qemu_argv(config, monitor_fd=fd),
+                stdout=out.fileno(),
+                stderr=subprocess.STDOUT,
+                die_with_parent=die_with_parent,
+                pass_fds=(fd,),
+            )
+    except BaseException:
+        monitor.close()
+        raise
+    monitor.listener.close()  # QEMU's copy is the one that listens
+    return QemuMachine(proc, config.name, monitor, log)

@@ -19,7 +19,6 @@ from imagefactory.targets import Target
 
 REMOTE_SCHEME = "qemu+ssh"
 _LABEL = re.compile(r"\+(\d+):\+(\d+)\Z")
-_FORWARD = re.compile(r"HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+22\b")
 
 
 def check_uri(uri: str) -> str:
@@ -131,19 +130,3 @@ def start_domain(conn: Any, xml: str, name: str) -> Any:
         remove_domain(conn, name)
         raise die(f"the hypervisor could not start {name}: {exc.get_error_message()}") from None
     return dom
-
-
-def ssh_forward_port(dom: Any) -> int | None:
-    """The port QEMU picked for the guest's SSH on the hypervisor's 127.0.0.1 (the rule
-    asks for port 0: no port is free for sure on another machine until it is bound)."""
-    import libvirt_qemu
-
-    libvirt = load_libvirt()
-    try:
-        text = libvirt_qemu.qemuMonitorCommand(
-            dom, "info usernet", libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
-        )
-    except libvirt.libvirtError:
-        return None
-    match = _FORWARD.search(text)
-    return int(match[1]) if match else None

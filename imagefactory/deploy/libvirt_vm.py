@@ -169,7 +169,7 @@ def _place(conn: Any, wanted: Wanted, accel: str | None, progress: Say) -> dict[
         with contextlib.suppress(Exception):
             _remove(conn, details, wanted.pool, progress)
         raise
-    port = libvirt_domain.ssh_forward_port(dom)
+    port = libvirt_backend.ssh_forward_port(dom)
     if port is not None:
         details["ssh"] = f"127.0.0.1:{port}"  # on the hypervisor
     details["ssh_host_key"] = wanted.host_key.public

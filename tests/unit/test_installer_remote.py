@@ -17,7 +17,6 @@ import click
 import paramiko
 import pytest
 
-from imagefactory.boot.launch import free_ports
 from imagefactory.install import fleet as fleet_module
 from imagefactory.install.destination import Destination, parse_destination
 from imagefactory.install.fleet import Fleet, Job, summary_lines
@@ -30,6 +29,7 @@ from imagefactory.install.hostkeys import (
 )
 from imagefactory.install.remote import RemoteError
 from tests.installer_bake import bake_installer
+from tests.ports import closed_port
 
 IMAGEFACTORY = str(Path(sys.executable).with_name("imagefactory"))
 
@@ -261,7 +261,7 @@ def test_a_damaged_installer_is_never_sent(installer: Path, tmp_path: Path) -> N
 
 
 def test_unreachable_device_fails_with_a_summary(installer: Path) -> None:
-    (port,) = free_ports(1)
+    port = closed_port()
     result = cli(str(installer), "--ssh", f"root@127.0.0.1:{port}", *IDENT, "--json")
     assert result.returncode == 1, result.stderr
     (outcome,) = json.loads(result.stdout)
@@ -327,7 +327,7 @@ def test_insecure_reaches_the_admin_api_of_wait(tmp_path: Path, insecure: bool) 
     is to a closed loopback port (the device)."""
     token_file = tmp_path / "admin.token"
     token_file.write_text("admin\n")
-    (port,) = free_ports(1)
+    port = closed_port()
     args = [str(_unchecked_installer(tmp_path)), "--ssh", f"root@127.0.0.1:{port}", *IDENT]
     args += ["--admin-token-file", str(token_file), "--wait", "report"]
     result = cli(*args, *(["--insecure"] if insecure else []))

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from imagefactory.boot import launch, nodestate, qemu
 from imagefactory.cli import boot as cmd_boot
 from imagefactory.cli.main import main
+from imagefactory.errors import HostError
 
 
 @pytest.fixture(autouse=True)
@@ -28,11 +29,6 @@ def test_count_fans_out_node_and_run_ids() -> None:
     assert cmd_boot.run_ids("R", 2) == ["R-1", "R-2"]
     generated = cmd_boot.run_ids(None, 2)
     assert len(set(generated)) == 2
-
-
-def test_free_ports_are_distinct() -> None:
-    ports = launch.free_ports(5)
-    assert len(set(ports)) == 5 and all(p > 0 for p in ports)
 
 
 def test_image_target_comes_from_the_manifest(tmp_path: Path) -> None:
@@ -107,15 +103,22 @@ def test_an_unreadable_image_leaves_no_node_behind(tmp_path: Path, state_home: P
     assert not nodestate.node_dir("n").exists()
 
 
+@pytest.mark.parametrize("failing", ["save", "ssh_port"])
 def test_a_started_vm_whose_record_cannot_be_saved_is_stopped(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
     """The caller's cleanup knows only the record from before the start (no pid): a kept
-    VM would run on, unrecorded, for `stop` to never find."""
+    VM would run on, unrecorded, for `stop` to never find. The same if QEMU cannot say
+    which SSH port it bound."""
     stopped: list[str] = []
 
     class StartedQemu:
         pid = 4242
+
+        def ssh_port(self) -> int:
+            if failing == "ssh_port":
+                raise HostError("QEMU of fleetbake-n failed at start: no monitor")
+            return 2222
 
         def stop(self) -> None:
             stopped.append("qemu")
@@ -128,9 +131,10 @@ def test_a_started_vm_whose_record_cannot_be_saved_is_stopped(
     plan = SimpleNamespace(backend="qemu", keeps_nodes=True)
     config = SimpleNamespace(console_log=tmp_path / "console.log", name="fleetbake-n")
     record = nodestate.NodeRecord(
-        node_id="n", run_id="r", instance_id="i", backend="qemu", ssh_port=1, ssh_user="ops",
+        node_id="n", run_id="r", instance_id="i", backend="qemu", ssh_port=0, ssh_user="ops",
         ssh_key="k", workdir=str(tmp_path), console_log=str(tmp_path / "console.log"),
     )  # fmt: skip
-    with pytest.raises(OSError, match="No space left"):
-        launch.start_node(plan, config, record)  # type: ignore[arg-type]
+    prepared = launch.PreparedNode(config, record, "ssh-ed25519 AAAA")  # type: ignore[arg-type]
+    with pytest.raises(HostError if failing == "ssh_port" else OSError):
+        launch.start_node(plan, prepared)  # type: ignore[arg-type]
     assert stopped == ["qemu"]

@@ -24,9 +24,9 @@ import httpx
 import pytest
 
 from imagefactory.boot import qemu
-from imagefactory.boot.launch import free_ports
 from tests.installer_bake import bake_installer
 from tests.metal_device import Device, booted_device
+from tests.ports import closed_port
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(2400)]
 
@@ -128,7 +128,7 @@ def test_unknown_or_wrong_host_keys_are_refused(
 def test_install_makes_a_node_that_heartbeats_and_reports(
     installer: Path, master: Master, device: Device
 ) -> None:
-    (closed,) = free_ports(1)  # a second device nobody answers for: it fails alone
+    closed = closed_port()  # a second device nobody answers for: it fails alone
     result = install(
         str(installer), *identity(master, device), "--ssh", f"ops@127.0.0.1:{closed}",
         "--host-key-fingerprint", device.host_fingerprint,
