@@ -304,6 +304,5 @@ def boot(
             wait_for(plan.wait, plan.timeout_s, booted, progress, api)
         finally:
             if not plan.keeps_nodes:
-                for node_ in booted:
-                    launch.cleanup(node_.record, node_.machine)
+                launch.cleanup_all(booted, progress)
     return booted

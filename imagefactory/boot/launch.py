@@ -18,6 +18,7 @@ import dataclasses
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -282,6 +283,27 @@ def boot(
             wait_for(plan.wait, plan.timeout_s, booted, progress, api)
         finally:
             if not keep:
-                for node_ in booted:
-                    cleanup(node_.record, node_.machine)
+                cleanup_all(booted, progress)
     return booted
+
+
+def cleanup_all(booted: list[BootedNode], progress: Callable[[str], None]) -> None:
+    """Clean up every node. Ctrl-C or SIGTERM meanwhile waits for the end: a second Ctrl-C
+    used to abort this and leave VMs and containers running (runc may take 30 s each). If
+    nothing else is on its way out, the interrupt is raised once all are stopped."""
+    pending: list[int] = []
+
+    def later(signum: int, _frame: FrameType | None) -> None:
+        if not pending:
+            progress("stopping the nodes first (this cannot be interrupted)")
+        pending.append(signum)
+
+    previous = {sig: signal.signal(sig, later) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for node in booted:
+            cleanup(node.record, node.machine)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if pending and sys.exc_info()[1] is None:  # in a `finally`: the exception on its way
+        raise KeyboardInterrupt

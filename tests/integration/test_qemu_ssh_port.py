@@ -36,7 +36,7 @@ def config(tmp_path: Path) -> qemu.VmConfig:
 
 
 @pytest.fixture
-def started(config: qemu.VmConfig, tmp_path: Path) -> Iterator[list[qemu.QemuMachine]]:
+def started() -> Iterator[list[qemu.QemuMachine]]:
     machines: list[qemu.QemuMachine] = []
     yield machines
     for machine in machines:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
-from imagefactory.boot import launch, nodestate, qemu
+from imagefactory.boot import console, launch, nodestate, qemu
 from imagefactory.cli import boot as cmd_boot
 from imagefactory.cli.main import main
 from imagefactory.errors import HostError
@@ -138,3 +140,48 @@ def test_a_started_vm_whose_record_cannot_be_saved_is_stopped(
     with pytest.raises(HostError if failing == "ssh_port" else OSError):
         launch.start_node(plan, prepared)  # type: ignore[arg-type]
     assert stopped == ["qemu"]
+
+
+class SlowToStop:
+    """A node whose stop takes long enough for the user to press Ctrl-C (again)."""
+
+    def __init__(self, stopped: list[str], name: str) -> None:
+        self.stopped, self.name = stopped, name
+
+    def running(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        self.stopped.append(self.name)
+
+
+def _booted(tmp_path: Path, stopped: list[str], name: str) -> launch.BootedNode:
+    workdir = tmp_path / name
+    workdir.mkdir()
+    record = nodestate.NodeRecord(
+        node_id=name, run_id="r", instance_id="i", backend="qemu", ssh_port=22, ssh_user="ops",
+        ssh_key="k", workdir=str(workdir), console_log=str(workdir / "console.log"),
+    )  # fmt: skip
+    machine = SlowToStop(stopped, name)
+    return launch.BootedNode(record, machine, console.ConsoleFollower(workdir / "c"), 0.0)
+
+
+@pytest.mark.parametrize("on_its_way_out", [None, RuntimeError("the wait failed")])
+def test_ctrl_c_during_cleanup_stops_every_node_first(
+    tmp_path: Path, on_its_way_out: Exception | None
+) -> None:
+    """Then the interrupt, unless another exception is already ending the boot."""
+    stopped: list[str] = []
+    said: list[str] = []
+    handler = signal.getsignal(signal.SIGINT)
+    booted = [_booted(tmp_path, stopped, name) for name in ("n-1", "n-2", "n-3")]
+    with pytest.raises(KeyboardInterrupt if on_its_way_out is None else RuntimeError):
+        try:
+            if on_its_way_out is not None:
+                raise on_its_way_out
+        finally:
+            launch.cleanup_all(booted, said.append)
+    assert stopped == ["n-1", "n-2", "n-3"]
+    assert said == ["stopping the nodes first (this cannot be interrupted)"]
+    assert signal.getsignal(signal.SIGINT) is handler
