@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from imagefactory.boot import console, launch, nodestate, qemu
+from imagefactory.boot.waiting import BootedNode
 from imagefactory.cli import boot as cmd_boot
 from imagefactory.cli.main import main
 from imagefactory.errors import HostError
@@ -156,7 +157,7 @@ class SlowToStop:
         self.stopped.append(self.name)
 
 
-def _booted(tmp_path: Path, stopped: list[str], name: str) -> launch.BootedNode:
+def _booted(tmp_path: Path, stopped: list[str], name: str) -> BootedNode:
     workdir = tmp_path / name
     workdir.mkdir()
     record = nodestate.NodeRecord(
@@ -164,7 +165,7 @@ def _booted(tmp_path: Path, stopped: list[str], name: str) -> launch.BootedNode:
         ssh_key="k", workdir=str(workdir), console_log=str(workdir / "console.log"),
     )  # fmt: skip
     machine = SlowToStop(stopped, name)
-    return launch.BootedNode(record, machine, console.ConsoleFollower(workdir / "c"), 0.0)
+    return BootedNode(record, machine, console.ConsoleFollower(workdir / "c"), 0.0)
 
 
 @pytest.mark.parametrize("on_its_way_out", [None, RuntimeError("the wait failed")])
