@@ -187,6 +187,7 @@ def _unexpected(message: str, code: int, debug: bool) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from executor import settings
+    from executor.engine.combined_log import truncation
     from executor.engine.manager import RunConfig, run
     from executor.pipeline import load_pipeline
 
@@ -221,6 +222,9 @@ def _run(args: argparse.Namespace) -> int:
             counts[task["status"]] = counts.get(task["status"], 0) + 1
         summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         print(f"run {run_id} {results['status']}: {summary}; log: {log_path}")
+    if (why := truncation(log_path)) is not None:  # the run went on without part of its log
+        print(f"Error: {log_path}: the combined log is incomplete: {why}", file=sys.stderr)
+        return EXIT_OS
     return EXIT_OK if results["status"] == "succeeded" else EXIT_FAILED
 
 
