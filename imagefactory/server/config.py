@@ -30,7 +30,7 @@ class ServerConfig:
     admin_token: str
     """The bearer token that publishes pipelines and reads everything."""
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    """Larger request bodies get 413, judged by Content-Length before the body is read."""
+    """Larger request bodies get 413, judged by Content-Length (server/limits.py)."""
     store_dir: Path | None = None
     """Environment store (content-addressed blobs, uploads in progress); None: next to a
     SQLite database, else under the state directory."""

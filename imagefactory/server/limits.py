@@ -1,7 +1,11 @@
 """Request body size limit, enforced before any endpoint reads the body.
 
-A declared Content-Length over the limit is answered 413 at once, without reading the body;
-a body without Content-Length (chunked) is counted while it is read.
+A declared Content-Length over the limit is answered 413 without parsing the body. Up to
+DRAIN_MAX_BYTES it is read and discarded first: a server that closes a connection with
+unread data makes the kernel reset it, and the client (the agent's http.client) sees
+"connection reset" instead of the 413, and retries what will never be taken. A larger
+declared body is answered at once, and the connection closed. A body without
+Content-Length (chunked) is counted while it is read.
 """
 
 from __future__ import annotations
@@ -9,6 +13,9 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+DRAIN_MAX_BYTES = 64 * 1024 * 1024
+"""Twice the agent's own report limit (the server's default body limit, 32 MiB)."""
 
 
 class BodyTooLarge(HTTPException):
@@ -31,6 +38,8 @@ class BodyLimitMiddleware:
         if declared is not None:
             error = self._check_declared(declared)
             if error is not None:
+                if error.status_code == 413 and int(declared) <= DRAIN_MAX_BYTES:
+                    await _drain(receive)
                 await error(scope, receive, send)
                 return
         await self.app(scope, self._counting(receive), send)
@@ -59,3 +68,11 @@ class BodyLimitMiddleware:
             return message
 
         return counted
+
+
+async def _drain(receive: Receive) -> None:
+    """Read the request body to its end, keeping none of it."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
