@@ -107,7 +107,7 @@ class Deliverer:
             deadline = stop_after_delay(give_up_after_s)
         retrying = Retrying(
             retry=retry_if_exception_type(Transient),
-            wait=backoff(),
+            wait=backoff(give_up_after_s),
             stop=stop_any(deadline, stop_when_event_set(self._stop)),
             sleep=self._pause,
             before_sleep=lambda state: log.warning(

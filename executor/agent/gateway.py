@@ -62,7 +62,7 @@ def download(
 
     retrying = Retrying(
         retry=retry_if_exception_type(Transient),
-        wait=backoff(),
+        wait=backoff(give_up_after_s),
         stop=stop,
         reraise=True,
         before_sleep=lambda state: log.warning(

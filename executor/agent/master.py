@@ -18,22 +18,32 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, BinaryIO
 
-from tenacity import wait_random_exponential
+from tenacity import RetryCallState, wait_random_exponential
 
 TRANSIENT_STATUS = frozenset({408, 425, 429})
 log = logging.getLogger("executor.agent.master")
 _CHUNK = 1 << 20
 
 
-def backoff() -> wait_random_exponential:
-    """Exponential backoff with full jitter, from 200 ms up to 60 s."""
-    return wait_random_exponential(multiplier=0.2, min=0.2, max=60)
+def backoff(give_up_after_s: float | None = None) -> Callable[[RetryCallState], float]:
+    """Exponential backoff with full jitter, from 200 ms up to 60 s. With `give_up_after_s`
+    no wait goes past that time since the first attempt: the last attempt is made then,
+    not up to a whole backoff later (tenacity's stop is only checked after an attempt)."""
+    wait = wait_random_exponential(multiplier=0.2, min=0.2, max=60)
+    if give_up_after_s is None:
+        return wait
+
+    def until_give_up(state: RetryCallState) -> float:
+        left = give_up_after_s - (state.seconds_since_start or 0.0)
+        return max(0.0, min(wait(state), left))
+
+    return until_give_up
 
 
 class Transient(Exception):

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from tenacity import RetryCallState, Retrying
 
 from executor.agent.config import load_config
 from executor.agent.delivery import Deliverer, Spool, Undelivered
@@ -26,7 +27,7 @@ from executor.agent.gateway import (
     sha256_of,
 )
 from executor.agent.heartbeat import Heartbeats
-from executor.agent.master import Master, Refused, Transient
+from executor.agent.master import Master, Refused, Transient, backoff
 from executor.pipeline import PipelineError
 
 Reply = tuple[int, dict[str, str], bytes]
@@ -143,6 +144,17 @@ def test_undeliverable_report_is_kept_after_the_deadline(tmp_path: Path) -> None
     with pytest.raises(Undelivered, match="not delivered after"):
         Deliverer(master("http://127.0.0.1:9"), spool).deliver(path, give_up_after_s=1)
     assert spool.pending() == [path]
+
+
+@pytest.mark.parametrize("since_start_s", [0.5, 29.0, 29.9, 31.0])
+def test_no_backoff_waits_past_the_give_up_time(since_start_s: float) -> None:
+    """The last attempt is made at the deadline, not up to a 60 s backoff after it."""
+    state = RetryCallState(Retrying(), fn=None, args=(), kwargs={})
+    state.attempt_number = 30  # the uncapped backoff is anything up to 60 s by now
+    state.outcome_timestamp = state.start_time + since_start_s
+    waits = [backoff(30.0)(state) for _ in range(50)]
+    assert all(0.0 <= wait <= max(0.0, 30.0 - since_start_s) + 1e-6 for wait in waits), waits
+    assert max(backoff()(state) for _ in range(50)) > 1.0, "without a deadline: uncapped"
 
 
 def test_unreachable_master_is_transient() -> None:
