@@ -62,13 +62,23 @@ class Stages:
         self.say(f"==> {name}: done in {elapsed:.1f}s")
 
 
+TOOL_GRACE_S = 30.0
+"""How long an interrupted `follow` command (Packer, mmdebstrap) may clean up after SIGTERM."""
+TOOL_KILL_WAIT_S = 10.0
+"""Then how long SIGKILL may take."""
+BAKE_STOP_S = TOOL_GRACE_S + TOOL_KILL_WAIT_S + 20.0
+"""How long whoever interrupts a bake should let it stop before SIGKILL (the builder's
+`--grace-seconds`): the bake waits up to TOOL_GRACE_S + TOOL_KILL_WAIT_S for its tool,
+then cleans up. Killed sooner, it leaves the tool to stop on its own."""
+
+
 def follow(
     argv: Argv,
     log_path: Path,
     on_line: Callable[[str], None] | None = None,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
-    grace_s: float = 30.0,
+    grace_s: float = TOOL_GRACE_S,
 ) -> None:
     """Run a long command, writing all its output to `log_path` and handing each line to
     `on_line`. On failure raise `CommandError` with the tail of the output. If we are
@@ -97,7 +107,7 @@ def follow(
 
 def terminate(proc: subprocess.Popen[bytes], grace_s: float) -> None:
     """SIGTERM the process group, SIGKILL it if it is still there after `grace_s`."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, TOOL_KILL_WAIT_S)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:

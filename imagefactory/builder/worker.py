@@ -31,6 +31,7 @@ from imagefactory.builder.bakeproc import BakeProcess, bake_argv
 from imagefactory.builder.master import LeaseLost, MasterClient, Refused, Unreachable
 from imagefactory.builder.push import push_oci, repository_name
 from imagefactory.builder.upload import sha256_digest, upload
+from imagefactory.stages import BAKE_STOP_S
 
 T = TypeVar("T")
 MAX_BACKOFF_S = 10.0
@@ -48,7 +49,7 @@ class BuilderConfig:
     """What this host can build (imagefactory doctor's checks)."""
     formats: tuple[str, ...]
     """The formats `imagefactory bake` knows."""
-    grace_s: float = 30.0
+    grace_s: float = BAKE_STOP_S
     """After a cancel's SIGINT, how long the bake may clean up before SIGKILL."""
     wait_s: float = 20.0
     """Long-poll length of one claim."""

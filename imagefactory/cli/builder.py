@@ -11,6 +11,7 @@ import click
 from imagefactory.cli.services import check_ident, client_tls, tls_choice, tls_options
 from imagefactory.errors import die
 from imagefactory.paths import state_root
+from imagefactory.stages import BAKE_STOP_S
 from imagefactory.tokens import read_secret
 
 
@@ -40,9 +41,10 @@ def _interrupt(_signum: int, _frame: FrameType | None) -> None:
 @click.option(
     "--grace-seconds",
     type=click.FloatRange(min=0, max=3600),
-    default=30.0,
+    default=BAKE_STOP_S,
     show_default=True,
-    help="After a cancel, how long the bake may clean up before it is killed.",
+    help="After a cancel, how long the bake may clean up before it is killed: longer "
+    "than the bake's own wait for Packer or mmdebstrap to stop (up to 40 s).",
 )
 def builder_command(
     master: str, builder_id: str, token_file: Path, work_dir: Path, grace_seconds: float

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from imagefactory import stages
 from imagefactory.builder.bakeproc import Progress, bake_argv
 from imagefactory.builder.master import Refused
 from imagefactory.builder.push import registry_destination, repository_name, skopeo_copy_argv
 from imagefactory.builder.upload import sha256_digest, upload
+from imagefactory.builder.worker import BuilderConfig
 from imagefactory.tokens import builder_token, node_token
 
 
@@ -157,3 +159,14 @@ def test_formats_need_their_tools(monkeypatch: pytest.MonkeyPatch) -> None:
     assert caps.buildable_formats(formats) == ("installer", "future")
     present.add("mmdebstrap")
     assert caps.buildable_formats(formats) == ("oci", "installer", "future")
+
+
+def test_a_cancelled_bake_may_outwait_its_own_tools_stop() -> None:
+    """The builder SIGKILLs a cancelled bake only after the bake has had time to SIGTERM
+    Packer (or mmdebstrap), wait, and SIGKILL it: sooner, the tool is left to itself."""
+    from imagefactory.cli.builder import builder_command
+
+    tools_stop = stages.TOOL_GRACE_S + stages.TOOL_KILL_WAIT_S
+    (grace,) = [p.default for p in builder_command.params if p.name == "grace_seconds"]
+    assert isinstance(grace, float) and grace > tools_stop
+    assert BuilderConfig("b", Path("/w"), (), ()).grace_s == grace
