@@ -288,7 +288,8 @@ def boot(
 
 
 def cleanup_all(booted: list[BootedNode], progress: Callable[[str], None]) -> None:
-    """Clean up every node. Ctrl-C or SIGTERM meanwhile waits for the end: a second Ctrl-C
+    """Clean up every node, even after one of them failed to stop (the first such error is
+    raised at the end). Ctrl-C or SIGTERM meanwhile waits for the end: a second Ctrl-C
     used to abort this and leave VMs and containers running (runc may take 30 s each). If
     nothing else is on its way out, the interrupt is raised once all are stopped."""
     pending: list[int] = []
@@ -298,12 +299,21 @@ def cleanup_all(booted: list[BootedNode], progress: Callable[[str], None]) -> No
             progress("stopping the nodes first (this cannot be interrupted)")
         pending.append(signum)
 
+    failed: Exception | None = None
     previous = {sig: signal.signal(sig, later) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for node in booted:
-            cleanup(node.record, node.machine)
+            try:
+                cleanup(node.record, node.machine)
+            except Exception as exc:  # the others must still be stopped
+                progress(f"node {node.record.node_id}: cannot clean up: {exc}")
+                failed = failed or exc
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if pending and sys.exc_info()[1] is None:  # in a `finally`: the exception on its way
+    if sys.exc_info()[1] is not None:  # in a `finally`: an exception is already on its way
+        return
+    if failed is not None:
+        raise failed
+    if pending:
         raise KeyboardInterrupt

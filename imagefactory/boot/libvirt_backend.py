@@ -164,7 +164,8 @@ def lookup(find: Callable[[str], Any], name: str) -> Any | None:
 
 def ssh_forward_port(dom: Any) -> int | None:
     """The port the domain's QEMU picked for the guest's SSH on its host's 127.0.0.1 (the
-    rule asks for port 0: a port picked before QEMU binds it could be taken meanwhile)."""
+    rule asks for port 0: a port picked before QEMU binds it could be taken meanwhile);
+    None if it has no such forward. A monitor command that fails is an error."""
     import libvirt_qemu
 
     libvirt = load_libvirt()
@@ -172,8 +173,8 @@ def ssh_forward_port(dom: Any) -> int | None:
         text = libvirt_qemu.qemuMonitorCommand(
             dom, "info usernet", libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
         )
-    except libvirt.libvirtError:
-        return None
+    except libvirt.libvirtError as exc:
+        raise HostError(f"libvirt: cannot ask {dom.name()} for its SSH port: {exc}") from None
     return qemu.forwarded_ssh_port(text)
 
 
@@ -205,7 +206,9 @@ class LibvirtMachine:
     def ssh_port(self) -> int:
         """The host port the domain's QEMU bound for the guest's SSH."""
         dom = self._domain()
-        port = ssh_forward_port(dom) if dom is not None else None
+        if dom is None:
+            raise HostError(f"libvirt: the domain {self.name} is gone")
+        port = ssh_forward_port(dom)
         if port is None:
             raise HostError(f"libvirt: the domain {self.name} reports no SSH forward")
         return port

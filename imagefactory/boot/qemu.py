@@ -198,7 +198,7 @@ def forwarded_ssh_port(usernet: str) -> int | None:
 
 def qemu_argv(config: VmConfig, monitor_fd: int | None = None) -> list[str]:
     """The full QEMU command line of one node; `monitor_fd`: a QMP monitor on that
-    inherited listening socket (imagefactory.boot.qmp)."""
+    inherited socket (imagefactory.boot.qmp)."""
     t = config.target
     return [
         t.qemu_binary,
@@ -244,7 +244,7 @@ def qemu_argv(config: VmConfig, monitor_fd: int | None = None) -> list[str]:
         f"file,id=console0,path={_opt(config.console_log)}",
         "-serial",
         "chardev:console0",
-        *(qmp.listener_argv(monitor_fd) if monitor_fd is not None else []),
+        *(qmp.monitor_argv(monitor_fd) if monitor_fd is not None else []),
     ]
 
 
@@ -287,6 +287,7 @@ class QemuMachine:
         self.name = name
         self.monitor = monitor
         self.log = log
+        self._ssh_port: int | None = None
 
     @property
     def pid(self) -> int:
@@ -297,15 +298,17 @@ class QemuMachine:
 
     def ssh_port(self) -> int:
         """The host port QEMU bound for the guest's SSH (asked once, at start)."""
-        try:
-            port = forwarded_ssh_port(self.monitor.human("info usernet"))
-        except qmp.MonitorError as exc:
-            raise HostError(f"QEMU of {self.name} failed at start: {self._why(exc)}") from None
-        finally:
-            self.monitor.close()  # QEMU keeps listening on a socket nobody else can reach
-        if port is None:
-            raise HostError(f"QEMU of {self.name} reports no SSH forward")
-        return port
+        if self._ssh_port is None:
+            try:
+                port = forwarded_ssh_port(self.monitor.human("info usernet"))
+            except qmp.MonitorError as exc:
+                raise HostError(f"QEMU of {self.name} failed at start: {self._why(exc)}") from None
+            finally:
+                self.monitor.close()  # nothing else is asked of this QEMU
+            if port is None:
+                raise HostError(f"QEMU of {self.name} reports no SSH forward")
+            self._ssh_port = port
+        return self._ssh_port
 
     def _why(self, exc: qmp.MonitorError) -> str:
         """QEMU's last message if it has exited, else what the monitor said."""
@@ -336,7 +339,7 @@ def start(config: VmConfig, log: Path, *, die_with_parent: bool = False) -> Qemu
     `die_with_parent`: QEMU gets SIGTERM when this process dies, however it dies."""
     monitor = qmp.Monitor(MONITOR_TIMEOUT_S)
     try:
-        fd = monitor.listener.fileno()
+        fd = monitor.qemu_end.fileno()
         with log.open("wb") as out:
             proc = spawn(
                 qemu_argv(config, monitor_fd=fd),
@@ -348,5 +351,5 @@ def start(config: VmConfig, log: Path, *, die_with_parent: bool = False) -> Qemu
     except BaseException:
         monitor.close()
         raise
-    monitor.listener.close()  # QEMU's copy is the one that listens
+    monitor.qemu_end.close()  # QEMU has its own copy
     return QemuMachine(proc, config.name, monitor, log)

@@ -1,7 +1,6 @@
-"""A private QMP connection to a QEMU this process starts, with no socket path left to
-find: the listening socket is bound in a private directory, connected to, and unlinked
-before QEMU exists; QEMU gets the listening descriptor (`-chardev socket,fd=N`) and
-accepts the connection that waits in its backlog. Nobody else can ever connect.
+"""A private QMP connection to a QEMU this process starts: one end of a socket pair is
+QEMU's monitor (`-chardev socket,fd=N,server=off`), the other stays here. There is no
+socket path, so nobody else can ever connect, and no path length limit to meet.
 
 Used once, at start, to read the SSH port QEMU picked (`hostfwd=...:0-:22`): a port
 chosen by this process and bound later by QEMU could be taken in between.
@@ -11,8 +10,6 @@ from __future__ import annotations
 
 import json
 import socket
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from imagefactory.errors import HostError
@@ -24,27 +21,21 @@ class MonitorError(HostError):
     """QEMU closed the monitor, answered with an error, or did not answer in time."""
 
 
-def listener_argv(fd: int) -> list[str]:
-    """QEMU's arguments for a QMP monitor on the inherited listening socket `fd`."""
+def monitor_argv(fd: int) -> list[str]:
+    """QEMU's arguments for a QMP monitor on the inherited, connected socket `fd`."""
     return [
         "-chardev",
-        f"socket,id={CHARDEV_ID},fd={fd},server=on,wait=off",
+        f"socket,id={CHARDEV_ID},fd={fd},server=off",
         "-mon",
         f"chardev={CHARDEV_ID},mode=control",
     ]
 
 
 class Monitor:
-    """The client end; `listener` is for QEMU (pass its descriptor, then close it here)."""
+    """This process's end; `qemu_end` is for QEMU (pass its descriptor, then close it)."""
 
     def __init__(self, timeout_s: float) -> None:
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with tempfile.TemporaryDirectory(prefix="imagefactory-qmp-") as private:
-            path = str(Path(private) / "s")  # short: a socket path has at most 107 bytes
-            self.listener.bind(path)
-            self.listener.listen(1)
-            self._sock.connect(path)  # waits in the backlog until QEMU accepts it
+        self._sock, self.qemu_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout_s)
         self._reader = self._sock.makefile("rb")
         self._ready = False
@@ -52,7 +43,7 @@ class Monitor:
     def close(self) -> None:
         self._reader.close()
         self._sock.close()
-        self.listener.close()
+        self.qemu_end.close()
 
     def human(self, command_line: str) -> str:
         """The text of an HMP command (`info usernet`), run through QMP."""

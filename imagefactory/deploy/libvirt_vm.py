@@ -27,7 +27,7 @@ from typing import Any
 
 from imagefactory.boot import libvirt_backend, qemu, seed
 from imagefactory.deploy import libvirt_domain, libvirt_pool
-from imagefactory.errors import die
+from imagefactory.errors import HostError, die
 from imagefactory.run import CommandError, run
 from imagefactory.targets import Target
 
@@ -169,7 +169,11 @@ def _place(conn: Any, wanted: Wanted, accel: str | None, progress: Say) -> dict[
         with contextlib.suppress(Exception):
             _remove(conn, details, wanted.pool, progress)
         raise
-    port = libvirt_backend.ssh_forward_port(dom)
+    try:
+        port = libvirt_backend.ssh_forward_port(dom)
+    except HostError as exc:  # the node runs all the same; only `ssh` is not recorded
+        progress(f"domain {wanted.domain}: {exc.message}")
+        port = None
     if port is not None:
         details["ssh"] = f"127.0.0.1:{port}"  # on the hypervisor
     details["ssh_host_key"] = wanted.host_key.public

@@ -1,7 +1,8 @@
 """Request body size limit, enforced before any endpoint reads the body.
 
 A declared Content-Length over the limit is answered 413 without parsing the body. Up to
-DRAIN_MAX_BYTES it is read and discarded first: a server that closes a connection with
+DRAIN_MAX_BYTES it is read and discarded first (unless the client waits for an answer
+before it sends the body: `Expect: 100-continue`): a server that closes a connection with
 unread data makes the kernel reset it, and the client (the agent's http.client) sees
 "connection reset" instead of the 413, and retries what will never be taken. A larger
 declared body is answered at once, and the connection closed. A body without
@@ -34,11 +35,15 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         if declared is not None:
             error = self._check_declared(declared)
             if error is not None:
-                if error.status_code == 413 and int(declared) <= DRAIN_MAX_BYTES:
+                # A client that sent `Expect: 100-continue` waits for the answer before the
+                # body: reading would ask it for the body, and nothing is in flight to reset.
+                waits = b"expect" in headers
+                if error.status_code == 413 and int(declared) <= DRAIN_MAX_BYTES and not waits:
                     await _drain(receive)
                 await error(scope, receive, send)
                 return

@@ -1,6 +1,6 @@
 """A master started with a lower `--max-body-bytes` than the agent's own report limit, for
-real: the server answers 413 from the headers, without reading the report, and the agent
-must see that refusal (exit 3, the report kept in its spool) rather than a network error
+real: the server judges the report by its headers and discards it unparsed, and the agent
+must see the 413 (exit 3, the report kept in its spool) rather than a reset connection
 to retry for ever."""
 
 from __future__ import annotations

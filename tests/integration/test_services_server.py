@@ -108,6 +108,24 @@ def test_oversize_content_length_is_answered_before_the_body(server: ServerProce
     assert server.dump() == []
 
 
+def test_a_client_that_waits_before_its_body_gets_the_413_not_a_100_continue(
+    server: ServerProcess,
+) -> None:
+    """`Expect: 100-continue` (curl, for large bodies): the body is not asked for."""
+    head = (
+        f"PUT /v1/runs/run-1/report HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {server.node_token('node-a')}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 5000000\r\n"
+        "Expect: 100-continue\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head.encode())
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.decode().startswith("HTTP/1.1 413"), received[:200]
+
+
 def test_admin_commands_against_a_real_server(server: ServerProcess, tmp_path: Path) -> None:
     headers = {"Authorization": f"Bearer {server.node_token('node-a')}"}
     httpx.post(f"{server.url}/v1/nodes/node-a/heartbeats", json=beat(), headers=headers)

@@ -404,3 +404,16 @@ def test_a_domain_that_cannot_be_stopped_is_an_error_and_stays_defined() -> None
     with pytest.raises(click.ClickException, match="cannot stop domain fleetbake-n1: .*busy"):
         machine.stop()
     assert not domain.undefined, "a running domain undefined becomes transient and runs on"
+
+
+def test_a_failing_monitor_command_is_an_error_with_libvirts_reason() -> None:
+    """libvirt's test driver has no QEMU monitor: its refusal is the message."""
+    import libvirt
+
+    conn = libvirt.open("test:///default")
+    try:
+        machine = libvirt_backend.LibvirtMachine(conn, "test")
+        with pytest.raises(click.ClickException, match="cannot ask test for its SSH port: .+"):
+            machine.ssh_port()
+    finally:
+        conn.close()

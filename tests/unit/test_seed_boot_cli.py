@@ -186,3 +186,20 @@ def test_ctrl_c_during_cleanup_stops_every_node_first(
     assert stopped == ["n-1", "n-2", "n-3"]
     assert said == ["stopping the nodes first (this cannot be interrupted)"]
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+class FailsToStop(SlowToStop):
+    def stop(self) -> None:
+        self.stopped.append(self.name)
+        raise HostError(f"libvirt: cannot stop domain {self.name}: busy")
+
+
+def test_a_node_that_cannot_be_stopped_does_not_keep_the_others_running(tmp_path: Path) -> None:
+    stopped: list[str] = []
+    said: list[str] = []
+    booted = [_booted(tmp_path, stopped, name) for name in ("n-1", "n-2", "n-3")]
+    booted[0].machine = FailsToStop(stopped, "n-1")
+    with pytest.raises(HostError, match="cannot stop domain n-1"):
+        launch.cleanup_all(booted, said.append)
+    assert stopped == ["n-1", "n-2", "n-3"]
+    assert said[0] == "node n-1: cannot clean up: libvirt: cannot stop domain n-1: busy"
