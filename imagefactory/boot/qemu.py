@@ -46,7 +46,7 @@ _SSH_FORWARD = re.compile(  # a row of `info usernet`: ... 127.0.0.1 <port> 10.0
     rf"HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+{GUEST_SSH_PORT}\b"
 )
 MONITOR_TIMEOUT_S = 60.0
-"""How long QEMU may take to start listening on its monitor (TCG on a loaded host)."""
+"""How long QEMU may take to answer on its monitor at start (TCG on a loaded host)."""
 
 
 @dataclass(frozen=True)
