@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,16 +109,22 @@ class BakeProcess:
         self._reader.join(timeout=30)
         return code
 
-    def interrupt(self, grace_s: float) -> int:
-        """The bake's Ctrl-C, then SIGKILL to its group after `grace_s`."""
+    def interrupt(
+        self, grace_s: float, meanwhile: Callable[[], object] = lambda: None, every_s: float = 5.0
+    ) -> int:
+        """The bake's Ctrl-C, then SIGKILL to its group after `grace_s`; `meanwhile` is
+        called every `every_s` while it stops (the builder renews its lease)."""
         for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGKILL, 30.0)):
             try:
                 os.killpg(self.proc.pid, sig)
             except ProcessLookupError:
                 break
-            code = self.wait(wait_s)
-            if code is not None:
-                return code
+            deadline = time.monotonic() + wait_s
+            while (left := deadline - time.monotonic()) > 0:
+                code = self.wait(min(every_s, left))
+                if code is not None:
+                    return code
+                meanwhile()
         return self.proc.wait()
 
     def summary(self) -> dict[str, Any]:

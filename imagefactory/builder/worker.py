@@ -17,6 +17,8 @@ master answers that the lease is lost, the bake is stopped and nothing is upload
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import shutil
 import sys
 import threading
@@ -171,7 +173,8 @@ class Job:
             code = bake.wait(self._interval())
             if self._heartbeat(bake) and code is None:
                 say(f"build {self.id}: cancelled; interrupting the bake")
-                return bake.interrupt(self.config.grace_s), True
+                renew = functools.partial(self._renew, bake)
+                return bake.interrupt(self.config.grace_s, renew, self._interval()), True
             if code is not None:
                 return code, False
 
@@ -185,6 +188,23 @@ class Job:
 
     def _heartbeat(self, bake: BakeProcess) -> bool | None:
         """Send progress; True if cancelled, None if the master is unreachable."""
+        try:
+            return self._send_progress(bake)
+        except LeaseLost:
+            say(f"build {self.id}: lease lost; stopping the bake")
+            bake.interrupt(self.config.grace_s)
+            raise
+
+    def _renew(self, bake: BakeProcess) -> None:
+        """A heartbeat while a cancelled bake stops: an expired lease would end the build
+        "the builder went silent" and lose its last log lines. A lost lease changes
+        nothing now: the bake is stopping anyway."""
+        with contextlib.suppress(LeaseLost):
+            self._send_progress(bake)
+
+    def _send_progress(self, bake: BakeProcess) -> bool | None:
+        """One heartbeat with the bake's progress: True if cancelled, None if the master
+        is unreachable (the log lines go again next time). Raises LeaseLost."""
         stage, stages, lines = bake.take()
         sent, rest = lines[:MAX_LOG_BATCH], lines[MAX_LOG_BATCH:]
         progress = {"stage": stage, "stages": stages, "log": sent}
@@ -193,10 +213,6 @@ class Job:
         except Unreachable:
             bake.give_back(lines)
             return None
-        except LeaseLost:
-            say(f"build {self.id}: lease lost; stopping the bake")
-            bake.interrupt(self.config.grace_s)
-            raise
         bake.give_back(rest)
         return cancel
 

@@ -142,6 +142,30 @@ def test_cancel_interrupts_the_bake(tmp_path: Path) -> None:
         fleet.close()
 
 
+def test_a_cancelled_bake_slower_to_stop_than_the_lease_keeps_it(tmp_path: Path) -> None:
+    """The builder renews the lease while the bake stops: the build ends with the
+    builder's own report, not as "the builder went silent"."""
+    fleet = Fleet(tmp_path)
+    try:
+        server = fleet.server(lease_s=2.0)
+        [name] = publish_pipelines(server.url, fleet.workdir, 1)
+        build = submit(server.url, name)
+        builder = fleet.builder(server.url, "b1", grace_s=120)
+        bake = builder.bake_child()
+        fleet.freeze(bake)
+        admin(server.url, "POST", f"/v1/builds/{build['build_id']}/cancel")
+        wait_for(fleet, "SIGINT pending on the bake", signal_pending(bake, signal.SIGINT), 60)
+        time.sleep(6)  # three leases, while the bake is slow to stop
+        shown = admin(server.url, "GET", f"/v1/builds/{build['build_id']}")
+        assert shown["state"] == "building", shown
+        fleet.thaw(bake)
+        done = wait_for(fleet, "the cancel", ended(server.url, build["build_id"]), 60)
+        assert (done["state"], done["error"]) == ("cancelled", "cancelled")
+        assert done["attempt"] == 1
+    finally:
+        fleet.close()
+
+
 def test_lost_lease_late_result_is_refused(tmp_path: Path) -> None:
     """A builder cut off (frozen) past its lease: the job runs elsewhere, and what the
     first builder sends afterwards is refused; the environment is stored once."""
