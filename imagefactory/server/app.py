@@ -112,6 +112,7 @@ def create_app(config: ServerConfig, storage: Storage | None = None) -> ASGIApp:
         "/v1/runs/{run_id}/report",
         response_model=ReportAck,
         status_code=201,
+        responses={200: {"model": ReportAck, "description": "An equal report was stored before"}},
         openapi_extra=_request_body("application/json", {"$ref": "#/components/schemas/Report"}),
     )
     async def put_report(

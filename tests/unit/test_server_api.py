@@ -143,6 +143,8 @@ def test_report_is_idempotent(client: TestClient) -> None:
     reordered = json.dumps(dict(reversed(list(body.items()))), indent=3)
     r = client.put(url, content=reordered, headers=node_auth("node-a"))
     assert (r.status_code, r.json()["stored"]) == (200, "unchanged")
+    documented = client.get("/openapi.json").json()["paths"][url.replace("run-1", "{run_id}")]
+    assert {"200", "201", "409"} <= set(documented["put"]["responses"]), "the contract says so"
     changed = copy.deepcopy(body)
     changed["tasks"]["extract"]["result"] = [1, 2, 4]
     r = client.put(url, json=changed, headers=node_auth("node-a"))
